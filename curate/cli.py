@@ -1,0 +1,142 @@
+"""`curate`: run, validate, list stages, submit to a cluster.
+
+Exit codes: 0 done; 1 the run failed; 2 the config (or a command line) is invalid;
+130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from curate.errors import ConfigError, CurateError
+
+app = typer.Typer(
+    help="Curate image datasets with Ray Data into one LanceDB table.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+if not console.is_terminal:
+    console.width = 120  # logs and pipes: wide enough for the per-stage table
+err = Console(stderr=True)
+
+SetOption = Annotated[
+    Optional[list[str]],  # noqa: UP045  (typer needs Optional here)
+    typer.Option("--set", help="override a config value: dotted.key=value (repeatable)"),
+]
+ConfigArg = Annotated[Path, typer.Argument(help="pipeline config (YAML)")]
+
+
+def _load(config: Path, overrides: list[str] | None):
+    from curate.config import load_config
+
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def validate(config: ConfigArg, set_: SetOption = None) -> None:
+    """Check a config without running it (exit 0 valid, 2 invalid)."""
+    cfg = _load(config, set_)
+    names = ", ".join(p.name or p.type for p in cfg.stages)
+    console.print(f"[green]valid[/]: {cfg.name}, {len(cfg.stages)} stages ({names}); "
+                  f"config hash {cfg.config_hash()}")
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    set_: SetOption = None,
+    address: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Ray cluster to join ('auto' on a cluster node); default: local"),
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    json_out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--json", help="also write the run summary as JSON to this file"),
+    ] = None,
+) -> None:
+    """Run (or resume) a pipeline, then print what each stage did."""
+    from curate.pipeline import Pipeline
+    from curate.summary import print_summary
+
+    cfg = _load(config, set_)
+    pipeline = Pipeline.from_config(cfg)
+    try:
+        summary = pipeline.run(progress=progress and sys.stderr.isatty(), address=address)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: finished batches are in the table; run the same "
+                  "command again to resume.")
+        raise typer.Exit(130) from None
+    except CurateError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    print_summary(summary, console)
+    if json_out:
+        json_out.write_text(json.dumps(summary.to_dict(), indent=2, default=str))
+
+
+@app.command()
+def stages(
+    markdown: Annotated[bool, typer.Option(help="print the Markdown reference")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """List the registered stages: parameters, defaults, columns read and written."""
+    from curate.summary import print_stage_reference, stage_reference, stage_reference_markdown
+
+    if markdown:
+        sys.stdout.write(stage_reference_markdown())
+    elif as_json:
+        sys.stdout.write(json.dumps(stage_reference(), indent=2) + "\n")
+    else:
+        print_stage_reference(console)
+
+
+@app.command()
+def submit(
+    config: ConfigArg,
+    address: Annotated[str, typer.Option(help="Ray dashboard address, http://HEAD:8265")],
+    set_: SetOption = None,
+    wait: Annotated[bool, typer.Option(help="stream the job's logs until it ends")] = True,
+    working_dir: Annotated[
+        Path, typer.Option(help="uploaded as the job's working directory")
+    ] = Path("."),
+    pip: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(help="pip requirement for the job (repeatable; default: curate's own)"),
+    ] = None,
+    no_pip: Annotated[
+        bool, typer.Option("--no-pip", help="install nothing: the cluster has the packages")
+    ] = False,
+) -> None:
+    """Submit a run as a Ray job; exit with the job's status (0 succeeded)."""
+    from curate.submit import submit_run
+
+    _load(config, set_)  # a bad config fails here, not on the cluster
+    try:
+        code = submit_run(config, address=address, overrides=set_ or [], wait=wait,
+                          working_dir=working_dir, pip=None if no_pip else pip,
+                          install=not no_pip, console=console)
+    except CurateError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

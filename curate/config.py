@@ -1,0 +1,204 @@
+"""Configs: YAML (or a dict) parsed into pydantic models; every mistake named by key path."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+
+from curate.errors import ConfigError
+from curate.registry import stage_types
+from curate.stage import StageParams
+
+
+class StoreConfig(BaseModel):
+    """Where the table lives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str = Field("./curate_data", description="LanceDB database: a directory or s3://...")
+    table: str = Field("samples", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+    storage_options: dict[str, str] = Field(
+        default_factory=dict, description="passed to LanceDB (object-store credentials, ...)"
+    )
+
+
+class RunConfig(BaseModel):
+    """How a run executes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    commit_every: int = Field(
+        1000, ge=1, description="rows buffered on the driver between two table commits"
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto' on a cluster node); default: local Ray"
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (default: all)")
+
+
+class Config(BaseModel):
+    """A whole pipeline: name, store, run settings and the ordered stages."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    stages: list[SerializeAsAny[StageParams]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def config_hash(self) -> str:
+        """Hash of everything that can change the table (not where it is or how it runs)."""
+        body = self.to_dict()
+        body.pop("run", None)
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def load_config(
+    source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Parse a YAML file (or a dict), apply `key.path=value` overrides, validate."""
+    where = None
+    if isinstance(source, dict):
+        raw = json.loads(json.dumps(source))  # deep copy; overrides must not touch the caller's
+    else:
+        where = str(source)
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError([("", f"config file {where} does not exist")], where)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError([("", f"not valid YAML: {exc}")], where) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([("", "a config must be a mapping with 'name' and 'stages'")], where)
+    for item in overrides:
+        apply_override(raw, item, where)
+    return parse_config(raw, where)
+
+
+def apply_override(raw: dict[str, Any], item: str, where: str | None = None) -> None:
+    """Set `dotted.key=value` in a raw config; the value is read as YAML (`4`, `true`, `[a]`)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError([(key, f"override {item!r} must look like dotted.key=value")], where)
+    value = yaml.safe_load(text) if text.strip() else text
+    parts = key.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        so_far = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    [(so_far, f"no list item {part!r} (the list has {len(node)} items)")], where
+                )
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError([(so_far, "cannot set a key inside a plain value")], where)
+
+
+def parse_config(raw: dict[str, Any], where: str | None = None) -> Config:
+    """Validate a raw config dict; collect every problem before raising."""
+    problems: list[tuple[str, str]] = []
+    stages_raw = raw.get("stages")
+    parsed_stages: list[StageParams] = []
+    if not isinstance(stages_raw, list) or not stages_raw:
+        problems.append(("stages", "a non-empty list of stages is required"))
+    else:
+        for i, item in enumerate(stages_raw):
+            params = _parse_stage(item, f"stages.{i}", problems)
+            if params is not None:
+                parsed_stages.append(params)
+    top = {k: v for k, v in raw.items() if k != "stages"}
+    try:
+        base = Config.model_validate({**top, "stages": []})
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(exc, "", Config))
+        base = None
+    if problems:
+        raise ConfigError(problems, where)
+    assert base is not None
+    config = base.model_copy(update={"stages": parsed_stages})
+    from curate.pipeline import check_stage_columns
+
+    check_stage_columns(config, where)
+    return config
+
+
+def _parse_stage(item: Any, path: str, problems: list[tuple[str, str]]) -> StageParams | None:
+    known = stage_types()
+    if not isinstance(item, dict):
+        problems.append((path, f"a stage must be a mapping with a 'type', got {item!r}"))
+        return None
+    kind = item.get("type")
+    if kind is None:
+        problems.append((f"{path}.type", f"missing; known stage types: {', '.join(known)}"))
+        return None
+    if kind not in known:
+        close = difflib.get_close_matches(str(kind), list(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(
+            (f"{path}.type", f"unknown stage type {kind!r}{hint}; known: {', '.join(known)}")
+        )
+        return None
+    model = known[kind].Params
+    try:
+        return model.model_validate(item)
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(exc, path, model))
+        return None
+
+
+def _pydantic_problems(
+    exc: ValidationError, prefix: str, model: type[BaseModel]
+) -> list[tuple[str, str]]:
+    out = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        path = ".".join([prefix, *loc] if prefix else loc)
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc[:-1])
+            close = difflib.get_close_matches(loc[-1], allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            reason = f"unknown key{hint}; allowed: {', '.join(allowed)}"
+        elif err["type"] == "missing":
+            reason = "required key is missing"
+        else:
+            reason = f"{err['msg']} (got {err.get('input')!r})"
+        out.append((path, reason))
+    return out
+
+
+def _allowed_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return list(model.model_fields)

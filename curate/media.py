@@ -1,0 +1,241 @@
+"""Safe reading and decoding of images: limits enforced, failures returned as values.
+
+Every failure is a `MediaError` whose text starts with a short code (`empty`, `truncated`,
+`not_an_image`, `too_large`, ...) followed by the detail, so reports can group by code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Decoding must never silently accept a cut-off file.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+#: Errors worth retrying on a later run (the file may be fine next time).
+TRANSIENT_CODES = ("http_timeout", "http_error")
+
+_ORIENTATION_TAG = 0x0112
+_SWAPS_AXES = {5, 6, 7, 8}
+
+
+class MediaError(Exception):
+    """A file that cannot be used; str() is `<code>: <detail>`."""
+
+    def __init__(self, code: str, detail: str):
+        self.code = code
+        self.detail = detail
+        super().__init__(f"{code}: {detail}")
+
+
+def error_code(message: str | None) -> str | None:
+    """The code at the start of an error or verdict text (`blur 3.1 < 40` -> `blur`)."""
+    if not message:
+        return None
+    head = message.split(":", 1)[0].split(" ", 1)[0]
+    return head.strip() or message
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+# --- reading bytes ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HttpOptions:
+    timeout_s: float = 30.0
+    retries: int = 3
+    backoff_s: float = 0.5
+    user_agent: str = "curate"
+
+
+def read_local(path: str, max_bytes: int) -> bytes:
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        raise MediaError("missing", f"{path} does not exist") from None
+    except OSError as exc:
+        raise MediaError("unreadable", f"{path}: {exc.strerror or exc}") from None
+    if size > max_bytes:
+        raise MediaError("too_large", f"{_mb(size)} > max_bytes {_mb(max_bytes)}")
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(max_bytes + 1)
+    except IsADirectoryError:
+        raise MediaError("unreadable", f"{path} is a directory") from None
+    except OSError as exc:
+        raise MediaError("unreadable", f"{path}: {exc.strerror or exc}") from None
+
+
+def read_tar_member(tar_path: str, member: str, offset: int, size: int, max_bytes: int) -> bytes:
+    """Bytes of one tar member, located by the offset found when the shard was listed."""
+    if size > max_bytes:
+        raise MediaError("too_large", f"{_mb(size)} > max_bytes {_mb(max_bytes)}")
+    try:
+        with open(tar_path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(size)
+    except OSError as exc:
+        raise MediaError("unreadable", f"{tar_path}: {exc.strerror or exc}") from None
+    if len(data) != size:
+        raise MediaError("truncated", f"tar member {member} ends early ({len(data)}/{size} bytes)")
+    return data
+
+
+def read_http(url: str, max_bytes: int, options: HttpOptions) -> bytes:
+    """GET a URL with a timeout, retries with backoff on transient failures, and a size cap."""
+    last: MediaError | None = None
+    for attempt in range(options.retries + 1):
+        if attempt:
+            time.sleep(options.backoff_s * 2 ** (attempt - 1))
+        request = urllib.request.Request(url, headers={"User-Agent": options.user_agent})
+        try:
+            with urllib.request.urlopen(request, timeout=options.timeout_s) as resp:
+                declared = resp.headers.get("Content-Length")
+                if declared and declared.isdigit() and int(declared) > max_bytes:
+                    raise MediaError(
+                        "too_large", f"{_mb(int(declared))} > max_bytes {_mb(max_bytes)}"
+                    )
+                data = resp.read(max_bytes + 1)
+                if len(data) > max_bytes:
+                    raise MediaError("too_large", f"more than max_bytes {_mb(max_bytes)}")
+                return data
+        except MediaError:
+            raise
+        except urllib.error.HTTPError as exc:
+            last = MediaError("http_error", f"HTTP {exc.code} {exc.reason} for {url}")
+            if exc.code < 500 and exc.code != 429:
+                raise MediaError("http_status", f"HTTP {exc.code} {exc.reason} for {url}") from None
+        except TimeoutError:
+            last = MediaError("http_timeout", f"no answer within {options.timeout_s:g} s: {url}")
+        except (urllib.error.URLError, ConnectionError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, TimeoutError):
+                last = MediaError(
+                    "http_timeout", f"no answer within {options.timeout_s:g} s: {url}"
+                )
+            else:
+                last = MediaError("http_error", f"{reason} for {url}")
+    assert last is not None
+    raise MediaError(last.code, f"{last.detail} (after {options.retries + 1} attempts)")
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- decoding ------------------------------------------------------------------------------
+
+
+@dataclass
+class DecodedImage:
+    """An image normalised for analysis, and what was learnt about the original."""
+
+    image: Image.Image  # RGB, EXIF-oriented, longest side <= max_side when one was given
+    width: int  # of the original, as displayed (after EXIF orientation)
+    height: int
+    format: str  # sniffed from the content, not the file name
+    num_frames: int
+
+
+def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> DecodedImage:
+    """Decode bytes into an RGB image, or raise MediaError saying why not.
+
+    The format is sniffed from the content; EXIF orientation is applied; the first frame
+    of animated or multi-page files is used; any mode becomes RGB; images of more than
+    `max_pixels` are refused before their pixels are decoded (decompression bombs).
+    `max_side` bounds the returned copy (JPEGs are decoded at reduced scale when possible).
+    """
+    if not data:
+        raise MediaError("empty", "file has 0 bytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise MediaError("not_an_image", "content is not a recognised image format") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise MediaError("too_large", f"decompression bomb refused: {exc}") from None
+        except Exception as exc:  # noqa: BLE001  (any decoder failure is the file's fault)
+            raise MediaError("corrupt", f"cannot open: {exc}") from None
+        fmt = img.format or "unknown"
+        width, height = img.size
+        if width <= 0 or height <= 0:
+            raise MediaError("corrupt", f"invalid size {width}x{height}")
+        if width * height > max_pixels:
+            raise MediaError(
+                "too_large", f"{width}x{height} = {width * height:,} pixels > max_pixels "
+                f"{max_pixels:,}"
+            )
+        num_frames = int(getattr(img, "n_frames", 1) or 1)
+        try:
+            orientation = img.getexif().get(_ORIENTATION_TAG)
+        except Exception:  # noqa: BLE001  (broken EXIF only loses the orientation)
+            orientation = None
+        if orientation in _SWAPS_AXES:
+            width, height = height, width
+        try:
+            if max_side and fmt == "JPEG":
+                img.draft("RGB", (max_side, max_side))
+            img.load()
+        except OSError as exc:
+            text = str(exc)
+            code = "truncated" if "truncated" in text or "broken data" in text else "corrupt"
+            raise MediaError(code, f"cannot decode {fmt}: {text}") from None
+        except Exception as exc:  # noqa: BLE001
+            raise MediaError("corrupt", f"cannot decode {fmt}: {exc}") from None
+    if orientation:
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception:  # noqa: BLE001  (keep the unrotated pixels rather than fail)
+            pass
+    rgb = to_rgb(img)
+    if max_side and max(rgb.size) > max_side:
+        rgb.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    return DecodedImage(rgb, width, height, fmt, num_frames)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is composited over white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = float(arr.max()) if arr.size else 0.0
+        if mode == "F" and top <= 1.0:
+            arr = arr * 255.0
+        elif top > 255:
+            # 16-bit data (PNG, TIFF) arrives as I;16 or I: scale 0..65535 to 0..255.
+            arr = arr / 257.0
+        gray = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+        return gray.convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode == "P" and "transparency" in img.info
+    )
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError as exc:
+        raise MediaError("unsupported_mode", f"cannot convert mode {mode} to RGB: {exc}") from None
+
+
+def list_tar(tar_path: str) -> list[tarfile.TarInfo]:
+    """Regular-file members of an uncompressed tar shard, with their data offsets."""
+    with tarfile.open(tar_path, "r:") as tar:
+        return [m for m in tar.getmembers() if m.isfile()]

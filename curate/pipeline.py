@@ -1,0 +1,134 @@
+"""Pipeline: an ordered list of stages over one store; validated before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from curate.config import Config, RunConfig, StoreConfig, load_config
+from curate.errors import ConfigError
+from curate.registry import get_stage_class
+from curate.stage import Stage
+
+#: Columns the pipeline itself writes, derived from the stages' verdicts.
+FINAL_COLUMNS: dict[str, pa.DataType] = {
+    "selected": pa.bool_(),
+    "reject_reason": pa.string(),
+    "duplicate_of": pa.string(),
+    "row_stages_hash": pa.string(),
+}
+
+
+def build_stages(config: Config) -> list[Stage]:
+    return [get_stage_class(p.type)(p) for p in config.stages]
+
+
+def check_stage_columns(config: Config, where: str | None = None) -> None:
+    """Raise ConfigError unless the stages fit together: a source first, every column a
+    stage reads written by an earlier stage, no column written twice, names unique."""
+    stages = build_stages(config)
+    problems: list[tuple[str, str]] = []
+    if not stages[0].is_source:
+        problems.append(("stages.0.type", f"the first stage must read the inputs (a source "
+                         f"such as ingest_images), not {stages[0].type!r}"))
+    written: dict[str, int] = {}
+    names: dict[str, int] = {}
+    for i, stage in enumerate(stages):
+        if i and stage.is_source:
+            problems.append((f"stages.{i}.type", "only the first stage may be a source"))
+        if stage.name in names:
+            problems.append((f"stages.{i}.name", f"name {stage.name!r} is already used by "
+                             f"stages.{names[stage.name]}; give one of them another name"))
+        names[stage.name] = i
+        for column in stage.reads():
+            if column not in written:
+                key = _param_naming(stage, column)
+                path = f"stages.{i}.{key}" if key else f"stages.{i}"
+                known = ", ".join(sorted(written)) or "nothing"
+                problems.append((path, f"{stage.type} reads column {column!r}, which no "
+                                 f"earlier stage writes (earlier stages write: {known})"))
+        for column in stage.writes():
+            if column in written and written[column] != i:
+                problems.append((f"stages.{i}", f"column {column!r} is also written by "
+                                 f"stages.{written[column]}"))
+            written[column] = i
+    for column in FINAL_COLUMNS:
+        if column in written:
+            problems.append((f"stages.{written[column]}", f"column {column!r} is reserved"))
+    if problems:
+        raise ConfigError(problems, where)
+
+
+def _param_naming(stage: Stage, column: str) -> str | None:
+    for key, value in stage.params:
+        if value == column:
+            return key
+    return None
+
+
+def table_schema(stages: list[Stage]) -> pa.Schema:
+    fields: dict[str, pa.DataType] = {}
+    for stage in stages:
+        fields.update(stage.writes())
+    fields.update(FINAL_COLUMNS)
+    return pa.schema(list(fields.items()))
+
+
+class Pipeline:
+    """Stages over a store, built in Python or loaded from YAML; both run the same way.
+
+    >>> from curate import Pipeline
+    >>> from curate.stages import IngestImages, ImageQuality, ExactDedup
+    >>> p = Pipeline("demo", [IngestImages(paths=["examples/media"]), ImageQuality(min_side=64),
+    ...                       ExactDedup()], store={"uri": "./curate_data"})
+    """
+
+    def __init__(
+        self,
+        name: str,
+        stages: list[Stage],
+        store: StoreConfig | dict[str, Any] | str | None = None,
+        run: RunConfig | dict[str, Any] | None = None,
+    ):
+        if isinstance(store, str):
+            store = {"uri": store}
+        raw = {
+            "name": name,
+            "store": store.model_dump() if isinstance(store, StoreConfig) else (store or {}),
+            "run": run.model_dump() if isinstance(run, RunConfig) else (run or {}),
+            "stages": [s.params.model_dump(mode="json", exclude_unset=True) | {"type": s.type}
+                       for s in stages],
+        }
+        self.config = load_config(raw)
+        self.stages = build_stages(self.config)
+
+    @classmethod
+    def from_config(cls, config: Config) -> Pipeline:
+        self = cls.__new__(cls)
+        self.config = config
+        self.stages = build_stages(config)
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
+        return cls.from_config(load_config(path, overrides))
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def run(self, progress: bool = True, address: str | None = None):
+        """Run (or resume) the pipeline; returns a RunSummary."""
+        from curate.run import execute
+
+        config = self.config
+        if address is not None:
+            config = config.model_copy(
+                update={"run": config.run.model_copy(update={"ray_address": address})}
+            )
+        return execute(config, progress=progress)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.name!r}, {self.stages!r})"

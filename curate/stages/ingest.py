@@ -1,0 +1,288 @@
+"""ingest_images: list the inputs (files, directories, globs, manifests, tar shards) and
+read each into one row, decoding safely."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+from curate.errors import RunError
+from curate.media import (
+    HttpOptions,
+    MediaError,
+    content_hash,
+    decode_image,
+    list_tar,
+    read_http,
+    read_local,
+    read_tar_member,
+)
+from curate.registry import register
+from curate.stage import Stage, StageParams
+
+MANIFEST_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson")
+TAR_SUFFIXES = (".tar",)
+#: WebDataset members that hold the image of a sample, in order of preference.
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "avif")
+CAPTION_COLUMNS = ("caption", "alt_text", "text", "alt", "TEXT")
+MAX_CAPTION_BYTES = 64 * 1024
+
+#: Columns of the input listing that only travel to the workers (not stored).
+_PRIVATE = ("_offset", "_size", "_error")
+
+
+def sample_id_for(uri: str) -> str:
+    """Stable id of an input: a hash of its URI (so every input file is exactly one row)."""
+    return hashlib.blake2b(uri.encode(), digest_size=16).hexdigest()
+
+
+def _is_url(text: str) -> bool:
+    return text.startswith(("http://", "https://"))
+
+
+class IngestParams(StageParams):
+    paths: list[str] = Field(
+        min_length=1,
+        description="files, directories (recursive), globs, manifests (.parquet/.csv/.jsonl "
+        "with a uri column), WebDataset .tar shards, or http(s) URLs",
+    )
+    uri_column: str = Field("uri", description="manifest column holding each file's path or URL")
+    caption_column: str | None = Field(
+        None,
+        description="manifest column kept as alt_text (default: the first of "
+        + ", ".join(CAPTION_COLUMNS) + " that exists)",
+    )
+    max_pixels: int = Field(
+        64_000_000, ge=1, description="larger images are refused before decoding (bombs)"
+    )
+    max_bytes: int = Field(100_000_000, ge=1, description="larger files are refused unread")
+    decode_max_side: int | None = Field(
+        1024,
+        ge=32,
+        description="decoded images handed to later stages are downscaled to this longest "
+        "side (None: full resolution)",
+    )
+    http_timeout_s: float = Field(30.0, gt=0, description="per-request timeout for URLs")
+    http_retries: int = Field(3, ge=0, description="retries of a failed or timed-out request")
+
+
+@register("ingest_images")
+class IngestImages(Stage):
+    """Read every input image into one row: size, format, bytes, content hash, or an error."""
+
+    Params = IngestParams
+    params: IngestParams
+    verdict_column = "error"
+    is_source = True
+
+    def writes(self) -> dict[str, pa.DataType]:
+        return {
+            "sample_id": pa.string(),
+            "uri": pa.string(),
+            "media_type": pa.string(),
+            "alt_text": pa.string(),
+            "width": pa.int32(),
+            "height": pa.int32(),
+            "format": pa.string(),
+            "num_frames": pa.int32(),
+            "num_bytes": pa.int64(),
+            "content_hash": pa.string(),
+            "error": pa.string(),
+        }
+
+    def needs_pixels(self) -> bool:
+        return True
+
+    def fingerprint(self) -> dict[str, Any]:
+        # What is read is decided by the listing; how it is read decides the rows.
+        return self.params.model_dump(
+            mode="json", exclude={"resources", "name", "paths", "http_timeout_s", "http_retries"}
+        )
+
+    def load(self, batch: pa.Table) -> tuple[dict[str, pa.Array], list]:
+        """Worker side: read and decode each listed input (see `load_inputs`)."""
+        return load_inputs(self, batch)
+
+    # --- driver side: listing -------------------------------------------------------------
+    def list_inputs(self) -> pa.Table:
+        """One item per input, sorted by URI, each URI once."""
+        items: dict[str, dict[str, Any]] = {}
+        for i, entry in enumerate(self.params.paths):
+            for item in self._expand(entry, i):
+                items.setdefault(item["uri"], item)
+        rows = [items[k] for k in sorted(items)]
+        return pa.table(
+            {
+                "sample_id": pa.array([sample_id_for(r["uri"]) for r in rows], pa.string()),
+                "uri": pa.array([r["uri"] for r in rows], pa.string()),
+                "alt_text": pa.array([r.get("alt_text") for r in rows], pa.string()),
+                "_offset": pa.array([r.get("_offset", -1) for r in rows], pa.int64()),
+                "_size": pa.array([r.get("_size", -1) for r in rows], pa.int64()),
+                "_error": pa.array([r.get("_error") for r in rows], pa.string()),
+            }
+        )
+
+    def _expand(self, entry: str, index: int):
+        where = f"{self.name}.paths.{index}"
+        if _is_url(entry):
+            yield {"uri": entry}
+            return
+        if any(ch in entry for ch in "*?["):
+            matches = sorted(glob.glob(os.path.expanduser(entry), recursive=True))
+            files = [m for m in matches if os.path.isfile(m)]
+            if not files:
+                raise RunError(f"{where}: {entry!r} matches no files")
+            for path in files:
+                yield from self._file_items(path)
+            return
+        path = os.path.expanduser(entry)
+        if os.path.isdir(path):
+            found = False
+            for root, dirs, names in os.walk(path, followlinks=True):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(names):
+                    if not name.startswith("."):
+                        found = True
+                        yield from self._file_items(os.path.join(root, name))
+            if not found:
+                raise RunError(f"{where}: directory {entry!r} holds no files")
+        elif os.path.exists(path):
+            yield from self._file_items(path)
+        else:
+            raise RunError(f"{where}: {entry!r} does not exist (relative paths start at "
+                           f"{os.getcwd()})")
+
+    def _file_items(self, path: str):
+        path = os.path.abspath(path)
+        lower = path.lower()
+        if lower.endswith(MANIFEST_SUFFIXES):
+            yield from self._manifest_items(path)
+        elif lower.endswith(TAR_SUFFIXES):
+            yield from _tar_items(path)
+        else:
+            yield {"uri": path}
+
+    def _manifest_items(self, path: str):
+        table = _read_manifest(path)
+        names = table.column_names
+        uri_col = self.params.uri_column
+        if uri_col not in names:
+            raise RunError(
+                f"{self.name}: manifest {path} has no column {uri_col!r} (columns: "
+                f"{', '.join(names)}); set uri_column to the one holding paths or URLs"
+            )
+        cap_col = self.params.caption_column
+        if cap_col is not None and cap_col not in names:
+            raise RunError(f"{self.name}: manifest {path} has no caption column {cap_col!r}")
+        if cap_col is None:
+            cap_col = next((c for c in CAPTION_COLUMNS if c in names), None)
+        uris = pc.cast(table[uri_col], pa.string()).to_pylist()
+        captions = (
+            pc.cast(table[cap_col], pa.string()).to_pylist() if cap_col else [None] * len(uris)
+        )
+        base = Path(path).parent
+        for n, (uri, caption) in enumerate(zip(uris, captions)):
+            if not uri or not uri.strip():
+                yield {"uri": f"{path}#row={n}", "_error": f"missing_uri: row {n} has no "
+                       f"{uri_col}", "alt_text": caption}
+                continue
+            uri = uri.strip()
+            if not _is_url(uri):
+                uri = uri.removeprefix("file://")
+                uri = str((base / os.path.expanduser(uri)).resolve())
+            yield {"uri": uri, "alt_text": caption}
+
+
+def _read_manifest(path: str) -> pa.Table:
+    try:
+        if path.lower().endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path)
+        if path.lower().endswith(".csv"):
+            import pyarrow.csv as pcsv
+
+            return pcsv.read_csv(path)
+        import pyarrow.json as pjson
+
+        return pjson.read_json(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise RunError(f"cannot read manifest {path}: {exc}") from None
+
+
+def _tar_items(path: str):
+    """WebDataset samples: members grouped by key (name up to the first dot of the basename)."""
+    try:
+        members = list_tar(path)
+    except (tarfile.TarError, OSError) as exc:
+        yield {"uri": path, "_error": f"unreadable: not a readable tar shard: {exc}"}
+        return
+    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+    for m in members:
+        directory, _, base = m.name.rpartition("/")
+        key, _, ext = base.partition(".")
+        samples.setdefault(f"{directory}/{key}" if directory else key, {})[ext.lower()] = m
+    for key in sorted(samples):
+        parts = samples[key]
+        image = next((parts[e] for e in IMAGE_SUFFIXES if e in parts), None)
+        caption = None
+        if "txt" in parts and parts["txt"].size <= MAX_CAPTION_BYTES:
+            with open(path, "rb") as fh:
+                fh.seek(parts["txt"].offset_data)
+                caption = fh.read(parts["txt"].size).decode("utf-8", "replace").strip()
+        if image is None:
+            yield {"uri": f"{path}#{key}", "alt_text": caption,
+                   "_error": f"not_an_image: sample has no image member ({', '.join(parts)})"}
+        else:
+            yield {"uri": f"{path}#{image.name}", "alt_text": caption,
+                   "_offset": image.offset_data, "_size": image.size}
+
+
+def load_inputs(stage: IngestImages, batch: pa.Table) -> tuple[dict[str, pa.Array], list]:
+    """Worker side: read and decode each listed input. Returns new columns and images."""
+    p = stage.params
+    http = HttpOptions(timeout_s=p.http_timeout_s, retries=p.http_retries)
+    n = batch.num_rows
+    cols: dict[str, list] = {k: [None] * n for k in
+                             ("width", "height", "format", "num_frames", "num_bytes",
+                              "content_hash", "error")}
+    images: list = [None] * n
+    uris = batch["uri"].to_pylist()
+    offsets = batch["_offset"].to_pylist()
+    sizes = batch["_size"].to_pylist()
+    errors = batch["_error"].to_pylist()
+    for i, uri in enumerate(uris):
+        if errors[i]:
+            cols["error"][i] = errors[i]
+            continue
+        try:
+            if _is_url(uri):
+                data = read_http(uri, p.max_bytes, http)
+            elif offsets[i] >= 0:
+                tar_path, _, member = uri.partition("#")
+                data = read_tar_member(tar_path, member, offsets[i], sizes[i], p.max_bytes)
+            else:
+                data = read_local(uri, p.max_bytes)
+            cols["num_bytes"][i] = len(data)
+            cols["content_hash"][i] = content_hash(data)
+            decoded = decode_image(data, p.max_pixels, p.decode_max_side)
+        except MediaError as exc:
+            cols["error"][i] = str(exc)
+            continue
+        cols["width"][i] = decoded.width
+        cols["height"][i] = decoded.height
+        cols["format"][i] = decoded.format
+        cols["num_frames"][i] = decoded.num_frames
+        images[i] = decoded.image
+    types = stage.writes()
+    out = {k: pa.array(v, types[k]) for k, v in cols.items()}
+    out["media_type"] = pa.array(["image"] * n, pa.string())
+    return out, images

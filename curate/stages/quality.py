@@ -1,0 +1,131 @@
+"""image_quality: cheap pixel and file statistics, each with an optional threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+from pydantic import Field, model_validator
+
+from curate.registry import register
+from curate.stage import Stage, StageParams
+
+
+class QualityParams(StageParams):
+    min_side: int | None = Field(None, ge=1, description="minimum of width and height, px")
+    max_side: int | None = Field(None, ge=1, description="maximum of width and height, px")
+    min_aspect_ratio: float | None = Field(None, gt=0, description="minimum width / height")
+    max_aspect_ratio: float | None = Field(None, gt=0, description="maximum width / height")
+    min_bytes: int | None = Field(None, ge=0, description="minimum file size in bytes")
+    max_bytes: int | None = Field(None, ge=1, description="maximum file size in bytes")
+    min_blur: float | None = Field(
+        None, ge=0, description="minimum variance of the Laplacian (higher = sharper)"
+    )
+    min_brightness: float | None = Field(None, ge=0, le=255, description="mean luma, 0-255")
+    max_brightness: float | None = Field(None, ge=0, le=255, description="mean luma, 0-255")
+    min_contrast: float | None = Field(None, ge=0, description="std of luma, 0-255 scale")
+    min_saturation: float | None = Field(None, ge=0, le=255, description="mean HSV S, 0-255")
+    max_saturation: float | None = Field(None, ge=0, le=255, description="mean HSV S, 0-255")
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        for low, high in (
+            ("min_side", "max_side"),
+            ("min_aspect_ratio", "max_aspect_ratio"),
+            ("min_bytes", "max_bytes"),
+            ("min_brightness", "max_brightness"),
+            ("min_saturation", "max_saturation"),
+        ):
+            a, b = getattr(self, low), getattr(self, high)
+            if a is not None and b is not None and a > b:
+                raise ValueError(f"{low} ({a}) is greater than {high} ({b})")
+        return self
+
+
+def image_scores(img: Image.Image) -> tuple[float, float, float, float]:
+    """(blur, brightness, contrast, saturation) of an RGB image.
+
+    blur is the variance of the 4-neighbour Laplacian of the luma; all others are on the
+    0-255 scale. Computed on the image as decoded for analysis (see decode_max_side).
+    """
+    gray = np.asarray(img.convert("L"), dtype=np.float32)
+    if gray.shape[0] >= 3 and gray.shape[1] >= 3:
+        lap = (
+            gray[1:-1, :-2] + gray[1:-1, 2:] + gray[:-2, 1:-1] + gray[2:, 1:-1]
+            - 4.0 * gray[1:-1, 1:-1]
+        )
+        blur = float(lap.var())
+    else:
+        blur = 0.0
+    saturation = float(np.asarray(img.convert("HSV"), dtype=np.uint8)[..., 1].mean())
+    return blur, float(gray.mean()), float(gray.std()), saturation
+
+
+@register("image_quality")
+class ImageQuality(Stage):
+    """Score size, aspect ratio, file size, blur, brightness, contrast and saturation."""
+
+    Params = QualityParams
+    params: QualityParams
+    verdict_column = "quality_reason"
+
+    def reads(self) -> tuple[str, ...]:
+        return ("width", "height", "num_bytes")
+
+    def writes(self) -> dict[str, pa.DataType]:
+        return {
+            "aspect_ratio": pa.float32(),
+            "blur": pa.float32(),
+            "brightness": pa.float32(),
+            "contrast": pa.float32(),
+            "saturation": pa.float32(),
+            "quality_reason": pa.string(),
+        }
+
+    def needs_pixels(self) -> bool:
+        return True
+
+    def process(self, batch: pa.Table, images: list) -> dict[str, pa.Array]:
+        p = self.params
+        widths = batch["width"].to_pylist()
+        heights = batch["height"].to_pylist()
+        sizes = batch["num_bytes"].to_pylist()
+        out: dict[str, list] = {k: [] for k in self.writes()}
+        for img, w, h, nbytes in zip(images, widths, heights, sizes):
+            if img is None:
+                for values in out.values():
+                    values.append(None)
+                continue
+            blur, brightness, contrast, saturation = image_scores(img)
+            aspect = w / h
+            checks = (
+                ("min_side", min(w, h), p.min_side, False),
+                ("max_side", max(w, h), p.max_side, True),
+                ("aspect_ratio", aspect, p.min_aspect_ratio, False),
+                ("aspect_ratio", aspect, p.max_aspect_ratio, True),
+                ("bytes", nbytes, p.min_bytes, False),
+                ("bytes", nbytes, p.max_bytes, True),
+                ("blur", blur, p.min_blur, False),
+                ("brightness", brightness, p.min_brightness, False),
+                ("brightness", brightness, p.max_brightness, True),
+                ("contrast", contrast, p.min_contrast, False),
+                ("saturation", saturation, p.min_saturation, False),
+                ("saturation", saturation, p.max_saturation, True),
+            )
+            failed = [
+                f"{label} {_fmt(value)} {'>' if upper else '<'} {_fmt(limit)}"
+                for label, value, limit, upper in checks
+                if limit is not None and (value > limit if upper else value < limit)
+            ]
+            out["aspect_ratio"].append(aspect)
+            out["blur"].append(blur)
+            out["brightness"].append(brightness)
+            out["contrast"].append(contrast)
+            out["saturation"].append(saturation)
+            out["quality_reason"].append("; ".join(failed) or None)
+        types = self.writes()
+        return {k: pa.array(v, types[k]) for k, v in out.items()}
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}" if isinstance(x, int) else f"{x:.4g}"

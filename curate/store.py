@@ -1,0 +1,169 @@
+"""The LanceDB table that holds every sample, and the table of runs beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from typing import Any
+
+import lancedb
+import pyarrow as pa
+
+from curate.config import StoreConfig
+from curate.errors import RunError
+
+RUN_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("pipeline", pa.string()),
+        ("status", pa.string()),  # running | finished | failed | interrupted
+        ("config_hash", pa.string()),
+        ("config_yaml", pa.string()),
+        ("started_at", pa.timestamp("us", tz="UTC")),
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+        ("seconds", pa.float64()),
+        ("version_before", pa.int64()),
+        ("version_after", pa.int64()),
+        ("tag", pa.string()),
+        ("rows_total", pa.int64()),
+        ("rows_processed", pa.int64()),
+        ("stages_json", pa.string()),
+        ("versions_json", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+
+def resolve_uri(uri: str) -> str:
+    """Local paths become absolute; object-store URIs pass through untouched."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Store:
+    """One LanceDB database: the samples table (`store.table`) and `<table>_runs`."""
+
+    def __init__(self, config: StoreConfig):
+        self.config = config
+        self.uri = resolve_uri(config.uri)
+        self.name = config.table
+        self.runs_name = f"{config.table}_runs"
+        try:
+            self.db = lancedb.connect(self.uri, storage_options=config.storage_options or None)
+        except Exception as exc:  # noqa: BLE001  (LanceDB raises many kinds; all mean the same)
+            raise RunError(f"cannot open the store at {self.uri}: {exc}") from None
+
+    # --- samples ------------------------------------------------------------------------
+    def _open(self, name: str):
+        try:
+            return self.db.open_table(name)
+        except ValueError:
+            return None
+
+    def table(self):
+        """The samples table, or None before the first run."""
+        return self._open(self.name)
+
+    def ensure_table(self, schema: pa.Schema):
+        """Create the samples table, or add the columns it lacks; refuse type conflicts."""
+        table = self.table()
+        if table is None:
+            return self.db.create_table(self.name, schema=schema)
+        have = table.schema
+        conflicts = [
+            f"{f.name} is {have.field(f.name).type} in the table, the pipeline writes {f.type}"
+            for f in schema
+            if f.name in have.names and not have.field(f.name).type.equals(f.type)
+        ]
+        if conflicts:
+            raise RunError(
+                f"table {self.name} at {self.uri} does not fit this pipeline: "
+                + "; ".join(conflicts) + ". Use another store.table or store.uri."
+            )
+        missing = [f for f in schema if f.name not in have.names]
+        if missing:
+            table.add_columns(pa.schema(missing))
+        return table
+
+    def read(self, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
+        """Columns of every row (as of the latest version)."""
+        table = self.table()
+        if table is None:
+            return pa.table({})
+        return table.to_lance().to_table(columns=columns, filter=filter)
+
+    def write_rows(self, rows: pa.Table, existing_ids: set[str]) -> None:
+        """Commit rows: new sample_ids are appended; known ones are updated in place."""
+        table = self.table()
+        if rows.num_rows == 0:
+            return
+        ids = rows["sample_id"].to_pylist()
+        known = pa.array([i in existing_ids for i in ids])
+        fresh = rows.filter(pa.compute.invert(known))
+        old = rows.filter(known)
+        if fresh.num_rows:
+            table.add(fresh)
+        if old.num_rows:
+            self.merge_columns(old)
+
+    def merge_columns(self, columns: pa.Table) -> None:
+        """Set the given columns on the rows with these sample_ids (others keep theirs)."""
+        if columns.num_rows == 0:
+            return
+        (
+            self.table()
+            .merge_insert("sample_id")
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute(columns)
+        )
+
+    def version(self) -> int:
+        table = self.table()
+        return int(table.version) if table is not None else 0
+
+    def tag(self, name: str, version: int) -> None:
+        self.table().tags.create(name, version)
+
+    def optimize(self) -> None:
+        """Compact the many small fragments that incremental commits leave behind."""
+        self.table().optimize()
+
+    def ensure_sample_index(self) -> None:
+        """A scalar index on sample_id keeps updates by id fast on large tables."""
+        table = self.table()
+        if not any("sample_id" in (ix.columns or []) for ix in table.list_indices()):
+            table.create_scalar_index("sample_id")
+
+    # --- runs ---------------------------------------------------------------------------
+    def runs_table(self):
+        table = self._open(self.runs_name)
+        if table is None:
+            table = self.db.create_table(self.runs_name, schema=RUN_SCHEMA)
+        return table
+
+    def save_run(self, record: dict[str, Any]) -> None:
+        row = {name: record.get(name) for name in RUN_SCHEMA.names}
+        for key in ("stages_json", "versions_json"):
+            if row[key] is not None and not isinstance(row[key], str):
+                row[key] = json.dumps(row[key])
+        data = pa.Table.from_pylist([row], schema=RUN_SCHEMA)
+        (
+            self.runs_table()
+            .merge_insert("run_id")
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute(data)
+        )
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every recorded run, oldest first."""
+        table = self._open(self.runs_name)
+        if table is None:
+            return []
+        rows = table.to_arrow().to_pylist()
+        return sorted(rows, key=lambda r: r["started_at"])

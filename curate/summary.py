@@ -1,0 +1,135 @@
+"""Human-readable output: the per-stage table printed at the end of a run, and the
+stage reference generated from the registry."""
+
+from __future__ import annotations
+
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic_core import PydanticUndefined
+from rich.console import Console
+from rich.table import Table
+
+from curate.registry import stage_types
+from curate.run import RunSummary
+from curate.stage import Stage, StageParams
+
+
+def print_summary(summary: RunSummary, console: Console | None = None) -> None:
+    console = console or Console()
+    if summary.status == "up_to_date":
+        console.print(
+            f"[green]Nothing to do:[/] {summary.table} at {summary.store_uri} is up to date "
+            f"with this config (version {summary.version_after})."
+        )
+    table = Table(title=f"{summary.pipeline}: per-stage results", title_justify="left")
+    for column, justify in (("stage", "left"), ("rows in", "right"), ("kept", "right"),
+                            ("dropped", "right"), ("dropped by reason", "left"),
+                            ("run rows", "right"), ("seconds", "right")):
+        table.add_column(column, justify=justify)
+    for stage in summary.stages:
+        reasons = ", ".join(f"{k} {v}" for k, v in stage.reasons.items()) or "-"
+        table.add_row(stage.name, f"{stage.rows_in:,}", f"{stage.kept:,}", f"{stage.dropped:,}",
+                      reasons, f"{stage.processed:,}", f"{stage.seconds:.2f}")
+    console.print(table)
+    if summary.status != "up_to_date":
+        console.print(
+            f"Curated [bold]{summary.selected:,}[/] of {summary.rows_total:,} samples "
+            f"({summary.rows_processed:,} read in this run) in {summary.seconds:.1f} s."
+        )
+        console.print(
+            f"Table [bold]{summary.table}[/] at {summary.store_uri}, version "
+            f"{summary.version_after} (tag {summary.tag})."
+        )
+
+
+# --- stage reference -----------------------------------------------------------------------
+
+
+def _example_stage(cls: type[Stage]) -> Stage:
+    """A stage with default params, without validation (some params are required)."""
+    params = cls.Params.model_construct(type=cls.type)
+    return cls(params)
+
+
+def _default(info) -> str:
+    if info.default is PydanticUndefined and info.default_factory is None:
+        return "required"
+    value = info.default_factory() if info.default_factory else info.default
+    if isinstance(value, StageParams.model_fields["resources"].annotation):
+        return "see resources"
+    return repr(value)
+
+
+def _type_name(annotation) -> str:
+    args = get_args(annotation)
+    if get_origin(annotation) is Literal:
+        return " / ".join(str(a) for a in args)
+    if args and get_origin(annotation) in (Union, UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or None" if type(None) in args else "")
+    if args:
+        return f"{getattr(annotation, '__name__', annotation)}[{', '.join(map(_type_name, args))}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def stage_reference() -> list[dict[str, Any]]:
+    out = []
+    for name, cls in stage_types().items():
+        stage = _example_stage(cls)
+        params = []
+        for key, info in cls.Params.model_fields.items():
+            if key in ("type", "name", "resources"):
+                continue
+            params.append({"name": key, "type": _type_name(info.annotation),
+                           "default": _default(info), "description": info.description or ""})
+        try:
+            reads = list(stage.reads())
+        except Exception:  # noqa: BLE001  (reads that depend on an unset param)
+            reads = []
+        out.append({
+            "type": name,
+            "summary": (cls.__doc__ or "").strip().splitlines()[0],
+            "kind": " + ".join(k for k, on in (("row", stage.has_row_part),
+                                               ("global", stage.has_global_part),
+                                               ("source", stage.is_source)) if on),
+            "params": params,
+            "reads": reads,
+            "writes": {k: str(v) for k, v in stage.writes().items()},
+            "verdict": stage.verdict_column,
+        })
+    return out
+
+
+def stage_reference_markdown() -> str:
+    lines = [
+        "Every stage also takes `name` (used in reasons and reports; default: the type) and",
+        "`resources` (`cpus`, `gpus`, `batch_size`, `concurrency`).",
+        "",
+    ]
+    for ref in stage_reference():
+        lines += [f"### `{ref['type']}`", "", f"{ref['summary']} ({ref['kind']} stage)", ""]
+        lines += ["| parameter | type | default | meaning |", "|---|---|---|---|"]
+        for p in ref["params"]:
+            lines.append(f"| `{p['name']}` | {p['type']} | `{p['default']}` | "
+                         f"{p['description']} |")
+        reads = ", ".join(f"`{c}`" for c in ref["reads"]) or "nothing"
+        writes = ", ".join(f"`{c}` ({t})" for c, t in ref["writes"].items())
+        lines += ["", f"Reads: {reads}. Writes: {writes}.", ""]
+        if ref["verdict"]:
+            lines += [f"Verdict column: `{ref['verdict']}` (null when the row passes).", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def print_stage_reference(console: Console | None = None) -> None:
+    console = console or Console()
+    for ref in stage_reference():
+        table = Table(title=f"{ref['type']} ({ref['kind']}): {ref['summary']}",
+                      title_justify="left")
+        for column in ("parameter", "type", "default", "meaning"):
+            table.add_column(column)
+        for p in ref["params"]:
+            table.add_row(p["name"], p["type"], p["default"], p["description"])
+        console.print(table)
+        console.print(f"  reads: {', '.join(ref['reads']) or '-'}")
+        console.print(f"  writes: {', '.join(ref['writes'])}\n")
