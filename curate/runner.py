@@ -22,16 +22,15 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join a Ray cluster (`address`) or start a local one; reuse a connection in place."""
     import ray
 
-    if ray.is_initialized():
-        return
     # Ray starts its processes with fork+exec; lance warns about fork in general, but exec
     # replaces the child at once, so the warning says nothing about this use.
     warnings.filterwarnings("ignore", message=".*fork.*", category=RuntimeWarning)
     warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
