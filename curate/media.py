@@ -165,6 +165,10 @@ def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> D
         try:
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
+            looks_like = _magic_format(data)
+            if looks_like:
+                raise MediaError("corrupt", f"starts like a {looks_like} file but its header "
+                                 "cannot be read") from None
             raise MediaError("not_an_image", "content is not a recognised image format") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise MediaError("too_large", f"decompression bomb refused: {exc}") from None
@@ -205,6 +209,18 @@ def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> D
     if max_side and max(rgb.size) > max_side:
         rgb.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     return DecodedImage(rgb, width, height, fmt, num_frames)
+
+
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"),
+    (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+)
+
+
+def _magic_format(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _MAGIC if data.startswith(magic)), None)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
