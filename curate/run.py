@@ -131,7 +131,8 @@ class _Execution:
             "versions_json": _versions(),
         }
         self.store.save_run(record)
-        existing_ids = existing["sample_id"] if existing.num_rows else pa.array([], pa.string())
+        existing_ids = (existing["sample_id"].combine_chunks() if existing.num_rows
+                        else pa.array([], pa.string()))
         try:
             if pending.num_rows:
                 self._stream(pending, existing_ids)

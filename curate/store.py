@@ -9,6 +9,7 @@ from typing import Any
 
 import lancedb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curate.config import StoreConfig
 from curate.errors import RunError
@@ -96,14 +97,17 @@ class Store:
             return pa.table({})
         return table.to_lance().to_table(columns=columns, filter=filter)
 
-    def write_rows(self, rows: pa.Table, existing_ids: set[str]) -> None:
-        """Commit rows: new sample_ids are appended; known ones are updated in place."""
+    def write_rows(self, rows: pa.Table, existing_ids: pa.Array | pa.ChunkedArray) -> None:
+        """Commit rows: new sample_ids are appended; known ones are updated in place.
+
+        Appending is much cheaper than a merge (no join against the table), and the caller
+        knows which ids the table held when the run started.
+        """
         table = self.table()
         if rows.num_rows == 0:
             return
-        ids = rows["sample_id"].to_pylist()
-        known = pa.array([i in existing_ids for i in ids])
-        fresh = rows.filter(pa.compute.invert(known))
+        known = pc.is_in(rows["sample_id"], value_set=existing_ids)
+        fresh = rows.filter(pc.invert(known))
         old = rows.filter(known)
         if fresh.num_rows:
             table.add(fresh)

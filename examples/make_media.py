@@ -1,5 +1,5 @@
 """Regenerate examples/media/ from sample images that ship inside scikit-image and
-scikit-learn (see examples/media/LICENSES.md). Run: python examples/make_media.py"""
+scikit-learn (see examples/MEDIA_LICENSES.md). Run: python examples/make_media.py"""
 
 from __future__ import annotations
 
