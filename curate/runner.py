@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*fork.*", category=RuntimeWarning)
     warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
     if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")  # set for us inside a Ray job
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:

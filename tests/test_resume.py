@@ -1,0 +1,105 @@
+"""An interrupted run, resumed with `curate run` again, ends with the same table as an
+uninterrupted one. The interruptions are real: SIGKILL and SIGINT to a running CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import lancedb
+import pytest
+import yaml
+
+from curate import Pipeline, load_config
+
+from .conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory):
+    from curate.sample_media import write_photos
+
+    directory = tmp_path_factory.mktemp("many")
+    write_photos(directory, 240, size=(1024, 768), seed=7)
+    return directory
+
+
+def config_for(media, store) -> dict:
+    return {
+        "name": "resume",
+        "store": {"uri": str(store)},
+        "run": {"commit_every": 8, "num_cpus": 2},
+        "stages": [
+            {"type": "ingest_images", "paths": [str(media)], "decode_max_side": None,
+             "resources": {"batch_size": 4}},
+            {"type": "image_quality", "min_side": 128, "min_blur": 50},
+            {"type": "exact_dedup"},
+            {"type": "phash_dedup", "max_distance": 10},
+        ],
+    }
+
+
+def rows_in(store) -> int:
+    try:
+        return lancedb.connect(str(store)).open_table("samples").count_rows()
+    except (ValueError, OSError):
+        return 0
+
+
+def interrupt_midway(tmp_path, media, store, sig) -> subprocess.CompletedProcess:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config_for(media, store)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "curate", "run", str(path), "--no-progress"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group, as a terminal job would have
+    )
+    deadline = time.monotonic() + 240
+    while rows_in(store) == 0:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run committed nothing in time"
+        time.sleep(0.05)
+    os.killpg(proc.pid, sig)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left in the group
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def table_of(store):
+    return lancedb.connect(str(store)).open_table("samples").to_arrow().sort_by("sample_id")
+
+
+@pytest.fixture(scope="module")
+def reference(ray_session, many_photos, tmp_path_factory):
+    store = tmp_path_factory.mktemp("reference") / "store"
+    Pipeline.from_config(load_config(config_for(many_photos, store))).run(progress=False)
+    return table_of(store)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_interrupted_run_resumes_to_the_same_table(sig, ray_session, many_photos, reference,
+                                                   tmp_path):
+    store = tmp_path / "store"
+    result = interrupt_midway(tmp_path, many_photos, store, sig)
+    kept = rows_in(store)
+    assert 0 < kept < reference.num_rows, "the run was not interrupted midway"
+    if sig == signal.SIGINT:
+        assert result.returncode == 130, result.stderr
+        assert "run the same command again" in result.stderr
+        runs = lancedb.connect(str(store)).open_table("samples_runs").to_arrow().to_pylist()
+        assert runs[-1]["status"] == "interrupted"
+    else:
+        assert result.returncode == -signal.SIGKILL
+    resumed = Pipeline.from_config(load_config(config_for(many_photos, store))).run(
+        progress=False)
+    assert resumed.status == "finished"
+    assert resumed.rows_processed == reference.num_rows - kept  # finished rows not redone
+    assert table_of(store).equals(reference)

@@ -1,0 +1,119 @@
+"""`curate submit` to a real local cluster started with `ray start --head --block`, with
+Ray 2.60's token authentication on. The cluster is stopped by its own process id."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import lancedb
+import pytest
+
+from .conftest import DEMO_MEDIA, ROOT
+
+pytestmark = pytest.mark.cluster
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # Ray's socket paths must stay short: keep its temp dir near the root.
+    tmp = Path(tempfile.mkdtemp(prefix="curate-ray-", dir="/tmp"))
+    token = tmp / "token"
+    token.write_text(secrets.token_hex(32))
+    ray_bin = Path(sys.executable).parent / "ray"
+    # As on a cluster node whose environment is activated: jobs find this `python`.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    dashboard = free_port()
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", "--num-cpus=2", "--disable-usage-stats",
+         f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--ray-client-server-port={free_port()}",
+         f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={tmp / 'ray'}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    request = urllib.request.Request(f"{address}/api/version",
+                                     headers={"Authorization": f"Bearer {token.read_text()}"})
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=2):
+                break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the Ray head did not come up"
+            time.sleep(0.3)
+    yield {"address": address, "token_path": token}
+    head.send_signal(signal.SIGTERM)  # `ray start --block` drains its own processes
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(head.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def submit(*args, env_extra=None, timeout=400):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "curate", "submit", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_submit_runs_the_config_as_a_job(cluster, tmp_path):
+    media = tmp_path / "media"
+    shutil.copytree(DEMO_MEDIA, media)
+    store = tmp_path / "store"
+    result = submit("configs/demo.yaml", "--address", cluster["address"], "--no-pip",
+                    "--set", f"store.uri={store}", "--set", f"stages.0.paths=[{media}]",
+                    env_extra={"RAY_AUTH_TOKEN_PATH": str(cluster["token_path"])})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "SUCCEEDED" in result.stdout
+    assert "per-stage results" in result.stdout  # the job's own logs were streamed
+    db = lancedb.connect(str(store))
+    assert db.open_table("samples").count_rows() == 33
+    assert db.open_table("samples_runs").to_arrow()["status"].to_pylist() == ["finished"]
+
+
+def test_submit_without_the_token_says_what_to_do(cluster, tmp_path):
+    result = submit("configs/demo.yaml", "--address", cluster["address"], "--no-pip",
+                    env_extra={"HOME": str(tmp_path)}, timeout=120)
+    assert result.returncode == 1
+    assert "RAY_AUTH_TOKEN" in result.stderr and "refused" in result.stderr
+
+
+def test_submit_refuses_a_bad_config_before_contacting_the_cluster():
+    result = submit("configs/demo.yaml", "--address", "http://127.0.0.1:9",
+                    "--set", "stages.1.min_side=-1", timeout=120)
+    assert result.returncode == 2 and "stages.1.min_side" in result.stderr
+
+
+def test_job_spec():
+    from curate.submit import build_job
+
+    entrypoint, env = build_job(ROOT / "configs" / "demo.yaml", ROOT, ["stages.3.max_distance=4"],
+                                pip=None, install=True)
+    assert entrypoint.startswith("python -m curate run configs/demo.yaml --no-progress")
+    assert "--set stages.3.max_distance=4" in entrypoint
+    assert f"store.uri={ROOT / 'curate_data'}" in entrypoint  # relative store made absolute
+    assert env["working_dir"] == str(ROOT) and ".venv" in env["excludes"]
+    assert any(r.startswith("lancedb") for r in env["pip"])
