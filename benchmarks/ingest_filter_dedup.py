@@ -49,7 +49,7 @@ def baseline_loop(paths: list[Path], out: Path) -> None:
             img.draft("RGB", (1024, 1024))
             img = ImageOps.exif_transpose(img).convert("RGB")
             img.thumbnail((1024, 1024), Image.Resampling.BILINEAR)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             row["error"] = str(exc)
             rows.append(row)
             continue

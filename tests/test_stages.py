@@ -7,6 +7,7 @@ import io
 import tarfile
 import threading
 import time
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -205,7 +206,7 @@ def test_manifests_with_relative_paths_and_captions(tmp_path, coffee, kind):
 def test_manifest_without_uri_column_is_a_clear_error(tmp_path):
     path = tmp_path / "m.csv"
     path.write_text("path,caption\na.jpg,x\n")
-    with pytest.raises(RunError, match="no column 'uri'.*columns: path, caption"):
+    with pytest.raises(RunError, match=r"no column 'uri'.*columns: path, caption"):
         IngestImages(paths=[str(path)]).list_inputs()
     assert IngestImages(paths=[str(path)], uri_column="path").list_inputs().num_rows == 1
 
@@ -218,7 +219,7 @@ def test_webdataset_shard(tmp_path, coffee):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    table, images = ingest([shard])
+    table, _images = ingest([shard])
     rows = {r["uri"].split("#", 1)[1]: r for r in table.to_pylist()}
     assert rows["k1.jpg"]["alt_text"] == "caption one" and rows["k1.jpg"]["width"] == 600
     assert rows["k2"]["error"].startswith("not_an_image")
@@ -231,9 +232,9 @@ def test_webdataset_shard(tmp_path, coffee):
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     payload = b""
-    failures: dict[str, int] = {}
+    failures: ClassVar[dict[str, int]] = {}
 
-    def do_GET(self):  # noqa: N802  (http.server's name)
+    def do_GET(self):
         if self.path == "/ok.jpg":
             self._send(200, self.payload)
         elif self.path == "/flaky.jpg":
