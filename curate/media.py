@@ -172,7 +172,7 @@ def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> D
             raise MediaError("not_an_image", "content is not a recognised image format") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise MediaError("too_large", f"decompression bomb refused: {exc}") from None
-        except Exception as exc:
+        except Exception as exc:  # any decoder failure here is the file's fault
             raise MediaError("corrupt", f"cannot open: {exc}") from None
         fmt = img.format or "unknown"
         width, height = img.size
@@ -186,7 +186,7 @@ def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> D
         num_frames = int(getattr(img, "n_frames", 1) or 1)
         try:
             orientation = img.getexif().get(_ORIENTATION_TAG)
-        except Exception:
+        except Exception:  # broken EXIF only loses the orientation
             orientation = None
         if orientation in _SWAPS_AXES:
             width, height = height, width
@@ -198,12 +198,12 @@ def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> D
             text = str(exc)
             code = "truncated" if "truncated" in text or "broken data" in text else "corrupt"
             raise MediaError(code, f"cannot decode {fmt}: {text}") from None
-        except Exception as exc:
+        except Exception as exc:  # any decoder failure here is the file's fault
             raise MediaError("corrupt", f"cannot decode {fmt}: {exc}") from None
     if orientation:
         try:
             img = ImageOps.exif_transpose(img)
-        except Exception:
+        except Exception:  # keep the unrotated pixels rather than lose the image
             pass
     rgb = to_rgb(img)
     if max_side and max(rgb.size) > max_side:

@@ -64,7 +64,7 @@ def pending_items(items: pa.Table, existing: pa.Table, current_hash: str) -> pa.
     return items.filter(pc.invert(pc.is_in(items["sample_id"], value_set=done_ids)))
 
 
-def _progress(enabled: bool, total: int, label: str):
+def _progress(enabled: bool):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -197,7 +197,7 @@ class _Execution:
             buffer, buffered = [], 0
 
         start = time.perf_counter()
-        with _progress(self.progress, pending.num_rows, label) as bar:
+        with _progress(self.progress) as bar:
             task = bar.add_task(label, total=pending.num_rows, rate="")
             try:
                 for batch in stream_rows(pending, chain, self.hash):

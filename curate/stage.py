@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,9 +29,6 @@ class StageParams(BaseModel):
     type: str = Field(description="registered stage type")
     name: str | None = Field(None, description="name used in reasons and reports (default: type)")
     resources: Resources = Field(default_factory=Resources)
-
-
-KeepPolicy = Literal["largest", "smallest", "first", "highest", "lowest"]
 
 
 class Stage:

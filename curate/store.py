@@ -55,7 +55,7 @@ class Store:
         self.runs_name = f"{config.table}_runs"
         try:
             self.db = lancedb.connect(self.uri, storage_options=config.storage_options or None)
-        except Exception as exc:
+        except Exception as exc:  # LanceDB raises many kinds; all mean the same here
             raise RunError(f"cannot open the store at {self.uri}: {exc}") from None
 
     # --- samples ------------------------------------------------------------------------
