@@ -9,16 +9,25 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# torch first, pinned: the CPU build; an unpinned torch pulls a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,models]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+# Randomly initialised stand-ins for CLIP and the aesthetic head (no real weights can be
+# downloaded offline); configs/demo.yaml labels them, and runs print the label.
+MODELS := examples/models/.built
+$(MODELS): $(STAMP) curate/models/tiny.py
+	$(PY) -m curate.models.tiny examples/models
+	touch $(MODELS)
+
+demo: $(STAMP) $(MODELS)
 	$(VENV)/bin/curate run configs/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(MODELS)
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(MODELS)
 	$(PY) -m pytest -q -m 'not gpu'
 
 lint: $(STAMP)

@@ -187,6 +187,8 @@ def _pydantic_problems(
             reason = f"unknown key{hint}; allowed: {', '.join(allowed)}"
         elif err["type"] == "missing":
             reason = "required key is missing"
+        elif err["type"] == "value_error":  # our own validators say what they got
+            reason = err["msg"].removeprefix("Value error, ")
         else:
             reason = f"{err['msg']} (got {err.get('input')!r})"
         out.append((path, reason))

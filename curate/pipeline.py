@@ -35,7 +35,14 @@ def check_stage_columns(config: Config, where: str | None = None) -> None:
                          f"such as ingest_images), not {stages[0].type!r}"))
     written: dict[str, int] = {}
     names: dict[str, int] = {}
+    model_stage: Stage | None = None
     for i, stage in enumerate(stages):
+        if stage.needs_pixels() and not stage.own_pool and model_stage is not None:
+            problems.append((f"stages.{i}", f"{stage.type} works on decoded pixels, which "
+                             f"stay in the decoding pool; move it before {model_stage.name} "
+                             "(model stages run on pools of their own)"))
+        if stage.own_pool and model_stage is None:
+            model_stage = stage
         if i and stage.is_source:
             problems.append((f"stages.{i}.type", "only the first stage may be a source"))
         if stage.name in names:
@@ -49,7 +56,7 @@ def check_stage_columns(config: Config, where: str | None = None) -> None:
                 known = ", ".join(sorted(written)) or "nothing"
                 problems.append((path, f"{stage.type} reads column {column!r}, which no "
                                  f"earlier stage writes (earlier stages write: {known})"))
-        for column in stage.writes():
+        for column in stage.written_names():
             if column in written and written[column] != i:
                 problems.append((f"stages.{i}", f"column {column!r} is also written by "
                                  f"stages.{written[column]}"))

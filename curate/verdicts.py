@@ -60,6 +60,7 @@ class StageCount:
     reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     processed: int = 0  # rows this stage computed in this run
+    report: dict = field(default_factory=dict)  # what a global stage reported
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()

@@ -43,11 +43,27 @@ def demo_media(tmp_path) -> Path:
     return target
 
 
+def tiny_models() -> Path:
+    """examples/models: the stand-in models the demo uses (built once, as `make` does)."""
+    from curate.models.tiny import build_all
+
+    out = ROOT / "examples" / "models"
+    if not (out / ".built").is_file():
+        build_all(out)
+        (out / ".built").touch()
+    return out
+
+
 def demo_config(media: Path, store: Path, **run) -> dict:
     """The demo pipeline as a dict, pointed at `media` and `store`."""
     import yaml
 
+    models = tiny_models()
     raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    for stage in raw["stages"]:
+        for key in ("model", "weights"):
+            if str(stage.get(key, "")).startswith("examples/models/"):
+                stage[key] = str(models / stage[key].removeprefix("examples/models/"))
     raw["stages"][0]["paths"] = [str(media)]
     raw["store"]["uri"] = str(store)
     raw.setdefault("run", {}).update(run)

@@ -33,7 +33,8 @@ def problems(raw) -> list[tuple[str, str]]:
 def test_demo_config_is_valid():
     config = load_config(ROOT / "configs" / "demo.yaml")
     assert [s.type for s in config.stages] == [
-        "ingest_images", "image_quality", "exact_dedup", "phash_dedup"]
+        "ingest_images", "image_quality", "exact_dedup", "phash_dedup", "clip_embed",
+        "aesthetic_score", "nsfw_score", "clip_score", "semantic_dedup", "diversity_sample"]
     assert config.store.table == "samples"
 
 

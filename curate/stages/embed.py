@@ -1,0 +1,194 @@
+"""clip_embed (image and text embeddings) and clip_score (image-text similarity)."""
+
+from __future__ import annotations
+
+import re
+from functools import cached_property
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+from curate.models import is_local, model_revision, stand_in_notice
+from curate.registry import register
+from curate.stage import Resources, Stage, StageParams
+from curate.vectors import column_pixels, from_matrix, pixels_column, to_matrix, vector_type
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class ClipEmbedParams(StageParams):
+    model: str = Field(description="hub id or local directory of a CLIP/SigLIP checkpoint "
+                       "(transformers), or an open_clip architecture name (open_clip)")
+    backend: Literal["transformers", "open_clip"] = Field(
+        "transformers", description="model library; open_clip needs `pip install "
+        "'curate[openclip]'` and a torchvision that matches torch")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    pretrained: str | None = Field(None, description="open_clip weights tag or checkpoint path")
+    text_column: str | None = Field(
+        None, description="also embed this text column (e.g. alt_text) as clip_text_embedding")
+    device: str = Field("auto", description="auto (GPU when there is one), cpu, cuda, cuda:1")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: float32 on CPU, bfloat16 (or float16) on GPU")
+    resources: Resources = Field(default_factory=lambda: Resources(batch_size=64))
+
+
+def _embedding_dim(params: ClipEmbedParams) -> int:
+    """The embedding size, read from the model's config without loading weights."""
+    if params.backend == "open_clip":
+        from curate.models import require
+
+        config = require("open_clip", "openclip").get_model_config(params.model)
+        if config is None:
+            raise ValueError(f"open_clip knows no model {params.model!r}")
+        return int(config["embed_dim"])
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(params.model, revision=params.revision)
+    if getattr(config, "projection_dim", None):
+        return int(config.projection_dim)
+    return int(config.vision_config.hidden_size)  # SigLIP: no projection
+
+
+@register("clip_embed")
+class ClipEmbed(Stage):
+    """CLIP/SigLIP image embeddings (L2-normalised) as `clip_embedding`, and optionally
+    text embeddings of a caption column as `clip_text_embedding`. Images are resized and
+    cropped where they are decoded; the model runs on its own pool (GPU-ready)."""
+
+    type = "clip_embed"
+    Params = ClipEmbedParams
+
+    @cached_property
+    def dim(self) -> int:
+        return _embedding_dim(self.params)
+
+    def reads(self):
+        return (self.params.text_column,) if self.params.text_column else ()
+
+    def written_names(self) -> tuple[str, ...]:
+        return ("clip_embedding",) + (
+            ("clip_text_embedding",) if self.params.text_column else ())
+
+    def writes(self):
+        return {name: vector_type(self.dim) for name in self.written_names()}
+
+    @property
+    def own_pool(self) -> bool:
+        return True
+
+    def preflight(self):
+        p = self.params
+        if p.backend == "transformers" and not is_local(p.model) and not _HUB_ID.match(p.model):
+            return [("model", f"{p.model!r} is neither an existing directory nor a hub id "
+                     "like openai/clip-vit-base-patch32")]
+        try:
+            self.dim  # noqa: B018 (reads the model config: fails early when it is unusable)
+        except Exception as exc:  # transformers/open_clip raise many kinds
+            return [("model", f"cannot read the config of {p.model!r}: {exc}")]
+        return []
+
+    def notices(self):
+        label = stand_in_notice(self.params.model)
+        return [f"{self.name}: {self.params.model} is a {label}"] if label else []
+
+    def models(self):
+        p = self.params
+        return [{"stage": self.name, "backend": p.backend, "model": p.model,
+                 "revision": model_revision(p.model, p.revision)}]
+
+    def _load(self, load_weights: bool):
+        from curate.models.embedders import load_embedder
+
+        p = self.params
+        return load_embedder(p.backend, p.model, revision=p.revision, device=p.device,
+                             dtype=p.dtype, pretrained=p.pretrained, load_weights=load_weights)
+
+    @cached_property
+    def _preprocessor(self):
+        return self._load(load_weights=False)
+
+    def prepare(self, batch, images):
+        valid = np.array([image is not None for image in images], bool)
+        pixels = self._preprocessor.prepare([image for image in images if image is not None])
+        return pixels_column(pixels, valid)
+
+    def setup(self):
+        self.embedder = self._load(load_weights=True)
+
+    def process(self, batch, images):
+        pixels, valid = column_pixels(batch[self.prepared_column], self.embedder.input_shape)
+        out = np.zeros((len(valid), self.dim), np.float32)
+        if len(pixels):
+            out[valid] = self.embedder.embed_pixels(pixels)
+        columns = {"clip_embedding": from_matrix(out, valid)}
+        if self.params.text_column:
+            texts = batch[self.params.text_column].to_pylist()
+            has_text = np.array([bool(t and t.strip()) for t in texts], bool)
+            text_out = np.zeros((len(texts), self.dim), np.float32)
+            if has_text.any():
+                text_out[has_text] = self.embedder.embed_texts(
+                    [t for t, ok in zip(texts, has_text) if ok])
+            columns["clip_text_embedding"] = from_matrix(text_out, has_text)
+        return columns
+
+    def row_fingerprint(self):
+        fingerprint = self.fingerprint()
+        fingerprint.pop("device")  # where it runs does not change what it computes
+        fingerprint["weights"] = model_revision(self.params.model, self.params.revision)
+        return fingerprint
+
+
+class ClipScoreParams(StageParams):
+    image_column: str = Field("clip_embedding", description="image embedding column")
+    text_column: str = Field("clip_text_embedding", description="text embedding column")
+    min_score: float | None = Field(None, ge=-1, le=1, description="drop rows below this "
+                                    "cosine similarity (DataComp uses 0.28 with ViT-L/14)")
+    top_fraction: float | None = Field(None, gt=0, le=1, description="keep only this fraction "
+                                       "of the scored rows, best first")
+
+
+@register("clip_score")
+class ClipScore(Stage):
+    """Cosine similarity of image and text embeddings (DataComp's CLIP-score filter) as
+    `clip_score`. Keeps rows above `min_score` and/or within the best `top_fraction`.
+    Rows without a text embedding get no score and are not judged."""
+
+    type = "clip_score"
+    Params = ClipScoreParams
+    verdict_column = "clip_score_reason"
+
+    def reads(self):
+        return (self.params.image_column, self.params.text_column)
+
+    def writes(self):
+        return {"clip_score": pa.float32(), "clip_score_reason": pa.string()}
+
+    def process(self, batch, images):
+        image, image_ok = to_matrix(batch[self.params.image_column])
+        text, text_ok = to_matrix(batch[self.params.text_column])
+        valid = image_ok & text_ok
+        scores = np.einsum("ij,ij->i", image, text)
+        return {"clip_score": pa.array(scores, pa.float32(), mask=~valid)}
+
+    def run_global(self, table, alive):
+        p = self.params
+        scores = table["clip_score"]
+        judged = pc.and_(alive, pc.is_valid(scores))
+        values = pc.filter(scores, judged).to_numpy(zero_copy_only=False)
+        limit, label = p.min_score, ""
+        if p.top_fraction is not None and len(values):
+            keep = max(1, round(p.top_fraction * len(values)))
+            cutoff = float(np.sort(values)[::-1][keep - 1])
+            if limit is None or cutoff > limit:
+                limit, label = cutoff, f" (top {p.top_fraction:.0%})"
+        if limit is None:
+            return {"clip_score_reason": pa.nulls(table.num_rows, pa.string())}
+        low = pc.and_(judged, pc.less(scores, limit))
+        text = pc.binary_join_element_wise(
+            "clip_score ", pc.cast(pc.round(scores, 4), pa.string()), f" < {limit:.4g}{label}",
+            "")
+        self.report = {"threshold": round(limit, 4), "scored": len(values)}
+        return {"clip_score_reason": pc.if_else(low, text, pa.scalar(None, pa.string()))}
