@@ -13,20 +13,19 @@ import hashlib
 import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
-import yaml
 from PIL import Image, ImageOps
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import run_curate  # noqa: E402
 
 THRESHOLDS = {"min_side": 128, "min_blur": 10.0, "min_brightness": 15.0}
 MAX_DISTANCE = 6
@@ -87,33 +86,7 @@ def baseline_loop(paths: list[Path], out: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows), out)
 
 
-class PeakRss:
-    """Peak resident memory of a process and all its children, sampled every 0.2 s."""
-
-    def __init__(self, pid: int):
-        self.proc = psutil.Process(pid)
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                procs = [self.proc, *self.proc.children(recursive=True)]
-                total = sum(p.memory_info().rss for p in procs if p.is_running())
-                self.peak = max(self.peak, total)
-            except psutil.Error:
-                pass
-            time.sleep(0.2)
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return self.peak / 1e6
-
-
-def run_curate(media: Path, store: Path, workdir: Path) -> tuple[float, float, dict]:
+def run_pipeline(media: Path, store: Path, workdir: Path) -> tuple[float, float, dict]:
     config = {
         "name": "bench",
         "store": {"uri": str(store)},
@@ -124,20 +97,7 @@ def run_curate(media: Path, store: Path, workdir: Path) -> tuple[float, float, d
             {"type": "phash_dedup", "max_distance": MAX_DISTANCE},
         ],
     }
-    path = workdir / f"{store.name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    summary = workdir / f"{store.name}.json"
-    started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "curate", "run", str(path), "--no-progress",
-                             "--json", str(summary)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    rss = PeakRss(proc.pid)
-    _, err = proc.communicate()
-    seconds = time.perf_counter() - started
-    peak = rss.stop()
-    if proc.returncode != 0:
-        raise SystemExit(f"curate run failed:\n{err[-3000:]}")
-    return seconds, peak, json.loads(summary.read_text())
+    return run_curate(config, workdir, store.name)
 
 
 def main() -> None:
@@ -167,9 +127,9 @@ def main() -> None:
     loop_rss = max(psutil.Process().memory_info().rss - rss0, 0) / 1e6
     print(f"plain loop: {loop_s:.1f} s, {len(paths) / loop_s:.1f} images/s", flush=True)
 
-    startup_s, _, _ = run_curate(small, workdir / "store_startup", workdir)
+    startup_s, _, _ = run_pipeline(small, workdir / "store_startup", workdir)
     print(f"curate run on 16 images (fixed start-up): {startup_s:.1f} s", flush=True)
-    run_s, peak_mb, summary = run_curate(media, workdir / "store", workdir)
+    run_s, peak_mb, summary = run_pipeline(media, workdir / "store", workdir)
     print(f"curate run: {run_s:.1f} s, {len(paths) / run_s:.1f} images/s, "
           f"{summary['selected']} selected", flush=True)
     steady = len(paths) / max(run_s - startup_s, 1e-9)

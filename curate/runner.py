@@ -63,6 +63,16 @@ def _add_timing(table: pa.Table, name: str, seconds: float) -> pa.Table:
     return table.append_column(column, values)
 
 
+def _use_threads(threads: int) -> None:
+    """Let a model on CPU use more threads than the CPUs Ray counted for its worker."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(threads)
+
+
 class SegmentWorker:
     """A pool worker running one segment of the chain on each batch.
 
@@ -72,11 +82,13 @@ class SegmentWorker:
     """
 
     def __init__(self, stages: list[Stage], prepare: list[Stage], last: bool,
-                 row_stages_hash: str):
+                 row_stages_hash: str, threads: int | None = None):
         self.stages = stages
         self.prepare = prepare
         self.last = last
         self.row_stages_hash = row_stages_hash
+        if threads:
+            _use_threads(threads)
         for stage in stages:
             stage.setup()
 
@@ -156,11 +168,14 @@ def stream_rows(
     dataset = ray.data.from_arrow(blocks)
     later = [pool[0] for pool in pools[1:] if pool[0].has_prepare_part]
     for i, (pool, (batch_size, cpus, gpus, workers)) in enumerate(zip(pools, sizes)):
+        # A model on CPU is the slow step while decoding mostly waits for it: give each of
+        # its workers a share of all the cores for threads, not only the CPUs it reserved.
+        threads = max(1, int(have // workers)) if i and not gpus else None
         dataset = dataset.map_batches(
             SegmentWorker,
             fn_constructor_kwargs={"stages": pool, "prepare": later if i == 0 else [],
                                    "last": i == len(pools) - 1,
-                                   "row_stages_hash": row_stages_hash},
+                                   "row_stages_hash": row_stages_hash, "threads": threads},
             batch_size=batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=workers),

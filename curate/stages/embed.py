@@ -44,12 +44,24 @@ def _embedding_dim(params: ClipEmbedParams) -> int:
         if config is None:
             raise ValueError(f"open_clip knows no model {params.model!r}")
         return int(config["embed_dim"])
-    from transformers import AutoConfig
+    config = _read_config(params.model, params.revision)
+    if config.get("projection_dim"):
+        return int(config["projection_dim"])
+    return int(config["vision_config"]["hidden_size"])  # SigLIP: no projection
 
-    config = AutoConfig.from_pretrained(params.model, revision=params.revision)
-    if getattr(config, "projection_dim", None):
-        return int(config.projection_dim)
-    return int(config.vision_config.hidden_size)  # SigLIP: no projection
+
+def _read_config(model: str, revision: str | None) -> dict:
+    """config.json of a local checkpoint or a hub one (cached or fetched), read as JSON:
+    the driver needs one number from it and should not pay for importing transformers."""
+    import json
+    from pathlib import Path
+
+    path = Path(model).expanduser() / "config.json"
+    if not path.is_file():
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(model, "config.json", revision=revision))
+    return json.loads(path.read_text())
 
 
 @register("clip_embed")

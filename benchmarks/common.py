@@ -1,0 +1,63 @@
+"""What every benchmark shares: peak memory of a process tree, and `curate run` of a
+config in a subprocess (start-up included, as a user sees it)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class PeakRss:
+    """Peak resident memory of a process and all its children, sampled every 0.2 s."""
+
+    def __init__(self, pid: int):
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+                total = sum(p.memory_info().rss for p in procs if p.is_running())
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak / 1e6
+
+
+def run_curate(config: dict, workdir: Path, label: str) -> tuple[float, float, dict]:
+    """(seconds, peak RSS MB of the whole process tree, run summary) of `curate run` into
+    a fresh store."""
+    shutil.rmtree(config["store"]["uri"], ignore_errors=True)
+    path = workdir / f"{label}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    summary = workdir / f"{label}.json"
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "curate", "run", str(path), "--no-progress",
+                             "--json", str(summary)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    rss = PeakRss(proc.pid)
+    _, err = proc.communicate()
+    seconds = time.perf_counter() - started
+    peak = rss.stop()
+    if proc.returncode != 0:
+        raise SystemExit(f"curate run failed:\n{err[-3000:]}")
+    return seconds, peak, json.loads(summary.read_text())
