@@ -269,3 +269,28 @@ def test_clip_embed_on_gpu_in_half_precision_matches_cpu():
     gpu = load_embedder("transformers", path, device="cuda", dtype="float16").embed_images(
         images)
     assert (np.sum(cpu * gpu, axis=1) > 0.99).all()
+
+
+def test_nsfw_clip_head_is_relu_layers_and_a_sigmoid():
+    from safetensors.numpy import load_file
+
+    from curate.models import file_sha256
+
+    weights = tiny_models() / "tiny-nsfw-head.safetensors"
+    stage = NsfwScore(model="clip_head", weights=str(weights), sha256=file_sha256(weights),
+                      max_score=0.5)
+    assert not stage.own_pool and stage.reads() == ("clip_embedding",)
+    stage.setup()
+    x = np.random.default_rng(3).standard_normal((6, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    valid = np.array([True] * 5 + [False])
+    out = stage.process(pa.table({"clip_embedding": from_matrix(x, valid)}), None)
+    state = load_file(str(weights))
+    hidden = np.maximum(x @ state["layers.0.weight"].T + state["layers.0.bias"], 0)
+    logits = hidden @ state["layers.2.weight"].T + state["layers.2.bias"]
+    expected = 1 / (1 + np.exp(-logits[:, 0]))
+    scores = out["nsfw_score"].to_pylist()
+    np.testing.assert_allclose(scores[:5], expected[:5], rtol=1e-5)
+    assert scores[5] is None
+    reasons = out["nsfw_reason"].to_pylist()
+    assert [r is not None for r in reasons[:5]] == [s > 0.5 for s in expected[:5]]

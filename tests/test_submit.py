@@ -19,7 +19,7 @@ from pathlib import Path
 import lancedb
 import pytest
 
-from .conftest import DEMO_MEDIA, ROOT
+from .conftest import DEMO_MEDIA, ROOT, tiny_models
 
 pytestmark = pytest.mark.cluster
 
@@ -83,8 +83,11 @@ def test_submit_runs_the_config_as_a_job(cluster, tmp_path):
     media = tmp_path / "media"
     shutil.copytree(DEMO_MEDIA, media)
     store = tmp_path / "store"
+    models = tiny_models()  # on a cluster: a hub id, or a path every node sees
     result = submit("configs/demo.yaml", "--address", cluster["address"], "--no-pip",
                     "--set", f"store.uri={store}", "--set", f"stages.0.paths=[{media}]",
+                    "--set", f"stages.4.model={models / 'tiny-clip'}",
+                    "--set", f"stages.5.weights={models / 'tiny-aesthetic.safetensors'}",
                     env_extra={"RAY_AUTH_TOKEN_PATH": str(cluster["token_path"])})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "SUCCEEDED" in result.stdout

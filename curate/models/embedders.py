@@ -111,6 +111,8 @@ class TransformersEmbedder(ImageTextEmbedder):
             return np.zeros((0, *self._shape), np.uint8)
         out = self.image_processor(images=images, do_rescale=False, do_normalize=False,
                                    return_tensors="np")["pixel_values"]
+        if out.dtype == np.uint8:  # the PIL processors keep the resized bytes
+            return out
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:

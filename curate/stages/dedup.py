@@ -28,12 +28,17 @@ class DedupParams(StageParams):
 
     @model_validator(mode="after")
     def _score_column(self):
-        needs = self.keep in ("highest", "lowest")
-        if needs and not self.score_column:
-            raise ValueError(f"keep={self.keep!r} needs score_column")
-        if self.score_column and not needs:
-            raise ValueError("score_column is only used with keep: highest or lowest")
+        check_score_column(self.keep, self.score_column)
         return self
+
+
+def check_score_column(keep: str, score_column: str | None) -> None:
+    """keep: highest/lowest need a score_column; the other policies take none."""
+    needs = keep in ("highest", "lowest")
+    if needs and not score_column:
+        raise ValueError(f"keep={keep!r} needs score_column")
+    if score_column and not needs:
+        raise ValueError("score_column is only used with keep: highest or lowest")
 
 
 def _policy_columns(params: DedupParams) -> tuple[str, ...]:

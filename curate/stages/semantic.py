@@ -24,6 +24,7 @@ from curate.cluster import (
 )
 from curate.registry import register
 from curate.stage import Stage, StageParams
+from curate.stages.dedup import check_score_column
 
 #: upper bound of the automatic cluster count
 MAX_AUTO_CLUSTERS = 10_000
@@ -167,16 +168,20 @@ class SemanticDedupParams(StageParams):
 
     @model_validator(mode="after")
     def _score_column(self):
-        needs = self.keep in ("highest", "lowest")
-        if needs and not self.score_column:
-            raise ValueError(f"keep={self.keep!r} needs score_column")
-        if self.score_column and not needs:
-            raise ValueError("score_column is only used with keep: highest or lowest")
+        check_score_column(self.keep, self.score_column)
         return self
 
 
+class _EmbeddingStage(Stage):
+    """A global stage over an embedding column, optionally ranked by a score column."""
+
+    def reads(self) -> tuple[str, ...]:
+        extra = (self.params.score_column,) if self.params.score_column else ()
+        return ("sample_id", self.params.embedding_column, *extra)
+
+
 @register("semantic_dedup")
-class SemanticDedup(Stage):
+class SemanticDedup(_EmbeddingStage):
     """Mark semantic near-duplicates: rows of one k-means cluster within eps cosine distance."""
 
     Params = SemanticDedupParams
@@ -184,10 +189,6 @@ class SemanticDedup(Stage):
     verdict_column = "semantic_duplicate_of"
     verdict_prefix = "semantic duplicate of "
     marks_duplicates = True
-
-    def reads(self) -> tuple[str, ...]:
-        extra = (self.params.score_column,) if self.params.score_column else ()
-        return ("sample_id", self.params.embedding_column, *extra)
 
     def writes(self) -> dict[str, pa.DataType]:
         return {"cluster_id": pa.int32(), "semantic_duplicate_of": pa.string()}
@@ -270,16 +271,12 @@ class DiversityParams(StageParams):
 
 
 @register("diversity_sample")
-class DiversitySample(Stage):
+class DiversitySample(_EmbeddingStage):
     """Keep `target` rows spread evenly over embedding clusters (hierarchical if asked)."""
 
     Params = DiversityParams
     params: DiversityParams
     verdict_column = "diversity_reason"
-
-    def reads(self) -> tuple[str, ...]:
-        extra = (self.params.score_column,) if self.params.score_column else ()
-        return ("sample_id", self.params.embedding_column, *extra)
 
     def writes(self) -> dict[str, pa.DataType]:
         return {"diversity_cluster": pa.int32(), "diversity_reason": pa.string()}
