@@ -294,3 +294,25 @@ def test_nsfw_clip_head_is_relu_layers_and_a_sigmoid():
     assert scores[5] is None
     reasons = out["nsfw_reason"].to_pylist()
     assert [r is not None for r in reasons[:5]] == [s > 0.5 for s in expected[:5]]
+
+
+def test_embeddings_do_not_depend_on_batch_neighbours():
+    """A row's vector is bit-identical whatever rows share its batch (resume relies on it)."""
+    stage = ClipEmbed(model=str(tiny_models() / "tiny-clip"), text_column="alt_text",
+                      resources={"batch_size": 8})
+    stage.setup()
+    images = photos(6) * 2
+    texts = ["a cat", "a dog on a beach", "", "red car", "the sky", "coffee"] * 2
+
+    def run(rows):
+        batch = pa.table({"alt_text": [texts[i] for i in rows]})
+        batch = batch.append_column(stage.prepared_column,
+                                    stage.prepare(batch, [images[i] for i in rows]))
+        out = stage.process(batch, None)
+        return to_matrix(out["clip_embedding"])[0], to_matrix(out["clip_text_embedding"])[0]
+
+    whole_img, whole_txt = run(list(range(12)))
+    for rows in ([3, 4, 5], [5, 0, 11, 7, 2], list(range(11, -1, -1))):
+        img, txt = run(rows)
+        assert np.array_equal(img, whole_img[rows])
+        assert np.array_equal(txt, whole_txt[rows])

@@ -15,7 +15,7 @@ import yaml
 
 from curate import Pipeline, load_config
 
-from .conftest import ROOT
+from .conftest import ROOT, tiny_models
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,12 @@ def config_for(media, store) -> dict:
             {"type": "image_quality", "min_side": 128, "min_blur": 50},
             {"type": "exact_dedup"},
             {"type": "phash_dedup", "max_distance": 10},
+            # model pools too: killed midway like the rest, and resumed bit for bit
+            {"type": "clip_embed", "model": str(tiny_models() / "tiny-clip"),
+             "resources": {"batch_size": 8}},
+            {"type": "nsfw_score", "resources": {"batch_size": 8}},
+            {"type": "semantic_dedup", "eps": 0.02},
+            {"type": "diversity_sample", "target": 150},
         ],
     }
 

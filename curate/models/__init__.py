@@ -107,3 +107,23 @@ def file_sha256(path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def in_fixed_batches(fn, items, size: int, pad):
+    """`fn` over `items` in calls of exactly `size` rows (the last one padded with `pad`).
+
+    Math libraries choose kernels by shape, so a row's result can change in its last bits
+    with the number of rows beside it. With one shape per model, a row's output does not
+    depend on how rows were batched, and a resumed run reproduces an uninterrupted one.
+    """
+    import numpy as np
+
+    out = []
+    for start in range(0, len(items), size):
+        part = items[start:start + size]
+        count = len(part)
+        if count < size:
+            part = (np.concatenate([part, np.repeat(pad, size - count, axis=0)])
+                    if isinstance(part, np.ndarray) else [*part, *[pad] * (size - count)])
+        out.append(fn(part)[:count])
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

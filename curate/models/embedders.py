@@ -99,8 +99,6 @@ class TransformersEmbedder(ImageTextEmbedder):
             config = self.model.config
             text = getattr(config, "text_config", None)
             self._max_text = int(getattr(text, "max_position_embeddings", 77))
-            # SigLIP was trained on text padded to its full length; CLIP on the shortest.
-            self._padding = "max_length" if "siglip" in config.model_type else True
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -124,7 +122,9 @@ class TransformersEmbedder(ImageTextEmbedder):
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         torch = require("torch", "models")
-        tokens = self.tokenizer(texts, padding=self._padding, truncation=True,
+        # Always the full length: SigLIP was trained so, and for CLIP it keeps one shape
+        # per batch (see in_fixed_batches); the causal mask makes the padding inert.
+        tokens = self.tokenizer(texts, padding="max_length", truncation=True,
                                 max_length=self._max_text, return_tensors="pt")
         tokens = {k: v.to(self.device) for k, v in tokens.items()
                   if k in ("input_ids", "attention_mask")}

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from curate.models import is_local, model_revision, stand_in_notice
+from curate.models import in_fixed_batches, is_local, model_revision, stand_in_notice
 from curate.registry import register
 from curate.stage import Resources, Stage, StageParams
 from curate.vectors import column_pixels, from_matrix, pixels_column, to_matrix, vector_type
@@ -132,17 +132,20 @@ class ClipEmbed(Stage):
 
     def process(self, batch, images):
         pixels, valid = column_pixels(batch[self.prepared_column], self.embedder.input_shape)
+        size = self.resources.batch_size
         out = np.zeros((len(valid), self.dim), np.float32)
         if len(pixels):
-            out[valid] = self.embedder.embed_pixels(pixels)
+            out[valid] = in_fixed_batches(self.embedder.embed_pixels, pixels, size,
+                                          np.zeros_like(pixels[:1]))
         columns = {"clip_embedding": from_matrix(out, valid)}
         if self.params.text_column:
             texts = batch[self.params.text_column].to_pylist()
             has_text = np.array([bool(t and t.strip()) for t in texts], bool)
             text_out = np.zeros((len(texts), self.dim), np.float32)
             if has_text.any():
-                text_out[has_text] = self.embedder.embed_texts(
-                    [t for t, ok in zip(texts, has_text) if ok])
+                text_out[has_text] = in_fixed_batches(
+                    self.embedder.embed_texts, [t for t, ok in zip(texts, has_text) if ok],
+                    size, "")
             columns["clip_text_embedding"] = from_matrix(text_out, has_text)
         return columns
 

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
-from curate.models import ModelError, stand_in_notice
+from curate.models import ModelError, in_fixed_batches, stand_in_notice
 from curate.registry import register
 from curate.stage import Resources, Stage, StageParams
 from curate.vectors import column_pixels, pixels_column, to_matrix
@@ -82,7 +82,9 @@ class _HeadStage(Stage):
         matrix, valid = to_matrix(batch[self.params.embedding_column])
         scores = np.zeros(len(valid), np.float32)
         if valid.any():
-            scores[valid] = self.head(matrix[valid])
+            rows = matrix[valid]
+            scores[valid] = in_fixed_batches(self.head, rows, self.resources.batch_size,
+                                             np.zeros_like(rows[:1]))
         return scores, valid
 
 
@@ -211,7 +213,10 @@ class NsfwScore(_HeadStage):
         if self._pixels:
             pixels, valid = column_pixels(batch[self.prepared_column], self.net.input_shape)
             scores = np.zeros(len(valid), np.float32)
-            scores[valid] = self.net.score(pixels)
+            if len(pixels):
+                scores[valid] = in_fixed_batches(self.net.score, pixels,
+                                                 self.resources.batch_size,
+                                                 np.zeros_like(pixels[:1]))
         else:
             scores, valid = self.head_scores(batch)
         return {
