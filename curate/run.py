@@ -3,9 +3,12 @@ increments, run the global stages, derive the verdicts, record and tag the run."
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import secrets
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -89,6 +92,26 @@ def _progress(enabled: bool):
         disable=not enabled,
         transient=False,
     )
+
+
+@contextlib.contextmanager
+def _sigint_flag():
+    """Remember a Ctrl-C even where a library catches the KeyboardInterrupt it raises
+    (Ray Data's streaming threads may end the stream quietly instead)."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def on_sigint(signum, frame):
+        flag.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _Execution:
@@ -216,10 +239,12 @@ class _Execution:
             buffer, buffered = [], 0
 
         start = time.perf_counter()
-        with _progress(self.progress) as bar:
+        with _progress(self.progress) as bar, _sigint_flag() as interrupted:
             task = bar.add_task(label, total=pending.num_rows, rate="")
             try:
                 for batch in stream_rows(pending, chain, self.hash):
+                    if interrupted.is_set():
+                        raise KeyboardInterrupt
                     buffer.append(batch)
                     buffered += batch.num_rows
                     done = self.rows_processed + buffered
@@ -227,6 +252,8 @@ class _Execution:
                     bar.update(task, completed=done, rate=f"{rate:,.0f} img/s")
                     if buffered >= self.config.run.commit_every:
                         commit()
+                if interrupted.is_set():  # the stream's threads took the Ctrl-C for theirs
+                    raise KeyboardInterrupt
             finally:
                 # Ctrl-C or a failure: what already came back is kept, not redone.
                 commit()

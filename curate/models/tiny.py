@@ -41,6 +41,7 @@ def _tokenizer(kind: str, max_length: int):
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # the stand-in configs trip warnings meant for real ones
+    logging.disable_progress_bar()
 
     text = [_VOCABULARY] * 4
     if kind == "clip":
