@@ -46,7 +46,8 @@ def segments(chain: list[Stage]) -> list[list[Stage]]:
     starts a pool of its own, which the cheap stages after it join."""
     out: list[list[Stage]] = [[chain[0]]]
     for stage in chain[1:]:
-        if stage.own_pool:
+        shares = stage.pool_key is not None and out[-1][0].pool_key == stage.pool_key
+        if stage.own_pool and not shares:
             out.append([stage])
         else:
             out[-1].append(stage)
@@ -166,7 +167,8 @@ def stream_rows(
     block_rows = max(sizes[0][0], math.ceil(items.num_rows / 4000))
     blocks = [items.slice(i, block_rows) for i in range(0, items.num_rows, block_rows)]
     dataset = ray.data.from_arrow(blocks)
-    later = [pool[0] for pool in pools[1:] if pool[0].has_prepare_part]
+    later = list({s.prepared_column: s for pool in pools[1:] for s in pool
+                  if s.own_pool and s.has_prepare_part}.values())
     for i, (pool, (batch_size, cpus, gpus, workers)) in enumerate(zip(pools, sizes)):
         # A model on CPU is the slow step while decoding mostly waits for it: give each of
         # its workers a share of all the cores for threads, not only the CPUs it reserved.

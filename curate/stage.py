@@ -101,6 +101,12 @@ class Stage:
         return False
 
     @property
+    def pool_key(self):
+        """Own-pool stages with the same (non-None) key share one pool, so a model they
+        both use loads once per worker."""
+        return None
+
+    @property
     def prepared_column(self) -> str:
         return self.PREPARED_PREFIX + self.name
 

@@ -150,11 +150,84 @@ def build_linear_head(out: str | Path, dims: list[int], what: str, seed: int = 0
     return out
 
 
+#: A minimal chat template (system, user turns with an image, assistant prompt).
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ image_marker }}"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+#: What the stand-in VLM tokenizers are trained on: enough to spell captions and JSON.
+_VLM_TEXT = _VOCABULARY + ' { } " : , . 0 1 2 3 4 5 6 7 8 9 true false yes no quality score'
+
+
+def _vlm_tokenizer(special: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([_VLM_TEXT] * 4, trainers.BpeTrainer(
+        vocab_size=700, special_tokens=["<unk>", "<s>", "</s>", "<pad>", *special],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>",
+                                   extra_special_tokens={"image_token": special[0]},
+                                   model_max_length=2048)
+
+
+def _text_config(tokenizer) -> dict:
+    # head_dim 64: vLLM's CPU attention refuses smaller heads
+    return {"vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "head_dim": 64, "max_position_embeddings": 2048,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+
+
+def build_llava(out: str | Path, seed: int = 0) -> Path:
+    """A tiny LlavaForConditionalGeneration + LlavaProcessor (CLIP vision tower, Llama)."""
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = _vlm_tokenizer(["<image>"])
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=64, patch_size=16),
+        text_config=LlamaConfig(**_text_config(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default", vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    out = Path(out)
+    LlavaForConditionalGeneration(config).save_pretrained(out)
+    LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 64},
+                                              crop_size={"height": 64, "width": 64}),
+        tokenizer=tokenizer, patch_size=16, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_CHAT_TEMPLATE.replace("{{ image_marker }}", "<image>"),
+    ).save_pretrained(out)
+    _mark(out, "LLaVA (tiny)")
+    return out
+
+
 def build_all(out: str | Path) -> Path:
     """Everything the demo and the tests use, under `out`."""
     out = Path(out)
     build_clip(out / "tiny-clip")
     build_siglip(out / "tiny-siglip")
+    build_llava(out / "tiny-llava")
     dim = _SIZES["tiny"][5]
     build_linear_head(out / "tiny-aesthetic.safetensors", [dim, 64, 16, 1],
                       "aesthetic head (LAION layout)")

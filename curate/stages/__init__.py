@@ -6,9 +6,11 @@ from curate.stages.ingest import IngestImages
 from curate.stages.quality import ImageQuality
 from curate.stages.scores import AestheticScore, NsfwScore
 from curate.stages.semantic import DiversitySample, SemanticDedup
+from curate.stages.vlm import Caption, VlmScore
 
 __all__ = [
     "AestheticScore",
+    "Caption",
     "ClipEmbed",
     "ClipScore",
     "DiversitySample",
@@ -18,4 +20,5 @@ __all__ = [
     "NsfwScore",
     "PhashDedup",
     "SemanticDedup",
+    "VlmScore",
 ]
