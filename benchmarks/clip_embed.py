@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import run_curate  # noqa: E402
+from benchmarks.common import run_curate, steady_rate  # noqa: E402
 
 
 def bare_loop(paths: list[Path], model_dir: Path, batch_size: int, device: str) -> float:
@@ -100,7 +100,7 @@ def main() -> None:
     stage = next(s for s in summary["stages"] if s["type"] == "clip_embed")
     print(f"curate run: {run_s:.1f} s, {len(paths) / run_s:.1f} images/s "
           f"(clip_embed busy {stage['seconds']:.1f} s)", flush=True)
-    steady = len(paths) / max(run_s - startup_s, 1e-9)
+    steady = steady_rate(len(paths), run_s, startup_s)
     loop_rate = len(paths) / loop_s
     print(json.dumps({
         "images": len(paths),
@@ -115,8 +115,8 @@ def main() -> None:
         "loop_images_per_s": round(loop_rate, 2),
         "ratio": round(loop_s / run_s, 3),
         "startup_seconds": round(startup_s, 2),
-        "pipeline_steady_images_per_s": round(steady, 2),
-        "steady_ratio": round(steady / loop_rate, 3),
+        "pipeline_steady_images_per_s": steady and round(steady, 2),
+        "steady_ratio": steady and round(steady / loop_rate, 3),
         "peak_rss_mb": round(peak_mb, 1),
     }))
 

@@ -61,3 +61,11 @@ def run_curate(config: dict, workdir: Path, label: str) -> tuple[float, float, d
     if proc.returncode != 0:
         raise SystemExit(f"curate run failed:\n{err[-3000:]}")
     return seconds, peak, json.loads(summary.read_text())
+
+
+def steady_rate(items: int, run_s: float, startup_s: float) -> float | None:
+    """Items per second once started: the whole run less the fixed start-up measured on a
+    tiny input. None when the run is too short for the difference to mean anything."""
+    if run_s < 1.5 * startup_s:
+        return None
+    return items / (run_s - startup_s)

@@ -179,17 +179,30 @@ def _vlm_tokenizer(special: list[str]):
                                    model_max_length=2048)
 
 
-def _text_config(tokenizer) -> dict:
-    # head_dim 64: vLLM's CPU attention refuses smaller heads
-    return {"vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256,
-            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+#: VLM sizes: (vision hidden, layers, heads, image px, patch; text hidden, layers, heads).
+_VLM_SIZES = {
+    "tiny": (32, 2, 2, 64, 16, 128, 2, 2),
+    "small": (384, 6, 6, 224, 32, 512, 4, 8),
+    "large": (1024, 24, 16, 336, 14, 4096, 32, 32),  # LLaVA-1.5-7B
+}
+
+
+def _text_config(tokenizer, size: str = "tiny") -> dict:
+    # head_dim 64 at every size: vLLM's CPU attention refuses smaller heads
+    hidden, layers, heads = _VLM_SIZES[size][5:]
+    return {"vocab_size": len(tokenizer), "hidden_size": hidden,
+            "intermediate_size": 2 * hidden if size == "tiny" else int(2.7 * hidden),
+            "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": 1 if size == "tiny" else heads,
             "head_dim": 64, "max_position_embeddings": 2048,
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id}
 
 
-def build_llava(out: str | Path, seed: int = 0) -> Path:
-    """A tiny LlavaForConditionalGeneration + LlavaProcessor (CLIP vision tower, Llama)."""
+def build_llava(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """A LlavaForConditionalGeneration + LlavaProcessor (CLIP vision tower, Llama) with
+    random weights: tiny for tests, small for CPU benchmarks, large = LLaVA-1.5-7B's
+    shapes for GPU ones."""
     import torch
     from transformers import (
         CLIPVisionConfig,
@@ -201,24 +214,25 @@ def build_llava(out: str | Path, seed: int = 0) -> Path:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     tokenizer = _vlm_tokenizer(["<image>"])
+    vision, layers, heads, side, patch = _VLM_SIZES[size][:5]
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64,
-                                       num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=64, patch_size=16),
-        text_config=LlamaConfig(**_text_config(tokenizer)),
+        vision_config=CLIPVisionConfig(hidden_size=vision, intermediate_size=2 * vision,
+                                       num_hidden_layers=layers, num_attention_heads=heads,
+                                       image_size=side, patch_size=patch),
+        text_config=LlamaConfig(**_text_config(tokenizer, size)),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default", vision_feature_layer=-1)
     torch.manual_seed(seed)
     out = Path(out)
     LlavaForConditionalGeneration(config).save_pretrained(out)
     LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 64},
-                                              crop_size={"height": 64, "width": 64}),
-        tokenizer=tokenizer, patch_size=16, vision_feature_select_strategy="default",
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": side},
+                                              crop_size={"height": side, "width": side}),
+        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=_CHAT_TEMPLATE.replace("{{ image_marker }}", "<image>"),
     ).save_pretrained(out)
-    _mark(out, "LLaVA (tiny)")
+    _mark(out, f"LLaVA ({size})")
     return out
 
 

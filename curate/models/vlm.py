@@ -26,6 +26,7 @@ class Sampling:
     top_p: float = 1.0
     max_new_tokens: int = 128
     seed: int = 0
+    min_new_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ class TransformersVlm(VlmEngine):
         inputs = self.processor(images=images, text=prompts, return_tensors="pt",
                                 padding=True).to(self.device)
         inputs = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
-        options: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens}
+        options: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens,
+                                   "min_new_tokens": sampling.min_new_tokens or None}
         if sampling.temperature > 0:
             torch.manual_seed(sampling.seed)
             options.update(do_sample=True, temperature=sampling.temperature,
@@ -126,7 +128,8 @@ class VllmVlm(VlmEngine):
 
                 extra["guided_decoding"] = GuidedDecodingParams(json=json_schema)
         return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                              max_tokens=sampling.max_new_tokens, seed=sampling.seed, **extra)
+                              max_tokens=sampling.max_new_tokens,
+                              min_tokens=sampling.min_new_tokens, seed=sampling.seed, **extra)
 
     def generate(self, images, conversations, sampling, json_schema=None):
         messages = []

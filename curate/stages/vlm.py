@@ -45,6 +45,7 @@ class VlmParams(StageParams):
     system: str | None = Field(None, description="system prompt; {column} placeholders are "
                                "filled from the row")
     max_new_tokens: int = Field(128, ge=1, le=8192, description="tokens to generate at most")
+    min_new_tokens: int = Field(0, ge=0, description="tokens to generate at least")
     temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy (reproducible)")
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int = Field(0, description="sampling seed")
@@ -123,7 +124,7 @@ class _VlmStage(Stage):
         from curate.models.vlm import Sampling
 
         p = self.params
-        return Sampling(p.temperature, p.top_p, p.max_new_tokens, p.seed)
+        return Sampling(p.temperature, p.top_p, p.max_new_tokens, p.seed, p.min_new_tokens)
 
     def conversations(self, batch: pa.Table, rows: list[int], suffix: str = ""
                       ) -> list[list[dict]]:

@@ -1,0 +1,134 @@
+"""Captions per second of the `caption` stage inside a curate pipeline (ingest + caption,
+start-up included) against a bare `generate` loop over the same images with the same
+model, prompt and decoding settings, in the same run.
+
+    python benchmarks/caption.py --images 200 --size small     # CPU
+    python benchmarks/caption.py --images 2000 --size large    # LLaVA-1.5-7B shapes, GPU
+
+The model has random weights (no checkpoint can be downloaded here); decoding is greedy
+with a fixed number of new tokens, so both sides do the same work. The last line printed
+is a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import run_curate, steady_rate  # noqa: E402
+
+PROMPT = "Describe this image in one detailed sentence."
+
+
+def bare_loop(paths: list[Path], model_dir: Path, batch_size: int, tokens: int,
+              device: str) -> float:
+    """The loop one writes by hand; returns seconds (model load excluded)."""
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.tokenizer.padding_side = "left"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(device)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    started = time.perf_counter()
+    for start in range(0, len(paths), batch_size):
+        images = [Image.open(p).convert("RGB") for p in paths[start:start + batch_size]]
+        inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt",
+                           padding=True).to(device)
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens,
+                                 do_sample=False)
+        processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return time.perf_counter() - started
+
+
+def pipeline_config(media: Path, store: Path, model_dir: Path, batch_size: int, tokens: int,
+                    gpus: float) -> dict:
+    return {
+        "name": "bench-caption",
+        "store": {"uri": str(store)},
+        "stages": [
+            {"type": "ingest_images", "paths": [str(media)]},
+            {"type": "caption", "model": str(model_dir), "prompt": PROMPT,
+             "max_new_tokens": tokens, "min_new_tokens": tokens,
+             "resources": {"batch_size": batch_size, "gpus": gpus}},
+        ],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--size", choices=["tiny", "small", "large"], default="small")
+    parser.add_argument("--image-size", default="1024x768", help="WIDTHxHEIGHT of the photos")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per caption")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    import torch
+
+    from curate.models.tiny import build_llava
+    from curate.sample_media import write_photos
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    width, height = (int(x) for x in args.image_size.split("x"))
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="curate-bench-caption-"))
+    model_dir = workdir / f"llava-{args.size}"
+    if not (model_dir / "config.json").exists():
+        build_llava(model_dir, args.size)
+    media, small = workdir / "photos", workdir / "startup_photos"
+    paths = sorted(media.glob("*.jpg")) if media.exists() else []
+    if len(paths) != args.images:
+        paths = write_photos(media, args.images, size=(width, height), seed=0)
+    if not small.exists():
+        write_photos(small, 8, size=(width, height), seed=1)
+    print(f"inputs: {len(paths)} JPEGs of {width}x{height}; LLaVA {args.size} on {device}; "
+          f"{args.tokens} new tokens each", flush=True)
+
+    loop_s = bare_loop(paths, model_dir, args.batch_size, args.tokens, device)
+    print(f"bare generate loop: {loop_s:.1f} s, {len(paths) / loop_s:.2f} captions/s",
+          flush=True)
+    gpus = 1 if device == "cuda" else 0
+    config = pipeline_config(small, workdir / "store_startup", model_dir, args.batch_size,
+                             args.tokens, gpus)
+    startup_s, _, _ = run_curate(config, workdir, "startup")
+    print(f"curate run on 8 images (fixed start-up): {startup_s:.1f} s", flush=True)
+    config = pipeline_config(media, workdir / "store", model_dir, args.batch_size,
+                             args.tokens, gpus)
+    run_s, peak_mb, _ = run_curate(config, workdir, "run")
+    print(f"curate run: {run_s:.1f} s, {len(paths) / run_s:.2f} captions/s", flush=True)
+    steady = steady_rate(len(paths), run_s, startup_s)
+    loop_rate = len(paths) / loop_s
+    print(json.dumps({
+        "images": len(paths),
+        "image_size": f"{width}x{height}",
+        "model": f"LLaVA {args.size} (random weights)",
+        "device": device,
+        "cpus": os.cpu_count(),
+        "batch_size": args.batch_size,
+        "new_tokens": args.tokens,
+        "pipeline_seconds": round(run_s, 2),
+        "pipeline_captions_per_s": round(len(paths) / run_s, 3),
+        "loop_seconds": round(loop_s, 2),
+        "loop_captions_per_s": round(loop_rate, 3),
+        "ratio": round(loop_s / run_s, 3),
+        "startup_seconds": round(startup_s, 2),
+        "pipeline_steady_captions_per_s": steady and round(steady, 3),
+        "steady_ratio": steady and round(steady / loop_rate, 3),
+        "peak_rss_mb": round(peak_mb, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()
