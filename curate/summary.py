@@ -111,9 +111,8 @@ def stage_reference() -> list[dict[str, Any]]:
 def _writes(stage: Stage) -> dict[str, str]:
     try:
         return {k: str(v) for k, v in stage.writes().items()}
-    except Exception:  # types that depend on a model's config, which defaults lack
-        return {k: "fixed_size_list<float32>[d], d from the model"
-                for k in stage.written_names()}
+    except Exception:  # types that depend on the model or on required params
+        return {k: "type set by the model or the params" for k in stage.written_names()}
 
 
 def stage_reference_markdown() -> str:

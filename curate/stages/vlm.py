@@ -271,6 +271,9 @@ class VlmScore(_VlmStage):
     def _criteria(self) -> dict[str, dict[str, Any]]:
         return {n: c.model_dump() for n, c in self.params.criteria.items()}
 
+    def written_names(self):
+        return ("vlm_score", "vlm_scores", "vlm_score_error", "vlm_score_reason")
+
     def writes(self):
         struct = pa.struct([(n, _ARROW[c.type]) for n, c in self.params.criteria.items()])
         return {"vlm_score": pa.float32(), "vlm_scores": struct,
