@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import run_curate, steady_rate  # noqa: E402
+from benchmarks.common import photo_inputs, run_curate, steady_rate  # noqa: E402
 
 PROMPT = "Describe this image in one detailed sentence."
 
@@ -79,20 +79,14 @@ def main() -> None:
     import torch
 
     from curate.models.tiny import build_llava
-    from curate.sample_media import write_photos
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    width, height = (int(x) for x in args.image_size.split("x"))
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="curate-bench-caption-"))
     model_dir = workdir / f"llava-{args.size}"
     if not (model_dir / "config.json").exists():
         build_llava(model_dir, args.size)
-    media, small = workdir / "photos", workdir / "startup_photos"
-    paths = sorted(media.glob("*.jpg")) if media.exists() else []
-    if len(paths) != args.images:
-        paths = write_photos(media, args.images, size=(width, height), seed=0)
-    if not small.exists():
-        write_photos(small, 8, size=(width, height), seed=1)
+    paths, media, small, (width, height) = photo_inputs(workdir, args.images,
+                                                        args.image_size, 8)
     print(f"inputs: {len(paths)} JPEGs of {width}x{height}; LLaVA {args.size} on {device}; "
           f"{args.tokens} new tokens each", flush=True)
 

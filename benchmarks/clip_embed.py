@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import run_curate, steady_rate  # noqa: E402
+from benchmarks.common import photo_inputs, run_curate, steady_rate  # noqa: E402
 
 
 def bare_loop(paths: list[Path], model_dir: Path, batch_size: int, device: str) -> float:
@@ -70,20 +70,14 @@ def main() -> None:
     import torch
 
     from curate.models.tiny import build_clip
-    from curate.sample_media import write_photos
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    width, height = (int(x) for x in args.image_size.split("x"))
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="curate-bench-clip-"))
     model_dir = workdir / f"clip-{args.size}"
     if not (model_dir / "config.json").exists():
         build_clip(model_dir, args.size)
-    media, small = workdir / "photos", workdir / "startup_photos"
-    paths = sorted(media.glob("*.jpg")) if media.exists() else []
-    if len(paths) != args.images:
-        paths = write_photos(media, args.images, size=(width, height), seed=0)
-    if not small.exists():
-        write_photos(small, 16, size=(width, height), seed=1)
+    paths, media, small, (width, height) = photo_inputs(workdir, args.images,
+                                                        args.image_size, 16)
     print(f"inputs: {len(paths)} JPEGs of {width}x{height}; model {args.size} on {device}",
           flush=True)
 

@@ -69,3 +69,19 @@ def steady_rate(items: int, run_s: float, startup_s: float) -> float | None:
     if run_s < 1.5 * startup_s:
         return None
     return items / (run_s - startup_s)
+
+
+def photo_inputs(workdir: Path, count: int, image_size: str, startup_count: int
+                 ) -> tuple[list[Path], Path, Path, tuple[int, int]]:
+    """(paths, folder, start-up folder, (width, height)): photo-like JPEGs made from real
+    photos, reused from an earlier run in the same workdir when they are all there."""
+    from curate.sample_media import write_photos
+
+    width, height = (int(x) for x in image_size.split("x"))
+    media, small = workdir / "photos", workdir / "startup_photos"
+    paths = sorted(media.glob("*.jpg")) if media.exists() else []
+    if len(paths) != count:
+        paths = write_photos(media, count, size=(width, height), seed=0)
+    if not small.exists():
+        write_photos(small, startup_count, size=(width, height), seed=1)
+    return paths, media, small, (width, height)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from functools import cached_property
 from typing import Literal
 
@@ -11,12 +10,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from curate.models import in_fixed_batches, is_local, model_revision, stand_in_notice
+from curate.models import in_fixed_batches
 from curate.registry import register
 from curate.stage import Resources, Stage, StageParams
+from curate.stages.model_stage import ModelStage
 from curate.vectors import column_pixels, from_matrix, pixels_column, to_matrix, vector_type
-
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 class ClipEmbedParams(StageParams):
@@ -65,7 +63,7 @@ def _read_config(model: str, revision: str | None) -> dict:
 
 
 @register("clip_embed")
-class ClipEmbed(Stage):
+class ClipEmbed(ModelStage):
     """CLIP/SigLIP image embeddings (L2-normalised) as `clip_embedding`, and optionally
     text embeddings of a caption column as `clip_text_embedding`. Images are resized and
     cropped where they are decoded; the model runs on its own pool (GPU-ready)."""
@@ -93,23 +91,13 @@ class ClipEmbed(Stage):
 
     def preflight(self):
         p = self.params
-        if p.backend == "transformers" and not is_local(p.model) and not _HUB_ID.match(p.model):
-            return [("model", f"{p.model!r} is neither an existing directory nor a hub id "
-                     "like openai/clip-vit-base-patch32")]
+        if p.backend == "transformers" and (problems := super().preflight()):
+            return problems
         try:
             self.dim  # noqa: B018 (reads the model config: fails early when it is unusable)
         except Exception as exc:  # transformers/open_clip raise many kinds
             return [("model", f"cannot read the config of {p.model!r}: {exc}")]
         return []
-
-    def notices(self):
-        label = stand_in_notice(self.params.model)
-        return [f"{self.name}: {self.params.model} is a {label}"] if label else []
-
-    def models(self):
-        p = self.params
-        return [{"stage": self.name, "backend": p.backend, "model": p.model,
-                 "revision": model_revision(p.model, p.revision)}]
 
     def _load(self, load_weights: bool):
         from curate.models.embedders import load_embedder
@@ -148,12 +136,6 @@ class ClipEmbed(Stage):
                     size, "")
             columns["clip_text_embedding"] = from_matrix(text_out, has_text)
         return columns
-
-    def row_fingerprint(self):
-        fingerprint = self.fingerprint()
-        fingerprint.pop("device")  # where it runs does not change what it computes
-        fingerprint["weights"] = model_revision(self.params.model, self.params.revision)
-        return fingerprint
 
 
 class ClipScoreParams(StageParams):

@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from curate.models import model_revision, stand_in_notice
 from curate.registry import register
-from curate.stage import Resources, Stage, StageParams
+from curate.stage import Resources, StageParams
+from curate.stages.model_stage import ModelStage
 
 
 class VllmOptions(BaseModel):
@@ -63,8 +63,10 @@ class VlmParams(StageParams):
         return value
 
 
-class _VlmStage(Stage):
+class _VlmStage(ModelStage):
     """What caption and vlm_score share: prompts, engine, pools, image hand-over."""
+
+    backend_param = "engine"
 
     @property
     def own_pool(self) -> bool:
@@ -92,21 +94,6 @@ class _VlmStage(Stage):
     def reads(self):
         return tuple(dict.fromkeys(_placeholders(self.params.system)
                                    + _placeholders(self.params.prompt)))
-
-    def notices(self):
-        label = stand_in_notice(self.params.model)
-        return [f"{self.name}: {self.params.model} is a {label}"] if label else []
-
-    def models(self):
-        p = self.params
-        return [{"stage": self.name, "backend": p.engine, "model": p.model,
-                 "revision": model_revision(p.model, p.revision)}]
-
-    def row_fingerprint(self):
-        fingerprint = self.fingerprint()
-        fingerprint.pop("device")
-        fingerprint["weights"] = model_revision(self.params.model, self.params.revision)
-        return fingerprint
 
     def prepare(self, batch, images):
         from curate.models.vlm import pack_image, shrink
