@@ -8,7 +8,9 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
+from functools import partial
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -83,15 +85,25 @@ class SegmentWorker:
     """
 
     def __init__(self, stages: list[Stage], prepare: list[Stage], last: bool,
-                 row_stages_hash: str, threads: int | None = None):
+                 row_stages_hash: str, threads: int | None = None,
+                 earlier_verdicts: dict[str, list[str]] | None = None):
         self.stages = stages
         self.prepare = prepare
+        #: For stages that skip dropped rows: the verdict columns of the stages before them.
+        self.earlier_verdicts = earlier_verdicts or {}
         self.last = last
         self.row_stages_hash = row_stages_hash
         if threads:
             _use_threads(threads)
         for stage in stages:
             stage.setup()
+
+    def _on_alive(self, stage: Stage, batch: pa.Table, images, work,
+                  empty: dict[str, pa.DataType]) -> dict[str, pa.Array]:
+        verdicts = self.earlier_verdicts.get(stage.name)
+        if verdicts is None:
+            return work(batch, images)
+        return _on_alive_rows(batch, images, verdicts, work, empty)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         images = None
@@ -107,12 +119,17 @@ class SegmentWorker:
             out = _add_timing(out, source.name, time.perf_counter() - started)
         for stage in rest:
             started = time.perf_counter()
-            for name, values in stage.process(out, images).items():
+            columns = self._on_alive(stage, out, images, stage.process, stage.writes())
+            for name, values in columns.items():
                 out = out.append_column(name, values)
             out = _add_timing(out, stage.name, time.perf_counter() - started)
         for stage in self.prepare:
+            if stage.prepared_column in out.column_names:
+                continue  # a stage on the same model prepared the same inputs
             started = time.perf_counter()
-            out = out.append_column(stage.prepared_column, stage.prepare(out, images))
+            columns = self._on_alive(stage, out, images, partial(_prepared, stage),
+                                     {stage.prepared_column: pa.null()})
+            out = out.append_column(stage.prepared_column, columns[stage.prepared_column])
             out = _add_timing(out, stage.name, time.perf_counter() - started)
         if self.last:
             out = out.drop_columns([c for c in out.column_names
@@ -120,6 +137,31 @@ class SegmentWorker:
             out = out.append_column(
                 "row_stages_hash", pa.array([self.row_stages_hash] * out.num_rows))
         return out
+
+
+def _prepared(stage: Stage, batch: pa.Table, images: list) -> dict[str, pa.Array]:
+    return {stage.prepared_column: stage.prepare(batch, images)}
+
+
+def _on_alive_rows(batch: pa.Table, images: list | None, verdicts: list[str], work,
+                   empty: dict[str, pa.DataType]) -> dict[str, pa.Array]:
+    """`work(batch, images)` on the rows no earlier stage dropped (the rest get nulls), so
+    an expensive model is never run on a row that is already out."""
+    alive = np.ones(batch.num_rows, bool)
+    for column in verdicts:
+        if column in batch.column_names:  # verdicts of global parts come later
+            alive &= batch[column].is_null().to_numpy(zero_copy_only=False)
+    if alive.all():
+        return work(batch, images)
+    keep = np.flatnonzero(alive)
+    sub_images = [images[i] for i in keep] if images is not None else None
+    columns = work(batch.take(keep), sub_images) if len(keep) else {}
+    where = np.full(batch.num_rows, -1)
+    where[keep] = np.arange(len(keep))
+    positions = pa.array(where, mask=~alive)
+    if columns:
+        return {name: values.take(positions) for name, values in columns.items()}
+    return {name: pa.nulls(batch.num_rows, kind) for name, kind in empty.items()}
 
 
 def _pool_size(stages: list[Stage], free_cpus: float) -> tuple[int, float, float, int]:
@@ -169,6 +211,8 @@ def stream_rows(
     dataset = ray.data.from_arrow(blocks)
     later = list({s.prepared_column: s for pool in pools[1:] for s in pool
                   if s.own_pool and s.has_prepare_part}.values())
+    earlier = {s.name: [e.verdict_column for e in stages[:i] if e.verdict_column]
+               for i, s in enumerate(stages) if s.skips_dropped}
     for i, (pool, (batch_size, cpus, gpus, workers)) in enumerate(zip(pools, sizes)):
         # A model on CPU is the slow step while decoding mostly waits for it: give each of
         # its workers a share of all the cores for threads, not only the CPUs it reserved.
@@ -177,7 +221,8 @@ def stream_rows(
             SegmentWorker,
             fn_constructor_kwargs={"stages": pool, "prepare": later if i == 0 else [],
                                    "last": i == len(pools) - 1,
-                                   "row_stages_hash": row_stages_hash, "threads": threads},
+                                   "row_stages_hash": row_stages_hash, "threads": threads,
+                                   "earlier_verdicts": earlier},
             batch_size=batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=workers),

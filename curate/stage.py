@@ -54,6 +54,10 @@ class Stage:
     marks_duplicates: ClassVar[bool] = False
     #: True for the stage that lists and reads the inputs (first in a pipeline).
     is_source: ClassVar[bool] = False
+    #: True for expensive stages that skip rows an earlier row stage already dropped
+    #: (they get nulls): no GPU time on rows that are out. Global verdicts (dedup) come
+    #: after the row stages, so rows they drop are still computed.
+    skips_dropped: ClassVar[bool] = False
     #: Prefix of the columns `prepare` hands from the decode pool to a model pool
     #: (dropped before rows are stored).
     PREPARED_PREFIX: ClassVar[str] = "_prepared:"

@@ -38,6 +38,13 @@ def test_demo_config_is_valid():
     assert config.store.table == "samples"
 
 
+def test_gpu_cluster_example_is_valid():
+    config = load_config(ROOT / "configs" / "gpu-cluster.yaml")
+    types = [s.type for s in config.stages]
+    assert types.index("caption") < types.index("semantic_dedup")  # row stages stream first
+    assert config.stages[types.index("vlm_score")].criteria["quality"].max == 5
+
+
 def test_unknown_key_is_named_with_suggestion():
     raw = yaml.safe_load(yaml.safe_dump(GOOD))
     raw["stages"][3]["max_distnace"] = 3

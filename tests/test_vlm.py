@@ -233,3 +233,29 @@ def test_caption_and_score_in_a_real_pipeline(ray_session, photo_dir, tmp_path):
         assert (row["caption"] is not None) != (row["caption_error"] is not None)
         # a random model rarely answers in JSON: either a valid score or the reason
         assert (row["vlm_score"] is not None) != (row["vlm_score_error"] is not None)
+
+
+def test_rows_dropped_earlier_never_reach_the_model(demo_media):
+    """Caption after image_quality: the engine sees only rows that are still in."""
+    from curate.runner import SegmentWorker
+    from curate.stages.ingest import IngestImages
+    from curate.stages.quality import ImageQuality
+
+    source = IngestImages(paths=[str(demo_media / "low_quality"), str(demo_media / "photos")])
+    quality = ImageQuality(min_side=128, min_blur=10)
+    caption = Caption(model=llava(), device="cpu")
+    earlier = {"caption": ["error", "quality_reason"]}
+    decode = SegmentWorker([source, quality], [caption], last=False, row_stages_hash="h",
+                           earlier_verdicts=earlier)
+    model = SegmentWorker([caption], [], last=True, row_stages_hash="h",
+                          earlier_verdicts=earlier)
+    engine = model.stages[0].engine = ScriptedEngine(["a caption"] * 100)
+    out = model(decode(source.list_inputs()))
+    rows = out.to_pylist()
+    dropped = [r for r in rows if r["quality_reason"] or r["error"]]
+    kept = [r for r in rows if not (r["quality_reason"] or r["error"])]
+    assert dropped and kept
+    assert all(r["caption"] is None and r["caption_error"] is None for r in dropped)
+    assert all(r["caption"] == "a caption" for r in kept)
+    assert sum(len(call) for call in engine.calls) == len(kept)
+    assert not any(c.startswith("_prepared") for c in out.column_names)

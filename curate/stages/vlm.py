@@ -67,6 +67,7 @@ class _VlmStage(ModelStage):
     """What caption and vlm_score share: prompts, engine, pools, image hand-over."""
 
     backend_param = "engine"
+    skips_dropped = True
 
     @property
     def own_pool(self) -> bool:
