@@ -310,14 +310,11 @@ class DiversitySample(_EmbeddingStage):
         before = np.bincount(finest) if m else np.zeros(0, dtype=np.int64)
         after = np.bincount(finest[chosen], minlength=len(before))
         present = before > 0
-        self.report = {
-            "rows": m,
-            "clusters": int(present.sum()),
-            "levels": " > ".join(str(k) for k in levels),
-            "sampled": int(chosen.sum()),
-            "sizes_before": _spread(before[present]),
-            "sizes_after": _spread(after[present]),
-        }
+        self.report = {"rows": m, "clusters": int(present.sum())}
+        if len(levels) > 1:
+            self.report["hierarchy"] = " > ".join(str(k) for k in levels)
+        self.report.update(sampled=int(chosen.sum()), sizes_before=_spread(before[present]),
+                           sizes_after=_spread(after[present]))
         return {
             "diversity_cluster": _int32_column(n, rows, finest),
             "diversity_reason": verdict,
