@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.stage import Stage
+from curate.verdicts import alive_mask
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
 def segments(chain: list[Stage]) -> list[list[Stage]]:
     """Split the source and row stages into actor pools: the source and the stages that
     follow it decode and work on pixels in the first pool; every own-pool stage (a model)
-    starts a pool of its own, which the cheap stages after it join."""
+    starts a pool of its own, which the cheap stages after it join. A next own-pool stage
+    with the same `pool_key` (the same model) joins it too and shares the loaded model."""
     out: list[list[Stage]] = [[chain[0]]]
     for stage in chain[1:]:
         shares = stage.pool_key is not None and out[-1][0].pool_key == stage.pool_key
@@ -147,10 +149,8 @@ def _on_alive_rows(batch: pa.Table, images: list | None, verdicts: list[str], wo
                    empty: dict[str, pa.DataType]) -> dict[str, pa.Array]:
     """`work(batch, images)` on the rows no earlier stage dropped (the rest get nulls), so
     an expensive model is never run on a row that is already out."""
-    alive = np.ones(batch.num_rows, bool)
-    for column in verdicts:
-        if column in batch.column_names:  # verdicts of global parts come later
-            alive &= batch[column].is_null().to_numpy(zero_copy_only=False)
+    # verdicts of global parts come after streaming: only row-stage verdicts are here
+    alive = alive_mask(batch, verdicts).to_numpy(zero_copy_only=False)
     if alive.all():
         return work(batch, images)
     keep = np.flatnonzero(alive)
@@ -164,10 +164,9 @@ def _on_alive_rows(batch: pa.Table, images: list | None, verdicts: list[str], wo
     return {name: pa.nulls(batch.num_rows, kind) for name, kind in empty.items()}
 
 
-def _pool_size(stages: list[Stage], free_cpus: float) -> tuple[int, float, float, int]:
+def _pool_size(stages: list[Stage], free_cpus: float, cluster_gpus: float
+               ) -> tuple[int, float, float, int]:
     """(batch size, cpus, gpus, workers) of the pool running `stages`."""
-    import ray
-
     batch_size = min(s.resources.batch_size for s in stages)
     cpus = max(s.resources.cpus for s in stages)
     gpus = max(s.resources.gpus for s in stages)
@@ -175,7 +174,7 @@ def _pool_size(stages: list[Stage], free_cpus: float) -> tuple[int, float, float
     if set_pools:
         workers = min(set_pools)
     elif gpus:
-        workers = max(1, int(ray.cluster_resources().get("GPU", 0) // gpus))
+        workers = max(1, int(cluster_gpus // gpus))
     elif stages[0].own_pool:
         workers = 1  # a model on CPU: one worker, using its CPUs for threads
     else:
@@ -191,14 +190,15 @@ def stream_rows(
     import ray
 
     pools = segments(stages)
+    cluster = ray.cluster_resources()
+    have, gpus_there = cluster.get("CPU", 1), cluster.get("GPU", 0)
     sizes = [None] * len(pools)
-    free = ray.cluster_resources().get("CPU", 1)
+    free = have
     for i in range(len(pools) - 1, 0, -1):  # model pools first; decoding gets the rest
-        sizes[i] = _pool_size(pools[i], free)
+        sizes[i] = _pool_size(pools[i], free, gpus_there)
         free -= sizes[i][1] * sizes[i][3]
-    sizes[0] = _pool_size(pools[0], max(free, pools[0][0].resources.cpus))
+    sizes[0] = _pool_size(pools[0], max(free, pools[0][0].resources.cpus), gpus_there)
     wanted = sum(cpus * workers for _, cpus, _, workers in sizes)
-    have = ray.cluster_resources().get("CPU", 1)
     if wanted > have:
         # Every pool must be able to start or the stream never flows: on a machine with
         # fewer CPUs than pools, share them out (Ray's CPU counts are for scheduling).

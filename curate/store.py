@@ -162,7 +162,7 @@ class Store:
 
     def save_run(self, record: dict[str, Any]) -> None:
         row = {name: record.get(name) for name in RUN_SCHEMA.names}
-        for key in ("stages_json", "versions_json", "models_json", "notices_json"):
+        for key in (name for name in RUN_SCHEMA.names if name.endswith("_json")):
             if row[key] is not None and not isinstance(row[key], str):
                 row[key] = json.dumps(row[key])
         data = pa.Table.from_pylist([row], schema=RUN_SCHEMA)

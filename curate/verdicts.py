@@ -15,13 +15,19 @@ from curate.stage import Stage
 _NULL = pa.scalar(None, pa.string())
 
 
+def alive_mask(table: pa.Table, verdict_columns: list[str]) -> pa.Array:
+    """Rows with no verdict in any of `verdict_columns` (those the table lacks are not
+    decided yet and drop nothing)."""
+    alive = pa.array([True] * table.num_rows, pa.bool_())
+    for column in verdict_columns:
+        if column in table.column_names:
+            alive = pc.and_(alive, pc.is_null(table[column]))
+    return alive
+
+
 def alive_before(table: pa.Table, stages: list[Stage], index: int) -> pa.Array:
     """Rows that no stage before `stages[index]` dropped."""
-    alive = pa.array([True] * table.num_rows, pa.bool_())
-    for stage in stages[:index]:
-        if stage.verdict_column and stage.verdict_column in table.column_names:
-            alive = pc.and_(alive, pc.is_null(table[stage.verdict_column]))
-    return alive
+    return alive_mask(table, [s.verdict_column for s in stages[:index] if s.verdict_column])
 
 
 def final_columns(table: pa.Table, stages: list[Stage]) -> dict[str, pa.Array]:

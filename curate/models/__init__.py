@@ -109,8 +109,9 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def in_fixed_batches(fn, items, size: int, pad):
-    """`fn` over `items` in calls of exactly `size` rows (the last one padded with `pad`).
+def in_fixed_batches(fn, items, size: int, pad=None):
+    """`fn` over `items` in calls of exactly `size` rows (the last one padded with `pad`;
+    for an array, a row of zeros by default).
 
     Math libraries choose kernels by shape, so a row's result can change in its last bits
     with the number of rows beside it. With one shape per model, a row's output does not
@@ -118,6 +119,8 @@ def in_fixed_batches(fn, items, size: int, pad):
     """
     import numpy as np
 
+    if pad is None and isinstance(items, np.ndarray):
+        pad = np.zeros_like(items[:1])
     out = []
     for start in range(0, len(items), size):
         part = items[start:start + size]

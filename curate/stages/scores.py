@@ -13,7 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from curate.models import ModelError, in_fixed_batches, stand_in_notice
 from curate.registry import register
 from curate.stage import Resources, Stage, StageParams
-from curate.vectors import column_pixels, pixels_column, to_matrix
+from curate.vectors import column_pixels, prepared_pixels, to_matrix
 
 
 def threshold_verdicts(label: str, scores: np.ndarray, valid: np.ndarray,
@@ -58,15 +58,21 @@ class _HeadStage(Stage):
 
         return fetch_weights(self.params.weights, self.params.sha256)
 
+    @cached_property
+    def _checked(self):
+        """The weights as checked where the run starts (preflight, then notices): fetched
+        and hashed once there. Workers fetch their own copy in setup."""
+        return self._fetch()
+
     def head_preflight(self) -> list[tuple[str, str]]:
         try:
-            self._fetch()
+            self._checked  # noqa: B018 (fetches and checks the sha256)
         except ModelError as exc:
             return [("weights", str(exc))]
         return []
 
     def head_notices(self) -> list[str]:
-        label = stand_in_notice(str(self._fetch()))
+        label = stand_in_notice(str(self._checked))
         return [f"{self.name}: {self.params.weights} is a {label}"] if label else []
 
     def head_models(self) -> list[dict[str, str]]:
@@ -83,8 +89,7 @@ class _HeadStage(Stage):
         scores = np.zeros(len(valid), np.float32)
         if valid.any():
             rows = matrix[valid]
-            scores[valid] = in_fixed_batches(self.head, rows, self.resources.batch_size,
-                                             np.zeros_like(rows[:1]))
+            scores[valid] = in_fixed_batches(self.head, rows, self.resources.batch_size)
         return scores, valid
 
 
@@ -184,10 +189,9 @@ class NsfwScore(_HeadStage):
 
     def models(self):
         if self._pixels:
-            from curate.models.nsfw import MODEL_ID, OpenNsfw
+            from curate.models.nsfw import MODEL_ID, revision
 
-            return [{"stage": self.name, "model": MODEL_ID,
-                     "revision": OpenNsfw(load_weights=False).revision}]
+            return [{"stage": self.name, "model": MODEL_ID, "revision": revision()}]
         return self.head_models()
 
     @cached_property
@@ -197,9 +201,7 @@ class NsfwScore(_HeadStage):
         return OpenNsfw(load_weights=False)
 
     def prepare(self, batch, images):
-        valid = np.array([image is not None for image in images], bool)
-        return pixels_column(
-            self._preprocessor.prepare([image for image in images if image is not None]), valid)
+        return prepared_pixels(self._preprocessor.prepare, images)
 
     def setup(self):
         if self._pixels:
@@ -215,8 +217,7 @@ class NsfwScore(_HeadStage):
             scores = np.zeros(len(valid), np.float32)
             if len(pixels):
                 scores[valid] = in_fixed_batches(self.net.score, pixels,
-                                                 self.resources.batch_size,
-                                                 np.zeros_like(pixels[:1]))
+                                                 self.resources.batch_size)
         else:
             scores, valid = self.head_scores(batch)
         return {

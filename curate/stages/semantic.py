@@ -25,6 +25,7 @@ from curate.cluster import (
 from curate.registry import register
 from curate.stage import Stage, StageParams
 from curate.stages.dedup import check_score_column
+from curate.vectors import list_values
 
 #: upper bound of the automatic cluster count
 MAX_AUTO_CLUSTERS = 10_000
@@ -42,13 +43,9 @@ def _bools(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return pc.fill_null(values, False).to_numpy(zero_copy_only=False).astype(bool, copy=False)
 
 
-def _chunk_matrix(chunk: pa.FixedSizeListArray, dim: int) -> np.ndarray:
+def _chunk_matrix(chunk: pa.FixedSizeListArray) -> np.ndarray:
     """The (rows, dim) float32 view of one chunk (zero-copy for float32 without nulls)."""
-    values = chunk.values.slice(chunk.offset * dim, len(chunk) * dim)
-    flat = values.to_numpy(zero_copy_only=False)
-    if flat.dtype != np.float32:
-        flat = flat.astype(np.float32)
-    return flat.reshape(len(chunk), dim)
+    return list_values(chunk).astype(np.float32, copy=False)
 
 
 def load_embeddings(
@@ -68,7 +65,7 @@ def load_embeddings(
     squared = np.zeros(n, dtype=np.float32)
     start = 0
     for chunk in values.chunks:
-        matrix = _chunk_matrix(chunk, dim)
+        matrix = _chunk_matrix(chunk)
         for lo in range(0, len(matrix), ASSIGN_CHUNK):
             block = matrix[lo:lo + ASSIGN_CHUNK]
             with np.errstate(over="ignore", invalid="ignore"):
@@ -82,7 +79,7 @@ def load_embeddings(
     vectors = np.empty((len(rows), dim), dtype=np.float32)
     start = 0
     for chunk in values.chunks:
-        matrix = _chunk_matrix(chunk, dim)
+        matrix = _chunk_matrix(chunk)
         for lo in range(0, len(matrix), ASSIGN_CHUNK):
             stop = start + min(lo + ASSIGN_CHUNK, len(matrix))
             local = lo + np.flatnonzero(usable[start + lo:stop])

@@ -82,10 +82,9 @@ class _VlmStage(ModelStage):
         from curate.models.vlm import EngineSpec
 
         p = self.params
-        options = tuple(sorted(p.vllm.model_dump().items())) if p.engine == "vllm" else ()
-        options = tuple((k, tuple(v.items()) if isinstance(v, dict) else v)
-                        for k, v in options)
-        return EngineSpec(p.engine, p.model, p.revision, p.device, p.dtype, options)
+        settings = p.vllm.model_dump() if p.engine == "vllm" else {}
+        return EngineSpec(p.engine, p.model, p.revision, p.device, p.dtype,
+                          EngineSpec.freeze(settings))
 
     @property
     def prepared_column(self) -> str:
