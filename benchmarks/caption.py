@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import photo_inputs, run_curate, steady_rate  # noqa: E402
+from benchmarks.common import photo_inputs, run_curate, throughput  # noqa: E402
 
 PROMPT = "Describe this image in one detailed sentence."
 
@@ -102,8 +102,6 @@ def main() -> None:
                              args.tokens, gpus)
     run_s, peak_mb, _ = run_curate(config, workdir, "run")
     print(f"curate run: {run_s:.1f} s, {len(paths) / run_s:.2f} captions/s", flush=True)
-    steady = steady_rate(len(paths), run_s, startup_s)
-    loop_rate = len(paths) / loop_s
     print(json.dumps({
         "images": len(paths),
         "image_size": f"{width}x{height}",
@@ -112,15 +110,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "batch_size": args.batch_size,
         "new_tokens": args.tokens,
-        "pipeline_seconds": round(run_s, 2),
-        "pipeline_captions_per_s": round(len(paths) / run_s, 3),
-        "loop_seconds": round(loop_s, 2),
-        "loop_captions_per_s": round(loop_rate, 3),
-        "ratio": round(loop_s / run_s, 3),
-        "startup_seconds": round(startup_s, 2),
-        "pipeline_steady_captions_per_s": steady and round(steady, 3),
-        "steady_ratio": steady and round(steady / loop_rate, 3),
-        "peak_rss_mb": round(peak_mb, 1),
+        **throughput("captions", len(paths), run_s, loop_s, startup_s, peak_mb, digits=3),
     }))
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import photo_inputs, run_curate, steady_rate  # noqa: E402
+from benchmarks.common import photo_inputs, run_curate, throughput  # noqa: E402
 
 
 def bare_loop(paths: list[Path], model_dir: Path, batch_size: int, device: str) -> float:
@@ -94,8 +94,6 @@ def main() -> None:
     stage = next(s for s in summary["stages"] if s["type"] == "clip_embed")
     print(f"curate run: {run_s:.1f} s, {len(paths) / run_s:.1f} images/s "
           f"(clip_embed busy {stage['seconds']:.1f} s)", flush=True)
-    steady = steady_rate(len(paths), run_s, startup_s)
-    loop_rate = len(paths) / loop_s
     print(json.dumps({
         "images": len(paths),
         "image_size": f"{width}x{height}",
@@ -103,15 +101,7 @@ def main() -> None:
         "device": device,
         "cpus": os.cpu_count(),
         "batch_size": args.batch_size,
-        "pipeline_seconds": round(run_s, 2),
-        "pipeline_images_per_s": round(len(paths) / run_s, 2),
-        "loop_seconds": round(loop_s, 2),
-        "loop_images_per_s": round(loop_rate, 2),
-        "ratio": round(loop_s / run_s, 3),
-        "startup_seconds": round(startup_s, 2),
-        "pipeline_steady_images_per_s": steady and round(steady, 2),
-        "steady_ratio": steady and round(steady / loop_rate, 3),
-        "peak_rss_mb": round(peak_mb, 1),
+        **throughput("images", len(paths), run_s, loop_s, startup_s, peak_mb),
     }))
 
 

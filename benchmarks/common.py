@@ -71,6 +71,25 @@ def steady_rate(items: int, run_s: float, startup_s: float) -> float | None:
     return items / (run_s - startup_s)
 
 
+def throughput(unit: str, items: int, run_s: float, loop_s: float, startup_s: float,
+               peak_mb: float, digits: int = 2) -> dict:
+    """The figures every benchmark reports: whole run and baseline loop, their ratio, the
+    fixed start-up, the steady rate and its ratio, and peak memory."""
+    steady = steady_rate(items, run_s, startup_s)
+    loop_rate = items / loop_s
+    return {
+        "pipeline_seconds": round(run_s, 2),
+        f"pipeline_{unit}_per_s": round(items / run_s, digits),
+        "loop_seconds": round(loop_s, 2),
+        f"loop_{unit}_per_s": round(loop_rate, digits),
+        "ratio": round(loop_s / run_s, 3),
+        "startup_seconds": round(startup_s, 2),
+        f"pipeline_steady_{unit}_per_s": steady and round(steady, digits),
+        "steady_ratio": steady and round(steady / loop_rate, 3),
+        "peak_rss_mb": round(peak_mb, 1),
+    }
+
+
 def photo_inputs(workdir: Path, count: int, image_size: str, startup_count: int
                  ) -> tuple[list[Path], Path, Path, tuple[int, int]]:
     """(paths, folder, start-up folder, (width, height)): photo-like JPEGs made from real

@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import run_curate, steady_rate  # noqa: E402
+from benchmarks.common import run_curate, throughput  # noqa: E402
 
 THRESHOLDS = {"min_side": 128, "min_blur": 10.0, "min_brightness": 15.0}
 MAX_DISTANCE = 6
@@ -132,20 +132,11 @@ def main() -> None:
     run_s, peak_mb, summary = run_pipeline(media, workdir / "store", workdir)
     print(f"curate run: {run_s:.1f} s, {len(paths) / run_s:.1f} images/s, "
           f"{summary['selected']} selected", flush=True)
-    steady = steady_rate(len(paths), run_s, startup_s)
     result = {
         "images": len(paths),
         "image_size": f"{width}x{height}",
         "cpus": os.cpu_count(),
-        "pipeline_seconds": round(run_s, 2),
-        "pipeline_images_per_s": round(len(paths) / run_s, 2),
-        "loop_seconds": round(loop_s, 2),
-        "loop_images_per_s": round(len(paths) / loop_s, 2),
-        "ratio": round(loop_s / run_s, 3),
-        "startup_seconds": round(startup_s, 2),
-        "pipeline_steady_images_per_s": steady and round(steady, 2),
-        "steady_ratio": steady and round(steady / (len(paths) / loop_s), 3),
-        "peak_rss_mb": round(peak_mb, 1),
+        **throughput("images", len(paths), run_s, loop_s, startup_s, peak_mb),
         "loop_rss_growth_mb": round(loop_rss, 1),
         "selected": summary["selected"],
     }

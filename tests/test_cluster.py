@@ -325,9 +325,14 @@ def test_semantic_dedup_stage(stage_data):
     assert stage.report["duplicates"] == sum(v is not None for v in verdict)
     assert stage.report["clusters"] <= 5
     lowest = SemanticDedup(eps=eps, clusters=1, keep="lowest", score_column="score")
-    verdict = lowest.run_global(table, pa.array(alive))["semantic_duplicate_of"].to_pylist()
+    assert_keeps(lowest, table, alive, groups, ids, lambda g: min(g, key=lambda i: score[i]))
+
+
+def assert_keeps(stage, table, alive, groups, ids, keeper_of):
+    """In every planted group, `keeper_of(group)` is kept and the others point at it."""
+    verdict = stage.run_global(table, pa.array(alive))["semantic_duplicate_of"].to_pylist()
     for group in groups:
-        keeper = min(group, key=lambda i: score[i])
+        keeper = keeper_of(group)
         assert all(verdict[i] == (None if i == keeper else ids[keeper]) for i in group)
 
 
@@ -340,10 +345,8 @@ def test_semantic_dedup_keeps_closest_or_farthest_from_the_centroid(stage_data):
     eps = safe_eps(x, 0.05)
     for keep, pick in (("closest", max), ("farthest", min)):
         stage = SemanticDedup(eps=eps, clusters=1, keep=keep)
-        verdict = stage.run_global(table, pa.array(alive))["semantic_duplicate_of"].to_pylist()
-        for group in groups:
-            keeper = pick(group, key=lambda i: to_centroid[i])
-            assert all(verdict[i] == (None if i == keeper else ids[keeper]) for i in group)
+        assert_keeps(stage, table, alive, groups, ids,
+                     lambda g, pick=pick: pick(g, key=lambda i: to_centroid[i]))
 
 
 def test_semantic_dedup_ignores_row_order(stage_data):
