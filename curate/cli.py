@@ -1,4 +1,4 @@
-"""`curate`: run, validate, list stages, submit to a cluster.
+"""`curate`: run, validate, list stages, submit to a cluster, serve, report.
 
 Exit codes: 0 done; 1 the run failed; 2 the config (or a command line) is invalid;
 130 interrupted (Ctrl-C).
@@ -132,6 +132,76 @@ def submit(
         err.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
     raise typer.Exit(code)
+
+
+Opt = Optional  # typer needs Optional in annotations; one alias keeps the lines short
+
+
+@app.command()
+def serve(
+    config: Annotated[Opt[Path], typer.Option(help="serve config (YAML)")] = None,  # noqa: UP045
+    store: Annotated[Opt[str], typer.Option(help="LanceDB store URI")] = None,  # noqa: UP045
+    table: Annotated[Opt[str], typer.Option(help="samples table")] = None,  # noqa: UP045
+    host: Annotated[Opt[str], typer.Option(help="bind address")] = None,  # noqa: UP045
+    port: Annotated[Opt[int], typer.Option(help="HTTP port")] = None,  # noqa: UP045
+    token: Annotated[Opt[str], typer.Option(
+        help="require Authorization: Bearer TOKEN (default: $CURATE_TOKEN)",
+        envvar="CURATE_TOKEN")] = None,  # noqa: UP045
+    pipeline: Annotated[Opt[Path], typer.Option(
+        help="pipeline whose model stages compute features (default: the latest run's)"
+    )] = None,  # noqa: UP045
+    address: Annotated[Opt[str], typer.Option(
+        help="Ray cluster to join; default: local")] = None,  # noqa: UP045
+    set_: SetOption = None,
+) -> None:
+    """Serve the table: REST API, on-demand features and the gallery, on Ray Serve."""
+    import time
+
+    from curate.serve.config import load_serve_config
+
+    flags = {"store.uri": store, "store.table": table, "host": host, "port": port,
+             "token": token, "pipeline": str(pipeline) if pipeline else None}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(set_ or [])
+    try:
+        cfg = load_serve_config(config, overrides)
+    except ConfigError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    from curate.serve.server import start, stop
+
+    try:
+        url = start(cfg, address=address)
+    except CurateError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"Serving [bold]{cfg.store.table}[/] of {cfg.store.uri} at [bold]{url}/[/] "
+                  f"(API docs {url}/docs){' with a token' if cfg.token else ''}. Ctrl-C stops.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("stopping")
+    finally:
+        stop()
+
+
+@app.command()
+def report(
+    store: Annotated[str, typer.Option(help="LanceDB store URI")] = "./curate_data",
+    table: Annotated[str, typer.Option(help="samples table")] = "samples",
+    out: Annotated[Path, typer.Option(help="HTML file to write")] = Path("report.html"),
+    examples: Annotated[int, typer.Option(help="example images per grid")] = 8,
+) -> None:
+    """Write one self-contained HTML report of the table's latest run."""
+    from curate.config import StoreConfig
+    from curate.report import write_report
+
+    try:
+        write_report(StoreConfig(uri=store, table=table), out, examples)
+    except CurateError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"Report written to [bold]{out}[/] ({out.stat().st_size / 1e3:.0f} kB).")
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import lancedb
@@ -55,13 +55,20 @@ def now() -> datetime:
 class Store:
     """One LanceDB database: the samples table (`store.table`) and `<table>_runs`."""
 
-    def __init__(self, config: StoreConfig):
+    def __init__(self, config: StoreConfig, read_consistency_s: float | None = None):
+        """`read_consistency_s`: how stale a read may be when other processes write (None:
+        the version seen at open; readers that stay open, like a server, set it)."""
         self.config = config
         self.uri = resolve_uri(config.uri)
         self.name = config.table
         self.runs_name = f"{config.table}_runs"
         try:
-            self.db = lancedb.connect(self.uri, storage_options=config.storage_options or None)
+            self.db = lancedb.connect(
+                self.uri, storage_options=config.storage_options or None,
+                read_consistency_interval=(
+                    None if read_consistency_s is None else timedelta(seconds=read_consistency_s)
+                ),
+            )
         except Exception as exc:  # LanceDB raises many kinds; all mean the same here
             raise RunError(f"cannot open the store at {self.uri}: {exc}") from None
 

@@ -1,0 +1,287 @@
+"""The HTTP front: a FastAPI app as the Serve ingress (API, gallery, OpenAPI spec)."""
+
+# No `from __future__ import annotations` here: FastAPI reads the route signatures of the
+# ingress class at runtime, and string annotations of its methods cannot be resolved.
+
+
+import asyncio
+import hmac
+import logging
+import threading
+import time
+from importlib import resources
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+
+from curate.serve.catalog import Catalog, CatalogError
+from curate.serve.config import ServeConfig
+
+log = logging.getLogger(__name__)
+
+#: Paths open without a token: the health check and the gallery's page shell (which holds
+#: no data; it asks for the token and sends it with every API call).
+PUBLIC = ("/health", "/", "/static/")
+STATIC = {"gallery.js": "text/javascript", "gallery.css": "text/css"}
+TOKEN_COOKIE = "curate_token"
+
+api = FastAPI(
+    title="curate",
+    description="Browse, search and compute features of a curated LanceDB table.",
+    version="1",
+)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+@api.exception_handler(CatalogError)
+async def _catalog_error(request: Request, exc: CatalogError):
+    return _error(exc.status, exc.message)
+
+
+@api.exception_handler(RequestValidationError)
+async def _bad_request(request: Request, exc: RequestValidationError):
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}"
+        for e in exc.errors())
+    return _error(400, f"bad request: {problems}")
+
+
+class Gate:
+    """Token check, per-client rate limit and upload size limit, before any route."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.token = cfg.token
+        self.limits = cfg.limits
+        self.buckets: dict[str, tuple[float, float]] = {}
+        self.lock = threading.Lock()
+
+    def authorised(self, request: Request) -> bool:
+        if not self.token:
+            return True
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else \
+            request.cookies.get(TOKEN_COOKIE, "")
+        return hmac.compare_digest(given.encode(), self.token.encode())
+
+    def allow(self, client: str) -> float:
+        """0 if the request may go on, else the seconds until it may (token bucket)."""
+        rate = self.limits.requests_per_second
+        if rate is None:
+            return 0.0
+        now = time.monotonic()
+        with self.lock:
+            tokens, then = self.buckets.get(client, (float(self.limits.burst), now))
+            tokens = min(float(self.limits.burst), tokens + (now - then) * rate)
+            if tokens < 1:
+                self.buckets[client] = (tokens, now)
+                return (1 - tokens) / rate
+            self.buckets[client] = (tokens - 1, now)
+        return 0.0
+
+
+@api.middleware("http")
+async def _gate(request: Request, call_next):
+    gate: Gate | None = getattr(request.app.state, "gate", None)
+    if gate is None:
+        return await call_next(request)
+    path = request.url.path
+    public = path in PUBLIC[:2] or path.startswith(PUBLIC[2])
+    if not public and not gate.authorised(request):
+        return JSONResponse({"error": "missing or wrong token: send Authorization: Bearer "
+                             "<token>"}, status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+    wait = gate.allow(request.client.host if request.client else "?")
+    if wait and path != "/health":
+        return JSONResponse({"error": "too many requests; slow down"}, status_code=429,
+                            headers={"Retry-After": str(max(1, round(wait)))})
+    length = request.headers.get("content-length")
+    if request.method == "POST" and length and length.isdigit() \
+            and int(length) > gate.limits.max_upload_bytes + 64_000:
+        return _error(413, f"upload of {int(length):,} bytes; the limit is "
+                      f"{gate.limits.max_upload_bytes:,} (limits.max_upload_bytes)")
+    return await call_next(request)
+
+
+def _columns(columns: str | None) -> list[str] | None:
+    return [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+
+
+def _reply(result: Any) -> Any:
+    """A feature service answer: its payload, or its error as the HTTP status it names."""
+    if isinstance(result, dict) and "error" in result and "status" in result:
+        return _error(result["status"], result["error"])
+    return result
+
+
+@serve.ingress(api)
+class Api:
+    """The ingress replica: reads go straight to LanceDB; model work to the deployments."""
+
+    def __init__(self, cfg: ServeConfig, features=None):
+        self.cfg = cfg
+        self.catalog = Catalog(cfg.store, cfg.limits.max_filter_chars, cfg.search.column)
+        self.features = features
+        api.state.gate = Gate(cfg)
+        self.index_state = "not checked yet"
+        threading.Thread(target=self._keep_index, daemon=True).start()
+
+    def _keep_index(self) -> None:
+        while True:
+            try:
+                self.index_state = self.catalog.ensure_vector_index(
+                    self.cfg.search.index_min_rows)
+            except Exception as exc:  # e.g. a concurrent writer; the next round retries
+                self.index_state = f"index refresh failed: {exc}"
+                log.warning("vector index refresh failed: %s", exc)
+            time.sleep(self.cfg.search.refresh_s)
+
+    async def _upload(self, file: UploadFile) -> bytes:
+        limit = self.cfg.limits.max_upload_bytes
+        data = await file.read(limit + 1)
+        if len(data) > limit:
+            raise CatalogError(413, f"upload larger than {limit:,} bytes "
+                               "(limits.max_upload_bytes)")
+        if not data:
+            raise CatalogError(400, "the uploaded file is empty")
+        return data
+
+    def _need_features(self):
+        if self.features is None:
+            raise CatalogError(404, "no models are hosted: the table has no recorded run "
+                               "config and no --pipeline was given")
+        return self.features
+
+    # --- reads -----------------------------------------------------------------------------
+    @api.get("/health")
+    def health(self) -> dict:
+        return {"status": "ok", "table": self.catalog.store.name,
+                "version": self.catalog.store.version(), "vector_index": self.index_state}
+
+    @api.get("/samples")
+    def samples(
+        self,
+        where: Annotated[str | None, Query(description="Lance SQL predicate")] = None,
+        selected: bool | None = None,
+        order_by: Annotated[str | None, Query(description="column [asc|desc]")] = None,
+        limit: Annotated[int, Query(ge=1)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        columns: Annotated[str | None, Query(description="comma-separated")] = None,
+        vectors: bool = False,
+    ) -> dict:
+        if limit > self.cfg.limits.max_page:
+            raise CatalogError(400, f"limit {limit} > {self.cfg.limits.max_page} "
+                               "(limits.max_page); page with offset")
+        return self.catalog.samples(where, selected, order_by, limit, offset,
+                                    _columns(columns), vectors)
+
+    @api.get("/samples/{sample_id}")
+    def sample(self, sample_id: str, columns: str | None = None, vectors: bool = False) -> dict:
+        return self.catalog.sample(sample_id, _columns(columns), vectors)
+
+    @api.get("/samples/{sample_id}/media")
+    def media(self, sample_id: str) -> Response:
+        data, mime = self.catalog.media(sample_id)
+        return Response(data, media_type=mime, headers={"Cache-Control": "max-age=3600"})
+
+    @api.get("/samples/{sample_id}/thumbnail")
+    def thumbnail(self, sample_id: str,
+                  size: Annotated[int, Query(ge=16, le=1024)] = 256) -> Response:
+        return Response(self.catalog.thumbnail(sample_id, size), media_type="image/jpeg",
+                        headers={"Cache-Control": "max-age=3600"})
+
+    @api.get("/samples/{sample_id}/similar")
+    def similar(self, sample_id: str, k: Annotated[int, Query(ge=1, le=200)] = 12,
+                selected: bool | None = None) -> dict:
+        vector = self.catalog.vector_of(sample_id)
+        return {"sample_id": sample_id,
+                "rows": self.catalog.search(vector, k, selected=selected, exclude=sample_id)}
+
+    @api.get("/duplicates/{sample_id}")
+    def duplicates(self, sample_id: str) -> dict:
+        return self.catalog.duplicates(sample_id)
+
+    @api.get("/stats")
+    def stats(self, bins: Annotated[int, Query(ge=2, le=200)] = 20) -> dict:
+        return self.catalog.stats(bins)
+
+    # --- search ----------------------------------------------------------------------------
+    @api.get("/search")
+    async def search(self, text: Annotated[str, Query(min_length=1, max_length=1000)],
+                     k: Annotated[int, Query(ge=1, le=200)] = 20, where: str | None = None,
+                     selected: bool | None = None):
+        vector = await self._need_features().embed_text.remote(text)
+        if isinstance(vector, dict):
+            return _reply(vector)
+        rows = await asyncio.to_thread(self.catalog.search, np.asarray(vector, np.float32),
+                                       k, where, selected)
+        return {"text": text, "rows": rows}
+
+    @api.post("/search/image")
+    async def search_image(self, file: Annotated[UploadFile, File()],
+                           k: Annotated[int, Query(ge=1, le=200)] = 20,
+                           where: str | None = None, selected: bool | None = None):
+        request = {"upload": await self._upload(file), "upload_search": True}
+        result = await self._need_features().compute.remote(request)
+        if result.get("status") != 200:
+            return _reply(result)
+        vector = np.asarray(next(iter(result["features"].values())), np.float32)
+        rows = await asyncio.to_thread(self.catalog.search, vector, k, where, selected)
+        return {"rows": rows}
+
+    # --- features --------------------------------------------------------------------------
+    @api.get("/features")
+    async def offered(self) -> dict:
+        return {"features": await self._need_features().describe.remote()}
+
+    @api.post("/features")
+    async def compute(
+        self,
+        file: Annotated[UploadFile | None, File(description="the image")] = None,
+        uri: Annotated[str | None, Form()] = None,
+        sample_id: Annotated[str | None, Form()] = None,
+        text: Annotated[str | None, Form(description="caption for text features")] = None,
+        features: Annotated[str | None, Form(description="comma-separated")] = None,
+        mode: Annotated[str, Query(pattern="^(sync|async)$")] = "sync",
+    ):
+        service = self._need_features()
+        if sum(x is not None for x in (file, uri, sample_id)) != 1:
+            raise CatalogError(400, "give exactly one of: file (an upload), uri, sample_id")
+        request = {"upload": await self._upload(file) if file is not None else None,
+                   "uri": uri, "sample_id": sample_id, "text": text,
+                   "features": _columns(features)}
+        if mode == "async":
+            result = await service.submit.remote(request)
+            return JSONResponse(result, status_code=202) if result["status"] == 202 \
+                else _reply(result)
+        result = await service.compute.remote(request)
+        return _reply(result)
+
+    @api.get("/features/{request_id}")
+    async def feature_job(self, request_id: str):
+        job = await self._need_features().job.remote(request_id)
+        if job is None:
+            raise CatalogError(404, f"no feature request {request_id!r} (finished requests "
+                               "are kept while the service runs)")
+        return job
+
+    # --- gallery ---------------------------------------------------------------------------
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index(self) -> HTMLResponse:
+        return HTMLResponse(_static("index.html"))
+
+    @api.get("/static/{name}", include_in_schema=False)
+    def static(self, name: str) -> Response:
+        if name not in STATIC:
+            raise CatalogError(404, f"no static file {name!r}")
+        return Response(_static(name), media_type=STATIC[name])
+
+
+def _static(name: str) -> str:
+    return resources.files("curate.serve").joinpath("static", name).read_text()

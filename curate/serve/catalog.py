@@ -1,0 +1,446 @@
+"""Read side of the hosting layer: queries, rows, media, duplicates, stats and vector search
+over the samples table. No Ray and no HTTP here; errors are `CatalogError`s carrying the
+HTTP status they map to."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import re
+import threading
+from collections import Counter, OrderedDict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate.config import StoreConfig
+from curate.errors import CurateError
+from curate.media import HttpOptions, MediaError, content_hash, decode_image, error_code, list_tar
+from curate.media import read_http, read_local, read_tar_member
+from curate.store import Store
+
+log = logging.getLogger(__name__)
+
+#: sample_ids are hex digests (see ingest.sample_id_for); nothing else reaches a filter.
+SAMPLE_ID = re.compile(r"^[0-9a-f]{8,64}$")
+#: Words of Lance's SQL predicate grammar that are not column names.
+SQL_WORDS = frozenset(
+    "and or not in is null true false like ilike between escape similar to as cast "
+    "is_null is_not_null date timestamp interval distinct".split()
+)
+_TOKENS = re.compile(
+    r"""(?P<string>'(?:[^']|'')*')|(?P<quoted>`[^`]*`|"[^"]*")|"""
+    r"""(?P<number>\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)|"""
+    r"""(?P<name>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)|(?P<other>\S)"""
+)
+MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
+        "BMP": "image/bmp", "TIFF": "image/tiff", "MPO": "image/jpeg", "AVIF": "image/avif"}
+#: Float columns shown as histograms in /stats (besides any *_score column).
+QUALITY_METRICS = ("blur", "brightness", "contrast", "saturation", "aspect_ratio")
+DUPLICATE_COLUMNS = ("duplicate_of", "exact_duplicate_of", "phash_duplicate_of",
+                     "semantic_duplicate_of")
+
+
+class CatalogError(CurateError):
+    """A request the catalog cannot answer; `status` is the HTTP status to reply with."""
+
+    def __init__(self, status: int, message: str):
+        self.status = status
+        self.message = message
+        super().__init__(message)
+
+
+def is_vector(kind: pa.DataType) -> bool:
+    return pa.types.is_fixed_size_list(kind)
+
+
+def _lance_message(exc: Exception) -> str:
+    """Lance's error text without its Rust source locations."""
+    text = str(exc).replace("Invalid user input: ", "")
+    text = re.sub(r",\s*/\S+\.rs:\d+:\d+", "", text)
+    return text.strip()[:500]
+
+
+class Catalog:
+    """The samples table as the API sees it. Thread-safe for reads."""
+
+    def __init__(self, store: StoreConfig, max_filter_chars: int = 1000,
+                 search_column: str = "clip_embedding"):
+        self.store = Store(store, read_consistency_s=1.0)
+        self.max_filter_chars = max_filter_chars
+        self.search_column = search_column
+        self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()
+        self._tars: dict[tuple, dict[str, tuple[int, int]]] = {}
+        self._lock = threading.Lock()
+        if self.store.table() is None:
+            raise CatalogError(404, f"no table {store.table!r} at {self.store.uri}; run "
+                               "`curate run` first or pass the right --store/--table")
+
+    # --- schema and filters ----------------------------------------------------------------
+    def table(self):
+        return self.store.table()
+
+    def schema(self) -> pa.Schema:
+        return self.table().schema
+
+    def scalar_columns(self) -> list[str]:
+        return [f.name for f in self.schema() if not is_vector(f.type)]
+
+    def check_filter(self, where: str) -> str:
+        """`where` if it only names columns of the table, else CatalogError(400)."""
+        if len(where) > self.max_filter_chars:
+            raise CatalogError(400, f"where is {len(where)} characters; the limit is "
+                               f"{self.max_filter_chars}")
+        names = set(self.schema().names)
+        tokens = list(_TOKENS.finditer(where))
+        for i, token in enumerate(tokens):
+            kind, text = token.lastgroup, token.group()
+            if kind == "other" and text == ";":
+                raise CatalogError(400, "where is one predicate; ';' is not allowed")
+            if kind == "other" and text in "'\"`":
+                raise CatalogError(400, f"where has an unterminated quote at {token.start()}")
+            if kind not in ("name", "quoted"):
+                continue
+            column = text[1:-1] if kind == "quoted" else text.split(".")[0]
+            following = tokens[i + 1].group() if i + 1 < len(tokens) else ""
+            if kind == "name" and (text.lower() in SQL_WORDS or following == "("):
+                continue  # a keyword or a function name
+            if column not in names:
+                raise CatalogError(
+                    400, f"where names unknown column {column!r}; columns: "
+                    + ", ".join(sorted(names)))
+        return where
+
+    def _filter(self, where: str | None, selected: bool | None) -> str | None:
+        parts = []
+        if where and where.strip():
+            parts.append(f"({self.check_filter(where)})")
+        if selected is not None:
+            parts.append(f"selected = {str(selected).lower()}")
+        return " AND ".join(parts) or None
+
+    def _columns(self, columns: list[str] | None, vectors: bool) -> list[str]:
+        schema = self.schema()
+        if columns:
+            unknown = [c for c in columns if c not in schema.names]
+            if unknown:
+                raise CatalogError(400, f"unknown columns {', '.join(unknown)}; columns: "
+                                   + ", ".join(schema.names))
+            return list(dict.fromkeys(["sample_id", *columns]))
+        return [f.name for f in schema if vectors or not is_vector(f.type)]
+
+    def _scan(self, **kwargs) -> pa.Table:
+        try:
+            return self.table().to_lance().to_table(**kwargs)
+        except (ValueError, OSError) as exc:  # Lance's own verdict on a filter
+            if kwargs.get("filter"):
+                raise CatalogError(400, f"bad where filter: {_lance_message(exc)}") from None
+            raise
+
+    # --- rows --------------------------------------------------------------------------------
+    def samples(self, where: str | None = None, selected: bool | None = None,
+                order_by: str | None = None, limit: int = 50, offset: int = 0,
+                columns: list[str] | None = None, vectors: bool = False) -> dict[str, Any]:
+        filt = self._filter(where, selected)
+        cols = self._columns(columns, vectors)
+        total = self._count(filt)
+        if order_by:
+            column, descending = self._order(order_by)
+            keys = self._scan(columns=["sample_id", column], filter=filt)
+            keys = keys.sort_by([(column, "descending" if descending else "ascending"),
+                                 ("sample_id", "ascending")])
+            ids = keys["sample_id"].slice(offset, limit).to_pylist()
+            rows = self._by_ids(ids, cols)
+        else:
+            rows = self._scan(columns=cols, filter=filt, offset=offset, limit=limit).to_pylist()
+        return {"total": total, "offset": offset, "limit": limit,
+                "rows": [clean_row(r) for r in rows]}
+
+    def _count(self, filt: str | None) -> int:
+        try:
+            return self.table().to_lance().count_rows(filter=filt)
+        except (ValueError, OSError) as exc:
+            raise CatalogError(400, f"bad where filter: {_lance_message(exc)}") from None
+
+    def _order(self, order_by: str) -> tuple[str, bool]:
+        text = order_by.strip()
+        descending = text.startswith("-")
+        parts = text.lstrip("-").split()
+        if len(parts) == 2 and parts[1].lower() in ("asc", "desc"):
+            descending = parts[1].lower() == "desc"
+            parts = parts[:1]
+        if len(parts) != 1 or parts[0] not in self.scalar_columns():
+            raise CatalogError(400, f"order_by {order_by!r} must be a column, optionally "
+                               "followed by asc or desc (or prefixed by -); columns: "
+                               + ", ".join(self.scalar_columns()))
+        return parts[0], descending
+
+    def _by_ids(self, ids: list[str], cols: list[str]) -> list[dict]:
+        if not ids:
+            return []
+        quoted = ", ".join(f"'{i}'" for i in ids if SAMPLE_ID.match(i))
+        found = {r["sample_id"]: r for r in
+                 self._scan(columns=cols, filter=f"sample_id IN ({quoted})").to_pylist()}
+        return [found[i] for i in ids if i in found]
+
+    def sample(self, sample_id: str, columns: list[str] | None = None,
+               vectors: bool = False) -> dict[str, Any]:
+        rows = self._by_ids([self._checked_id(sample_id)], self._columns(columns, vectors))
+        if not rows:
+            raise CatalogError(404, f"no sample {sample_id!r} in {self.store.name}")
+        return clean_row(rows[0])
+
+    @staticmethod
+    def _checked_id(sample_id: str) -> str:
+        if not SAMPLE_ID.match(sample_id):
+            raise CatalogError(404, f"no sample {sample_id!r}: sample ids are lowercase hex")
+        return sample_id
+
+    def known_uri(self, uri: str) -> str | None:
+        """The sample_id of the row whose uri is `uri`, if any."""
+        escaped = uri.replace("'", "''")
+        rows = self._scan(columns=["sample_id"], filter=f"uri = '{escaped}'", limit=1)
+        return rows["sample_id"][0].as_py() if rows.num_rows else None
+
+    # --- media -------------------------------------------------------------------------------
+    def media(self, sample_id: str) -> tuple[bytes, str]:
+        """The bytes a row references and their MIME type. Only bytes whose sha256 is the
+        row's content_hash are served: a path changed since ingest (a file replaced, a
+        symlink pointed elsewhere) is refused, so no request reads any other file."""
+        row = self.sample(sample_id, ["uri", "content_hash", "num_bytes", "format", "error"])
+        if not row.get("content_hash"):
+            reason = row.get("error") or "its media was never read"
+            raise CatalogError(404, f"sample {sample_id} has no media: {reason}")
+        uri, size = row["uri"], int(row["num_bytes"])
+        try:
+            data = self._read(uri, size)
+        except MediaError as exc:
+            raise CatalogError(410, f"media of {sample_id} cannot be read: {exc}") from None
+        if content_hash(data) != row["content_hash"]:
+            raise CatalogError(410, f"{uri} changed since it was ingested (content hash "
+                               "differs); run `curate run` again to refresh the row")
+        return data, MIME.get(row.get("format") or "", "application/octet-stream")
+
+    def _read(self, uri: str, size: int) -> bytes:
+        if uri.startswith(("http://", "https://")):
+            return read_http(uri, size, HttpOptions(timeout_s=10, retries=1))
+        path, sep, member = uri.partition("#")
+        if sep and path.lower().endswith(".tar"):
+            offset, length = self._tar_member(path, member)
+            return read_tar_member(path, member, offset, length, size)
+        return read_local(uri, size)
+
+    def _tar_member(self, path: str, member: str) -> tuple[int, int]:
+        try:
+            stat = os.stat(path)
+        except OSError as exc:
+            raise MediaError("missing", f"{path}: {exc.strerror or exc}") from None
+        key = (path, stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            members = self._tars.get(key)
+        if members is None:
+            try:
+                members = {m.name: (m.offset_data, m.size) for m in list_tar(path)}
+            except Exception as exc:  # tarfile raises many kinds for a damaged shard
+                raise MediaError("unreadable", f"{path}: {exc}") from None
+            with self._lock:
+                self._tars[key] = members
+        if member not in members:
+            raise MediaError("missing", f"{path} has no member {member}")
+        return members[member]
+
+    def thumbnail(self, sample_id: str, size: int = 256) -> bytes:
+        """A JPEG whose longest side is at most `size` (cached)."""
+        data, _ = self.media(sample_id)
+        key = (sample_id, content_hash(data), size)
+        with self._lock:
+            if key in self._thumbs:
+                self._thumbs.move_to_end(key)
+                return self._thumbs[key]
+        try:
+            image = decode_image(data, max_pixels=256_000_000, max_side=size).image
+        except MediaError as exc:
+            raise CatalogError(410, f"media of {sample_id} cannot be decoded: {exc}") from None
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=85)
+        thumb = out.getvalue()
+        with self._lock:
+            self._thumbs[key] = thumb
+            while len(self._thumbs) > 2048:
+                self._thumbs.popitem(last=False)
+        return thumb
+
+    # --- duplicates --------------------------------------------------------------------------
+    def duplicates(self, sample_id: str) -> dict[str, Any]:
+        """The group a sample belongs to: the kept copy and every row pointing at it."""
+        row = self.sample(sample_id, [c for c in DUPLICATE_COLUMNS if c in self.schema().names])
+        root = row.get("duplicate_of") or sample_id
+        for _ in range(8):  # a kept copy that was itself dropped as a copy of another
+            parent = self.sample(root, ["duplicate_of"]).get("duplicate_of")
+            if not parent or parent == root:
+                break
+            root = parent
+        present = [c for c in DUPLICATE_COLUMNS if c in self.schema().names]
+        pointing = " OR ".join(f"{c} = '{root}'" for c in present) or "false"
+        cols = ["sample_id", "uri", "selected", "reject_reason", "width", "height", *present]
+        members = self._scan(columns=[c for c in cols if c in self.schema().names],
+                             filter=f"sample_id = '{root}' OR {pointing}").to_pylist()
+        members.sort(key=lambda r: (r["sample_id"] != root, r["sample_id"]))
+        for member in members:
+            member["via"] = next((c.removesuffix("_duplicate_of") for c in present[1:]
+                                  if member.get(c) == root), None)
+        return {"sample_id": sample_id, "kept": root, "members": [clean_row(m) for m in members]}
+
+    # --- search ------------------------------------------------------------------------------
+    def vector_of(self, sample_id: str) -> np.ndarray:
+        column = self._search_column()
+        row = self.sample(sample_id, [column], vectors=True)
+        if row.get(column) is None:
+            raise CatalogError(404, f"sample {sample_id} has no {column} (its image failed "
+                               "or it was not embedded)")
+        return np.asarray(row[column], np.float32)
+
+    def _search_column(self) -> str:
+        column = self.search_column
+        if column not in self.schema().names:
+            raise CatalogError(404, f"table {self.store.name} has no {column} column: add a "
+                               "clip_embed stage to the pipeline to search it")
+        return column
+
+    def search(self, vector: np.ndarray, k: int = 20, where: str | None = None,
+               selected: bool | None = None, exclude: str | None = None) -> list[dict]:
+        """The k rows nearest `vector` by cosine distance (`_distance`), best first."""
+        column = self._search_column()
+        filt = self._filter(where, selected)
+        cols = [c for c in self.scalar_columns()]
+        query = (self.table().search(vector.tolist(), vector_column_name=column)
+                 .distance_type("cosine").limit(k + (1 if exclude else 0)).select(cols))
+        if filt:
+            query = query.where(filt, prefilter=True)
+        try:
+            rows = query.to_arrow().to_pylist()
+        except (ValueError, OSError, RuntimeError) as exc:
+            raise CatalogError(400, f"search failed: {_lance_message(exc)}") from None
+        rows = [r for r in rows if r["sample_id"] != exclude][:k]
+        return [clean_row(r) for r in rows]
+
+    def ensure_vector_index(self, min_rows: int) -> str:
+        """Build the ANN index once enough rows have vectors; bring it up to date with rows
+        added since. Returns what was done (for logs). Search is exact on rows that are not
+        indexed yet, so results never miss new rows; the index only makes them faster."""
+        from lancedb.index import HnswSq
+
+        column = self.search_column
+        table = self.table()
+        if column not in table.schema.names:
+            return "no vector column"
+        index = next((ix for ix in table.list_indices() if column in (ix.columns or [])), None)
+        if index is None:
+            with_vectors = table.count_rows(f"{column} IS NOT NULL")
+            if with_vectors < min_rows:
+                return f"exact search ({with_vectors} vectors < index_min_rows {min_rows})"
+            partitions = max(1, int(math.sqrt(with_vectors) / 4))
+            table.create_index(column, config=HnswSq(distance_type="cosine",
+                                                     num_partitions=partitions))
+            return f"index built over {with_vectors} vectors"
+        stats = table.index_stats(index.name)
+        if stats is not None and stats.num_unindexed_rows:
+            table.optimize()  # indexes the new rows incrementally
+            return f"index updated with {stats.num_unindexed_rows} new rows"
+        return "index up to date"
+
+    # --- stats -------------------------------------------------------------------------------
+    def stats(self, bins: int = 20) -> dict[str, Any]:
+        """Counts by stage and reason, the last run's funnel, histograms, cluster sizes."""
+        schema = self.schema()
+        floats = [f.name for f in schema if pa.types.is_floating(f.type)
+                  and (f.name.endswith("_score") or f.name in QUALITY_METRICS)]
+        clusters = [c for c in ("cluster_id", "diversity_cluster") if c in schema.names]
+        wanted = ["selected", "reject_reason", *floats, *clusters]
+        data = self._scan(columns=[c for c in wanted if c in schema.names])
+        n = data.num_rows
+        kept = pc.sum(pc.cast(pc.fill_null(data["selected"], False), pa.int64())).as_py() or 0
+        by_stage: Counter[str] = Counter()
+        by_reason: Counter[tuple[str, str]] = Counter()
+        for reason in data["reject_reason"].to_pylist() if "reject_reason" in data.column_names \
+                else []:
+            if reason:
+                stage, _, rest = reason.partition(": ")
+                code = error_code(rest) or rest
+                code = "duplicate" if "duplicate of" in rest else code
+                by_stage[stage] += 1
+                by_reason[(stage, code)] += 1
+        selected = pc.fill_null(data["selected"], False).to_numpy(zero_copy_only=False)
+        histograms = {name: _histogram(data[name], selected, bins) for name in floats}
+        cluster_sizes = {}
+        for name in clusters:
+            values = data[name].to_numpy(zero_copy_only=False)
+            ok = ~np.isnan(values.astype(float))
+            ids, counts = np.unique(values[ok].astype(int), return_counts=True)
+            kept_ids, kept_counts = np.unique(values[ok & selected].astype(int),
+                                              return_counts=True)
+            kept_of = dict(zip(kept_ids.tolist(), kept_counts.tolist()))
+            cluster_sizes[name] = [{"cluster": int(c), "rows": int(k),
+                                    "selected": int(kept_of.get(int(c), 0))}
+                                   for c, k in zip(ids, counts)]
+        last = self.last_run()
+        return {
+            "table": self.store.name, "store": self.store.uri, "version": self.store.version(),
+            "rows": n, "selected": kept, "rejected": n - kept,
+            "rejected_by_stage": dict(by_stage.most_common()),
+            "rejected_by_reason": [{"stage": s, "reason": r, "rows": c}
+                                   for (s, r), c in by_reason.most_common()],
+            "funnel": last.get("stages", []) if last else [],
+            "last_run": {k: v for k, v in last.items() if k != "stages"} if last else None,
+            "histograms": histograms, "clusters": cluster_sizes,
+        }
+
+    def last_run(self) -> dict[str, Any] | None:
+        runs = [r for r in self.store.runs() if r["status"] == "finished"]
+        if not runs:
+            return None
+        run = runs[-1]
+        return {
+            "run_id": run["run_id"], "pipeline": run["pipeline"],
+            "finished_at": run["finished_at"].isoformat() if run["finished_at"] else None,
+            "seconds": run["seconds"], "rows_total": run["rows_total"],
+            "rows_processed": run["rows_processed"], "config_yaml": run["config_yaml"],
+            "stages": json.loads(run["stages_json"] or "[]"),
+            "models": json.loads(run["models_json"] or "[]"),
+            "notices": json.loads(run["notices_json"] or "[]"),
+        }
+
+
+def _histogram(values: pa.ChunkedArray, selected: np.ndarray, bins: int) -> dict[str, Any]:
+    array = values.to_numpy(zero_copy_only=False).astype(np.float64)
+    ok = np.isfinite(array)
+    if not ok.any():
+        return {"edges": [], "selected": [], "rejected": [], "count": 0}
+    low, high = float(array[ok].min()), float(array[ok].max())
+    if high <= low:
+        high = low + 1e-6
+    edges = np.linspace(low, high, bins + 1)
+    kept, _ = np.histogram(array[ok & selected], edges)
+    dropped, _ = np.histogram(array[ok & ~selected], edges)
+    return {"edges": [round(float(e), 6) for e in edges], "selected": kept.tolist(),
+            "rejected": dropped.tolist(), "count": int(ok.sum()),
+            "mean": round(float(array[ok].mean()), 6)}
+
+
+def clean_row(row: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe values: NaN/inf become null, 64-bit hashes become hex strings."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+        elif key == "phash" and isinstance(value, int):
+            value = f"{value:016x}"
+        elif isinstance(value, list) and value and isinstance(value[0], float):
+            value = [round(v, 7) for v in value]
+        out[key] = value
+    return out

@@ -1,0 +1,240 @@
+"""The Serve deployments behind the API: one per model segment of the pipeline, and the
+feature service (the queue in front of them, which also caches results in the table)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any
+
+import pyarrow as pa
+from ray import serve
+
+from curate.runner import SegmentWorker
+from curate.serve.config import ServeConfig
+from curate.serve.features import (
+    Decoder,
+    FeaturePlan,
+    listing,
+    pipeline_config,
+    run_segment,
+    sized,
+    text_embedder,
+    upload_id,
+)
+from curate.stages.ingest import sample_id_for
+from curate.store import NULL_VECTORS, Store
+
+log = logging.getLogger(__name__)
+
+
+class FeatureError(Exception):
+    def __init__(self, status: int, message: str):
+        self.status = status
+        self.message = message
+        super().__init__(message)
+
+
+class ModelSegment:
+    """Model stages (and the cheap stages after them) of one pool of the pipeline, with
+    requests batched into model calls."""
+
+    def __init__(self, stages, search_column: str, max_batch_size: int,
+                 batch_wait_timeout_s: float, threads: int | None):
+        self.worker = SegmentWorker(sized(stages, max_batch_size), [], last=False,
+                                    row_stages_hash="", threads=threads)
+        self.search_column = search_column
+        self.run.set_max_batch_size(max_batch_size)
+        self.run.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch
+    async def run(self, tables: list[pa.Table]) -> list[pa.Table]:
+        return await asyncio.to_thread(run_segment, self.worker, tables)
+
+    async def embed_texts(self, texts: list[str]) -> list[list[float]]:
+        embedder = text_embedder(self.worker.stages, self.search_column)
+        vectors = await asyncio.to_thread(embedder.embed_texts, texts)
+        return vectors.tolist()
+
+
+class FeatureService:
+    """Computes features for one image (a row of the table, a URL or an upload), caches
+    them back into the table by sample_id, and queues asynchronous requests. One replica:
+    it holds the job list; the model work scales in the segment deployments."""
+
+    def __init__(self, cfg: ServeConfig, config_yaml: str | None, segments: list):
+        config = pipeline_config(cfg.pipeline, config_yaml)
+        self.cfg = cfg
+        self.plan = FeaturePlan.from_config(config, cfg.features, also=[cfg.search.column])
+        self.offered = list(cfg.features if cfg.features is not None else self.plan.columns)
+        self.decoder = Decoder(self.plan)
+        self.segments = segments
+        self.store = Store(cfg.store, read_consistency_s=1.0)
+        self.side_name = f"{cfg.store.table}_features"
+        self.jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.write_lock = asyncio.Lock()
+
+    def describe(self) -> dict[str, Any]:
+        return {name: str(self.plan.types.get(name)) for name in self.offered}
+
+    # --- text search ---------------------------------------------------------------------
+    async def embed_text(self, text: str) -> list[float] | dict:
+        index = self.plan.columns.get(self.cfg.search.column)
+        if index is None or index < 0:
+            return {"status": 404, "error": f"the pipeline computes no {self.cfg.search.column}"
+                    "; text search needs its clip_embed stage"}
+        vectors = await self.segments[index].embed_texts.remote([text])
+        return vectors[0]
+
+    # --- one request ---------------------------------------------------------------------
+    async def compute(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self._compute(request)
+        except FeatureError as exc:
+            return {"status": exc.status, "error": exc.message}
+
+    async def _compute(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("upload_search"):
+            wanted = [self.cfg.search.column]
+            if wanted[0] not in self.plan.columns:
+                raise FeatureError(404, f"the pipeline computes no {wanted[0]}; image search "
+                                   "needs its clip_embed stage")
+        else:
+            wanted = request.get("features") or self.offered
+            unknown = [f for f in wanted if f not in self.offered]
+            if unknown:
+                raise FeatureError(400, f"unknown features {', '.join(unknown)}; offered: "
+                                   + ", ".join(self.offered))
+        sample_id, uri, text, known, stored = await asyncio.to_thread(self._identify, request,
+                                                                      wanted)
+        cached = {k: v for k, v in stored.items() if k in wanted and v is not None}
+        missing = [f for f in wanted if f not in cached]
+        computed: dict[str, Any] = {}
+        if missing:
+            computed = await self._run(sample_id, uri, text, missing, request.get("upload"))
+            await self._cache(sample_id, uri, known, computed)
+        features = {f: cached.get(f, computed.get(f)) for f in wanted}
+        return {"status": 200, "sample_id": sample_id, "uri": uri, "in_table": known,
+                "features": features, "computed": missing, "cached": list(cached)}
+
+    def _identify(self, request: dict[str, Any], wanted: list[str]):
+        """(sample_id, uri, text, is a row of the table, stored feature values)."""
+        text = request.get("text")
+        upload = request.get("upload")
+        if upload is not None:
+            sample_id, uri = upload_id(hashlib.sha256(upload).hexdigest())
+            return sample_id, uri, text, False, self._side_values(sample_id, wanted)
+        sample_id = request.get("sample_id")
+        uri = request.get("uri")
+        table = self.store.table()
+        if sample_id is None and uri:
+            escaped = uri.replace("'", "''")
+            found = table.to_lance().to_table(columns=["sample_id"],
+                                              filter=f"uri = '{escaped}'", limit=1)
+            if found.num_rows:
+                sample_id = found["sample_id"][0].as_py()
+            elif uri.startswith(("http://", "https://")):
+                sample_id = sample_id_for(uri)
+                return sample_id, uri, text, False, self._side_values(sample_id, wanted)
+            else:
+                raise FeatureError(400, f"uri {uri!r} is not a row of the table; give an "
+                                   "http(s) URL, a sample_id, or upload the image")
+        if sample_id is None:
+            raise FeatureError(400, "give an image upload (file), a uri, or a sample_id")
+        present = [c for c in wanted if c in table.schema.names]
+        rows = table.to_lance().to_table(
+            columns=["sample_id", "uri", "alt_text", *present],
+            filter=f"sample_id = '{sample_id}'" if sample_id.isalnum() else "false")
+        if not rows.num_rows:
+            raise FeatureError(404, f"no sample {sample_id!r} in {self.store.name}")
+        row = rows.to_pylist()[0]
+        return (sample_id, row["uri"], text if text is not None else row["alt_text"], True,
+                {c: row[c] for c in present})
+
+    def _side_values(self, sample_id: str, wanted: list[str]) -> dict[str, Any]:
+        side = self.store._open(self.side_name)
+        if side is None:
+            return {}
+        present = [c for c in wanted if c in side.schema.names]
+        rows = side.to_lance().to_table(columns=present, filter=f"sample_id = '{sample_id}'")
+        return rows.to_pylist()[0] if rows.num_rows else {}
+
+    async def _run(self, sample_id: str, uri: str, text: str | None, missing: list[str],
+                   upload: bytes | None) -> dict[str, Any]:
+        offset = size = -1
+        path, sep, member = uri.partition("#")
+        if sep and path.lower().endswith(".tar") and upload is None:
+            from curate.media import list_tar
+
+            members = {m.name: m for m in await asyncio.to_thread(list_tar, path)}
+            if member in members:
+                offset, size = members[member].offset_data, members[member].size
+        rows = listing(sample_id, uri, text, offset, size)
+        batch = await asyncio.to_thread(self.decoder, rows, upload)
+        error = batch["error"][0].as_py()
+        if error:
+            raise FeatureError(422, f"cannot compute features of {uri}: {error}")
+        for index in range(self.plan.needs(missing)):
+            batch = await self.segments[index].run.remote(batch)
+        return {f: batch[f][0].as_py() for f in missing}
+
+    async def _cache(self, sample_id: str, uri: str, known: bool,
+                     values: dict[str, Any]) -> None:
+        """Write computed values back: into the row (only where the row has none), or for
+        images outside the table into `<table>_features`."""
+        values = {k: v for k, v in values.items() if v is not None}
+        if not values:
+            return
+        schema = pa.schema([("sample_id", pa.string())]
+                           + [(k, self.plan.types[k]) for k in values])
+        row = pa.Table.from_pylist([{"sample_id": sample_id, **values}], schema=schema)
+        async with self.write_lock:
+            await asyncio.to_thread(self._write, row, uri, known)
+
+    def _write(self, row: pa.Table, uri: str, known: bool) -> None:
+        if known:
+            self.store.ensure_table(row.schema)
+            self.store.merge_columns(row)
+            return
+        row = row.append_column("uri", pa.array([uri], pa.string()))
+        side = self.store._open(self.side_name)
+        if side is None:
+            self.store.db.create_table(self.side_name, row, on_bad_vectors=NULL_VECTORS)
+            return
+        missing = [f for f in row.schema if f.name not in side.schema.names]
+        if missing:
+            side.add_columns(pa.schema(missing))
+        (side.merge_insert("sample_id").when_matched_update_all()
+         .when_not_matched_insert_all().execute(row, on_bad_vectors=NULL_VECTORS))
+
+    # --- asynchronous requests -----------------------------------------------------------
+    async def submit(self, request: dict[str, Any]) -> dict[str, Any]:
+        pending = sum(1 for j in self.jobs.values() if j["status"] == "pending")
+        if pending >= self.cfg.limits.max_jobs:
+            return {"status": 429, "error": f"{pending} feature requests are queued "
+                    f"(limits.max_jobs); retry later"}
+        job_id = uuid.uuid4().hex
+        self.jobs[job_id] = {"status": "pending", "request_id": job_id,
+                             "submitted_at": time.time()}
+        while len(self.jobs) > 10 * self.cfg.limits.max_jobs:
+            self.jobs.popitem(last=False)
+        asyncio.get_running_loop().create_task(self._job(job_id, request))
+        return {"status": 202, "request_id": job_id, "state": "pending"}
+
+    async def _job(self, job_id: str, request: dict[str, Any]) -> None:
+        try:
+            result = await self.compute(request)
+        except Exception as exc:  # a crashed model replica: the job says so
+            log.exception("feature request %s failed", job_id)
+            result = {"status": 500, "error": f"feature computation failed: {exc}"}
+        job = self.jobs.get(job_id)
+        if job is not None:
+            job.update(status="done" if result["status"] == 200 else "failed",
+                       result=result, finished_at=time.time())
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        return self.jobs.get(job_id)

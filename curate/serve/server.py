@@ -1,0 +1,90 @@
+"""Assemble the Serve application from a ServeConfig and start it (`curate serve`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from curate.errors import CurateError
+from curate.serve.config import ModelHosting, ServeConfig
+from curate.store import Store
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "curate"
+
+
+def _options(hosting: ModelHosting, name: str) -> dict[str, Any]:
+    scaling = hosting.autoscaling
+    return {
+        "name": name,
+        "ray_actor_options": {"num_cpus": hosting.cpus, "num_gpus": hosting.gpus},
+        "autoscaling_config": {
+            "min_replicas": scaling.min_replicas,
+            "initial_replicas": scaling.min_replicas,
+            "max_replicas": scaling.max_replicas,
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+            "downscale_delay_s": scaling.downscale_delay_s,
+            "upscale_delay_s": 0.0,
+        },
+        "max_ongoing_requests": max(4, hosting.max_batch_size * 2),
+    }
+
+
+def build_app(cfg: ServeConfig):
+    """The application: the HTTP front, the feature service, one deployment per model
+    segment of the pipeline (none when no pipeline config is known)."""
+    from ray import serve
+
+    from curate.serve.app import Api
+    from curate.serve.deployments import FeatureService, ModelSegment
+    from curate.serve.features import FeaturePlan, pipeline_config
+
+    store = Store(cfg.store)
+    if store.table() is None:
+        raise CurateError(f"no table {cfg.store.table!r} at {store.uri}: run `curate run` "
+                          "first, or pass the --store/--table it wrote")
+    finished = [r for r in store.runs() if r["status"] == "finished"]
+    config_yaml = finished[-1]["config_yaml"] if finished else None
+    config = pipeline_config(cfg.pipeline, config_yaml)
+    ingress = serve.deployment(Api).options(
+        num_replicas=cfg.ingress.replicas,
+        ray_actor_options={"num_cpus": cfg.ingress.cpus},
+        max_ongoing_requests=256,
+    )
+    if config is None:
+        log.warning("no pipeline config: POST /features and /search are off")
+        return ingress.bind(cfg, None)
+    plan = FeaturePlan.from_config(config, cfg.features, also=[cfg.search.column])
+    segments = []
+    for stages in plan.segments:
+        hosting = cfg.hosting(stages[0].name)
+        threads = None if hosting.gpus else max(1, round(hosting.cpus))
+        name = "model-" + "-".join(s.name for s in stages if s.own_pool)
+        segments.append(serve.deployment(ModelSegment).options(**_options(hosting, name)).bind(
+            stages, cfg.search.column, hosting.max_batch_size, hosting.batch_wait_timeout_s,
+            threads))
+    features = serve.deployment(FeatureService).options(
+        name="features", num_replicas=1, max_ongoing_requests=cfg.limits.max_jobs + 64,
+        ray_actor_options={"num_cpus": 0},
+    ).bind(cfg, config_yaml, segments)
+    return ingress.bind(cfg, features)
+
+
+def start(cfg: ServeConfig, address: str | None = None, route_prefix: str = "/") -> str:
+    """Deploy the application on Ray Serve; returns the base URL."""
+    from ray import serve
+
+    from curate.runner import connect
+
+    connect(address)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix=route_prefix, blocking=False)
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    return f"http://{host}:{cfg.port}{route_prefix.rstrip('/')}"
+
+
+def stop() -> None:
+    from ray import serve
+
+    serve.shutdown()
