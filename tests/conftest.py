@@ -68,3 +68,55 @@ def demo_config(media: Path, store: Path, **run) -> dict:
     raw["store"]["uri"] = str(store)
     raw.setdefault("run", {}).update(run)
     return raw
+
+
+@pytest.fixture(scope="session")
+def demo_store(ray_session, tmp_path_factory) -> Path:
+    """The demo pipeline run once on a copy of examples/media; tests that change the table
+    take a copy (`copy_store`)."""
+    from curate.config import load_config
+    from curate.pipeline import Pipeline
+
+    root = tmp_path_factory.mktemp("demo-store")
+    shutil.copytree(DEMO_MEDIA, root / "media")
+    Pipeline.from_config(load_config(demo_config(root / "media", root / "store"))).run(
+        progress=False)
+    return root / "store"
+
+
+def copy_store(store: Path, target: Path) -> Path:
+    shutil.copytree(store, target)
+    return target
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_settings(store: Path, **extra) -> dict:
+    """A serve config for tests: small CPU shares (two cores), models scaled to zero."""
+    settings = {
+        "store": {"uri": str(store)}, "port": free_port(), "ingress": {"cpus": 0},
+        "default_model": {"cpus": 0.1, "autoscaling": {"min_replicas": 0, "max_replicas": 1,
+                                                       "downscale_delay_s": 600}},
+        "limits": {"requests_per_second": None},
+        "search": {"index_min_rows": 10, "refresh_s": 2},
+    }
+    settings.update(extra)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, demo_store, tmp_path_factory):
+    """A real Serve app on a private copy of the demo table: (base URL, store path)."""
+    from curate.serve.config import load_serve_config
+    from curate.serve.server import start, stop
+
+    store = copy_store(demo_store, tmp_path_factory.mktemp("served") / "store")
+    url = start(load_serve_config(serve_settings(store)))
+    yield url, store
+    stop()

@@ -11,6 +11,7 @@ import threading
 import time
 from importlib import resources
 from typing import Annotated, Any
+from urllib.parse import unquote
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
@@ -67,7 +68,7 @@ class Gate:
             return True
         header = request.headers.get("authorization", "")
         given = header[7:] if header.lower().startswith("bearer ") else \
-            request.cookies.get(TOKEN_COOKIE, "")
+            unquote(request.cookies.get(TOKEN_COOKIE, ""))
         return hmac.compare_digest(given.encode(), self.token.encode())
 
     def allow(self, client: str) -> float:
@@ -117,9 +118,17 @@ def _reply(result: Any) -> Any:
     """A feature service answer: its payload, or its error as the HTTP status it names."""
     if isinstance(result, dict) and "error" in result and "status" in result:
         return _error(result["status"], result["error"])
+    if isinstance(result, dict):
+        result = {k: v for k, v in result.items() if k != "status"}
     return result
 
 
+def _static(name: str) -> str:
+    return resources.files("curate.serve").joinpath("static", name).read_text()
+
+
+# Serve pickles this class by value with the module globals it uses: helpers it calls are
+# defined above it.
 @serve.ingress(api)
 class Api:
     """The ingress replica: reads go straight to LanceDB; model work to the deployments."""
@@ -281,7 +290,3 @@ class Api:
         if name not in STATIC:
             raise CatalogError(404, f"no static file {name!r}")
         return Response(_static(name), media_type=STATIC[name])
-
-
-def _static(name: str) -> str:
-    return resources.files("curate.serve").joinpath("static", name).read_text()

@@ -42,6 +42,8 @@ MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "
         "BMP": "image/bmp", "TIFF": "image/tiff", "MPO": "image/jpeg", "AVIF": "image/avif"}
 #: Float columns shown as histograms in /stats (besides any *_score column).
 QUALITY_METRICS = ("blur", "brightness", "contrast", "saturation", "aspect_ratio")
+#: Index candidates re-ranked with the full vectors: exact distances, near-exact order.
+REFINE = 4
 DUPLICATE_COLUMNS = ("duplicate_of", "exact_duplicate_of", "phash_duplicate_of",
                      "semantic_duplicate_of")
 
@@ -213,7 +215,7 @@ class Catalog:
         row's content_hash are served: a path changed since ingest (a file replaced, a
         symlink pointed elsewhere) is refused, so no request reads any other file."""
         row = self.sample(sample_id, ["uri", "content_hash", "num_bytes", "format", "error"])
-        if not row.get("content_hash"):
+        if row.get("error") or not row.get("content_hash"):
             reason = row.get("error") or "its media was never read"
             raise CatalogError(404, f"sample {sample_id} has no media: {reason}")
         uri, size = row["uri"], int(row["num_bytes"])
@@ -319,7 +321,8 @@ class Catalog:
         filt = self._filter(where, selected)
         cols = [c for c in self.scalar_columns()]
         query = (self.table().search(vector.tolist(), vector_column_name=column)
-                 .distance_type("cosine").limit(k + (1 if exclude else 0)).select(cols))
+                 .distance_type("cosine").limit(k + (1 if exclude else 0)).select(cols)
+                 .refine_factor(REFINE))
         if filt:
             query = query.where(filt, prefilter=True)
         try:

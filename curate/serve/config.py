@@ -36,7 +36,8 @@ class ModelHosting(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    cpus: float = Field(1.0, ge=0, description="CPUs per replica")
+    cpus: float = Field(0.5, ge=0, description="CPUs per replica (Ray's scheduling count; "
+                        "a model on CPU uses every core for threads)")
     gpus: float = Field(0.0, ge=0, description="GPUs per replica")
     max_batch_size: int = Field(8, ge=1, description="requests batched into one model call")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="wait for a batch to fill")

@@ -59,7 +59,7 @@ def build_app(cfg: ServeConfig):
     segments = []
     for stages in plan.segments:
         hosting = cfg.hosting(stages[0].name)
-        threads = None if hosting.gpus else max(1, round(hosting.cpus))
+        threads = None if hosting.gpus or hosting.cpus < 1 else round(hosting.cpus)
         name = "model-" + "-".join(s.name for s in stages if s.own_pool)
         segments.append(serve.deployment(ModelSegment).options(**_options(hosting, name)).bind(
             stages, cfg.search.column, hosting.max_batch_size, hosting.batch_wait_timeout_s,

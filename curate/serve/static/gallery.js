@@ -1,0 +1,277 @@
+// The curate gallery: plain JavaScript over the REST API, no build step.
+"use strict";
+
+const PAGE = Number(new URLSearchParams(location.search).get("page")) || 48;
+const $ = (sel) => document.querySelector(sel);
+const state = { offset: 0, total: 0, loading: false, where: null, selected: "", observer: null };
+
+function esc(text) {
+  const div = document.createElement("div");
+  div.textContent = text == null ? "" : String(text);
+  return div.innerHTML;
+}
+
+function showError(message) {
+  const box = $("#error");
+  box.textContent = message || "";
+  box.hidden = !message;
+}
+
+async function api(path) {
+  const response = await fetch(path, { credentials: "same-origin" });
+  if (response.status === 401) {
+    $("#token-box").hidden = false;
+    throw new Error("this server needs a token");
+  }
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
+}
+
+function query(params) {
+  const out = new URLSearchParams();
+  for (const [key, value] of Object.entries(params)) {
+    if (value !== null && value !== undefined && value !== "") out.set(key, value);
+  }
+  return out.toString();
+}
+
+function card(row) {
+  const name = String(row.uri || row.sample_id).split(/[/#]/).pop();
+  const kept = row.selected === true;
+  const picture = row.error || !row.content_hash
+    ? `<div class="none">${esc(row.error || "no media")}</div>`
+    : `<img loading="lazy" alt="${esc(name)}" src="samples/${row.sample_id}/thumbnail?size=256">`;
+  const distance = row._distance !== undefined ? ` · d ${row._distance.toFixed(3)}` : "";
+  return `<div class="card" data-testid="card" data-id="${row.sample_id}">${picture}
+    <div class="meta"><div class="name" title="${esc(row.uri)}">${esc(name)}</div>
+    <span class="badge ${kept ? "kept" : "out"}">${kept ? "selected" : "rejected"}</span>
+    <span class="reason" title="${esc(row.reject_reason)}">${esc(row.reject_reason || "")}${distance}</span>
+    </div></div>`;
+}
+
+function bindCards(root) {
+  root.querySelectorAll(".card").forEach((el) => {
+    el.addEventListener("click", () => { location.hash = `#/sample/${el.dataset.id}`; });
+  });
+}
+
+// --- filters --------------------------------------------------------------------------
+function sqlString(text) { return `'${String(text).replace(/'/g, "''")}'`; }
+
+function currentFilter() {
+  const parts = [];
+  const reason = $("#f-reason").value;
+  if (reason) {
+    const [stage, code] = reason.split("\u0000");
+    const like = code === "duplicate" ? "duplicate of" : code;
+    parts.push(`reject_reason LIKE ${sqlString(stage + ": %")} AND reject_reason LIKE ${sqlString("%" + like + "%")}`);
+  }
+  const score = $("#f-score").value;
+  if (score) {
+    const low = $("#f-min").value, high = $("#f-max").value;
+    if (low !== "") parts.push(`${score} >= ${Number(low)}`);
+    if (high !== "") parts.push(`${score} <= ${Number(high)}`);
+    if (low === "" && high === "") parts.push(`${score} IS NOT NULL`);
+  }
+  return parts.join(" AND ") || null;
+}
+
+async function loadFilterChoices() {
+  const stats = await api("stats");
+  const reasons = $("#f-reason");
+  for (const group of stats.rejected_by_reason) {
+    const option = document.createElement("option");
+    option.value = `${group.stage}\u0000${group.reason}`;
+    option.textContent = `${group.stage}: ${group.reason} (${group.rows})`;
+    reasons.appendChild(option);
+  }
+  const scores = $("#f-score");
+  for (const name of Object.keys(stats.histograms)) {
+    const option = document.createElement("option");
+    option.value = option.textContent = name;
+    scores.appendChild(option);
+  }
+}
+
+// --- grid with infinite scroll ----------------------------------------------------------
+async function showGrid() {
+  state.offset = 0;
+  state.where = currentFilter();
+  state.selected = $("#f-selected").value;
+  $("#view").innerHTML = `<div class="grid" id="grid"></div><div id="sentinel"></div>`;
+  if (state.observer) state.observer.disconnect();
+  state.observer = new IntersectionObserver((entries) => {
+    if (entries.some((e) => e.isIntersecting)) loadPage();
+  });
+  state.observer.observe($("#sentinel"));
+  await loadPage();
+}
+
+async function loadPage() {
+  if (state.loading || (state.offset > 0 && state.offset >= state.total)) return;
+  state.loading = true;
+  try {
+    const page = await api("samples?" + query({
+      where: state.where, selected: state.selected, limit: PAGE, offset: state.offset,
+      columns: "uri,selected,reject_reason,content_hash,error",
+    }));
+    state.total = page.total;
+    state.offset += page.rows.length;
+    const grid = $("#grid");
+    if (!grid) return;
+    const holder = document.createElement("div");
+    holder.innerHTML = page.rows.map(card).join("");
+    bindCards(holder);
+    grid.append(...holder.children);
+    $("#count").textContent = `${Math.min(state.offset, state.total)} of ${state.total} shown`;
+    showError("");
+  } catch (error) {
+    showError(error.message);
+  } finally {
+    state.loading = false;
+  }
+  // a page that does not fill the window leaves the sentinel in view: load on
+  if (state.offset < state.total && sentinelInView()) setTimeout(loadPage, 0);
+}
+
+function sentinelInView() {
+  const sentinel = $("#sentinel");
+  return sentinel !== null && sentinel.getBoundingClientRect().top < window.innerHeight;
+}
+
+async function showSearch(text) {
+  $("#view").innerHTML = `<h2>Images like “${esc(text)}”</h2><div class="grid" id="grid"></div>`;
+  try {
+    const result = await api("search?" + query({
+      text, k: PAGE, where: currentFilter(), selected: $("#f-selected").value,
+    }));
+    $("#grid").innerHTML = result.rows.map(card).join("");
+    bindCards($("#grid"));
+    $("#count").textContent = `${result.rows.length} nearest`;
+    showError("");
+  } catch (error) {
+    showError(error.message);
+  }
+}
+
+// --- one sample ---------------------------------------------------------------------------
+function columnsTable(row) {
+  return `<table class="columns" data-testid="columns">${Object.entries(row).map(([key, value]) =>
+    `<tr><td>${esc(key)}</td><td>${esc(typeof value === "object" && value !== null
+      ? JSON.stringify(value) : value)}</td></tr>`).join("")}</table>`;
+}
+
+async function showSample(id) {
+  const view = $("#view");
+  try {
+    const row = await api(`samples/${id}`);
+    const picture = row.content_hash && !row.error
+      ? `<img class="main" alt="sample" src="samples/${id}/thumbnail?size=1024">`
+      : `<div class="card"><div class="none">${esc(row.error)}</div></div>`;
+    view.innerHTML = `<div class="sample" data-testid="sample"><div>${picture}
+      <p><a href="samples/${id}/media" target="_blank">original file</a></p></div>
+      <div>${columnsTable(row)}</div></div>
+      <h2>Duplicates</h2><div class="strip" id="duplicates" data-testid="duplicates"></div>
+      <h2>Similar images</h2><div class="strip" id="similar" data-testid="similar"></div>`;
+    const groups = await api(`duplicates/${id}`);
+    $("#duplicates").innerHTML = groups.members.length > 1
+      ? groups.members.map(card).join("") : "<p>No duplicates.</p>";
+    bindCards($("#duplicates"));
+    try {
+      const similar = await api(`samples/${id}/similar?k=12`);
+      $("#similar").innerHTML = similar.rows.map(card).join("");
+      bindCards($("#similar"));
+    } catch (error) {
+      $("#similar").textContent = error.message;
+    }
+    showError("");
+  } catch (error) {
+    showError(error.message);
+  }
+}
+
+// --- stats ----------------------------------------------------------------------------------
+function svg(width, height, body) {
+  return `<svg width="${width}" height="${height}" role="img">${body}</svg>`;
+}
+
+function funnelChart(stages) {
+  const top = Math.max(1, ...stages.map((s) => s.rows_in));
+  const width = 720, label = 150, line = 24, room = width - label - 110;
+  const body = stages.map((s, i) => {
+    const y = i * line, kept = room * s.kept / top, out = room * s.dropped / top;
+    return `<text x="0" y="${y + 16}" font-size="12">${esc(s.name)}</text>
+      <rect x="${label}" y="${y + 4}" width="${kept}" height="16" fill="var(--kept)"/>
+      <rect x="${label + kept}" y="${y + 4}" width="${out}" height="16" fill="var(--out)"/>
+      <text x="${label + kept + out + 4}" y="${y + 16}" font-size="11">${s.kept} kept, ${s.dropped} out</text>`;
+  }).join("");
+  return svg(width, stages.length * line + 4, body);
+}
+
+function histogramChart(name, h) {
+  if (!h.edges.length) return "";
+  const width = 320, height = 150, plot = height - 36;
+  const totals = h.selected.map((k, i) => k + h.rejected[i]);
+  const top = Math.max(1, ...totals), step = (width - 10) / totals.length;
+  const bars = h.selected.map((kept, i) => {
+    const x = 5 + i * step, kh = plot * kept / top, dh = plot * h.rejected[i] / top;
+    const base = height - 18;
+    return `<rect x="${x}" y="${base - kh}" width="${step - 1}" height="${kh}" fill="var(--kept)"/>
+      <rect x="${x}" y="${base - kh - dh}" width="${step - 1}" height="${dh}" fill="var(--out)"/>`;
+  }).join("");
+  return `<div class="chart" data-testid="histogram">${svg(width, height,
+    `<text x="0" y="12" font-size="12" font-weight="600">${esc(name)}</text>${bars}
+     <text x="0" y="${height - 3}" font-size="10">${h.edges[0].toPrecision(3)}</text>
+     <text x="${width}" y="${height - 3}" font-size="10" text-anchor="end">${h.edges[h.edges.length - 1].toPrecision(3)}</text>`)}</div>`;
+}
+
+async function showStats() {
+  try {
+    const stats = await api("stats");
+    const reasons = stats.rejected_by_reason.map((r) =>
+      `<tr><td>${esc(r.stage)}</td><td>${esc(r.reason)}</td><td>${r.rows}</td></tr>`).join("");
+    $("#view").innerHTML = `<h2>${stats.selected} of ${stats.rows} samples selected</h2>
+      <h2>Funnel</h2><div class="chart" data-testid="funnel">${funnelChart(stats.funnel)}</div>
+      <h2>Score distributions <small>(green selected, red rejected)</small></h2>
+      <div class="charts">${Object.entries(stats.histograms).map(([n, h]) => histogramChart(n, h)).join("")}</div>
+      <h2>Rejected by reason</h2><table class="columns">${reasons}</table>`;
+    $("#count").textContent = "";
+    showError("");
+  } catch (error) {
+    showError(error.message);
+  }
+}
+
+// --- routing --------------------------------------------------------------------------------
+function route() {
+  const hash = location.hash || "#/";
+  if (hash.startsWith("#/sample/")) return showSample(hash.slice(9));
+  if (hash === "#/stats") return showStats();
+  if (hash.startsWith("#/search/")) return showSearch(decodeURIComponent(hash.slice(9)));
+  return showGrid();
+}
+
+function init() {
+  $("#search-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = $("#search").value.trim();
+    location.hash = text ? `#/search/${encodeURIComponent(text)}` : "#/";
+  });
+  $("#f-apply").addEventListener("click", () => {
+    if (location.hash.startsWith("#/search/")) route();
+    else if (location.hash === "" || location.hash === "#/") showGrid();
+    else location.hash = "#/";
+  });
+  $("#token-save").addEventListener("click", () => {
+    document.cookie = `curate_token=${encodeURIComponent($("#token").value)}; path=/; SameSite=Strict`;
+    $("#token-box").hidden = true;
+    loadFilterChoices().catch((e) => showError(e.message));
+    route();
+  });
+  window.addEventListener("hashchange", route);
+  loadFilterChoices().catch((e) => showError(e.message));
+  route();
+}
+
+init();

@@ -1,0 +1,408 @@
+"""The hosting layer over real HTTP: a real Ray Serve app on a copy of the demo table."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import lancedb
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import requests
+from PIL import Image
+
+from .conftest import free_port
+
+pytestmark = pytest.mark.usefixtures("served")
+
+
+@pytest.fixture(scope="module")
+def base(served) -> str:
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def table(served):
+    return lancedb.connect(str(served[1])).open_table("samples")
+
+
+def rows_by_name(table) -> dict[str, dict]:
+    return {r["uri"].split("/media/")[-1]: r for r in table.to_arrow().to_pylist()}
+
+
+def get(base, path, **params):
+    return requests.get(base + path, params=params, timeout=120)
+
+
+def error_of(response, status: int) -> str:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+# --- reads ---------------------------------------------------------------------------------
+
+
+def test_health_and_openapi_list_every_route(base):
+    assert get(base, "/health").json()["status"] == "ok"
+    paths = set(get(base, "/openapi.json").json()["paths"])
+    assert {"/health", "/samples", "/samples/{sample_id}", "/samples/{sample_id}/media",
+            "/samples/{sample_id}/thumbnail", "/samples/{sample_id}/similar", "/search",
+            "/search/image", "/duplicates/{sample_id}", "/stats", "/features",
+            "/features/{request_id}"} <= paths
+
+
+def test_samples_pages_filters_and_orders(base, table):
+    data = table.to_arrow()
+    first = get(base, "/samples", limit=20).json()
+    second = get(base, "/samples", limit=20, offset=20).json()
+    assert first["total"] == data.num_rows == 33
+    ids = [r["sample_id"] for r in first["rows"] + second["rows"]]
+    assert sorted(ids) == sorted(data["sample_id"].to_pylist())
+    assert "clip_embedding" not in first["rows"][0]  # vectors only when asked
+
+    kept = get(base, "/samples", selected="true", limit=100).json()
+    assert kept["total"] == pc.sum(data["selected"]).as_py() == 8
+    assert all(r["selected"] for r in kept["rows"])
+
+    wide = get(base, "/samples", where="width >= 512 AND format = 'JPEG'",
+               columns="uri,width").json()
+    expected = sum(1 for r in data.to_pylist() if (r["width"] or 0) >= 512
+                   and r["format"] == "JPEG")
+    assert wide["total"] == expected > 0
+    assert set(wide["rows"][0]) == {"sample_id", "uri", "width"}
+
+    ordered = get(base, "/samples", order_by="aesthetic_score desc", selected="true",
+                  columns="aesthetic_score").json()["rows"]
+    scores = [r["aesthetic_score"] for r in ordered]
+    assert scores == sorted(scores, reverse=True) and len(scores) == 8
+    with_vectors = get(base, "/samples", limit=1, vectors="true", selected="true").json()
+    assert len(with_vectors["rows"][0]["clip_embedding"]) == 32
+
+
+@pytest.mark.parametrize(("params", "says"), [
+    ({"where": "nope = 1"}, "unknown column 'nope'"),
+    ({"where": "width > "}, "bad where filter"),
+    ({"where": "width > 'wide'"}, "bad where filter"),
+    ({"where": "width > 1; DROP TABLE samples"}, "';' is not allowed"),
+    ({"where": "uri = 'unterminated"}, "unterminated quote"),
+    ({"where": "width > 1 OR " * 200 + "true"}, "the limit is 1000"),
+    ({"where": "`sample_id` = 'a' OR \"secret\" = 1"}, "unknown column 'secret'"),
+    ({"order_by": "width sideways"}, "order_by"),
+    ({"order_by": "clip_embedding"}, "order_by"),
+    ({"columns": "uri,password"}, "unknown columns password"),
+    ({"limit": "5000"}, "limits.max_page"),
+    ({"limit": "abc"}, "limit"),
+    ({"offset": "-1"}, "offset"),
+    ({"selected": "maybe"}, "selected"),
+])
+def test_bad_queries_get_400_with_the_reason(base, params, says):
+    assert says in error_of(get(base, "/samples", **params), 400)
+
+
+def test_one_sample_and_unknown_ids(base, table):
+    row = rows_by_name(table)["photos/flower.jpg"]
+    got = get(base, f"/samples/{row['sample_id']}").json()
+    assert got["uri"] == row["uri"] and got["content_hash"] == row["content_hash"]
+    assert "clip_embedding" not in got and "aesthetic_score" in got
+    vectors = get(base, f"/samples/{row['sample_id']}", vectors="true").json()
+    assert np.allclose(vectors["clip_embedding"], row["clip_embedding"], atol=1e-6)
+    assert "no sample" in error_of(get(base, "/samples/" + "0" * 32), 404)
+    assert error_of(get(base, "/samples/NOT-AN-ID"), 404)
+
+
+def test_media_serves_exactly_the_row_file(base, table):
+    rows = rows_by_name(table)
+    flower = rows["photos/flower.jpg"]
+    response = get(base, f"/samples/{flower['sample_id']}/media")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert response.content == Path(flower["uri"]).read_bytes()
+    png = rows["odd/really_a_png.jpg"]  # named .jpg, sniffed as PNG
+    assert get(base, f"/samples/{png['sample_id']}/media").headers["content-type"] == \
+        "image/png"
+    # a tar member: the member's bytes, read at its offset in the shard
+    member = next(r for name, r in rows.items() if ".tar#" in name and r["content_hash"])
+    shard, _, name = member["uri"].partition("#")
+    with tarfile.open(shard) as tar:
+        expected = tar.extractfile(name).read()
+    assert get(base, f"/samples/{member['sample_id']}/media").content == expected
+    # a row whose file never decoded has no media, and says why
+    empty = rows["broken/empty.jpg"]
+    assert "no media: empty" in error_of(get(base, f"/samples/{empty['sample_id']}/media"),
+                                         404)
+
+
+def test_media_refuses_traversal_and_files_changed_under_the_row(base, table, tmp_path):
+    for attempt in ("../../../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd",
+                    "....//....//etc/passwd"):
+        response = requests.get(f"{base}/samples/{attempt}/media", timeout=30)
+        assert response.status_code == 404, (attempt, response.text)
+        assert b"root:" not in response.content
+    # the file a row references is swapped for a symlink to another file: refused
+    row = rows_by_name(table)["photos/coffee.jpg"]
+    path = Path(row["uri"])
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"not for the web" * 100)
+    backup = path.read_bytes()
+    path.unlink()
+    path.symlink_to(secret)
+    try:
+        for route in ("media", "thumbnail"):
+            reason = error_of(get(base, f"/samples/{row['sample_id']}/{route}"), 410)
+            assert "changed since it was ingested" in reason
+    finally:
+        path.unlink()
+        path.write_bytes(backup)
+    assert get(base, f"/samples/{row['sample_id']}/media").content == backup
+
+
+def test_thumbnails_are_small_jpegs(base, table):
+    row = rows_by_name(table)["photos/astronaut.jpg"]
+    for size in (64, 300):
+        response = get(base, f"/samples/{row['sample_id']}/thumbnail", size=size)
+        image = Image.open(io.BytesIO(response.content))
+        assert image.format == "JPEG" and max(image.size) == size
+    assert "size" in error_of(get(base, f"/samples/{row['sample_id']}/thumbnail", size=5), 400)
+
+
+def assert_nearest(table, rows: list[dict], vector: np.ndarray, k: int,
+                   exclude: str | None = None) -> None:
+    """`rows` are the exact cosine top k (ties, like identical copies, in any order)."""
+    data = table.to_arrow().to_pylist()
+    truth = {r["sample_id"]: 1 - float(np.dot(vector, r["clip_embedding"])) for r in data
+             if r["clip_embedding"] is not None and r["sample_id"] != exclude}
+    assert len(rows) == k
+    for row in rows:
+        assert row["_distance"] == pytest.approx(truth[row["sample_id"]], abs=1e-5)
+    expected = sorted(truth.values())[:k]
+    assert [r["_distance"] for r in rows] == pytest.approx(expected, abs=1e-5)
+
+
+def test_similar_is_the_exact_cosine_top_k(base, table):
+    row = rows_by_name(table)["photos/rocket.jpg"]
+    got = get(base, f"/samples/{row['sample_id']}/similar", k=5).json()["rows"]
+    assert_nearest(table, got, np.asarray(row["clip_embedding"]), 5, exclude=row["sample_id"])
+    distances = [r["_distance"] for r in got]
+    assert distances == sorted(distances)
+    broken = rows_by_name(table)["broken/empty.jpg"]
+    assert "no clip_embedding" in error_of(get(base, f"/samples/{broken['sample_id']}/similar"),
+                                           404)
+
+
+def test_duplicates_group_the_kept_copy_and_its_copies(base, table):
+    data = table.to_arrow().to_pylist()
+    copy = next(r for r in data if r["phash_duplicate_of"])
+    kept = copy["duplicate_of"]
+    group = get(base, f"/duplicates/{copy['sample_id']}").json()
+    members = [m["sample_id"] for m in group["members"]]
+    assert group["kept"] == kept and members[0] == kept
+    expected = {kept} | {r["sample_id"] for r in data
+                         if kept in (r["duplicate_of"], r["phash_duplicate_of"],
+                                     r["exact_duplicate_of"], r["semantic_duplicate_of"])}
+    assert set(members) == expected and len(members) >= 2
+    assert {m["via"] for m in group["members"][1:]} <= {"exact", "phash", "semantic"}
+    assert error_of(get(base, "/duplicates/" + "f" * 32), 404)
+
+
+def test_stats_count_what_the_table_holds(base, table):
+    stats = get(base, "/stats").json()
+    data = table.to_arrow().to_pylist()
+    assert stats["rows"] == 33 and stats["selected"] == 8
+    assert sum(stats["rejected_by_stage"].values()) == 25
+    assert stats["rejected_by_stage"]["ingest_images"] == sum(1 for r in data if r["error"])
+    assert [s["name"] for s in stats["funnel"]][:2] == ["ingest_images", "image_quality"]
+    blur = stats["histograms"]["blur"]
+    assert sum(blur["selected"]) + sum(blur["rejected"]) == blur["count"] == sum(
+        1 for r in data if r["blur"] is not None)
+    clusters = stats["clusters"]["diversity_cluster"]
+    assert sum(c["selected"] for c in clusters) == 8
+
+
+# --- search --------------------------------------------------------------------------------
+
+
+def test_text_search_uses_the_clip_text_tower_and_the_index(base, table, served):
+    from curate.models.embedders import load_embedder
+
+    from .conftest import tiny_models
+
+    got = get(base, "/search", text="a rocket on the launch pad", k=6).json()["rows"]
+    embedder = load_embedder("transformers", str(tiny_models() / "tiny-clip"))
+    query = embedder.embed_texts(["a rocket on the launch pad"])[0]
+    assert_nearest(table, got, query, 6)
+    # the index was built (index_min_rows 10 in tests) and covers every vector
+    deadline = time.time() + 60
+    while "index" not in get(base, "/health").json()["vector_index"] and time.time() < deadline:
+        time.sleep(1)
+    indices = lancedb.connect(str(served[1])).open_table("samples").list_indices()
+    assert any("clip_embedding" in ix.columns for ix in indices)
+    assert "text" in error_of(get(base, "/search", text=""), 400)
+
+
+def test_image_search_finds_the_uploaded_photo(base, table):
+    row = rows_by_name(table)["photos/coffee.jpg"]
+    upload = Path(row["uri"]).read_bytes()
+    got = requests.post(base + "/search/image", files={"file": ("q.jpg", upload)},
+                        params={"k": 3}, timeout=120).json()["rows"]
+    assert got[0]["sample_id"] == row["sample_id"] and got[0]["_distance"] < 1e-4
+
+
+# --- features ------------------------------------------------------------------------------
+
+
+def post_features(base, mode="sync", **fields):
+    files = {"file": ("upload.jpg", fields.pop("file"))} if "file" in fields else None
+    return requests.post(base + "/features", data=fields, files=files,
+                         params={"mode": mode}, timeout=180)
+
+
+def test_features_of_an_upload_match_the_table_and_are_cached(base, table, served):
+    row = rows_by_name(table)["photos/flower.jpg"]
+    image = Path(row["uri"]).read_bytes()
+    # the same pixels as another file: a new image to the server
+    copy = io.BytesIO()
+    Image.open(io.BytesIO(image)).save(copy, "PNG")
+    first = post_features(base, file=copy.getvalue(),
+                          features="clip_embedding,aesthetic_score,nsfw_score,blur").json()
+    assert first["in_table"] is False and sorted(first["computed"]) == sorted(
+        ["clip_embedding", "aesthetic_score", "nsfw_score", "blur"])
+    values = first["features"]
+    # same decoder, same stages, same models: the table's values (JPEG and PNG decode alike)
+    assert np.allclose(values["clip_embedding"], row["clip_embedding"], atol=1e-5)
+    assert values["aesthetic_score"] == pytest.approx(row["aesthetic_score"], abs=1e-5)
+    assert values["nsfw_score"] == pytest.approx(row["nsfw_score"], abs=1e-5)
+    assert values["blur"] == pytest.approx(row["blur"], rel=1e-5)
+    again = post_features(base, file=copy.getvalue(), features="aesthetic_score").json()
+    assert again["cached"] == ["aesthetic_score"] and again["computed"] == []
+    side = lancedb.connect(str(served[1])).open_table("samples_features").to_arrow()
+    assert first["sample_id"] in side["sample_id"].to_pylist()
+
+
+def test_features_fill_a_row_of_the_table(base, table, served):
+    row = rows_by_name(table)["photos/astronaut.jpg"]
+    table.update(where=f"sample_id = '{row['sample_id']}'", values={"aesthetic_score": None})
+    got = post_features(base, sample_id=row["sample_id"],
+                        features="aesthetic_score,blur").json()
+    assert got["in_table"] is True and got["computed"] == ["aesthetic_score"]
+    assert got["cached"] == ["blur"] and got["features"]["blur"] == row["blur"]
+    assert got["features"]["aesthetic_score"] == pytest.approx(row["aesthetic_score"],
+                                                               abs=1e-5)
+    fresh = lancedb.connect(str(served[1])).open_table("samples")
+    stored = fresh.search().where(f"sample_id = '{row['sample_id']}'").to_arrow()
+    assert stored["aesthetic_score"][0].as_py() == got["features"]["aesthetic_score"]
+    by_uri = post_features(base, uri=row["uri"], features="aesthetic_score").json()
+    assert by_uri["sample_id"] == row["sample_id"] and by_uri["cached"] == ["aesthetic_score"]
+
+
+def test_feature_errors_are_clear(base, table, served):
+    row = rows_by_name(table)["photos/flower.jpg"]
+    assert "not_an_image" in error_of(post_features(base, file=b"plain text, no image"), 422)
+    truncated = Path(row["uri"]).read_bytes()[:3000]
+    assert "truncated" in error_of(post_features(base, file=truncated), 422)
+    assert "unknown features caption" in error_of(
+        post_features(base, sample_id=row["sample_id"], features="caption"), 400)
+    assert "exactly one of" in error_of(post_features(base), 400)
+    assert "exactly one of" in error_of(
+        post_features(base, sample_id=row["sample_id"], uri=row["uri"]), 400)
+    assert "not a row of the table" in error_of(post_features(base, uri="/etc/passwd"), 400)
+    assert "no sample" in error_of(post_features(base, sample_id="0" * 32), 404)
+    big = b"\xff\xd8\xff" + os.urandom(20_100_000)
+    assert "limit" in error_of(post_features(base, file=big), 413)
+    assert "empty" in error_of(post_features(base, file=b""), 400)
+    assert "mode" in error_of(post_features(base, mode="later", sample_id=row["sample_id"]),
+                              400)
+
+
+def test_async_features_queue_and_answer_later(base, table):
+    row = rows_by_name(table)["photos/coffee.jpg"]
+    image = Image.open(io.BytesIO(Path(row["uri"]).read_bytes())).rotate(90, expand=True)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=92)
+    accepted = post_features(base, mode="async", file=buffer.getvalue(),
+                             features="clip_embedding,nsfw_score")
+    assert accepted.status_code == 202
+    request_id = accepted.json()["request_id"]
+    deadline = time.time() + 120
+    while True:
+        job = get(base, f"/features/{request_id}").json()
+        if job["status"] != "pending" or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert job["status"] == "done", job
+    sync = post_features(base, file=buffer.getvalue(), features="clip_embedding,nsfw_score")
+    assert sync.json()["features"] == job["result"]["features"]
+    assert "no feature request" in error_of(get(base, "/features/" + "a" * 32), 404)
+    failed = post_features(base, mode="async", file=b"\x89PNG\r\n\x1a\nbroken")
+    time.sleep(0.5)
+    for _ in range(100):
+        job = get(base, f"/features/{failed.json()['request_id']}").json()
+        if job["status"] != "pending":
+            break
+        time.sleep(0.2)
+    assert job["status"] == "failed" and "corrupt" in job["result"]["error"]
+
+
+# --- curate serve: token, rate limit, binding ----------------------------------------------
+
+
+def test_curate_serve_cli_with_token_and_rate_limit(served, tmp_path):
+    """`curate serve` as a user runs it: its own Ray, token mode, a low rate limit."""
+    from .conftest import copy_store
+
+    store = copy_store(served[1], tmp_path / "store")
+    port = free_port()
+    token = "s3cret-token-for-tests"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "curate", "serve", "--store", str(store), "--port", str(port),
+         "--token", token, "--set", "limits.requests_per_second=2", "--set", "limits.burst=5",
+         "--set", "default_model.autoscaling.min_replicas=0", "--set", "ingress.cpus=0.2",
+         "--set", "default_model.cpus=0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if requests.get(base + "/health", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening or not ready yet
+                time.sleep(1)
+        else:
+            pytest.fail("curate serve did not answer within 180 s")
+        header = {"Authorization": f"Bearer {token}"}
+        assert requests.get(base + "/samples", timeout=30).status_code == 401
+        assert requests.get(base + "/openapi.json", timeout=30).status_code == 401
+        wrong = requests.get(base + "/samples", headers={"Authorization": "Bearer nope"},
+                             timeout=30)
+        assert wrong.status_code == 401 and "token" in wrong.json()["error"]
+        assert requests.get(base + "/", timeout=30).status_code == 200  # the page shell
+        statuses = [requests.get(base + "/samples", headers=header, params={"limit": 1},
+                                 timeout=30).status_code for _ in range(12)]
+        assert statuses[0] == 200 and 429 in statuses
+        time.sleep(3)
+        cookie = requests.get(base + "/stats", cookies={"curate_token": token}, timeout=30)
+        assert cookie.status_code == 200 and cookie.json()["rows"] == 33
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        output = process.communicate(timeout=120)[0]
+    assert f"http://127.0.0.1:{port}/" in output and "with a token" in output
+    assert process.returncode == 0, output
+
+
+def test_bad_serve_config_fails_before_starting(tmp_path):
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("store: {uri: /nowhere}\nlimits: {burst: 0}\n"
+                   "default_model: {autoscaling: {min_replicas: 3, max_replicas: 1}}\n")
+    result = subprocess.run([sys.executable, "-m", "curate", "serve", "--config", str(bad)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "limits.burst" in result.stderr and "max_replicas 1 < min_replicas 3" in \
+        result.stderr
