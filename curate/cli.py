@@ -134,24 +134,24 @@ def submit(
     raise typer.Exit(code)
 
 
-Opt = Optional  # typer needs Optional in annotations; one alias keeps the lines short
+Opt = Optional  # typer needs Optional; the alias keeps these signatures short
 
 
 @app.command()
 def serve(
-    config: Annotated[Opt[Path], typer.Option(help="serve config (YAML)")] = None,  # noqa: UP045
-    store: Annotated[Opt[str], typer.Option(help="LanceDB store URI")] = None,  # noqa: UP045
-    table: Annotated[Opt[str], typer.Option(help="samples table")] = None,  # noqa: UP045
-    host: Annotated[Opt[str], typer.Option(help="bind address")] = None,  # noqa: UP045
-    port: Annotated[Opt[int], typer.Option(help="HTTP port")] = None,  # noqa: UP045
+    config: Annotated[Opt[Path], typer.Option(help="serve config (YAML)")] = None,
+    store: Annotated[Opt[str], typer.Option(help="LanceDB store URI")] = None,
+    table: Annotated[Opt[str], typer.Option(help="samples table")] = None,
+    host: Annotated[Opt[str], typer.Option(help="bind address")] = None,
+    port: Annotated[Opt[int], typer.Option(help="HTTP port")] = None,
     token: Annotated[Opt[str], typer.Option(
         help="require Authorization: Bearer TOKEN (default: $CURATE_TOKEN)",
-        envvar="CURATE_TOKEN")] = None,  # noqa: UP045
+        envvar="CURATE_TOKEN")] = None,
     pipeline: Annotated[Opt[Path], typer.Option(
         help="pipeline whose model stages compute features (default: the latest run's)"
-    )] = None,  # noqa: UP045
+    )] = None,
     address: Annotated[Opt[str], typer.Option(
-        help="Ray cluster to join; default: local")] = None,  # noqa: UP045
+        help="Ray cluster to join; default: local")] = None,
     set_: SetOption = None,
 ) -> None:
     """Serve the table: REST API, on-demand features and the gallery, on Ray Serve."""

@@ -86,28 +86,49 @@ class Gate:
             self.buckets[client] = (tokens - 1, now)
         return 0.0
 
+    def refuse(self, request: Request) -> JSONResponse | None:
+        """The reply that stops a request before its route, if any."""
+        path = request.url.path
+        public = path in PUBLIC[:2] or path.startswith(PUBLIC[2])
+        if not public and not self.authorised(request):
+            return JSONResponse({"error": "missing or wrong token: send Authorization: "
+                                 "Bearer <token>"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        wait = self.allow(request.client.host if request.client else "?")
+        if wait and path != "/health":
+            return JSONResponse({"error": "too many requests; slow down"}, status_code=429,
+                                headers={"Retry-After": str(max(1, round(wait)))})
+        length = request.headers.get("content-length")
+        if request.method == "POST" and length and length.isdigit() \
+                and int(length) > self.limits.max_upload_bytes + 64_000:
+            return _error(413, f"upload of {int(length):,} bytes; the limit is "
+                          f"{self.limits.max_upload_bytes:,} (limits.max_upload_bytes)")
+        return None
 
-@api.middleware("http")
-async def _gate(request: Request, call_next):
-    gate: Gate | None = getattr(request.app.state, "gate", None)
-    if gate is None:
-        return await call_next(request)
-    path = request.url.path
-    public = path in PUBLIC[:2] or path.startswith(PUBLIC[2])
-    if not public and not gate.authorised(request):
-        return JSONResponse({"error": "missing or wrong token: send Authorization: Bearer "
-                             "<token>"}, status_code=401,
-                            headers={"WWW-Authenticate": "Bearer"})
-    wait = gate.allow(request.client.host if request.client else "?")
-    if wait and path != "/health":
-        return JSONResponse({"error": "too many requests; slow down"}, status_code=429,
-                            headers={"Retry-After": str(max(1, round(wait)))})
-    length = request.headers.get("content-length")
-    if request.method == "POST" and length and length.isdigit() \
-            and int(length) > gate.limits.max_upload_bytes + 64_000:
-        return _error(413, f"upload of {int(length):,} bytes; the limit is "
-                      f"{gate.limits.max_upload_bytes:,} (limits.max_upload_bytes)")
-    return await call_next(request)
+
+class GateMiddleware:
+    """Runs the gate of the replica (set on the app's state) before every route. A plain
+    ASGI middleware: Starlette's BaseHTTPMiddleware costs about a millisecond a request."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        gate: Gate | None = getattr(scope["app"].state, "gate", None) \
+            if scope["type"] == "http" else None
+        reply = gate.refuse(Request(scope)) if gate is not None else None
+        if reply is not None:
+            await reply(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+api.add_middleware(GateMiddleware)
+
+
+def _json(payload: Any) -> JSONResponse:
+    """A reply serialised as is (FastAPI's generic encoder costs more than the lookup)."""
+    return JSONResponse(payload)
 
 
 def _columns(columns: str | None) -> list[str] | None:
@@ -133,10 +154,11 @@ def _static(name: str) -> str:
 class Api:
     """The ingress replica: reads go straight to LanceDB; model work to the deployments."""
 
-    def __init__(self, cfg: ServeConfig, features=None):
+    def __init__(self, cfg: ServeConfig, features=None, text_model=None):
         self.cfg = cfg
         self.catalog = Catalog(cfg.store, cfg.limits.max_filter_chars, cfg.search.column)
         self.features = features
+        self.text_model = text_model  # the model deployment that embeds search text
         api.state.gate = Gate(cfg)
         self.index_state = "not checked yet"
         threading.Thread(target=self._keep_index, daemon=True).start()
@@ -187,12 +209,12 @@ class Api:
         if limit > self.cfg.limits.max_page:
             raise CatalogError(400, f"limit {limit} > {self.cfg.limits.max_page} "
                                "(limits.max_page); page with offset")
-        return self.catalog.samples(where, selected, order_by, limit, offset,
-                                    _columns(columns), vectors)
+        return _json(self.catalog.samples(where, selected, order_by, limit, offset,
+                                          _columns(columns), vectors))
 
     @api.get("/samples/{sample_id}")
     def sample(self, sample_id: str, columns: str | None = None, vectors: bool = False) -> dict:
-        return self.catalog.sample(sample_id, _columns(columns), vectors)
+        return _json(self.catalog.sample(sample_id, _columns(columns), vectors))
 
     @api.get("/samples/{sample_id}/media")
     def media(self, sample_id: str) -> Response:
@@ -209,8 +231,8 @@ class Api:
     def similar(self, sample_id: str, k: Annotated[int, Query(ge=1, le=200)] = 12,
                 selected: bool | None = None) -> dict:
         vector = self.catalog.vector_of(sample_id)
-        return {"sample_id": sample_id,
-                "rows": self.catalog.search(vector, k, selected=selected, exclude=sample_id)}
+        return _json({"sample_id": sample_id, "rows": self.catalog.search(
+            vector, k, selected=selected, exclude=sample_id)})
 
     @api.get("/duplicates/{sample_id}")
     def duplicates(self, sample_id: str) -> dict:
@@ -225,12 +247,13 @@ class Api:
     async def search(self, text: Annotated[str, Query(min_length=1, max_length=1000)],
                      k: Annotated[int, Query(ge=1, le=200)] = 20, where: str | None = None,
                      selected: bool | None = None):
-        vector = await self._need_features().embed_text.remote(text)
-        if isinstance(vector, dict):
-            return _reply(vector)
-        rows = await asyncio.to_thread(self.catalog.search, np.asarray(vector, np.float32),
+        if self.text_model is None:
+            raise CatalogError(404, f"no model embeds text for {self.cfg.search.column}: text "
+                               "search needs the pipeline's clip_embed stage")
+        vectors = await self.text_model.embed_texts.remote([text])
+        rows = await asyncio.to_thread(self.catalog.search, np.asarray(vectors[0], np.float32),
                                        k, where, selected)
-        return {"text": text, "rows": rows}
+        return _json({"text": text, "rows": rows})
 
     @api.post("/search/image")
     async def search_image(self, file: Annotated[UploadFile, File()],

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import threading
+import time
 from collections import Counter, OrderedDict
 from typing import Any
 
@@ -20,8 +21,17 @@ import pyarrow.compute as pc
 
 from curate.config import StoreConfig
 from curate.errors import CurateError
-from curate.media import HttpOptions, MediaError, content_hash, decode_image, error_code, list_tar
-from curate.media import read_http, read_local, read_tar_member
+from curate.media import (
+    HttpOptions,
+    MediaError,
+    content_hash,
+    decode_image,
+    error_code,
+    list_tar,
+    read_http,
+    read_local,
+    read_tar_member,
+)
 from curate.store import Store
 
 log = logging.getLogger(__name__)
@@ -29,10 +39,11 @@ log = logging.getLogger(__name__)
 #: sample_ids are hex digests (see ingest.sample_id_for); nothing else reaches a filter.
 SAMPLE_ID = re.compile(r"^[0-9a-f]{8,64}$")
 #: Words of Lance's SQL predicate grammar that are not column names.
-SQL_WORDS = frozenset(
-    "and or not in is null true false like ilike between escape similar to as cast "
-    "is_null is_not_null date timestamp interval distinct".split()
-)
+SQL_WORDS = frozenset([
+    "and", "or", "not", "in", "is", "null", "true", "false", "like", "ilike", "between",
+    "escape", "similar", "to", "as", "cast", "is_null", "is_not_null", "date", "timestamp",
+    "interval", "distinct",
+])
 _TOKENS = re.compile(
     r"""(?P<string>'(?:[^']|'')*')|(?P<quoted>`[^`]*`|"[^"]*")|"""
     r"""(?P<number>\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)|"""
@@ -42,6 +53,8 @@ MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "
         "BMP": "image/bmp", "TIFF": "image/tiff", "MPO": "image/jpeg", "AVIF": "image/avif"}
 #: Float columns shown as histograms in /stats (besides any *_score column).
 QUALITY_METRICS = ("blur", "brightness", "contrast", "saturation", "aspect_ratio")
+#: Seconds a reader may lag behind commits made by other processes.
+REFRESH_S = 1.0
 #: Index candidates re-ranked with the full vectors: exact distances, near-exact order.
 REFINE = 4
 DUPLICATE_COLUMNS = ("duplicate_of", "exact_duplicate_of", "phash_duplicate_of",
@@ -73,9 +86,10 @@ class Catalog:
 
     def __init__(self, store: StoreConfig, max_filter_chars: int = 1000,
                  search_column: str = "clip_embedding"):
-        self.store = Store(store, read_consistency_s=1.0)
+        self.store = Store(store)
         self.max_filter_chars = max_filter_chars
         self.search_column = search_column
+        self._handles: tuple[float, Any, Any] | None = None  # (checked at, table, dataset)
         self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()
         self._tars: dict[tuple, dict[str, tuple[int, int]]] = {}
         self._lock = threading.Lock()
@@ -84,11 +98,27 @@ class Catalog:
                                "`curate run` first or pass the right --store/--table")
 
     # --- schema and filters ----------------------------------------------------------------
+    def _current(self) -> tuple[Any, Any]:
+        """The table and its Lance dataset, reopened at most every REFRESH_S seconds (opening
+        costs more than a lookup by id; readers see other writers' commits that late)."""
+        now = time.monotonic()
+        with self._lock:
+            handles = self._handles
+        if handles is None or now - handles[0] > REFRESH_S:
+            table = self.store.table()
+            handles = (now, table, table.to_lance())
+            with self._lock:
+                self._handles = handles
+        return handles[1], handles[2]
+
     def table(self):
-        return self.store.table()
+        return self._current()[0]
+
+    def dataset(self):
+        return self._current()[1]
 
     def schema(self) -> pa.Schema:
-        return self.table().schema
+        return self.dataset().schema
 
     def scalar_columns(self) -> list[str]:
         return [f.name for f in self.schema() if not is_vector(f.type)]
@@ -138,7 +168,7 @@ class Catalog:
 
     def _scan(self, **kwargs) -> pa.Table:
         try:
-            return self.table().to_lance().to_table(**kwargs)
+            return self.dataset().to_table(**kwargs)
         except (ValueError, OSError) as exc:  # Lance's own verdict on a filter
             if kwargs.get("filter"):
                 raise CatalogError(400, f"bad where filter: {_lance_message(exc)}") from None
@@ -165,7 +195,7 @@ class Catalog:
 
     def _count(self, filt: str | None) -> int:
         try:
-            return self.table().to_lance().count_rows(filter=filt)
+            return self.dataset().count_rows(filter=filt)
         except (ValueError, OSError) as exc:
             raise CatalogError(400, f"bad where filter: {_lance_message(exc)}") from None
 
@@ -339,7 +369,7 @@ class Catalog:
         from lancedb.index import HnswSq
 
         column = self.search_column
-        table = self.table()
+        table = self.store.table()  # fresh: the index is built on the latest version
         if column not in table.schema.names:
             return "no vector column"
         index = next((ix for ix in table.list_indices() if column in (ix.columns or [])), None)

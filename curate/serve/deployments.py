@@ -81,15 +81,6 @@ class FeatureService:
     def describe(self) -> dict[str, Any]:
         return {name: str(self.plan.types.get(name)) for name in self.offered}
 
-    # --- text search ---------------------------------------------------------------------
-    async def embed_text(self, text: str) -> list[float] | dict:
-        index = self.plan.columns.get(self.cfg.search.column)
-        if index is None or index < 0:
-            return {"status": 404, "error": f"the pipeline computes no {self.cfg.search.column}"
-                    "; text search needs its clip_embed stage"}
-        vectors = await self.segments[index].embed_texts.remote([text])
-        return vectors[0]
-
     # --- one request ---------------------------------------------------------------------
     async def compute(self, request: dict[str, Any]) -> dict[str, Any]:
         try:

@@ -14,10 +14,16 @@ log = logging.getLogger(__name__)
 APP_NAME = "curate"
 
 
+#: Serve logs one line per request by default; at hundreds of requests per second that
+#: logging costs more than the lookups. Warnings and errors are still logged.
+LOGGING = {"enable_access_log": False, "log_level": "WARNING"}
+
+
 def _options(hosting: ModelHosting, name: str) -> dict[str, Any]:
     scaling = hosting.autoscaling
     return {
         "name": name,
+        "logging_config": LOGGING,
         "ray_actor_options": {"num_cpus": hosting.cpus, "num_gpus": hosting.gpus},
         "autoscaling_config": {
             "min_replicas": scaling.min_replicas,
@@ -50,7 +56,7 @@ def build_app(cfg: ServeConfig):
     ingress = serve.deployment(Api).options(
         num_replicas=cfg.ingress.replicas,
         ray_actor_options={"num_cpus": cfg.ingress.cpus},
-        max_ongoing_requests=256,
+        max_ongoing_requests=256, logging_config=LOGGING,
     )
     if config is None:
         log.warning("no pipeline config: POST /features and /search are off")
@@ -66,9 +72,10 @@ def build_app(cfg: ServeConfig):
             threads))
     features = serve.deployment(FeatureService).options(
         name="features", num_replicas=1, max_ongoing_requests=cfg.limits.max_jobs + 64,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0}, logging_config=LOGGING,
     ).bind(cfg, config_yaml, segments)
-    return ingress.bind(cfg, features)
+    index = plan.columns.get(cfg.search.column, -1)
+    return ingress.bind(cfg, features, segments[index] if index >= 0 else None)
 
 
 def start(cfg: ServeConfig, address: str | None = None, route_prefix: str = "/") -> str:
@@ -78,7 +85,7 @@ def start(cfg: ServeConfig, address: str | None = None, route_prefix: str = "/")
     from curate.runner import connect
 
     connect(address)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=LOGGING)
     serve.run(build_app(cfg), name=APP_NAME, route_prefix=route_prefix, blocking=False)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     return f"http://{host}:{cfg.port}{route_prefix.rstrip('/')}"
