@@ -73,8 +73,19 @@ def load_config(
     source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
     """Parse a YAML file (or a dict), apply `key.path=value` overrides, validate."""
+    raw, where = read_raw(source, overrides, "a config must be a mapping with 'name' and "
+                          "'stages'")
+    return parse_config(raw, where)
+
+
+def read_raw(source: str | Path | dict[str, Any] | None, overrides: list[str] | tuple[str, ...],
+             shape: str) -> tuple[dict[str, Any], str | None]:
+    """A YAML file (or a dict, copied) as a dict with overrides applied, and where it came
+    from; `shape` says what a config must look like when it is not a mapping."""
     where = None
-    if isinstance(source, dict):
+    if source is None:
+        raw: Any = {}
+    elif isinstance(source, dict):
         raw = json.loads(json.dumps(source))  # deep copy; overrides must not touch the caller's
     else:
         where = str(source)
@@ -86,10 +97,10 @@ def load_config(
         except yaml.YAMLError as exc:
             raise ConfigError([("", f"not valid YAML: {exc}")], where) from None
     if not isinstance(raw, dict):
-        raise ConfigError([("", "a config must be a mapping with 'name' and 'stages'")], where)
+        raise ConfigError([("", shape)], where)
     for item in overrides:
         apply_override(raw, item, where)
-    return parse_config(raw, where)
+    return raw, where
 
 
 def apply_override(raw: dict[str, Any], item: str, where: str | None = None) -> None:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from curate.config import StoreConfig, _pydantic_problems, apply_override
+from curate.config import StoreConfig, _pydantic_problems, read_raw
 from curate.errors import ConfigError
 
 
@@ -111,24 +109,8 @@ class ServeConfig(BaseModel):
 def load_serve_config(source: str | Path | dict[str, Any] | None = None,
                       overrides: list[str] | tuple[str, ...] = ()) -> ServeConfig:
     """A serve config from YAML (or a dict), with `dotted.key=value` overrides applied."""
-    where = None
-    if source is None:
-        raw: Any = {}
-    elif isinstance(source, dict):
-        raw = json.loads(json.dumps(source))
-    else:
-        where = str(source)
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError([("", f"serve config {where} does not exist")], where)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError([("", f"not valid YAML: {exc}")], where) from None
-    if not isinstance(raw, dict):
-        raise ConfigError([("", "a serve config must be a mapping (store, host, ...)")], where)
-    for item in overrides:
-        apply_override(raw, item, where)
+    raw, where = read_raw(source, overrides, "a serve config must be a mapping (store, "
+                          "host, ...)")
     try:
         return ServeConfig.model_validate(raw)
     except ValidationError as exc:

@@ -1,0 +1,69 @@
+"""The catalog (the API's read side) directly on a copy of the demo table: filter checks,
+and the vector index built once enough rows have vectors and kept up to date."""
+
+from __future__ import annotations
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from curate.config import StoreConfig
+from curate.serve.catalog import Catalog, CatalogError
+
+from .conftest import copy_store
+
+
+@pytest.fixture()
+def catalog(demo_store, tmp_path):
+    return Catalog(StoreConfig(uri=str(copy_store(demo_store, tmp_path / "store"))))
+
+
+@pytest.mark.parametrize("where", [
+    "uri = 'width; nope'",                      # words inside strings are not columns
+    "lower(format) = 'jpeg' AND width > 100",   # functions are not columns
+    "`selected` = true AND reject_reason IS NULL",
+    "aesthetic_score BETWEEN -1 AND 1 OR nsfw_score > 0.5",
+    "uri LIKE '%.jpg' AND NOT (width < 10)",
+])
+def test_valid_filters_pass_the_check_and_run(catalog, where):
+    assert catalog.check_filter(where) == where
+    catalog.samples(where=where)
+
+
+@pytest.mark.parametrize(("where", "says"), [
+    ("password = 'x'", "unknown column 'password'"),
+    ("width > 1; select 1", "';' is not allowed"),
+    ("uri = 'open", "unterminated quote"),
+    ("\"hidden\" > 1", "unknown column 'hidden'"),
+])
+def test_filters_naming_other_things_are_refused(catalog, where, says):
+    with pytest.raises(CatalogError, match=says) as error:
+        catalog.check_filter(where)
+    assert error.value.status == 400
+
+
+def test_the_vector_index_is_built_and_kept_fresh(catalog):
+    table = catalog.store.table()
+    with_vectors = table.count_rows("clip_embedding IS NOT NULL")
+    assert catalog.ensure_vector_index(with_vectors + 1).startswith("exact search")
+    assert not [ix for ix in table.list_indices() if "clip_embedding" in ix.columns]
+    assert catalog.ensure_vector_index(10) == f"index built over {with_vectors} vectors"
+    assert catalog.ensure_vector_index(10) == "index up to date"
+    # a later run adds rows: the next refresh indexes them
+    rows = table.to_arrow().filter(pc.is_valid(table.to_arrow()["clip_embedding"])).slice(0, 5)
+    fresh = rows.set_column(0, "sample_id", pa.array([f"{i:032x}" for i in range(5)]))
+    table.add(fresh)
+    stats = table.index_stats("clip_embedding_idx")
+    assert stats.num_unindexed_rows == 5
+    assert catalog.ensure_vector_index(10) == "index updated with 5 new rows"
+    latest = lancedb.connect(catalog.store.uri).open_table("samples")
+    assert latest.index_stats("clip_embedding_idx").num_unindexed_rows == 0
+    # and the new rows are found (their vectors equal rows already there)
+    vector = np.asarray(fresh["clip_embedding"][0].as_py(), np.float32)
+    import time
+
+    time.sleep(1.1)  # the catalog rereads the table at most every second
+    found = [r["sample_id"] for r in catalog.search(vector, k=4)]
+    assert fresh["sample_id"][0].as_py() in found
