@@ -251,6 +251,9 @@ def test_image_search_finds_the_uploaded_photo(base, table):
     got = requests.post(base + "/search/image", files={"file": ("q.jpg", upload)},
                         params={"k": 3}, timeout=120).json()["rows"]
     assert got[0]["sample_id"] == row["sample_id"] and got[0]["_distance"] < 1e-4
+    broken = requests.post(base + "/search/image", files={"file": ("q.jpg", upload[:2000])},
+                           timeout=120)
+    assert "truncated" in error_of(broken, 422)
 
 
 # --- features ------------------------------------------------------------------------------

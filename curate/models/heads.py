@@ -87,11 +87,17 @@ class LinearHead:
 
     The LAION aesthetic predictor is five linear layers with no activation (dropout only
     in training); NSFW heads use ReLU between layers and a sigmoid at the end.
+
+    It computes in float64 and answers in float32: a BLAS product's last bits depend on
+    where a row sits in the batch (edge tiles use other kernels), and a run's batches vary
+    with scheduling; float64 keeps those differences far below float32's precision, so a
+    row's score does not depend on its neighbours.
     """
 
     def __init__(self, layers: list[tuple[np.ndarray, np.ndarray]], hidden: str = "none",
                  output: str = "none"):
-        self.layers = layers
+        self.layers = [(np.asarray(w, np.float64), np.asarray(b, np.float64))
+                       for w, b in layers]
         self.hidden = hidden
         self.output = output
 
@@ -103,6 +109,7 @@ class LinearHead:
         if x.shape[1] != self.input_dim:
             raise ModelError(f"this head takes {self.input_dim}-d embeddings but got "
                              f"{x.shape[1]}-d ones; use the embedding model it was trained on")
+        x = np.asarray(x, np.float64)
         for i, (weight, bias) in enumerate(self.layers):
             x = x @ weight.T + bias
             if i < len(self.layers) - 1 and self.hidden == "relu":
