@@ -7,7 +7,7 @@ The baseline, measured in the same run, is the raw library call the route wraps,
 plain single-process loop: the LanceDB lookup of one row by id, and the CLIP text tower
 plus the LanceDB vector search. `/health` under the same load shows what Serve's HTTP path
 itself costs per request (the ceiling of any route), and `/samples/{id}` is also measured
-at 8 concurrent connections.
+at 8 concurrent connections and one at a time.
 
     python benchmarks/serve_load.py --images 1000 --requests 2000 --concurrency 32
 
@@ -170,13 +170,14 @@ def main() -> None:
         # Serve's own cost per request: a route that does nothing (the ceiling of any route)
         ceiling = load(base, ["/health"] * args.requests, args.concurrency)
         low = load(base, sample_paths, 8)
+        single = load(base, sample_paths[:500], 1)
     finally:
         stop()
     result = {
         "images": args.images, "concurrency": args.concurrency, "replicas": args.replicas,
         "startup_seconds": round(startup_s, 2), "ray_start_seconds": round(ray_s, 2),
         "samples_by_id": samples, "search": search, "health_ceiling": ceiling,
-        "samples_by_id_at_8": low,
+        "samples_by_id_at_8": low, "samples_by_id_at_1": single,
         "raw_lookup_per_s": round(raw_lookup, 1), "raw_search_per_s": round(raw_search, 1),
         "samples_ratio_vs_raw": round(samples["rps"] / raw_lookup, 3),
         "search_ratio_vs_raw": round(search["rps"] / raw_search, 3),
