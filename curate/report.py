@@ -123,10 +123,7 @@ def render(catalog: Catalog, examples: int = 8, thumb: int = 256) -> str:
     out.append("</div>")
     for group in stats["rejected_by_reason"]:
         stage, reason = group["stage"], group["reason"]
-        like = "duplicate of" if reason == "duplicate" else reason
-        where = (f"reject_reason LIKE '{stage}: %' AND reject_reason LIKE "
-                 f"'%{like.replace(chr(39), chr(39) * 2)}%'")
-        rows = catalog.samples(where=where, limit=examples,
+        rows = catalog.samples(where=group["where"], limit=examples,
                                columns=["uri", "reject_reason"])["rows"]
         out.append(f"<h2>Rejected by {_e(stage)}: {_e(reason)} ({group['rows']:,})</h2>"
                    "<div class='grid'>")

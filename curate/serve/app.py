@@ -193,7 +193,7 @@ class Api:
     @api.get("/health")
     def health(self) -> dict:
         return {"status": "ok", "table": self.catalog.store.name,
-                "version": self.catalog.store.version(), "vector_index": self.index_state}
+                "version": self.catalog.version(), "vector_index": self.index_state}
 
     @api.get("/samples")
     def samples(

@@ -111,11 +111,20 @@ class Catalog:
                 self._handles = handles
         return handles[1], handles[2]
 
+    def refresh(self) -> None:
+        """Read the latest version from now on (after a write of our own)."""
+        with self._lock:
+            self._handles = None
+
     def table(self):
         return self._current()[0]
 
     def dataset(self):
         return self._current()[1]
+
+    def version(self) -> int:
+        """The table version reads see (at most REFRESH_S behind)."""
+        return self.dataset().version
 
     def schema(self) -> pa.Schema:
         return self.dataset().schema
@@ -220,12 +229,18 @@ class Catalog:
                  self._scan(columns=cols, filter=f"sample_id IN ({quoted})").to_pylist()}
         return [found[i] for i in ids if i in found]
 
-    def sample(self, sample_id: str, columns: list[str] | None = None,
-               vectors: bool = False) -> dict[str, Any]:
+    def row(self, sample_id: str, columns: list[str] | None = None,
+            vectors: bool = False) -> dict[str, Any]:
+        """One row's values as stored (404 for an unknown id)."""
         rows = self._by_ids([self._checked_id(sample_id)], self._columns(columns, vectors))
         if not rows:
             raise CatalogError(404, f"no sample {sample_id!r} in {self.store.name}")
-        return clean_row(rows[0])
+        return rows[0]
+
+    def sample(self, sample_id: str, columns: list[str] | None = None,
+               vectors: bool = False) -> dict[str, Any]:
+        """One row, JSON-safe (see clean_row)."""
+        return clean_row(self.row(sample_id, columns, vectors))
 
     @staticmethod
     def _checked_id(sample_id: str) -> str:
@@ -263,11 +278,12 @@ class Catalog:
             return read_http(uri, size, HttpOptions(timeout_s=10, retries=1))
         path, sep, member = uri.partition("#")
         if sep and path.lower().endswith(".tar"):
-            offset, length = self._tar_member(path, member)
+            offset, length = self.tar_member(path, member)
             return read_tar_member(path, member, offset, length, size)
         return read_local(uri, size)
 
-    def _tar_member(self, path: str, member: str) -> tuple[int, int]:
+    def tar_member(self, path: str, member: str) -> tuple[int, int]:
+        """(offset, size) of a member of a tar shard (listings cached by mtime and size)."""
         try:
             stat = os.stat(path)
         except OSError as exc:
@@ -310,14 +326,14 @@ class Catalog:
     # --- duplicates --------------------------------------------------------------------------
     def duplicates(self, sample_id: str) -> dict[str, Any]:
         """The group a sample belongs to: the kept copy and every row pointing at it."""
-        row = self.sample(sample_id, [c for c in DUPLICATE_COLUMNS if c in self.schema().names])
+        present = [c for c in DUPLICATE_COLUMNS if c in self.schema().names]
+        row = self.sample(sample_id, present)
         root = row.get("duplicate_of") or sample_id
         for _ in range(8):  # a kept copy that was itself dropped as a copy of another
             parent = self.sample(root, ["duplicate_of"]).get("duplicate_of")
             if not parent or parent == root:
                 break
             root = parent
-        present = [c for c in DUPLICATE_COLUMNS if c in self.schema().names]
         pointing = " OR ".join(f"{c} = '{root}'" for c in present) or "false"
         cols = ["sample_id", "uri", "selected", "reject_reason", "width", "height", *present]
         members = self._scan(columns=[c for c in cols if c in self.schema().names],
@@ -423,10 +439,11 @@ class Catalog:
                                    for c, k in zip(ids, counts)]
         last = self.last_run()
         return {
-            "table": self.store.name, "store": self.store.uri, "version": self.store.version(),
+            "table": self.store.name, "store": self.store.uri, "version": self.version(),
             "rows": n, "selected": kept, "rejected": n - kept,
             "rejected_by_stage": dict(by_stage.most_common()),
-            "rejected_by_reason": [{"stage": s, "reason": r, "rows": c}
+            "rejected_by_reason": [{"stage": s, "reason": r, "rows": c,
+                                    "where": reason_filter(s, r)}
                                    for (s, r), c in by_reason.most_common()],
             "funnel": last.get("stages", []) if last else [],
             "last_run": {k: v for k, v in last.items() if k != "stages"} if last else None,
@@ -447,6 +464,18 @@ class Catalog:
             "models": json.loads(run["models_json"] or "[]"),
             "notices": json.loads(run["notices_json"] or "[]"),
         }
+
+
+def _quoted(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def reason_filter(stage: str, code: str) -> str:
+    """The `where` filter selecting the rows `stage` rejected for `code` (as /stats groups
+    them: the code starts the reason; dedup stages write "<kind> duplicate of <id>")."""
+    like = "duplicate of" if code == "duplicate" else code
+    return (f"reject_reason LIKE {_quoted(stage + ': %')} AND reject_reason LIKE "
+            f"{_quoted('%' + like + '%')}")
 
 
 def _histogram(values: pa.ChunkedArray, selected: np.ndarray, bins: int) -> dict[str, Any]:

@@ -14,7 +14,9 @@ from typing import Any
 import pyarrow as pa
 from ray import serve
 
+from curate.media import MediaError
 from curate.runner import SegmentWorker
+from curate.serve.catalog import Catalog, CatalogError
 from curate.serve.config import ServeConfig
 from curate.serve.features import (
     Decoder,
@@ -27,16 +29,9 @@ from curate.serve.features import (
     upload_id,
 )
 from curate.stages.ingest import sample_id_for
-from curate.store import NULL_VECTORS, Store
+from curate.store import NULL_VECTORS
 
 log = logging.getLogger(__name__)
-
-
-class FeatureError(Exception):
-    def __init__(self, status: int, message: str):
-        self.status = status
-        self.message = message
-        super().__init__(message)
 
 
 class ModelSegment:
@@ -73,7 +68,8 @@ class FeatureService:
         self.offered = list(cfg.features if cfg.features is not None else self.plan.columns)
         self.decoder = Decoder(self.plan)
         self.segments = segments
-        self.store = Store(cfg.store, read_consistency_s=1.0)
+        self.catalog = Catalog(cfg.store)
+        self.store = self.catalog.store
         self.side_name = f"{cfg.store.table}_features"
         self.jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.write_lock = asyncio.Lock()
@@ -85,20 +81,20 @@ class FeatureService:
     async def compute(self, request: dict[str, Any]) -> dict[str, Any]:
         try:
             return await self._compute(request)
-        except FeatureError as exc:
+        except CatalogError as exc:
             return {"status": exc.status, "error": exc.message}
 
     async def _compute(self, request: dict[str, Any]) -> dict[str, Any]:
         if request.get("upload_search"):
             wanted = [self.cfg.search.column]
             if wanted[0] not in self.plan.columns:
-                raise FeatureError(404, f"the pipeline computes no {wanted[0]}; image search "
+                raise CatalogError(404, f"the pipeline computes no {wanted[0]}; image search "
                                    "needs its clip_embed stage")
         else:
             wanted = request.get("features") or self.offered
             unknown = [f for f in wanted if f not in self.offered]
             if unknown:
-                raise FeatureError(400, f"unknown features {', '.join(unknown)}; offered: "
+                raise CatalogError(400, f"unknown features {', '.join(unknown)}; offered: "
                                    + ", ".join(self.offered))
         sample_id, uri, text, known, stored = await asyncio.to_thread(self._identify, request,
                                                                       wanted)
@@ -121,28 +117,18 @@ class FeatureService:
             return sample_id, uri, text, False, self._side_values(sample_id, wanted)
         sample_id = request.get("sample_id")
         uri = request.get("uri")
-        table = self.store.table()
         if sample_id is None and uri:
-            escaped = uri.replace("'", "''")
-            found = table.to_lance().to_table(columns=["sample_id"],
-                                              filter=f"uri = '{escaped}'", limit=1)
-            if found.num_rows:
-                sample_id = found["sample_id"][0].as_py()
-            elif uri.startswith(("http://", "https://")):
+            sample_id = self.catalog.known_uri(uri)
+            if sample_id is None and uri.startswith(("http://", "https://")):
                 sample_id = sample_id_for(uri)
                 return sample_id, uri, text, False, self._side_values(sample_id, wanted)
-            else:
-                raise FeatureError(400, f"uri {uri!r} is not a row of the table; give an "
+            if sample_id is None:
+                raise CatalogError(400, f"uri {uri!r} is not a row of the table; give an "
                                    "http(s) URL, a sample_id, or upload the image")
         if sample_id is None:
-            raise FeatureError(400, "give an image upload (file), a uri, or a sample_id")
-        present = [c for c in wanted if c in table.schema.names]
-        rows = table.to_lance().to_table(
-            columns=["sample_id", "uri", "alt_text", *present],
-            filter=f"sample_id = '{sample_id}'" if sample_id.isalnum() else "false")
-        if not rows.num_rows:
-            raise FeatureError(404, f"no sample {sample_id!r} in {self.store.name}")
-        row = rows.to_pylist()[0]
+            raise CatalogError(400, "give an image upload (file), a uri, or a sample_id")
+        present = [c for c in wanted if c in self.catalog.schema().names]
+        row = self.catalog.row(sample_id, ["uri", "alt_text", *present])
         return (sample_id, row["uri"], text if text is not None else row["alt_text"], True,
                 {c: row[c] for c in present})
 
@@ -159,16 +145,15 @@ class FeatureService:
         offset = size = -1
         path, sep, member = uri.partition("#")
         if sep and path.lower().endswith(".tar") and upload is None:
-            from curate.media import list_tar
-
-            members = {m.name: m for m in await asyncio.to_thread(list_tar, path)}
-            if member in members:
-                offset, size = members[member].offset_data, members[member].size
+            try:
+                offset, size = await asyncio.to_thread(self.catalog.tar_member, path, member)
+            except MediaError:
+                pass  # the source stage reports the missing member as the row's error
         rows = listing(sample_id, uri, text, offset, size)
         batch = await asyncio.to_thread(self.decoder, rows, upload)
         error = batch["error"][0].as_py()
         if error:
-            raise FeatureError(422, f"cannot compute features of {uri}: {error}")
+            raise CatalogError(422, f"cannot compute features of {uri}: {error}")
         for index in range(self.plan.needs(missing)):
             batch = await self.segments[index].run.remote(batch)
         return {f: batch[f][0].as_py() for f in missing}
@@ -185,6 +170,7 @@ class FeatureService:
         row = pa.Table.from_pylist([{"sample_id": sample_id, **values}], schema=schema)
         async with self.write_lock:
             await asyncio.to_thread(self._write, row, uri, known)
+        self.catalog.refresh()  # the next request sees what was just cached
 
     def _write(self, row: pa.Table, uri: str, known: bool) -> None:
         if known:

@@ -9,7 +9,6 @@ through the same code, with the same model and weights, as the column in the tab
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass, field
 
@@ -151,7 +150,3 @@ def text_embedder(stages: list[Stage], column: str):
         if column in stage.written_names() and hasattr(stage, "embedder"):
             return stage.embedder
     return None
-
-
-def cpu_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)))

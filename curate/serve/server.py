@@ -5,9 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from curate.errors import CurateError
 from curate.serve.config import ModelHosting, ServeConfig
-from curate.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +41,12 @@ def build_app(cfg: ServeConfig):
     from ray import serve
 
     from curate.serve.app import Api
+    from curate.serve.catalog import Catalog
     from curate.serve.deployments import FeatureService, ModelSegment
     from curate.serve.features import FeaturePlan, pipeline_config
 
-    store = Store(cfg.store)
-    if store.table() is None:
-        raise CurateError(f"no table {cfg.store.table!r} at {store.uri}: run `curate run` "
-                          "first, or pass the --store/--table it wrote")
-    finished = [r for r in store.runs() if r["status"] == "finished"]
-    config_yaml = finished[-1]["config_yaml"] if finished else None
+    last = Catalog(cfg.store).last_run()  # a missing table is an error that says so
+    config_yaml = last["config_yaml"] if last else None
     config = pipeline_config(cfg.pipeline, config_yaml)
     ingress = serve.deployment(Api).options(
         num_replicas=cfg.ingress.replicas,

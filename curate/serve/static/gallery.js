@@ -57,16 +57,10 @@ function bindCards(root) {
 }
 
 // --- filters --------------------------------------------------------------------------
-function sqlString(text) { return `'${String(text).replace(/'/g, "''")}'`; }
-
 function currentFilter() {
   const parts = [];
-  const reason = $("#f-reason").value;
-  if (reason) {
-    const [stage, code] = reason.split("\u0000");
-    const like = code === "duplicate" ? "duplicate of" : code;
-    parts.push(`reject_reason LIKE ${sqlString(stage + ": %")} AND reject_reason LIKE ${sqlString("%" + like + "%")}`);
-  }
+  const reason = $("#f-reason").value;  // the filter /stats gives each reason
+  if (reason) parts.push(reason);
   const score = $("#f-score").value;
   if (score) {
     const low = $("#f-min").value, high = $("#f-max").value;
@@ -82,7 +76,7 @@ async function loadFilterChoices() {
   const reasons = $("#f-reason");
   for (const group of stats.rejected_by_reason) {
     const option = document.createElement("option");
-    option.value = `${group.stage}\u0000${group.reason}`;
+    option.value = group.where;
     option.textContent = `${group.stage}: ${group.reason} (${group.rows})`;
     reasons.appendChild(option);
   }
