@@ -23,7 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import photo_inputs, run_curate, throughput  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    photo_inputs,
+    stand_in_model,
+    startup_and_run,
+    throughput,
+)
 
 PROMPT = "Describe this image in one detailed sentence."
 
@@ -82,9 +87,7 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="curate-bench-caption-"))
-    model_dir = workdir / f"llava-{args.size}"
-    if not (model_dir / "config.json").exists():
-        build_llava(model_dir, args.size)
+    model_dir = stand_in_model(workdir, "llava", args.size, build_llava)
     paths, media, small, (width, height) = photo_inputs(workdir, args.images,
                                                         args.image_size, 8)
     print(f"inputs: {len(paths)} JPEGs of {width}x{height}; LLaVA {args.size} on {device}; "
@@ -94,13 +97,10 @@ def main() -> None:
     print(f"bare generate loop: {loop_s:.1f} s, {len(paths) / loop_s:.2f} captions/s",
           flush=True)
     gpus = 1 if device == "cuda" else 0
-    config = pipeline_config(small, workdir / "store_startup", model_dir, args.batch_size,
-                             args.tokens, gpus)
-    startup_s, _, _ = run_curate(config, workdir, "startup")
-    print(f"curate run on 8 images (fixed start-up): {startup_s:.1f} s", flush=True)
-    config = pipeline_config(media, workdir / "store", model_dir, args.batch_size,
-                             args.tokens, gpus)
-    run_s, peak_mb, _ = run_curate(config, workdir, "run")
+    startup_s, run_s, peak_mb, _ = startup_and_run(
+        lambda photos, store: pipeline_config(photos, store, model_dir, args.batch_size,
+                                              args.tokens, gpus),
+        small, media, workdir)
     print(f"curate run: {run_s:.1f} s, {len(paths) / run_s:.2f} captions/s", flush=True)
     print(json.dumps({
         "images": len(paths),

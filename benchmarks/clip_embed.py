@@ -22,7 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import photo_inputs, run_curate, throughput  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    photo_inputs,
+    stand_in_model,
+    startup_and_run,
+    throughput,
+)
 
 
 def bare_loop(paths: list[Path], model_dir: Path, batch_size: int, device: str) -> float:
@@ -73,9 +78,7 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="curate-bench-clip-"))
-    model_dir = workdir / f"clip-{args.size}"
-    if not (model_dir / "config.json").exists():
-        build_clip(model_dir, args.size)
+    model_dir = stand_in_model(workdir, "clip", args.size, build_clip)
     paths, media, small, (width, height) = photo_inputs(workdir, args.images,
                                                         args.image_size, 16)
     print(f"inputs: {len(paths)} JPEGs of {width}x{height}; model {args.size} on {device}",
@@ -84,13 +87,9 @@ def main() -> None:
     loop_s = bare_loop(paths, model_dir, args.batch_size, device)
     print(f"bare model loop: {loop_s:.1f} s, {len(paths) / loop_s:.1f} images/s", flush=True)
     gpus = 1 if device == "cuda" else 0
-    startup_s, _, _ = run_curate(
-        pipeline_config(small, workdir / "store_startup", model_dir, args.batch_size, gpus),
-        workdir, "startup")
-    print(f"curate run on 16 images (fixed start-up): {startup_s:.1f} s", flush=True)
-    run_s, peak_mb, summary = run_curate(
-        pipeline_config(media, workdir / "store", model_dir, args.batch_size, gpus),
-        workdir, "run")
+    startup_s, run_s, peak_mb, summary = startup_and_run(
+        lambda photos, store: pipeline_config(photos, store, model_dir, args.batch_size, gpus),
+        small, media, workdir)
     stage = next(s for s in summary["stages"] if s["type"] == "clip_embed")
     print(f"curate run: {run_s:.1f} s, {len(paths) / run_s:.1f} images/s "
           f"(clip_embed busy {stage['seconds']:.1f} s)", flush=True)

@@ -104,3 +104,25 @@ def photo_inputs(workdir: Path, count: int, image_size: str, startup_count: int
     if not small.exists():
         write_photos(small, startup_count, size=(width, height), seed=1)
     return paths, media, small, (width, height)
+
+
+def stand_in_model(workdir: Path, kind: str, size: str, build) -> Path:
+    """A randomly initialised model (`build(path, size)`), built once into the workdir:
+    speed does not depend on the weights."""
+    model_dir = workdir / f"{kind}-{size}"
+    if not (model_dir / "config.json").exists():
+        build(model_dir, size)
+    return model_dir
+
+
+def startup_and_run(config_for, small: Path, media: Path, workdir: Path
+                    ) -> tuple[float, float, float, dict]:
+    """(start-up seconds, run seconds, peak RSS MB, summary): `curate run` on the few
+    start-up photos (the fixed cost) and then on all of them. `config_for(photos, store)`
+    gives the pipeline config."""
+    startup_s, _, _ = run_curate(config_for(small, workdir / "store_startup"), workdir,
+                                 "startup")
+    count = len(list(small.glob("*.jpg")))
+    print(f"curate run on {count} images (fixed start-up): {startup_s:.1f} s", flush=True)
+    run_s, peak_mb, summary = run_curate(config_for(media, workdir / "store"), workdir, "run")
+    return startup_s, run_s, peak_mb, summary

@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import photo_inputs, run_curate  # noqa: E402
+from benchmarks.common import photo_inputs, run_curate, stand_in_model  # noqa: E402
 
 TEXTS = ["a rocket on the launch pad", "a cup of coffee", "an orange flower", "a cat",
          "a pagoda by the lake", "stars in deep space", "a person with a camera"]
@@ -117,9 +117,7 @@ def main() -> None:
 
     from curate.models.tiny import build_clip
 
-    model = args.workdir / "tiny-clip"
-    if not (model / "config.json").exists():
-        build_clip(model, "tiny")
+    model = stand_in_model(args.workdir, "clip", "tiny", build_clip)
     _, media, _, _ = photo_inputs(args.workdir, args.images, args.image_size, 4)
     store = args.workdir / "store"
     config = {"name": "serve-bench", "store": {"uri": str(store)},
