@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all test-vllm lint bench stages-doc serve report clean
+.PHONY: demo test test-all test-vllm lint bench bench-scale stages-doc serve report clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ingest_filter_dedup.py --images 5000
+
+# Driver memory and throughput at 3,000 and 24,000 rows against the previous release.
+bench-scale: $(STAMP)
+	$(PY) benchmarks/scale.py --rows 3000
 
 # The demo table behind the API and the gallery (http://127.0.0.1:8000/); Ctrl-C stops.
 serve: $(STAMP) $(MODELS)

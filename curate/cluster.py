@@ -250,6 +250,67 @@ def hierarchical_clusters(
     return assignments
 
 
+def cluster_tree(centroids: np.ndarray, levels: Sequence[int], seed: int = 0,
+                 iterations: int = 20, max_train: int | None = None) -> list[np.ndarray]:
+    """Parents of the finest clusters' centroids at every coarser level: entry j maps each
+    level-j cluster to its level j+1 cluster (levels[0] is the finest, given)."""
+    tree: list[np.ndarray] = []
+    points = _as_matrix(centroids)
+    for j, k in enumerate(levels[1:], start=1):
+        points, labels = kmeans(points, int(k), iterations=iterations, seed=seed + j,
+                                max_train=max_train)
+        tree.append(labels.astype(np.int64))
+    return tree
+
+
+def cluster_quotas(sizes: np.ndarray, tree: Sequence[np.ndarray], target: int) -> np.ndarray:
+    """Rows each finest cluster gives, top-down: `target` is split over the coarsest
+    clusters, each cluster's quota over its child clusters, down to the finest (sizes:
+    rows per finest cluster; tree as `cluster_tree` gives it)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    level_sizes = [sizes]
+    parents = []  # parents[j]: level-j cluster -> level j+1 cluster
+    for up in tree:
+        up = np.asarray(up, dtype=np.int64)
+        parents.append(up)
+        level_sizes.append(np.bincount(up, weights=level_sizes[-1],
+                                       minlength=int(up.max()) + 1 if up.size else 0
+                                       ).astype(np.int64))
+    quota = balanced_quota(level_sizes[-1], target)
+    for j in range(len(parents) - 1, -1, -1):
+        parent_of, child_sizes = parents[j], level_sizes[j]
+        child_quota = np.zeros(len(child_sizes), dtype=np.int64)
+        by_parent = np.argsort(parent_of, kind="stable")
+        cut = np.flatnonzero(np.r_[True, np.diff(parent_of[by_parent]) != 0, True])
+        for lo, hi in itertools.pairwise(cut):
+            parent = parent_of[by_parent[lo]]
+            if quota[parent] == 0:
+                continue
+            kids = by_parent[lo:hi]
+            child_quota[kids] = balanced_quota(child_sizes[kids], int(quota[parent]))
+        quota = child_quota
+    return quota
+
+
+def choose_by_quota(finest: np.ndarray, priority: np.ndarray, quota: np.ndarray,
+                    tiebreak: np.ndarray | None = None) -> np.ndarray:
+    """Each finest cluster's `quota` rows of smallest priority (ties by `tiebreak`, default
+    the row index)."""
+    n = len(finest)
+    chosen = np.zeros(n, dtype=bool)
+    if n == 0:
+        return chosen
+    finest = np.asarray(finest, dtype=np.int64)
+    tiebreak = np.arange(n) if tiebreak is None else tiebreak
+    order = np.lexsort((tiebreak, np.asarray(priority, dtype=np.float64), finest))
+    groups = finest[order]
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    first_of_group = np.repeat(starts, np.diff(np.r_[starts, n]))
+    rank = np.arange(n) - first_of_group
+    chosen[order] = rank < quota[groups]
+    return chosen
+
+
 def balanced_choice(
     assignments: Sequence[np.ndarray], target: int, priority: np.ndarray
 ) -> np.ndarray:
@@ -258,35 +319,17 @@ def balanced_choice(
     gives its `quota` rows of smallest priority (ties by row index)."""
     priority = np.asarray(priority, dtype=np.float64)
     n = len(priority)
-    chosen = np.zeros(n, dtype=bool)
     if n == 0 or target <= 0:
-        return chosen
+        return np.zeros(n, dtype=bool)
     levels = [np.asarray(a, dtype=np.int64) for a in assignments]
-    top = levels[-1]
-    quota = balanced_quota(np.bincount(top), target)
-    for j in range(len(levels) - 2, -1, -1):
-        labels, parents = levels[j], levels[j + 1]
-        sizes = np.bincount(labels)
-        parent_of = np.full(len(sizes), -1, dtype=np.int64)
-        parent_of[labels] = parents
-        child_quota = np.zeros(len(sizes), dtype=np.int64)
-        by_parent = np.argsort(parent_of, kind="stable")
-        cut = np.flatnonzero(np.r_[True, np.diff(parent_of[by_parent]) != 0, True])
-        for lo, hi in itertools.pairwise(cut):
-            parent = parent_of[by_parent[lo]]
-            if parent < 0 or quota[parent] == 0:
-                continue
-            kids = by_parent[lo:hi]
-            child_quota[kids] = balanced_quota(sizes[kids], int(quota[parent]))
-        quota = child_quota
     finest = levels[0]
-    order = np.lexsort((np.arange(n), priority, finest))
-    groups = finest[order]
-    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
-    first_of_group = np.repeat(starts, np.diff(np.r_[starts, n]))
-    rank = np.arange(n) - first_of_group
-    chosen[order] = rank < quota[groups]
-    return chosen
+    sizes = np.bincount(finest)
+    tree = []
+    for lower, upper in itertools.pairwise(levels):
+        parent_of = np.zeros(int(lower.max()) + 1, dtype=np.int64)
+        parent_of[lower] = upper
+        tree.append(parent_of)
+    return choose_by_quota(finest, priority, cluster_quotas(sizes, tree, target))
 
 
 def balanced_sample(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,46 @@ FINAL_COLUMNS: dict[str, pa.DataType] = {
 
 
 def build_stages(config: Config) -> list[Stage]:
-    return [get_stage_class(p.type)(p) for p in config.stages]
+    """The stages of `config`, with the local paths they name made absolute here (see
+    `resolve_local_paths`); `config` itself (its YAML, its hash) is left as written."""
+    return [resolve_local_paths(get_stage_class(p.type)(p)) for p in config.stages]
+
+
+def local_path(value: str, base: str | None = None) -> str:
+    """`value` made absolute against `base` (default: the working directory) when it names
+    a file or directory that exists here, or is a glob; else as written: a URL, a hub id
+    (org/name), or a missing path that the run reports as it is."""
+    if "://" in value:
+        return value
+    path = os.path.expanduser(value)
+    if os.path.isabs(path):
+        return path
+    full = os.path.join(base or os.getcwd(), path)
+    if os.path.exists(full) or any(c in path for c in "*?["):
+        return os.path.abspath(full)
+    return value
+
+
+def resolve_local_paths(stage: Stage, base: str | None = None) -> Stage:
+    """Make the local paths in `stage.local_path_params` absolute, as this process (the
+    driver) sees them. Stages travel to workers on other nodes, whose working directory
+    is another one: a relative `examples/models/tiny-clip` must not be looked up there.
+    The params are replaced by a copy, never changed in place: they belong to the config
+    (`configured_params` keeps them, and with them the fingerprints)."""
+    updates: dict[str, Any] = {}
+    for key in stage.local_path_params:
+        value = getattr(stage.params, key)
+        if isinstance(value, str):
+            resolved: Any = local_path(value, base)
+        elif isinstance(value, list):
+            resolved = [local_path(v, base) if isinstance(v, str) else v for v in value]
+        else:
+            continue
+        if resolved != value:
+            updates[key] = resolved
+    if updates:
+        stage.params = stage.params.model_copy(update=updates)
+    return stage
 
 
 def check_stage_columns(config: Config, where: str | None = None) -> None:

@@ -13,16 +13,14 @@ import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from curate import __version__
 from curate.config import Config
 from curate.errors import ConfigError
-from curate.media import TRANSIENT_CODES
-from curate.pipeline import build_stages, table_schema
+from curate.pipeline import FINAL_COLUMNS, build_stages, table_schema
 from curate.stage import Stage
 from curate.store import Store, now
-from curate.verdicts import StageCount, alive_before, final_columns, funnel
+from curate.verdicts import StageCount, final_columns, funnel
 
 
 @dataclass
@@ -56,20 +54,6 @@ class RunSummary:
 def row_stages_hash(source: Stage, row_stages: list[Stage]) -> str:
     body = [{"type": s.type, **s.row_fingerprint()} for s in [source, *row_stages]]
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def pending_items(items: pa.Table, existing: pa.Table, current_hash: str) -> pa.Table:
-    """Inputs with no finished row: never read, read by other row stages, or failed in a
-    way worth retrying."""
-    if existing.num_rows == 0:
-        return items
-    codes = pc.utf8_slice_codeunits(pc.fill_null(existing["error"], ""), 0, 24)
-    transient = pa.array([False] * existing.num_rows)
-    for code in TRANSIENT_CODES:
-        transient = pc.or_(transient, pc.starts_with(codes, code + ":"))
-    done = pc.and_(pc.equal(existing["row_stages_hash"], current_hash), pc.invert(transient))
-    done_ids = pc.filter(existing["sample_id"], pc.fill_null(done, False))
-    return items.filter(pc.invert(pc.is_in(items["sample_id"], value_set=done_ids)))
 
 
 def _progress(enabled: bool):
@@ -140,25 +124,29 @@ class _Execution:
         self.models = [m for stage in self.stages for m in stage.models()]
 
     def run(self) -> RunSummary:
+        from curate.inputs import pending_inputs, unwrap
+        from curate.runner import connect
+
         started = time.perf_counter()
         self.preflight()
-        items = self.source.list_inputs()  # bad paths fail here, before any work
+        run_cfg = self.config.run
         self.store.ensure_table(table_schema(self.stages))
+        connect(run_cfg.ray_address, run_cfg.num_cpus)
         version_before = self.store.version()
-        existing = self.store.read(["sample_id", "row_stages_hash", "error"])
-        pending = pending_items(items, existing, self.hash)
+        # bad paths fail here, before any work
+        pending = unwrap(lambda: pending_inputs(self.source, self.store, self.hash))
         config_hash = self.config.config_hash()
         previous = self.store.runs()
         last = previous[-1] if previous else None
         if (
-            pending.num_rows == 0
+            pending.rows == 0
             and last is not None
             and last["status"] == "finished"
             and last["config_hash"] == config_hash
             and last["version_after"] == version_before
         ):
             return self._summary(None, "up_to_date", started, version_before, version_before,
-                                 None)
+                                 None, self._counts())
         run_id = now().strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
         record = {
             "run_id": run_id,
@@ -173,19 +161,17 @@ class _Execution:
             "notices_json": self.notices,
         }
         self.store.save_run(record)
-        existing_ids = (existing["sample_id"].combine_chunks() if existing.num_rows
-                        else pa.array([], pa.string()))
         try:
-            if pending.num_rows:
-                self._stream(pending, existing_ids)
-            self._global_and_verdicts()
+            if pending.rows:
+                self._stream(pending)
+            counts = self._global_and_verdicts()
             self.store.optimize()
             self.store.ensure_sample_index()
             version_after = self.store.version()
             tag = f"run-{run_id}"
             self.store.tag(tag, version_after)
             summary = self._summary(run_id, "finished", started, version_before,
-                                    version_after, tag)
+                                    version_after, tag, counts)
         except KeyboardInterrupt:
             record.update(status="interrupted", finished_at=now(),
                           seconds=time.perf_counter() - started,
@@ -214,99 +200,108 @@ class _Execution:
         return summary
 
     # --- row stages ---------------------------------------------------------------------
-    def _stream(self, pending: pa.Table, existing_ids: pa.Array) -> None:
-        from curate.runner import TIMING_PREFIX, connect, stream_rows
+    def _stream(self, pending) -> None:
+        """Workers read, compute and write fragments; here only their metadata arrives and
+        is committed every `commit_every` rows."""
+        from curate.runner import FragmentWriter, stream_fragments
+        from curate.tasks import delete_rows
 
-        run_cfg = self.config.run
-        connect(run_cfg.ray_address, run_cfg.num_cpus)
+        # an input whose rows are redone loses its old rows first: a kill after this
+        # leaves it unread, so a rerun reads it again
+        delete_rows(self.store, pending.stale, "rows of inputs read again")
         chain = [self.source, *self.row_stages]
         label = " + ".join(s.name for s in chain)
-        buffer: list[pa.Table] = []
+        writer = FragmentWriter(self.store.uri_of_table, self.store.dataset().schema,
+                                self.store.storage_options)
+        every = self.config.run.commit_every
+        buffer: list[str] = []
         buffered = 0
 
         def commit() -> None:
             nonlocal buffer, buffered
-            if not buffer:
-                return
-            rows = pa.concat_tables(buffer)
-            timing = [c for c in rows.column_names if c.startswith(TIMING_PREFIX)]
-            for column in timing:
-                name = column[len(TIMING_PREFIX):]
-                self.seconds[name] += pc.sum(rows[column]).as_py() or 0.0
-                self.processed[name] += rows.num_rows
-            self.store.write_rows(rows.drop_columns(timing), existing_ids)
-            self.rows_processed += rows.num_rows
+            if buffer:
+                self.store.commit_append(buffer)
+            self.rows_processed += buffered
             buffer, buffered = [], 0
 
         start = time.perf_counter()
         with _progress(self.progress) as bar, _sigint_flag() as interrupted:
-            task = bar.add_task(label, total=pending.num_rows, rate="")
+            task = bar.add_task(label, total=pending.rows, rate="")
             try:
-                for batch in stream_rows(pending, chain, self.hash):
+                for batch in stream_fragments(pending.parts, pending.counts, chain, self.hash,
+                                              writer, every):
+                    for written in batch.to_pylist():
+                        buffer += json.loads(written["fragments"])
+                        buffered += written["rows"]
+                        for name, seconds in json.loads(written["seconds"]).items():
+                            self.seconds[name] += seconds
+                            self.processed[name] += written["rows"]
                     if interrupted.is_set():
                         raise KeyboardInterrupt
-                    buffer.append(batch)
-                    buffered += batch.num_rows
                     done = self.rows_processed + buffered
                     rate = done / max(time.perf_counter() - start, 1e-9)
                     bar.update(task, completed=done, rate=f"{rate:,.0f} img/s")
-                    if buffered >= self.config.run.commit_every:
+                    if buffered >= every:
                         commit()
                 if interrupted.is_set():  # the stream's threads took the Ctrl-C for theirs
                     raise KeyboardInterrupt
             finally:
-                # Ctrl-C or a failure: what already came back is kept, not redone.
+                # Ctrl-C or a failure: what was already written is kept, not redone.
                 commit()
 
     # --- global stages and verdicts -----------------------------------------------------
-    def _global_and_verdicts(self) -> None:
-        have = set(self.store.table().schema.names)
-        needed = {"sample_id"}
-        for stage in self.stages:
-            if stage.verdict_column:
-                needed.add(stage.verdict_column)
-        for stage in self.global_stages:
-            needed.update(stage.reads())
-            needed.update(stage.writes())
-        table = self.store.read(sorted(needed & have))
-        for stage in self.global_stages:
+    def _global_and_verdicts(self) -> list[StageCount]:
+        """Each global stage as tasks over the table, one commit each; then the verdicts
+        and the funnel, fragment by fragment."""
+        from curate.executor import ClusterExecutor, GlobalResult
+
+        for i, stage in enumerate(self.stages):
+            if not stage.has_global_part:
+                continue
             started = time.perf_counter()
-            alive = alive_before(table, self.stages, self.stages.index(stage))
-            for name, values in stage.run_global(table, alive).items():
-                if name in table.column_names:
-                    table = table.set_column(table.column_names.index(name), name, values)
-                else:
-                    table = table.append_column(name, values)
+            ex = ClusterExecutor(self.store, self._alive_filter(i))
+            result = stage.global_part(ex)
+            ex.write(GlobalResult(result.parts, result.schema, result.defaults))
             self.seconds[stage.name] += time.perf_counter() - started
             if not stage.has_row_part:
-                self.processed[stage.name] += table.num_rows
-        updates = {"sample_id": table["sample_id"]}
-        for stage in self.global_stages:
-            for name in stage.writes():
-                if stage.has_row_part and name != stage.verdict_column:
-                    continue  # row-part columns were committed while streaming
-                updates[name] = table[name]
-        updates.update(final_columns(table, self.stages))
-        self.store.merge_columns(pa.table(updates))
+                self.processed[stage.name] += self.store.table().count_rows()
+        return self._counts(write=True)
 
-    def _summary(self, run_id, status, started, version_before, version_after, tag):
-        table = self.store.read(
-            ["sample_id", "selected"]
-            + [s.verdict_column for s in self.stages if s.verdict_column]
-        )
-        counts = funnel(table, self.stages)
+    def _alive_filter(self, index: int) -> str | None:
+        """Lance filter of the rows no stage before `stages[index]` dropped."""
+        have = set(self.store.table().schema.names)
+        columns = [s.verdict_column for s in self.stages[:index]
+                   if s.verdict_column and s.verdict_column in have]
+        return " AND ".join(f"{c} IS NULL" for c in columns) or None
+
+    def _counts(self, write: bool = False) -> list[StageCount]:
+        """The funnel, summed over fragments; with `write`, also set the final columns."""
+        from curate.tasks import gather, map_parts, scan, write_columns
+
+        have = set(self.store.table().schema.names)
+        verdicts = [s.verdict_column for s in self.stages
+                    if s.verdict_column and s.verdict_column in have]
+        parts = scan(self.store, verdicts or ["sample_id"])
+        if write:
+            finals = map_parts(parts, _final_part, (self.stages,))
+            write_columns(self.store, finals, pa.schema(
+                [(name, FINAL_COLUMNS[name]) for name in ("selected", "reject_reason",
+                                                          "duplicate_of")]))
+        return sum_counts(gather(map_parts(parts, _funnel_part, (self.stages,))))
+
+    def _summary(self, run_id, status, started, version_before, version_after, tag, counts):
         for count, stage in zip(counts, self.stages):
             count.seconds = self.seconds[count.name]
             count.processed = self.processed[count.name]
             count.report = stage.report
-        selected = pc.sum(pc.cast(pc.fill_null(table["selected"], False), pa.int64())).as_py()
+        selected = counts[-1].kept if counts else 0
         return RunSummary(
             run_id=run_id,
             pipeline=self.config.name,
             status=status,
             store_uri=self.store.uri,
             table=self.store.name,
-            rows_total=table.num_rows,
+            rows_total=counts[0].rows_in if counts else 0,
             rows_processed=self.rows_processed,
             selected=selected or 0,
             seconds=time.perf_counter() - started,
@@ -317,6 +312,34 @@ class _Execution:
             notices=self.notices,
             models=self.models,
         )
+
+
+def _final_part(part: pa.Table, stages: list[Stage]) -> pa.Table:
+    from curate.tasks import ROWADDR
+
+    return pa.table({ROWADDR: part[ROWADDR], **final_columns(part, stages)})
+
+
+def _funnel_part(part: pa.Table, stages: list[Stage]) -> list[StageCount]:
+    return funnel(part, stages)
+
+
+def sum_counts(per_part: list[list[StageCount]]) -> list[StageCount]:
+    """One funnel from the funnels of parts."""
+    total: list[StageCount] | None = None
+    for counts in per_part:
+        if total is None:
+            total = counts
+            continue
+        for into, more in zip(total, counts):
+            into.rows_in += more.rows_in
+            into.kept += more.kept
+            into.dropped += more.dropped
+            for reason, n in more.reasons.items():
+                into.reasons[reason] = into.reasons.get(reason, 0) + n
+    for count in total or []:
+        count.reasons = dict(sorted(count.reasons.items(), key=lambda kv: -kv[1]))
+    return total or []
 
 
 def _versions() -> dict[str, str]:

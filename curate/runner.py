@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -15,11 +17,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.stage import Stage
+from curate.tasks import blocks
 from curate.verdicts import alive_mask
 
 log = logging.getLogger(__name__)
 
-#: Prefix of the per-stage timing columns that travel back to the driver (never stored).
+#: Prefix of the per-stage timing columns (summed by the writers, never stored).
 TIMING_PREFIX = "_seconds:"
 
 
@@ -114,10 +117,7 @@ class SegmentWorker:
         if self.stages[0].is_source:
             source, *rest = self.stages
             started = time.perf_counter()
-            columns, images = source.load(batch)
-            out = batch.select(["sample_id", "uri", "alt_text"])
-            for name, values in columns.items():
-                out = out.append_column(name, values)
+            out, images = source.load(batch)
             out = _add_timing(out, source.name, time.perf_counter() - started)
         for stage in rest:
             started = time.perf_counter()
@@ -139,6 +139,18 @@ class SegmentWorker:
             out = out.append_column(
                 "row_stages_hash", pa.array([self.row_stages_hash] * out.num_rows))
         return out
+
+
+class FanOutWorker(SegmentWorker):
+    """A segment with a stage that turns one row into many: its output leaves in blocks of
+    the batch size it was given, so the next pool gets even batches (a repartition
+    operator would need a CPU the pools hold)."""
+
+    def __call__(self, batch: pa.Table):
+        out = super().__call__(batch)
+        size = max(batch.num_rows, 1)
+        for start in range(0, max(out.num_rows, 1), size):
+            yield out.slice(start, size)
 
 
 def _prepared(stage: Stage, batch: pa.Table, images: list) -> dict[str, pa.Array]:
@@ -164,9 +176,17 @@ def _on_alive_rows(batch: pa.Table, images: list | None, verdicts: list[str], wo
     return {name: pa.nulls(batch.num_rows, kind) for name, kind in empty.items()}
 
 
-def _pool_size(stages: list[Stage], free_cpus: float, cluster_gpus: float
-               ) -> tuple[int, float, float, int]:
-    """(batch size, cpus, gpus, workers) of the pool running `stages`."""
+@dataclass(frozen=True)
+class PoolSize:
+    """How one actor pool is scheduled."""
+
+    batch_size: int
+    cpus: float
+    gpus: float
+    workers: int
+
+
+def _pool_size(stages: list[Stage], free_cpus: float, cluster_gpus: float) -> PoolSize:
     batch_size = min(s.resources.batch_size for s in stages)
     cpus = max(s.resources.cpus for s in stages)
     gpus = max(s.resources.gpus for s in stages)
@@ -179,54 +199,108 @@ def _pool_size(stages: list[Stage], free_cpus: float, cluster_gpus: float
         workers = 1  # a model on CPU: one worker, using its CPUs for threads
     else:
         workers = max(1, int(free_cpus // cpus))
-    return batch_size, cpus, gpus, workers
+    return PoolSize(batch_size, cpus, gpus, workers)
 
 
-def stream_rows(
-    items: pa.Table, stages: list[Stage], row_stages_hash: str
+class FragmentWriter:
+    """The last step of the stream: a worker writes its rows as a Lance fragment of the
+    table and hands back only the fragment's metadata (and the stages' timings), which
+    the driver commits."""
+
+    def __init__(self, uri: str, schema: pa.Schema, storage_options: dict | None):
+        self.uri = uri
+        self.schema = schema
+        self.storage_options = storage_options
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from lance.fragment import write_fragments
+
+        timing = [c for c in batch.column_names if c.startswith(TIMING_PREFIX)]
+        seconds = {c[len(TIMING_PREFIX):]: pc.sum(batch[c]).as_py() or 0.0 for c in timing}
+        rows = conform(batch.drop_columns(timing), self.schema)
+        fragments = write_fragments(rows, self.uri, schema=self.schema,
+                                    storage_options=self.storage_options)
+        return pa.table({
+            "fragments": [json.dumps([json.dumps(f.to_json()) for f in fragments])],
+            "rows": pa.array([rows.num_rows], pa.int64()),
+            "seconds": [json.dumps(seconds)],
+        })
+
+
+def conform(rows: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`rows` in the table's schema: its columns in order, the ones rows lack as nulls
+    (columns of global stages, filled in later)."""
+    columns = []
+    for field in schema:
+        if field.name in rows.column_names:
+            columns.append(rows[field.name].cast(field.type))
+        else:
+            columns.append(pa.nulls(rows.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+#: CPUs the fragment writers reserve (they mostly wait on storage).
+WRITER_CPUS = 0.25
+
+
+def stream_fragments(
+    parts: list, counts: list[int], stages: list[Stage], row_stages_hash: str,
+    writer: FragmentWriter, write_rows: int,
 ) -> Iterator[pa.Table]:
-    """Run the source and row stages over `items` on Ray Data actor pools (one for decoding,
-    one per model); yield result batches as they complete (in no particular order)."""
+    """Run the source and row stages over the listed inputs (`parts` in the object store)
+    on Ray Data actor pools (one for decoding, one per model), then write the rows as
+    fragments on the workers; yield each written fragment's metadata as it completes."""
     import ray
 
     pools = segments(stages)
     cluster = ray.cluster_resources()
     have, gpus_there = cluster.get("CPU", 1), cluster.get("GPU", 0)
-    sizes = [None] * len(pools)
+    sizes: list[PoolSize] = [None] * len(pools)  # type: ignore[list-item]
     free = have
     for i in range(len(pools) - 1, 0, -1):  # model pools first; decoding gets the rest
         sizes[i] = _pool_size(pools[i], free, gpus_there)
-        free -= sizes[i][1] * sizes[i][3]
+        free -= sizes[i].cpus * sizes[i].workers
     sizes[0] = _pool_size(pools[0], max(free, pools[0][0].resources.cpus), gpus_there)
-    wanted = sum(cpus * workers for _, cpus, _, workers in sizes)
+    wanted = sum(s.cpus * s.workers for s in sizes) + WRITER_CPUS
+    scale = 1.0
     if wanted > have:
         # Every pool must be able to start or the stream never flows: on a machine with
         # fewer CPUs than pools, share them out (Ray's CPU counts are for scheduling).
         log.info("pools ask for %s CPUs, the cluster has %s; scaling down", wanted, have)
-        sizes = [(b, cpus * have / wanted, g, w) for b, cpus, g, w in sizes]
+        scale = have / wanted * 0.99  # float sums must not exceed what the cluster has
+        sizes = [PoolSize(s.batch_size, s.cpus * scale, s.gpus, s.workers) for s in sizes]
     # Small blocks keep work spread over the pool and results flowing back steadily;
     # capping their number keeps the driver's bookkeeping small on huge inputs.
-    block_rows = max(sizes[0][0], math.ceil(items.num_rows / 4000))
-    blocks = [items.slice(i, block_rows) for i in range(0, items.num_rows, block_rows)]
-    dataset = ray.data.from_arrow(blocks)
+    block_rows = max(sizes[0].batch_size, math.ceil(sum(counts) / 4000))
+    # cut by tasks up front: a repartition operator would need a CPU the pools hold
+    dataset = ray.data.from_arrow_refs(blocks(parts, counts, block_rows))
     later = list({s.prepared_column: s for pool in pools[1:] for s in pool
                   if s.own_pool and s.has_prepare_part}.values())
     earlier = {s.name: [e.verdict_column for e in stages[:i] if e.verdict_column]
                for i, s in enumerate(stages) if s.skips_dropped}
-    for i, (pool, (batch_size, cpus, gpus, workers)) in enumerate(zip(pools, sizes)):
+    for i, (pool, size) in enumerate(zip(pools, sizes)):
         # A model on CPU is the slow step while decoding mostly waits for it: give each of
         # its workers a share of all the cores for threads, not only the CPUs it reserved.
-        threads = max(1, int(have // workers)) if i and not gpus else None
+        threads = max(1, int(have // size.workers)) if i and not size.gpus else None
+        fans_out = any(s.fans_out for s in pool)
         dataset = dataset.map_batches(
-            SegmentWorker,
+            FanOutWorker if fans_out else SegmentWorker,
             fn_constructor_kwargs={"stages": pool, "prepare": later if i == 0 else [],
                                    "last": i == len(pools) - 1,
                                    "row_stages_hash": row_stages_hash, "threads": threads,
                                    "earlier_verdicts": earlier},
-            batch_size=batch_size,
+            batch_size=size.batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=cpus,
-            num_gpus=gpus or None,
+            compute=ray.data.ActorPoolStrategy(size=size.workers),
+            num_cpus=size.cpus,
+            num_gpus=size.gpus or None,
         )
+    # Tasks, not an actor pool: the writer holds no state worth keeping, and an actor pool
+    # of writers behind the model pools received no work in Ray 2.60 here.
+    dataset = dataset.map_batches(
+        writer,
+        batch_size=write_rows,
+        batch_format="pyarrow",
+        num_cpus=WRITER_CPUS * scale,
+    )
     yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")

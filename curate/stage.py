@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from curate.executor import GlobalResult
 
 
 class Resources(BaseModel):
@@ -35,9 +38,9 @@ class Stage:
     """A step of a pipeline.
 
     A stage may have a row part (`process`: called on a batch, returns its new columns for
-    the same rows) and/or a global part (`run_global`: sees the columns it reads for all
-    rows at once). Heavy state loads in `setup()`, on the worker; constructors stay cheap
-    and picklable.
+    the same rows) and/or a global part (`global_part`: work over all rows, run as tasks
+    on the cluster; no process holds all rows). Heavy state loads in `setup()`, on the
+    worker; constructors stay cheap and picklable.
 
     Filters never delete rows: a filter writes its verdict to `verdict_column` (null when
     the row passes, else the reason) and the pipeline derives `selected` and
@@ -54,6 +57,9 @@ class Stage:
     marks_duplicates: ClassVar[bool] = False
     #: True for the stage that lists and reads the inputs (first in a pipeline).
     is_source: ClassVar[bool] = False
+    #: True for a stage that may return more (or fewer) rows than it was given: one input
+    #: file, many clips. The runner re-balances batches after it.
+    fans_out: ClassVar[bool] = False
     #: True for expensive stages that skip rows an earlier row stage already dropped
     #: (they get nulls): no GPU time on rows that are out. Global verdicts (dedup) come
     #: after the row stages, so rows they drop are still computed.
@@ -61,6 +67,11 @@ class Stage:
     #: Prefix of the columns `prepare` hands from the decode pool to a model pool
     #: (dropped before rows are stored).
     PREPARED_PREFIX: ClassVar[str] = "_prepared:"
+    #: Params naming local files or directories (a path or a list of paths): a run makes
+    #: them absolute where it starts (`curate.pipeline.build_stages`), before the stages
+    #: travel to workers whose working directory is another; URLs and hub ids stay as they
+    #: are. Fingerprints keep the paths as the config wrote them.
+    local_path_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: StageParams | None = None, **kwargs: Any):
         if params is None:
@@ -69,6 +80,8 @@ class Stage:
         elif kwargs:
             raise TypeError("pass either a params object or keyword arguments, not both")
         self.params = params
+        #: The params as the config wrote them (`params` may hold resolved local paths).
+        self.configured_params = params
         #: Facts a global stage reports about its last run (printed and recorded).
         self.report: dict[str, Any] = {}
 
@@ -138,7 +151,7 @@ class Stage:
 
     @property
     def has_global_part(self) -> bool:
-        return type(self).run_global is not Stage.run_global
+        return type(self).global_part is not Stage.global_part
 
     @property
     def has_prepare_part(self) -> bool:
@@ -153,17 +166,24 @@ class Stage:
         """Row part: new columns for `batch` (images[i] is a PIL RGB image or None)."""
         raise NotImplementedError
 
-    def run_global(self, table: pa.Table, alive: pa.Array) -> dict[str, pa.Array]:
-        """Global part: new columns for every row of `table`.
-
-        `alive` marks the rows no earlier stage dropped; rows that are not alive must get
-        a null verdict (the earlier stage's reason stands).
-        """
+    def global_part(self, ex) -> GlobalResult:
+        """Global part: new columns, computed over the rows no earlier stage dropped (those
+        `ex.scan` returns) with the executor's scans, maps and shuffles (curate.executor).
+        Rows left out of the result get the defaults or null (an earlier stage's reason
+        stands for the rows it dropped)."""
         raise NotImplementedError
+
+    def run_global(self, table: pa.Table, alive: pa.Array) -> dict[str, pa.Array]:
+        """The global part in this process over `table` (`alive` marks the rows no earlier
+        stage dropped): new columns for every row."""
+        from curate.executor import LocalExecutor
+
+        ex = LocalExecutor(table, alive)
+        return ex.columns(self.global_part(ex))
 
     def fingerprint(self) -> dict[str, Any]:
         """What determines this stage's output (used to decide what must be recomputed)."""
-        return self.params.model_dump(mode="json", exclude={"resources", "name"})
+        return self.configured_params.model_dump(mode="json", exclude={"resources", "name"})
 
     def row_fingerprint(self) -> dict[str, Any]:
         """What determines the row part's output; rows are recomputed when it changes."""
@@ -173,3 +193,34 @@ class Stage:
         fields = self.params.model_dump(exclude_defaults=True, exclude={"type"})
         args = ", ".join(f"{k}={v!r}" for k, v in fields.items())
         return f"{type(self).__name__}({args})"
+
+
+class Source(Stage):
+    """The first stage: lists the inputs and reads each into any number of rows.
+
+    Every row carries `input_id` (the input it came from) and a `sample_id` that is stable
+    across runs (for an image, its input_id; for a clip, derived from the input and the
+    clip's place in it). An input that cannot be read is one row with `error`. Work is
+    decided and redone per input: redoing an input replaces all of its rows.
+    """
+
+    is_source = True
+
+    def list_entries(self) -> list[dict[str, Any]]:
+        """Driver side: the listing as small units of work for the workers (cheap: no
+        directory walks or manifest reads here); raises RunError for unusable entries."""
+        raise NotImplementedError
+
+    def list_entry(self, unit: dict[str, Any]) -> pa.Table:
+        """Worker side: the inputs of one unit; columns `input_id`, `uri`, `_order` (earlier
+        wins when an input is listed twice) and whatever `load` needs."""
+        raise NotImplementedError
+
+    def empty_entry(self, index: int) -> str:
+        """The error for path entry `index` when it listed nothing."""
+        return f"{self.name}: entry {index} lists no inputs"
+
+    def load(self, items: pa.Table) -> tuple[pa.Table, list]:
+        """Worker side: the rows of these inputs (any number per input) and the decoded
+        media of each row (None where it failed)."""
+        raise NotImplementedError

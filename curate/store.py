@@ -9,7 +9,6 @@ from typing import Any
 
 import lancedb
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from curate.config import StoreConfig
 from curate.errors import RunError
@@ -111,22 +110,64 @@ class Store:
             return pa.table({})
         return table.to_lance().to_table(columns=columns, filter=filter)
 
-    def write_rows(self, rows: pa.Table, existing_ids: pa.Array | pa.ChunkedArray) -> None:
-        """Commit rows: new sample_ids are appended; known ones are updated in place.
+    # --- the table as a Lance dataset: workers write fragments, the driver commits -------
+    @property
+    def storage_options(self) -> dict | None:
+        return self.config.storage_options or None
 
-        Appending is much cheaper than a merge (no join against the table), and the caller
-        knows which ids the table held when the run started.
-        """
-        table = self.table()
-        if rows.num_rows == 0:
-            return
-        known = pc.is_in(rows["sample_id"], value_set=existing_ids)
-        fresh = rows.filter(pc.invert(known))
-        old = rows.filter(known)
-        if fresh.num_rows:
-            table.add(fresh, on_bad_vectors=NULL_VECTORS)
-        if old.num_rows:
-            self.merge_columns(old)
+    @property
+    def uri_of_table(self) -> str:
+        """Where the samples table's Lance dataset lives (workers open it there)."""
+        return self.table().to_lance().uri
+
+    def dataset(self):
+        """The samples table's Lance dataset at its latest version (None before the first
+        run)."""
+        import lance
+
+        if self.table() is None:
+            return None
+        return lance.dataset(self.uri_of_table, storage_options=self.storage_options)
+
+    def _commit(self, operation, read_version: int) -> int:
+        import lance
+
+        try:
+            dataset = lance.LanceDataset.commit(self.uri_of_table, operation,
+                                                read_version=read_version,
+                                                storage_options=self.storage_options)
+        except OSError as exc:
+            raise RunError(f"cannot commit to the table {self.name} at {self.uri}: "
+                           f"{str(exc).splitlines()[0]}") from None
+        return int(dataset.version)
+
+    def commit_append(self, fragments: list[str]) -> int:
+        """Commit fragments written by workers (FragmentMetadata as JSON) as new rows."""
+        import lance
+        from lance.fragment import FragmentMetadata
+
+        metadata = [FragmentMetadata.from_json(f) for f in fragments]
+        return self._commit(lance.LanceOperation.Append(metadata), self.version())
+
+    def commit_update(self, fragments: list[str], fields: list[int], read_version: int) -> int:
+        """Commit fragments whose columns workers rewrote."""
+        import lance
+        from lance.fragment import FragmentMetadata
+
+        metadata = [FragmentMetadata.from_json(f) for f in fragments]
+        return self._commit(lance.LanceOperation.Update(updated_fragments=metadata,
+                                                        fields_modified=fields), read_version)
+
+    def commit_delete(self, fragments: list[str], removed: list[int], why: str,
+                      read_version: int) -> int:
+        """Commit fragments with rows deleted by workers (and fragments deleted whole)."""
+        import lance
+        from lance.fragment import FragmentMetadata
+
+        metadata = [FragmentMetadata.from_json(f) for f in fragments]
+        return self._commit(lance.LanceOperation.Delete(updated_fragments=metadata,
+                                                        deleted_fragment_ids=removed,
+                                                        predicate=why), read_version)
 
     def merge_columns(self, columns: pa.Table) -> None:
         """Set the given columns on the rows with these sample_ids (others keep theirs)."""
@@ -152,10 +193,13 @@ class Store:
         self.table().optimize()
 
     def ensure_sample_index(self) -> None:
-        """A scalar index on sample_id keeps updates by id fast on large tables."""
+        """Scalar indexes on sample_id and input_id keep lookups by id fast on large
+        tables."""
         table = self.table()
-        if not any("sample_id" in (ix.columns or []) for ix in table.list_indices()):
-            table.create_scalar_index("sample_id")
+        have = {c for ix in table.list_indices() for c in (ix.columns or [])}
+        for column in ("sample_id", "input_id"):
+            if column not in have and column in table.schema.names:
+                table.create_scalar_index(column)
 
     # --- runs ---------------------------------------------------------------------------
     def runs_table(self):

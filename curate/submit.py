@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
 import shlex
+import tempfile
 import time
+import zipfile
 from importlib.metadata import PackageNotFoundError, requires
 from pathlib import Path
 
 from rich.console import Console
 
 import curate
-from curate.config import load_config
+from curate.config import Config, load_config
 from curate.errors import CurateError
+from curate.registry import get_stage_class
 
 #: Never uploaded with the working directory.
 EXCLUDES = [".venv", ".git", "curate_data", "**/__pycache__", ".pytest_cache", "*.egg-info"]
@@ -39,9 +43,84 @@ def default_requirements() -> list[str]:
     return [r.split(";")[0].strip() for r in reqs if "extra ==" not in r]
 
 
+def config_local_paths(config: Config) -> list[tuple[str, str]]:
+    """(key, value) of every local path the config's stages name (`local_path_params`),
+    as written: `stages.4.model`, `stages.0.paths.1`, ..."""
+    out = []
+    for i, params in enumerate(config.stages):
+        for key in get_stage_class(params.type).local_path_params:
+            value = getattr(params, key)
+            if isinstance(value, str):
+                out.append((f"stages.{i}.{key}", value))
+            elif isinstance(value, list):
+                out.extend((f"stages.{i}.{key}.{j}", v) for j, v in enumerate(value)
+                           if isinstance(v, str))
+    return out
+
+
+def files_to_ship(config: Config, working_dir: Path) -> list[str]:
+    """The files (relative to `working_dir`, which must be resolved) that the config's
+    relative local paths name: the job must get them even where `.gitignore` leaves
+    them out (`examples/models/` is built, never committed). A relative path that leads
+    out of the working directory is refused: the job would not see it. Absolute paths
+    are used as they are (every node must see them there, e.g. a shared filesystem);
+    URLs, hub ids and paths that do not exist here are left to the run."""
+    files: set[str] = set()
+    outside = []
+    for key, value in config_local_paths(config):
+        path = os.path.expanduser(value)
+        if "://" in value or os.path.isabs(path):
+            continue
+        full = os.path.normpath(working_dir / path)  # `..` collapsed, symlinks kept
+        if any(c in path for c in "*?["):
+            matches = [os.path.normpath(m) for m in glob.glob(full, recursive=True)]
+        else:
+            matches = [full] if os.path.exists(full) else []
+        for match in matches:
+            if os.path.commonpath([match, working_dir]) != str(working_dir):
+                outside.append(f"{key}: {value!r} is outside the working directory")
+                break
+            if os.path.isdir(match):
+                for root, dirs, names in os.walk(match, followlinks=True):
+                    dirs[:] = [d for d in dirs if d != "__pycache__"]
+                    files.update(os.path.relpath(os.path.join(root, n), working_dir)
+                                 for n in names)
+            else:
+                files.add(os.path.relpath(match, working_dir))
+    if outside:
+        raise CurateError(
+            f"{'; '.join(outside)} {working_dir}, the only folder the job gets. Move what "
+            "it names into that folder, pass --working-dir with a folder that holds it and "
+            "the config, or name it by an absolute path that every node of the cluster sees")
+    return sorted(Path(f).as_posix() for f in files)
+
+
+def package_working_dir(working_dir: Path, files: list[str], target: Path) -> Path:
+    """The working directory as Ray packs it (honouring .gitignore and .rayignore, minus
+    Ray's default excludes and EXCLUDES), plus `files` that those rules left out."""
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import create_package
+
+    include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE) != "1"
+    create_package(str(working_dir), target, include_gitignore=include_gitignore,
+                   excludes=ray_constants.get_runtime_env_default_excludes() + EXCLUDES)
+    with zipfile.ZipFile(target, "a") as package:
+        packed = set(package.namelist())
+        for name in files:
+            if name not in packed:
+                package.write(working_dir / name, name)
+    return target
+
+
 def build_job(config: Path, working_dir: Path, overrides: list[str],
-              pip: list[str] | None, install: bool) -> tuple[str, dict]:
-    """The entrypoint and runtime_env of the job that runs `config`."""
+              pip: list[str] | None, install: bool,
+              scratch: Path | None = None) -> tuple[str, dict]:
+    """The entrypoint and runtime_env of the job that runs `config`.
+
+    The working directory is uploaded as the job's own; when the config names local
+    files inside it (models, weights, manifests, media), it is packed here into
+    `scratch` (default: a new temporary folder) with those files added even where
+    .gitignore lists them, and that package is the job's working directory."""
     working_dir = working_dir.resolve()
     config = config.resolve()
     try:
@@ -50,11 +129,12 @@ def build_job(config: Path, working_dir: Path, overrides: list[str],
         raise CurateError(f"config {config} is not inside the working directory {working_dir}; "
                           "pass --working-dir with a folder that holds it") from None
     overrides = list(overrides)
-    store_uri = load_config(config, overrides).store.uri
+    cfg = load_config(config, overrides)
+    store_uri = cfg.store.uri
     if "://" not in store_uri and not os.path.isabs(store_uri):
         # A relative store would land in the job's temporary copy of the working dir.
         overrides.append(f"store.uri={(Path.cwd() / store_uri).resolve()}")
-    args = ["python", "-m", "curate", "run", str(rel), "--no-progress"]
+    args = ["python", "-m", "curate", "run", rel.as_posix(), "--no-progress"]
     for item in overrides:
         args += ["--set", item]
     runtime_env: dict = {
@@ -62,6 +142,12 @@ def build_job(config: Path, working_dir: Path, overrides: list[str],
         "excludes": EXCLUDES,
         "py_modules": [str(Path(curate.__file__).parent)],
     }
+    files = files_to_ship(cfg, working_dir)
+    if files:
+        scratch = scratch or Path(tempfile.mkdtemp(prefix="curate-job-"))
+        package = package_working_dir(working_dir, files, scratch / "working_dir.zip")
+        runtime_env["working_dir"] = str(package)
+        del runtime_env["excludes"]  # applied while packing
     if install:
         runtime_env["pip"] = pip or default_requirements()
     return shlex.join(args), runtime_env
@@ -74,20 +160,22 @@ def submit_run(config: Path, address: str, overrides: list[str], wait: bool,
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    entrypoint, runtime_env = build_job(config, working_dir, overrides, pip, install)
     token = auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    try:
-        client = JobSubmissionClient(address, headers=headers)
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                   metadata={"curate_config": str(config)})
-    except AuthenticationError as exc:
-        raise CurateError(
-            f"the cluster at {address} refused the job: {str(exc).splitlines()[0]}. Make the "
-            "cluster's token available here: RAY_AUTH_TOKEN, a file named by "
-            "RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token") from None
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise CurateError(f"cannot submit to {address}: {exc}") from None
+    with tempfile.TemporaryDirectory(prefix="curate-job-") as scratch:  # the package, if any
+        entrypoint, runtime_env = build_job(config, working_dir, overrides, pip, install,
+                                            scratch=Path(scratch))
+        try:
+            client = JobSubmissionClient(address, headers=headers)
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                       metadata={"curate_config": str(config)})
+        except AuthenticationError as exc:
+            raise CurateError(
+                f"the cluster at {address} refused the job: {str(exc).splitlines()[0]}. Make "
+                "the cluster's token available here: RAY_AUTH_TOKEN, a file named by "
+                "RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token") from None
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise CurateError(f"cannot submit to {address}: {exc}") from None
     console.print(f"submitted job [bold]{job_id}[/] to {address}")
     if not wait:
         console.print(f"follow it with: ray job logs --follow --address {address} {job_id}")

@@ -30,6 +30,7 @@ _VOCABULARY = (
 #: (vision hidden, layers, heads, patch, text hidden, projection) per size.
 _SIZES = {
     "tiny": (32, 2, 2, 32, 32, 32),
+    "wide": (32, 2, 2, 32, 32, 2048),  # tiny towers, 2048-d embeddings: 8 KB of vector a row
     "base": (768, 12, 12, 32, 512, 512),  # ViT-B/32
     "large": (1024, 24, 16, 14, 768, 768),  # ViT-L/14
 }

@@ -10,8 +10,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
+from curate.executor import GlobalResult
 from curate.registry import register
 from curate.stage import Stage, StageParams
+from curate.tasks import ROWADDR, concat
 
 KeepPolicy = Literal["largest", "smallest", "first", "highest", "lowest"]
 
@@ -116,11 +118,28 @@ class ExactDedup(Stage):
     def writes(self) -> dict[str, pa.DataType]:
         return {"exact_duplicate_of": pa.string()}
 
-    def run_global(self, table: pa.Table, alive: pa.Array) -> dict[str, pa.Array]:
-        hashes = pc.if_else(alive, table["content_hash"], pa.scalar(None, pa.string()))
-        encoded = pc.dictionary_encode(hashes).combine_chunks()
-        groups = pc.fill_null(encoded.indices, -1).to_numpy().astype(np.int64)
-        return {"exact_duplicate_of": duplicate_column(groups, table, self.params)}
+    def global_part(self, ex) -> GlobalResult:
+        parts = ex.scan(list(self.reads()))
+        found = ex.shuffle(parts, "content_hash", _exact_duplicates, self.params)
+        return GlobalResult(found, pa.schema([("exact_duplicate_of", pa.string())]))
+
+
+def _exact_duplicates(table: pa.Table, params: DedupParams) -> pa.Table:
+    """The duplicates among rows that share content hashes (all copies of a hash are here)."""
+    if table.num_rows == 0:
+        return duplicates_only(table, pa.array([], pa.string()), "exact_duplicate_of")
+    encoded = pc.dictionary_encode(table["content_hash"]).combine_chunks()
+    groups = pc.fill_null(encoded.indices, -1).to_numpy().astype(np.int64)
+    verdict = duplicate_column(groups, table, params)
+    return duplicates_only(table, verdict, "exact_duplicate_of")
+
+
+def duplicates_only(table: pa.Table, verdict: pa.Array, column: str) -> pa.Table:
+    """`_rowaddr` and `column` of the rows with a verdict."""
+    keep = pc.is_valid(verdict)
+    return pa.table({ROWADDR: pc.filter(table[ROWADDR], keep) if table.num_rows
+                     else pa.array([], pa.uint64()),
+                     column: pc.filter(verdict, keep)})
 
 
 class PhashParams(DedupParams):
@@ -138,41 +157,24 @@ def phash_value(img) -> int:
 
 
 def hamming_groups(hashes: np.ndarray, max_distance: int) -> np.ndarray:
-    """Connected components of the graph 'Hamming distance <= max_distance' over uint64 hashes.
+    """Connected components of the graph 'Hamming distance <= max_distance' over uint64
+    hashes, in this process: a label per hash. The path PhashDedup takes on the cluster
+    (band buckets, then large-star / small-star), on one partition."""
+    from curate.components import connected_components
+    from curate.executor import LocalExecutor
 
-    Equal hashes are collapsed first (so a million blank images cost one vertex); the
-    remaining pairs come from faiss's multi-index hashing, which probes only buckets that
-    can hold a match instead of comparing all pairs.
-    """
-    import faiss
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    if hashes.size == 0:
-        return np.empty(0, dtype=np.int64)
+    hashes = np.asarray(hashes, dtype=np.uint64)
     unique, inverse = np.unique(hashes, return_inverse=True)
-    m = unique.size
-    if m == 1 or max_distance == 0:
+    if unique.size <= 1 or max_distance == 0:
         return inverse.astype(np.int64)
-    codes = np.ascontiguousarray(unique.astype(">u8").view(np.uint8).reshape(m, 8))
-    nhash, nflip = _multihash_plan(m, max_distance)
-    index = faiss.IndexBinaryMultiHash(64, nhash, 64 // nhash)
-    index.nflip = nflip
-    index.add(codes)
-    rows, cols = [], []
-    chunk = 262_144  # bounds the result buffers of one range_search call
-    for start in range(0, m, chunk):
-        lims, _, found = index.range_search(codes[start:start + chunk], max_distance + 1)
-        counts = np.diff(lims.astype(np.int64))
-        query = np.repeat(np.arange(start, start + counts.size), counts)
-        keep = found > query
-        rows.append(query[keep])
-        cols.append(found[keep])
-    r = np.concatenate(rows)
-    c = np.concatenate(cols)
-    graph = coo_matrix((np.ones(r.size, dtype=np.int8), (r, c)), shape=(m, m))
-    _, labels = connected_components(graph, directed=False)
-    return labels[inverse].astype(np.int64)
+    ex = LocalExecutor(pa.table({}), pa.array([], pa.bool_()))
+    parts = [pa.table({"phash": pa.array(unique, pa.uint64())})]
+    labels = concat(connected_components(ex, near_pairs(ex, parts, max_distance)).labels)
+    component = unique.copy()
+    if labels.num_rows:
+        where = np.searchsorted(unique, labels["vertex"].to_numpy())
+        component[where] = labels["component"].to_numpy()
+    return np.unique(component, return_inverse=True)[1][inverse].astype(np.int64)
 
 
 def _multihash_plan(n: int, max_distance: int) -> tuple[int, int]:
@@ -194,6 +196,204 @@ def _multihash_plan(n: int, max_distance: int) -> tuple[int, int]:
             best = (cost, k, flips)
     assert best is not None
     return best[1], best[2]
+
+
+# --- phash_dedup on the cluster: near pairs by band buckets ---------------------------------
+
+PHASH = "phash"
+PHASH_VERDICT = "phash_duplicate_of"
+#: Band bucket of a hash: band index in the high 32 bits, the band's value below.
+BUCKET = "_bucket"
+COMPONENT = "_component"
+LINKED = "_linked"
+#: Buckets up to this size are compared pair by pair in numpy; larger ones go to faiss
+#: (whose index costs more than that below about a thousand hashes).
+SMALL_BUCKET = 1024
+#: Pairs compared at once in numpy (bounds the memory of one comparison: ~10 bytes each).
+PAIR_CELLS = 1 << 22
+
+
+def bands(max_distance: int) -> list[tuple[int, int]]:
+    """(shift, mask) of max_distance + 1 contiguous bands covering the 64 bits: two hashes
+    within max_distance bits agree exactly on at least one of them (pigeonhole)."""
+    k = max_distance + 1
+    out, shift = [], 64
+    for i in range(k):
+        width = 64 // k + (1 if i < 64 % k else 0)
+        shift -= width
+        out.append((shift, (1 << width) - 1))
+    return out
+
+
+def near_pairs(ex, parts: list, max_distance: int) -> list:
+    """Parts of edges (u, v), u < v: the distinct `phash` values of `parts` within
+    max_distance bits, each pair once. Needs max_distance >= 1."""
+    records = ex.map(parts, _band_records, max_distance)
+    return ex.shuffle(records, BUCKET, _bucket_edges, max_distance)
+
+
+def _hashes(table: pa.Table, column: str) -> np.ndarray:
+    if column not in table.column_names or table.num_rows == 0:
+        return np.empty(0, dtype=np.uint64)
+    return table[column].to_numpy().astype(np.uint64, copy=False)
+
+
+def _band_records(table: pa.Table, max_distance: int) -> pa.Table:
+    """One (bucket, hash) per band of each distinct hash of the part."""
+    h = np.unique(_hashes(table, PHASH))
+    keys = [(np.uint64(b) << np.uint64(32)) | ((h >> np.uint64(shift)) & np.uint64(mask))
+            for b, (shift, mask) in enumerate(bands(max_distance))]
+    return pa.table({BUCKET: pa.array(np.concatenate(keys), pa.uint64()),
+                     PHASH: pa.array(np.tile(h, max_distance + 1), pa.uint64())})
+
+
+def _bucket_edges(table: pa.Table, max_distance: int) -> pa.Table:
+    """Pairs within max_distance among the hashes of each bucket here. A pair is kept only
+    in the bucket of the first band its hashes agree on, so each edge comes out once."""
+    bucket, h = _hashes(table, BUCKET), _hashes(table, PHASH)
+    order = np.lexsort((h, bucket))
+    bucket, h = bucket[order], h[order]
+    if h.size:
+        new = np.r_[True, (bucket[1:] != bucket[:-1]) | (h[1:] != h[:-1])]
+        bucket, h = bucket[new], h[new]
+    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]]) if h.size else order[:0]
+    sizes = np.diff(np.r_[starts, h.size]).astype(np.int64)
+    band_masks = bands(max_distance)
+    us, vs = [np.empty(0, np.uint64)], [np.empty(0, np.uint64)]
+
+    def emit(i: np.ndarray, j: np.ndarray) -> None:
+        x = h[i] ^ h[j]
+        first = np.full(x.size, len(band_masks), dtype=np.int64)
+        for b in range(len(band_masks) - 1, -1, -1):
+            shift, mask = band_masks[b]
+            first[((x >> np.uint64(shift)) & np.uint64(mask)) == 0] = b
+        mine = first == (bucket[i] >> np.uint64(32)).astype(np.int64)
+        us.append(h[i[mine]])  # h is sorted within a bucket: h[i] < h[j]
+        vs.append(h[j[mine]])
+
+    small = (sizes >= 2) & (sizes <= SMALL_BUCKET)
+    for i, j in _close_pairs(h, starts[small], sizes[small], max_distance):
+        emit(i, j)
+    for start, size in zip(starts[sizes > SMALL_BUCKET], sizes[sizes > SMALL_BUCKET]):
+        i, j = _hamming_pairs(h[start:start + size], max_distance)
+        emit(i + start, j + start)
+    return pa.table({"u": pa.array(np.concatenate(us), pa.uint64()),
+                     "v": pa.array(np.concatenate(vs), pa.uint64())})
+
+
+def _close_pairs(h: np.ndarray, starts: np.ndarray, sizes: np.ndarray, max_distance: int,
+                 cells: int = PAIR_CELLS):
+    """Index pairs (i, j), i < j, within max_distance bits inside each run
+    h[start:start + size], all pairs compared in numpy. Runs of about the same size are
+    padded to the same width and compared as a stack of squares, `cells` cells at a time."""
+    width = 2
+    while starts.size:
+        mine = sizes <= width
+        run_starts, run_sizes = starts[mine], sizes[mine]
+        starts, sizes = starts[~mine], sizes[~mine]
+        column = np.arange(width)
+        upper = column[:, None] < column[None, :]
+        step = max(1, cells // (width * width))
+        for lo in range(0, run_starts.size, step):
+            size = run_sizes[lo:lo + step, None]
+            valid = column[None, :] < size
+            index = np.where(valid, run_starts[lo:lo + step, None] + column[None, :], 0)
+            values = h[index]
+            near = np.bitwise_count(values[:, :, None] ^ values[:, None, :]) <= max_distance
+            near &= upper[None] & valid[:, None, :]  # j valid and i < j: i valid too
+            hit = np.flatnonzero(near)
+            run, cell = np.divmod(hit, width * width)
+            a, b = np.divmod(cell, width)
+            yield index[run, a], index[run, b]
+        width = width * 2 if width < 64 else width + 64  # pads at most 64 columns
+
+
+def _hamming_pairs(unique: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i, j), i < j, of distinct uint64 hashes within max_distance bits, by
+    faiss's multi-index hashing (probes only the buckets that can hold a match)."""
+    import faiss
+
+    m = unique.size
+    codes = np.ascontiguousarray(unique.astype(">u8").view(np.uint8).reshape(m, 8))
+    nhash, nflip = _multihash_plan(m, max_distance)
+    index = faiss.IndexBinaryMultiHash(64, nhash, 64 // nhash)
+    index.nflip = nflip
+    index.add(codes)
+    rows, cols = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    chunk = 262_144  # bounds the result buffers of one range_search call
+    for start in range(0, m, chunk):
+        lims, _, found = index.range_search(codes[start:start + chunk], max_distance + 1)
+        counts = np.diff(lims.astype(np.int64))
+        query = np.repeat(np.arange(start, start + counts.size), counts)
+        keep = found > query
+        rows.append(query[keep])
+        cols.append(found[keep].astype(np.int64))
+    return np.concatenate(rows), np.concatenate(cols)
+
+
+# --- phash_dedup on the cluster: rows meet their components ---------------------------------
+
+
+def _with_phash(table: pa.Table) -> pa.Table:
+    return table.filter(pc.is_valid(table[PHASH]))
+
+
+def _no_duplicates() -> pa.Table:
+    return pa.table({ROWADDR: pa.array([], pa.uint64()), PHASH_VERDICT: pa.array([], pa.string())})
+
+
+def _attach_components(table: pa.Table) -> pa.Table:
+    """Rows and component labels (tagged by a valid `_component`) of the same hashes: each
+    row gets its hash's component (its own hash when the hash has no near neighbour) and
+    `_linked` (whether it had one)."""
+    n = table.num_rows
+    if COMPONENT in table.column_names:
+        is_label = pc.is_valid(table[COMPONENT]).to_numpy(zero_copy_only=False)
+    else:
+        is_label = np.zeros(n, dtype=bool)
+    labels = table.filter(pa.array(is_label))
+    rows = table.filter(pa.array(~is_label))
+    if rows.num_rows == 0 or ROWADDR not in rows.column_names:
+        return pa.table({})
+    if COMPONENT in rows.column_names:
+        rows = rows.drop_columns([COMPONENT])
+    label_hash, label_component = _hashes(labels, PHASH), _hashes(labels, COMPONENT)
+    order = np.argsort(label_hash)
+    label_hash, label_component = label_hash[order], label_component[order]
+    h = _hashes(rows, PHASH)
+    component, linked = h.copy(), np.zeros(h.size, dtype=bool)
+    if label_hash.size:
+        at = np.minimum(np.searchsorted(label_hash, h), label_hash.size - 1)
+        linked = label_hash[at] == h
+        component = np.where(linked, label_component[at], h)
+    return (rows.append_column(COMPONENT, pa.array(component, pa.uint64()))
+            .append_column(LINKED, pa.array(linked)))
+
+
+def _duplicates_by(table: pa.Table, column: str, params: DedupParams) -> pa.Table:
+    """The duplicates among rows holding whole groups (rows with equal `column`)."""
+    if table.num_rows == 0:
+        return _no_duplicates()
+    groups = np.unique(_hashes(table, column), return_inverse=True)[1].astype(np.int64)
+    return duplicates_only(table, duplicate_column(groups, table, params), PHASH_VERDICT)
+
+
+def _unlinked_duplicates(table: pa.Table, params: DedupParams) -> pa.Table:
+    """Rows whose hash has no near neighbour: a group is the rows with that hash, all of
+    them in this partition (it was shuffled by hash)."""
+    if LINKED not in table.column_names:
+        return _no_duplicates()
+    return _duplicates_by(table.filter(pc.invert(table[LINKED])), PHASH, params)
+
+
+def _linked_rows(table: pa.Table) -> pa.Table:
+    if LINKED not in table.column_names:
+        return pa.table({COMPONENT: pa.array([], pa.uint64())})
+    return table.filter(table[LINKED])
+
+
+def _component_duplicates(table: pa.Table, params: DedupParams) -> pa.Table:
+    return _duplicates_by(table, COMPONENT, params)
 
 
 @register("phash_dedup")
@@ -222,11 +422,24 @@ class PhashDedup(Stage):
         values = [None if img is None else phash_value(img) for img in images]
         return {"phash": pa.array(values, pa.uint64())}
 
-    def run_global(self, table: pa.Table, alive: pa.Array) -> dict[str, pa.Array]:
-        usable = pc.and_(alive, pc.is_valid(table["phash"])).to_numpy(zero_copy_only=False)
-        idx = np.flatnonzero(usable)
-        # fill_null first: a nullable uint64 column would become float64 and lose bits.
-        hashes = pc.fill_null(table["phash"], 0).to_numpy()[idx].astype(np.uint64)
-        groups = np.full(table.num_rows, -1, dtype=np.int64)
-        groups[idx] = hamming_groups(hashes, self.params.max_distance)
-        return {"phash_duplicate_of": duplicate_column(groups, table, self.params)}
+    def global_part(self, ex) -> GlobalResult:
+        """Distinct hashes are the vertices; edges join hashes within max_distance (found
+        in band buckets); a group is a connected component (large-star / small-star
+        rounds), and the keep policy picks one row per group."""
+        from curate.components import connected_components
+
+        distance = self.params.max_distance
+        rows = ex.scan(["sample_id", PHASH, *_policy_columns(self.params)], _with_phash)
+        labels: list = []
+        self.report = {}
+        if distance > 0:
+            found = connected_components(ex, near_pairs(ex, rows, distance),
+                                         vertex=PHASH, component=COMPONENT)
+            labels = found.labels
+            self.report = {"near_pairs": found.edges, "rounds": found.rounds}
+        joined = ex.shuffle(rows + labels, PHASH, _attach_components)
+        parts = ex.map(joined, _unlinked_duplicates, self.params)
+        if labels:
+            linked = ex.map(joined, _linked_rows)
+            parts += ex.shuffle(linked, COMPONENT, _component_duplicates, self.params)
+        return GlobalResult(parts, pa.schema([(PHASH_VERDICT, pa.string())]))

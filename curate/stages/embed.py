@@ -10,10 +10,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from curate.executor import GlobalResult, kth_largest
 from curate.models import in_fixed_batches
 from curate.registry import register
 from curate.stage import Resources, Stage, StageParams
 from curate.stages.model_stage import ModelStage
+from curate.tasks import ROWADDR
 from curate.vectors import column_pixels, from_matrix, prepared_pixels, to_matrix, vector_type
 
 
@@ -70,6 +72,7 @@ class ClipEmbed(ModelStage):
 
     type = "clip_embed"
     Params = ClipEmbedParams
+    local_path_params = ("model", "pretrained")
 
     @cached_property
     def dim(self) -> int:
@@ -167,22 +170,35 @@ class ClipScore(Stage):
         scores = np.einsum("ij,ij->i", image, text)
         return {"clip_score": pa.array(scores, pa.float32(), mask=~valid)}
 
-    def run_global(self, table, alive):
+    def global_part(self, ex) -> GlobalResult:
         p = self.params
-        scores = table["clip_score"]
-        judged = pc.and_(alive, pc.is_valid(scores))
-        values = pc.filter(scores, judged).to_numpy(zero_copy_only=False)
+        schema = pa.schema([("clip_score_reason", pa.string())])
+        parts = ex.scan(["clip_score"], _scored)
+        scored = sum(ex.gather(ex.map(parts, _num_rows)))
         limit, label = p.min_score, ""
-        if p.top_fraction is not None and len(values):
-            keep = max(1, round(p.top_fraction * len(values)))
-            cutoff = float(np.sort(values)[::-1][keep - 1])
+        if p.top_fraction is not None and scored:
+            keep = max(1, round(p.top_fraction * scored))
+            cutoff = kth_largest(ex, parts, "clip_score", keep)
             if limit is None or cutoff > limit:
                 limit, label = cutoff, f" (top {p.top_fraction:.0%})"
         if limit is None:
-            return {"clip_score_reason": pa.nulls(table.num_rows, pa.string())}
-        low = pc.and_(judged, pc.less(scores, limit))
-        text = pc.binary_join_element_wise(
-            "clip_score ", pc.cast(pc.round(scores, 4), pa.string()), f" < {limit:.4g}{label}",
-            "")
-        self.report = {"threshold": round(limit, 4), "scored": len(values)}
-        return {"clip_score_reason": pc.if_else(low, text, pa.scalar(None, pa.string()))}
+            return GlobalResult([], schema)
+        self.report = {"threshold": round(limit, 4), "scored": scored}
+        return GlobalResult(ex.map(parts, _below, limit, label), schema)
+
+
+def _scored(part: pa.Table) -> pa.Table:
+    return part.filter(pc.is_valid(part["clip_score"]))
+
+
+def _num_rows(part: pa.Table) -> int:
+    return part.num_rows
+
+
+def _below(part: pa.Table, limit: float, label: str) -> pa.Table:
+    scores = part["clip_score"]
+    low = pc.less(scores, limit)
+    text = pc.binary_join_element_wise(
+        "clip_score ", pc.cast(pc.round(scores, 4), pa.string()), f" < {limit:.4g}{label}", "")
+    return pa.table({ROWADDR: pc.filter(part[ROWADDR], low),
+                     "clip_score_reason": pc.filter(text, low)})

@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
@@ -26,7 +27,7 @@ from curate.media import (
     read_tar_member,
 )
 from curate.registry import register
-from curate.stage import Stage, StageParams
+from curate.stage import Source, StageParams
 
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson")
 TAR_SUFFIXES = (".tar",)
@@ -35,8 +36,8 @@ IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "pp
 CAPTION_COLUMNS = ("caption", "alt_text", "text", "alt", "TEXT")
 MAX_CAPTION_BYTES = 64 * 1024
 
-#: Columns of the input listing that only travel to the workers (not stored).
-_PRIVATE = ("_offset", "_size", "_error")
+#: Files per listing unit at the top of a directory (sub-directories are units of their own).
+LIST_CHUNK = 10_000
 
 
 def sample_id_for(uri: str) -> str:
@@ -75,17 +76,18 @@ class IngestParams(StageParams):
 
 
 @register("ingest_images")
-class IngestImages(Stage):
+class IngestImages(Source):
     """Read every input image into one row: size, format, bytes, content hash, or an error."""
 
     Params = IngestParams
     params: IngestParams
     verdict_column = "error"
-    is_source = True
+    local_path_params = ("paths",)
 
     def writes(self) -> dict[str, pa.DataType]:
         return {
             "sample_id": pa.string(),
+            "input_id": pa.string(),
             "uri": pa.string(),
             "media_type": pa.string(),
             "alt_text": pa.string(),
@@ -107,58 +109,84 @@ class IngestImages(Stage):
             mode="json", exclude={"resources", "name", "paths", "http_timeout_s", "http_retries"}
         )
 
-    def load(self, batch: pa.Table) -> tuple[dict[str, pa.Array], list]:
-        """Worker side: read and decode each listed input (see `load_inputs`)."""
-        return load_inputs(self, batch)
+    def load(self, items: pa.Table) -> tuple[pa.Table, list]:
+        """Worker side: read and decode each listed input into its one row."""
+        columns, images = load_inputs(self, items)
+        rows = items.select(["input_id", "uri", "alt_text"])
+        rows = rows.append_column("sample_id", items["input_id"])
+        for name, values in columns.items():
+            rows = rows.append_column(name, values)
+        return rows, images
 
-    # --- driver side: listing -------------------------------------------------------------
-    def list_inputs(self) -> pa.Table:
-        """One item per input, sorted by URI, each URI once."""
-        items: dict[str, dict[str, Any]] = {}
-        for i, entry in enumerate(self.params.paths):
-            for item in self._expand(entry, i):
-                items.setdefault(item["uri"], item)
-        rows = [items[k] for k in sorted(items)]
+    # --- listing ----------------------------------------------------------------------------
+    def list_entries(self) -> list[dict[str, Any]]:
+        """Driver side: the listing split into units for workers. Only entries and the top
+        level of each directory are looked at here; paths that do not exist fail now."""
+        entries: list[dict[str, Any]] = []
+        for index, entry in enumerate(self.params.paths):
+            where = f"{self.name}.paths.{index}"
+            if _is_url(entry) or any(ch in entry for ch in "*?["):
+                entries.append({"index": index, "entry": entry})
+                continue
+            path = os.path.abspath(os.path.expanduser(entry))
+            if os.path.isdir(path):
+                files, dirs = _top_level(path)
+                if not files and not dirs:
+                    raise RunError(f"{where}: directory {entry!r} holds no files")
+                entries += [{"index": index, "entry": entry, "dir": d} for d in dirs]
+                for lo in range(0, len(files), LIST_CHUNK):
+                    entries.append({"index": index, "entry": entry,
+                                    "files": files[lo:lo + LIST_CHUNK]})
+            elif os.path.exists(path):
+                entries.append({"index": index, "entry": entry, "files": [path]})
+            else:
+                raise RunError(f"{where}: {entry!r} does not exist (relative paths start at "
+                               f"{os.getcwd()})")
+        return entries
+
+    def list_entry(self, unit: dict[str, Any]) -> pa.Table:
+        """Worker side: the inputs of one listing unit (`list_entries`), in order."""
+        items = [item for path in _unit_files(unit) for item in self._file_items(path)] \
+            if "dir" in unit or "files" in unit else list(self._expand(unit["entry"],
+                                                                      unit["index"]))
+        order = (unit["index"] << 40) + np.arange(len(items), dtype=np.int64)
         return pa.table(
             {
-                "sample_id": pa.array([sample_id_for(r["uri"]) for r in rows], pa.string()),
-                "uri": pa.array([r["uri"] for r in rows], pa.string()),
-                "alt_text": pa.array([r.get("alt_text") for r in rows], pa.string()),
-                "_offset": pa.array([r.get("_offset", -1) for r in rows], pa.int64()),
-                "_size": pa.array([r.get("_size", -1) for r in rows], pa.int64()),
-                "_error": pa.array([r.get("_error") for r in rows], pa.string()),
+                "input_id": pa.array([sample_id_for(r["uri"]) for r in items], pa.string()),
+                "uri": pa.array([r["uri"] for r in items], pa.string()),
+                "alt_text": pa.array([r.get("alt_text") for r in items], pa.string()),
+                "_offset": pa.array([r.get("_offset", -1) for r in items], pa.int64()),
+                "_size": pa.array([r.get("_size", -1) for r in items], pa.int64()),
+                "_error": pa.array([r.get("_error") for r in items], pa.string()),
+                "_order": pa.array(order, pa.int64()),
             }
         )
 
+    def empty_entry(self, index: int) -> str:
+        """Why a path entry that listed nothing is refused."""
+        entry = self.params.paths[index]
+        if any(ch in entry for ch in "*?["):
+            return f"{self.name}.paths.{index}: {entry!r} matches no files"
+        return f"{self.name}.paths.{index}: {entry!r} holds no files"
+
+    def list_inputs(self) -> pa.Table:
+        """Every input, listed in this process (tests, single calls): each URI once."""
+        units = self.list_entries()
+        items = pa.concat_tables([self.list_entry(u) for u in units])
+        for index in range(len(self.params.paths)):
+            if not any(u["index"] == index for u in units):
+                continue
+            if not np.any(items["_order"].to_numpy() >> 40 == index):
+                raise RunError(self.empty_entry(index))
+        return first_of_each_input(items)
+
     def _expand(self, entry: str, index: int):
-        where = f"{self.name}.paths.{index}"
         if _is_url(entry):
             yield {"uri": entry}
             return
-        if any(ch in entry for ch in "*?["):
-            matches = sorted(glob.glob(os.path.expanduser(entry), recursive=True))
-            files = [m for m in matches if os.path.isfile(m)]
-            if not files:
-                raise RunError(f"{where}: {entry!r} matches no files")
-            for path in files:
-                yield from self._file_items(path)
-            return
-        path = os.path.expanduser(entry)
-        if os.path.isdir(path):
-            found = False
-            for root, dirs, names in os.walk(path, followlinks=True):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in sorted(names):
-                    if not name.startswith("."):
-                        found = True
-                        yield from self._file_items(os.path.join(root, name))
-            if not found:
-                raise RunError(f"{where}: directory {entry!r} holds no files")
-        elif os.path.exists(path):
+        matches = sorted(glob.glob(os.path.expanduser(entry), recursive=True))
+        for path in (m for m in matches if os.path.isfile(m)):
             yield from self._file_items(path)
-        else:
-            raise RunError(f"{where}: {entry!r} does not exist (relative paths start at "
-                           f"{os.getcwd()})")
 
     def _file_items(self, path: str):
         path = os.path.abspath(path)
@@ -199,6 +227,42 @@ class IngestImages(Stage):
                 uri = uri.removeprefix("file://")
                 uri = str((base / os.path.expanduser(uri)).resolve())
             yield {"uri": uri, "alt_text": caption}
+
+
+def first_of_each_input(items: pa.Table) -> pa.Table:
+    """Each input once (the first listed: earlier path entries win), in listing order."""
+    if items.num_rows == 0:
+        return items
+    items = items.sort_by([("_order", "ascending")])
+    ids = items["input_id"].combine_chunks()
+    encoded = pc.dictionary_encode(ids).indices.to_numpy()
+    _, first = np.unique(encoded, return_index=True)
+    return items.take(pa.array(np.sort(first)))
+
+
+def _top_level(path: str) -> tuple[list[str], list[str]]:
+    """Files and sub-directories right under `path` (hidden ones left out), sorted."""
+    files, dirs = [], []
+    with os.scandir(path) as found:
+        for entry in found:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=True):
+                dirs.append(entry.path)
+            else:
+                files.append(entry.path)
+    return sorted(files), sorted(dirs)
+
+
+def _unit_files(unit: dict[str, Any]):
+    if "files" in unit:
+        yield from unit["files"]
+        return
+    for root, dirs, names in os.walk(unit["dir"], followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if not name.startswith("."):
+                yield os.path.join(root, name)
 
 
 def _read_manifest(path: str) -> pa.Table:

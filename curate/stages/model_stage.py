@@ -15,6 +15,7 @@ class ModelStage(Stage):
 
     #: The param naming the library that runs the model.
     backend_param: ClassVar[str] = "backend"
+    local_path_params = ("model",)  # a local checkpoint directory (or a hub id, left as is)
 
     def preflight(self):
         model = self.params.model

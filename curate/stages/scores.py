@@ -52,6 +52,7 @@ class _HeadStage(Stage):
 
     hidden: str = "none"
     output: str = "none"
+    local_path_params = ("weights",)
 
     def _fetch(self):
         from curate.models.heads import fetch_weights

@@ -1,12 +1,15 @@
 """semantic_dedup and diversity_sample: global stages over an embedding column.
 
 Both see only the rows that are still alive and have a usable embedding (not null, finite,
-not all zeros). Those rows are put in sample_id order before anything is computed, so the
-output depends on the table's content, not on the order of its rows.
+not all zeros). They run as tasks: k-means is trained on a seeded sample inside one task,
+rows are assigned to centroids part by part, and the work inside a cluster runs on one
+partition holding the whole cluster. Rows are put in sample_id order wherever order could
+matter, so the output depends on the table's content, not on the order or split of rows.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from typing import Literal
@@ -17,15 +20,19 @@ import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
 from curate.cluster import (
-    ASSIGN_CHUNK,
-    balanced_sample,
+    assign,
+    choose_by_quota,
+    cluster_quotas,
+    cluster_tree,
     kmeans,
     semantic_duplicates,
 )
+from curate.executor import GlobalResult
 from curate.registry import register
 from curate.stage import Stage, StageParams
 from curate.stages.dedup import check_score_column
-from curate.vectors import list_values
+from curate.tasks import ROWADDR
+from curate.vectors import from_matrix, list_values, to_matrix
 
 #: upper bound of the automatic cluster count
 MAX_AUTO_CLUSTERS = 10_000
@@ -43,85 +50,90 @@ def _bools(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return pc.fill_null(values, False).to_numpy(zero_copy_only=False).astype(bool, copy=False)
 
 
-def _chunk_matrix(chunk: pa.FixedSizeListArray) -> np.ndarray:
-    """The (rows, dim) float32 view of one chunk (zero-copy for float32 without nulls)."""
-    return list_values(chunk).astype(np.float32, copy=False)
-
-
-def load_embeddings(
-    table: pa.Table, column: str, alive: pa.Array | pa.ChunkedArray
-) -> tuple[np.ndarray, np.ndarray]:
-    """(row indices, unit vectors (m, dim) float32) of the alive rows with a usable
-    embedding, in sample_id order. No per-row Python; one copy of the used vectors."""
-    values = table[column]
-    kind = values.type
+def check_embedding_type(kind: pa.DataType, column: str) -> None:
     if not pa.types.is_fixed_size_list(kind) or not (
         pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)
     ):
         raise ValueError(f"column {column!r} must be a fixed_size_list of floats, got {kind}")
-    dim = kind.list_size
-    n = table.num_rows
-    usable = _bools(alive) & _bools(pc.is_valid(values))
-    squared = np.zeros(n, dtype=np.float32)
-    start = 0
-    for chunk in values.chunks:
-        matrix = _chunk_matrix(chunk)
-        for lo in range(0, len(matrix), ASSIGN_CHUNK):
-            block = matrix[lo:lo + ASSIGN_CHUNK]
-            with np.errstate(over="ignore", invalid="ignore"):
-                squared[start + lo:start + lo + len(block)] = np.einsum("ij,ij->i", block, block)
-        start += len(chunk)
-    usable &= np.isfinite(squared) & (squared > 0)
-    by_id = pc.sort_indices(table["sample_id"]).to_numpy()
-    rows = by_id[usable[by_id]]
-    position = np.full(n, -1, dtype=np.int64)
-    position[rows] = np.arange(len(rows))
-    vectors = np.empty((len(rows), dim), dtype=np.float32)
-    start = 0
-    for chunk in values.chunks:
-        matrix = _chunk_matrix(chunk)
-        for lo in range(0, len(matrix), ASSIGN_CHUNK):
-            stop = start + min(lo + ASSIGN_CHUNK, len(matrix))
-            local = lo + np.flatnonzero(usable[start + lo:stop])
-            if local.size:
-                vectors[position[start + local]] = matrix[local]
-        start += len(chunk)
-    for lo in range(0, len(rows), ASSIGN_CHUNK):
-        norms = np.sqrt(squared[rows[lo:lo + ASSIGN_CHUNK]])
-        vectors[lo:lo + ASSIGN_CHUNK] /= norms[:, None]
-    return rows, vectors
 
 
-def _scores(table: pa.Table, column: str, rows: np.ndarray) -> np.ndarray:
-    """Scores of `rows` as float64; null and NaN become NaN."""
-    values = pc.cast(table[column], pa.float64())
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    return values.to_numpy(zero_copy_only=False)[rows]
+def unit_vectors(part: pa.Table, column: str) -> pa.Table:
+    """The part with `usable` (a finite, non-zero embedding) and `_vector` (the embedding
+    scaled to unit length, float32; null where not usable), in sample_id order."""
+    values = part[column].combine_chunks() if part.num_rows else pa.array(
+        [], part.schema.field(column).type)
+    check_embedding_type(values.type, column)
+    matrix = list_values(values).astype(np.float32, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):
+        squared = np.einsum("ij,ij->i", matrix, matrix)
+    usable = _bools(pc.is_valid(values)) & np.isfinite(squared) & (squared > 0)
+    unit = np.zeros_like(matrix)
+    unit[usable] = matrix[usable] / np.sqrt(squared[usable])[:, None]
+    out = part.drop_columns([column]).append_column("usable", pa.array(usable))
+    out = out.append_column("_vector", from_matrix(unit, usable))
+    return out.sort_by("sample_id")
 
 
-def _centroid_similarity(vectors: np.ndarray, centroids: np.ndarray,
-                         labels: np.ndarray) -> np.ndarray:
-    out = np.empty(len(vectors), dtype=np.float64)
-    for lo in range(0, len(vectors), ASSIGN_CHUNK):
-        block = vectors[lo:lo + ASSIGN_CHUNK]
-        out[lo:lo + len(block)] = np.einsum(
-            "ij,ij->i", block, centroids[labels[lo:lo + ASSIGN_CHUNK]])
+def _usable_count(part: pa.Table) -> int:
+    return int(np.count_nonzero(_bools(part["usable"]))) if part.num_rows else 0
+
+
+def _train_candidates(part: pa.Table, limit: int, seed: int) -> pa.Table:
+    """At most `limit` usable rows of the part: those of smallest seeded hash (together over
+    all parts: a seeded sample that does not depend on how rows are split)."""
+    part = part.filter(pa.array(_bools(part["usable"]))) if part.num_rows else part
+    if part.num_rows > limit:
+        key = seeded_uniform(part["sample_id"], seed)
+        part = part.take(pa.array(np.argsort(key, kind="stable")[:limit]))
+    return part.select(["sample_id", "_vector"])
+
+
+def _train_kmeans(k: int, limit: int, iterations: int, seed: int, *candidates) -> np.ndarray:
+    """Centroids of k-means on the training sample (every usable row when there are at
+    most `limit`), in sample_id order so the result never depends on the split."""
+    sample = _training_sample(limit, seed, candidates)
+    centroids, _ = kmeans(sample, k, iterations=iterations, seed=seed, max_train=limit)
+    return centroids
+
+
+def _training_sample(limit: int, seed: int, candidates) -> np.ndarray:
+    table = pa.concat_tables([c for c in candidates if c.num_rows] or candidates[:1])
+    if table.num_rows > limit:
+        key = seeded_uniform(table["sample_id"], seed)
+        table = table.take(pa.array(np.argsort(key, kind="stable")[:limit]))
+    table = table.sort_by("sample_id")
+    return to_matrix(table["_vector"])[0]
+
+
+def seeded_uniform(ids: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
+    """A value in [0, 1) for each sample_id, fixed by the seed (the same in every process
+    and for every split of the rows)."""
+    out = np.empty(len(ids), dtype=np.float64)
+    salt = str(seed).encode()
+    for i, sample_id in enumerate(ids.to_pylist()):
+        digest = hashlib.blake2b(sample_id.encode(), digest_size=8, key=salt).digest()
+        out[i] = (int.from_bytes(digest, "big") >> 11) / float(1 << 53)
     return out
+
+
+def _priority(part: pa.Table, score_column: str | None, highest: bool, seed: int) -> np.ndarray:
+    """Smaller first: by score (nulls and NaN last) or, without a score, seeded random."""
+    if score_column is None:
+        return seeded_uniform(part["sample_id"], seed)
+    score = pc.cast(part[score_column], pa.float64()).to_numpy(zero_copy_only=False)
+    priority = -score if highest else score
+    return np.where(np.isnan(priority), np.inf, priority)
+
+
+def _cluster_sizes(part: pa.Table, column: str, k: int) -> np.ndarray:
+    labels = pc.drop_null(part[column]).to_numpy() if part.num_rows else np.zeros(0, int)
+    return np.bincount(labels, minlength=k)
 
 
 def _spread(sizes: np.ndarray) -> str:
     if sizes.size == 0:
         return "-"
     return f"min {int(sizes.min())} / median {float(np.median(sizes)):g} / max {int(sizes.max())}"
-
-
-def _int32_column(n: int, rows: np.ndarray, values: np.ndarray) -> pa.Array:
-    out = np.zeros(n, dtype=np.int32)
-    valid = np.zeros(n, dtype=bool)
-    out[rows] = values
-    valid[rows] = True
-    return pa.array(out, pa.int32(), mask=~valid)
 
 
 def _embedding_field():
@@ -190,40 +202,62 @@ class SemanticDedup(_EmbeddingStage):
     def writes(self) -> dict[str, pa.DataType]:
         return {"cluster_id": pa.int32(), "semantic_duplicate_of": pa.string()}
 
-    def run_global(self, table: pa.Table, alive: pa.Array) -> dict[str, pa.Array]:
+    def global_part(self, ex) -> GlobalResult:
         p = self.params
-        n = table.num_rows
-        rows, vectors = load_embeddings(table, p.embedding_column, alive)
-        m = len(rows)
+        parts = ex.scan(list(self.reads()), unit_vectors, p.embedding_column)
+        m = sum(ex.gather(ex.map(parts, _usable_count)))
         k = min(p.clusters or auto_clusters(m), max(m, 1))
-        centroids, labels = kmeans(vectors, k, iterations=p.iterations, seed=p.seed,
-                                   max_train=p.max_train)
-        if p.keep in ("closest", "farthest"):
-            similarity = _centroid_similarity(vectors, centroids, labels)
-            priority = -similarity if p.keep == "closest" else similarity
-        else:
-            score = _scores(table, p.score_column, rows)
-            priority = -score if p.keep == "highest" else score
-            priority = np.where(np.isnan(priority), np.inf, priority)
-        duplicate_of = semantic_duplicates(vectors, labels, p.eps, priority)
-        del vectors
-        is_dup = duplicate_of >= 0
-        keeper = np.full(n, -1, dtype=np.int64)
-        keeper[rows[is_dup]] = rows[duplicate_of[is_dup]]
-        verdict = pc.take(table["sample_id"], pa.array(keeper, pa.int64(), mask=keeper < 0))
-        if isinstance(verdict, pa.ChunkedArray):
-            verdict = verdict.combine_chunks()
-        sizes = np.bincount(labels) if m else np.zeros(0, dtype=np.int64)
+        candidates = ex.map(parts, _train_candidates, p.max_train, p.seed)
+        centroids = ex.task(_train_kmeans, k, p.max_train, p.iterations, p.seed, *candidates)
+        assigned = ex.map(parts, _assign_semantic, centroids, p)
+        found = ex.shuffle(assigned, "cluster_id", _semantic_duplicates, p.eps)
+        sizes = sum(ex.gather(ex.map(assigned, _cluster_sizes, "cluster_id", k)),
+                    np.zeros(k, dtype=np.int64))
+        duplicates = sum(ex.gather(ex.map(found, _valid_count, "semantic_duplicate_of")))
         self.report = {
             "rows": m,
             "clusters": int(np.count_nonzero(sizes)),
             "largest_cluster": int(sizes.max()) if m else 0,
-            "duplicates": int(is_dup.sum()),
+            "duplicates": int(duplicates),
         }
-        return {
-            "cluster_id": _int32_column(n, rows, labels),
-            "semantic_duplicate_of": verdict.cast(pa.string()),
-        }
+        schema = pa.schema([("cluster_id", pa.int32()), ("semantic_duplicate_of", pa.string())])
+        return GlobalResult(found, schema)
+
+
+def _valid_count(part: pa.Table, column: str) -> int:
+    return int(pc.sum(pc.is_valid(part[column])).as_py() or 0) if part.num_rows else 0
+
+
+def _assign_semantic(part: pa.Table, centroids: np.ndarray,
+                     p: SemanticDedupParams) -> pa.Table:
+    """Usable rows with their cluster and priority (smaller is kept first)."""
+    part = part.filter(pa.array(_bools(part["usable"]))) if part.num_rows else part
+    vectors = to_matrix(part["_vector"])[0] if part.num_rows else np.zeros((0, 1), np.float32)
+    labels = assign(vectors, centroids) if part.num_rows else np.zeros(0, np.int32)
+    if p.keep in ("closest", "farthest"):
+        similarity = np.einsum("ij,ij->i", vectors, centroids[labels]).astype(np.float64)
+        priority = -similarity if p.keep == "closest" else similarity
+    else:
+        priority = _priority(part, p.score_column, p.keep == "highest", p.seed)
+    return pa.table({ROWADDR: part[ROWADDR], "sample_id": part["sample_id"],
+                     "_vector": part["_vector"], "cluster_id": pa.array(labels, pa.int32()),
+                     "_priority": pa.array(priority, pa.float64())})
+
+
+def _semantic_duplicates(part: pa.Table, eps: float) -> pa.Table:
+    """Duplicates inside each cluster of the partition (all of a cluster's rows are here)."""
+    if part.num_rows == 0:
+        return pa.table({ROWADDR: pa.array([], pa.uint64()), "cluster_id": pa.array([], pa.int32()),
+                         "semantic_duplicate_of": pa.array([], pa.string())})
+    part = part.sort_by("sample_id")  # ties go by row index: sample_id order
+    vectors = to_matrix(part["_vector"])[0]
+    labels = part["cluster_id"].to_numpy()
+    duplicate_of = semantic_duplicates(vectors, labels, eps, part["_priority"].to_numpy())
+    is_dup = duplicate_of >= 0
+    keeper = pa.array(np.maximum(duplicate_of, 0), pa.int64(), mask=~is_dup)
+    verdict = pc.take(part["sample_id"], keeper)
+    return pa.table({ROWADDR: part[ROWADDR], "cluster_id": part["cluster_id"],
+                     "semantic_duplicate_of": verdict.cast(pa.string())})
 
 
 class DiversityParams(StageParams):
@@ -284,35 +318,72 @@ class DiversitySample(_EmbeddingStage):
             return [auto_clusters(rows, self.params.target)]
         return list(clusters) if isinstance(clusters, list) else [clusters]
 
-    def run_global(self, table: pa.Table, alive: pa.Array) -> dict[str, pa.Array]:
+    def global_part(self, ex) -> GlobalResult:
         p = self.params
-        n = table.num_rows
-        rows, vectors = load_embeddings(table, p.embedding_column, alive)
-        m = len(rows)
-        if p.score_column:
-            score = _scores(table, p.score_column, rows)
-            priority = -score if p.order == "highest" else score
-            priority = np.where(np.isnan(priority), np.inf, priority)
-        else:
-            priority = np.random.default_rng(p.seed).random(m)
+        parts = ex.scan(list(self.reads()), unit_vectors, p.embedding_column)
+        m = sum(ex.gather(ex.map(parts, _usable_count)))
         levels = self.levels(m)
-        chosen, finest = balanced_sample(vectors, p.target, levels, priority, p.seed,
-                                         iterations=p.iterations, max_train=p.max_train)
-        del vectors
-        # 0: alive, embedded, not chosen; 1: alive without a usable embedding; -1: passes
-        code = np.where(_bools(alive), 1, -1).astype(np.int64)
-        code[rows] = np.where(chosen, -1, 0)
-        reasons = pa.array(["not_sampled", "not_sampled: no usable embedding"], pa.string())
-        verdict = pc.take(reasons, pa.array(code, pa.int64(), mask=code < 0))
-        before = np.bincount(finest) if m else np.zeros(0, dtype=np.int64)
-        after = np.bincount(finest[chosen], minlength=len(before))
+        k = min(levels[0], max(m, 1))
+        candidates = ex.map(parts, _train_candidates, p.max_train, p.seed)
+        trained = ex.task(_train_hierarchy, k, levels, p.max_train, p.iterations, p.seed,
+                          *candidates)
+        centroids, tree = ex.gather([trained])[0]
+        assigned = ex.map(parts, _assign_diversity, ex.put(centroids), p)
+        before = sum(ex.gather(ex.map(assigned, _cluster_sizes, "diversity_cluster", k)),
+                     np.zeros(k, dtype=np.int64))
+        quota = cluster_quotas(before, tree, p.target) if m else np.zeros(k, np.int64)
+        chosen = ex.shuffle(assigned, "diversity_cluster", _choose, ex.put(quota))
         present = before > 0
         self.report = {"rows": m, "clusters": int(present.sum())}
         if len(levels) > 1:
             self.report["hierarchy"] = " > ".join(str(k) for k in levels)
-        self.report.update(sampled=int(chosen.sum()), sizes_before=_spread(before[present]),
-                           sizes_after=_spread(after[present]))
-        return {
-            "diversity_cluster": _int32_column(n, rows, finest),
-            "diversity_reason": verdict,
-        }
+        self.report.update(sampled=int(quota.sum()), sizes_before=_spread(before[present]),
+                           sizes_after=_spread(quota[present]))
+        schema = pa.schema([("diversity_cluster", pa.int32()),
+                            ("diversity_reason", pa.string())])
+        return GlobalResult(chosen, schema)
+
+
+def _train_hierarchy(k: int, levels: list[int], limit: int, iterations: int, seed: int,
+                     *candidates) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Finest centroids from the training sample, and the coarser levels above them."""
+    sample = _training_sample(limit, seed, candidates)
+    if len(sample) == 0:
+        return np.zeros((0, 1), np.float32), []
+    centroids, _ = kmeans(sample, k, iterations=iterations, seed=seed, max_train=limit)
+    return centroids, cluster_tree(centroids, levels, seed=seed, iterations=iterations,
+                                   max_train=limit)
+
+
+def _assign_diversity(part: pa.Table, centroids: np.ndarray, p: DiversityParams) -> pa.Table:
+    usable = _bools(part["usable"]) if part.num_rows else np.zeros(0, bool)
+    labels = np.zeros(part.num_rows, dtype=np.int32)
+    if usable.any():
+        vectors = to_matrix(part["_vector"].filter(pa.array(usable)))[0]
+        labels[usable] = assign(vectors, centroids)
+    priority = _priority(part, p.score_column, p.order == "highest", p.seed) \
+        if part.num_rows else np.zeros(0)
+    return pa.table({ROWADDR: part[ROWADDR], "sample_id": part["sample_id"],
+                     "diversity_cluster": pa.array(labels, pa.int32(), mask=~usable),
+                     "_priority": pa.array(priority, pa.float64())})
+
+
+def _choose(part: pa.Table, quota: np.ndarray) -> pa.Table:
+    """Each cluster's quota of rows, smallest priority first (ties by sample_id); the others
+    are not sampled."""
+    if part.num_rows == 0:
+        return pa.table({ROWADDR: pa.array([], pa.uint64()),
+                         "diversity_cluster": pa.array([], pa.int32()),
+                         "diversity_reason": pa.array([], pa.string())})
+    part = part.sort_by("sample_id")
+    usable = _bools(pc.is_valid(part["diversity_cluster"]))
+    finest = pc.fill_null(part["diversity_cluster"], 0).to_numpy().astype(np.int64)
+    chosen = np.zeros(part.num_rows, dtype=bool)
+    rows = np.flatnonzero(usable)
+    chosen[rows] = choose_by_quota(finest[rows], part["_priority"].to_numpy()[rows], quota)
+    # 0: embedded, not chosen; 1: without a usable embedding; -1: passes
+    code = np.where(usable, np.where(chosen, -1, 0), 1)
+    reasons = pa.array(["not_sampled", "not_sampled: no usable embedding"], pa.string())
+    verdict = pc.take(reasons, pa.array(code, pa.int64(), mask=code < 0))
+    return pa.table({ROWADDR: part[ROWADDR], "diversity_cluster": part["diversity_cluster"],
+                     "diversity_reason": verdict})

@@ -1,0 +1,116 @@
+"""What a run has to read: the source's inputs, listed by workers, each input once, less
+those the table already holds finished rows of. Decided per input, on the cluster: the
+listing and the table's ids meet in shuffle partitions keyed by input_id, so no process
+holds every id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate.errors import CurateError, RunError
+from curate.media import TRANSIENT_CODES
+from curate.stage import Source
+from curate.tasks import ROWADDR, Part, gather, map_parts, run_task, scan, shuffle
+
+#: Tag of the table's rows in the shuffle that meets them with the listing.
+_STATE = "_state"
+
+
+@dataclass
+class Pending:
+    """Inputs to read (parts of the listing) and the rows to delete before they are read
+    again (an input's old rows, when its rows are redone)."""
+
+    parts: list[Part]
+    counts: list[int]
+    stale: list[Part]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.counts)
+
+
+def done_filter(row_stages_hash: str) -> str:
+    """Lance filter of the rows that are finished: read by these row stages, and not failed
+    in a way worth retrying."""
+    transient = " OR ".join(f"error LIKE '{code}:%'" for code in TRANSIENT_CODES)
+    return (f"row_stages_hash = '{row_stages_hash}' AND "
+            f"(error IS NULL OR NOT ({transient}))")
+
+
+def _tag(part: pa.Table, state: str) -> pa.Table:
+    return part.select(["input_id", ROWADDR]).append_column(
+        _STATE, pa.array([state] * part.num_rows, pa.string()))
+
+
+def _meet(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """One partition: (inputs to read, `_rowaddr` of the old rows of those inputs)."""
+    if table.num_rows == 0 or "_order" not in table.column_names:
+        return pa.table({}), pa.table({ROWADDR: pa.array([], pa.uint64())})
+    from curate.stages.ingest import first_of_each_input
+
+    state = table[_STATE] if _STATE in table.column_names else pa.nulls(table.num_rows)
+    listed_mask = pc.is_null(state)
+    listed = first_of_each_input(table.filter(listed_mask).drop_columns(
+        [c for c in (_STATE, ROWADDR) if c in table.column_names]))
+    done = table.filter(pc.fill_null(pc.equal(state, "done"), False))["input_id"]
+    todo = listed.filter(pc.invert(pc.is_in(listed["input_id"], value_set=done)))
+    if ROWADDR not in table.column_names:
+        return todo, pa.table({ROWADDR: pa.array([], pa.uint64())})
+    stale = table.filter(pc.fill_null(pc.equal(state, "stale"), False))
+    stale = stale.filter(pc.is_in(stale["input_id"], value_set=todo["input_id"]))
+    return todo, stale.select([ROWADDR])
+
+
+def _listed_count(part: pa.Table, entries: int) -> np.ndarray:
+    indices = part["_order"].to_numpy() >> 40 if part.num_rows else np.zeros(0, np.int64)
+    return np.bincount(indices, minlength=entries)
+
+
+def _num_rows(part: pa.Table) -> int:
+    return part.num_rows
+
+
+def _list_unit(source: Source, unit: dict) -> pa.Table:
+    return source.list_entry(unit)
+
+
+def pending_inputs(source: Source, store, row_stages_hash: str) -> Pending:
+    """List the inputs in tasks and find those with no finished rows in the table."""
+    units = source.list_entries()  # unusable entries fail here, before any work
+    listed = [run_task(_list_unit, source, unit) for unit in units]
+    entries = len(source.params.paths) if hasattr(source.params, "paths") else len(units)
+    counts = sum(unwrap(lambda: gather(map_parts(listed, _listed_count, (entries,)))),
+                 np.zeros(entries, dtype=np.int64))
+    listed_entries = {unit["index"] for unit in units}
+    for index in sorted(listed_entries):
+        if counts[index] == 0:
+            raise RunError(source.empty_entry(index))
+    parts = list(listed)
+    if store.dataset() is not None and store.dataset().count_rows():
+        finished = done_filter(row_stages_hash)
+        parts += scan(store, ["input_id"], finished, _tag, ("done",))
+        parts += scan(store, ["input_id"], f"NOT ({finished}) OR row_stages_hash IS NULL",
+                      _tag, ("stale",))
+    met = shuffle(parts, "input_id", _meet, returns=2)
+    todo = [pair[0] for pair in met]
+    stale = [pair[1] for pair in met]
+    return Pending(todo, gather(map_parts(todo, _num_rows)), stale)
+
+
+def unwrap(call):
+    """Run `call`; a curate error raised inside a task is raised here as itself."""
+    from ray.exceptions import RayTaskError
+
+    try:
+        return call()
+    except RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, CurateError):
+            raise cause from None
+        raise
+
