@@ -204,6 +204,7 @@ def photo_inputs(workdir: Path, count: int, image_size: str, startup_count: int,
     media, small = workdir / name, workdir / f"startup_{name}"
     paths = sorted(media.glob("*.jpg")) if media.exists() else []
     if len(paths) != count:
+        shutil.rmtree(media, ignore_errors=True)  # no stale photos from another count
         paths = write(media, count, size=(width, height), seed=0)
     if not small.exists():
         write(small, startup_count, size=(width, height), seed=1)

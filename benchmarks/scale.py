@@ -236,9 +236,10 @@ def main() -> None:
     write = functools.partial(write_small_photos, exact_copies=EXACT_COPIES,
                               near_copies=NEAR_COPIES)
     corpus, big, small, (width, height) = photo_inputs(
-        workdir, rows[1], args.image_size, 16, write=write, name=f"photos-{args.image_size}")
-    folders = [first_rows(corpus, rows[0], workdir / f"photos-{args.image_size}-{rows[0]}"),
-               big]
+        workdir, rows[1], args.image_size, 16, write=write,
+        name=f"photos-{args.image_size}-{rows[1]}")
+    folders = [first_rows(corpus, rows[0], workdir / f"photos-{args.image_size}-{rows[0]}-of-"
+                          f"{rows[1]}"), big]
     print(f"inputs: {rows[1]:,} JPEGs of {width}x{height} "
           f"({sum(p.stat().st_size for p in corpus) / 1e6:.0f} MB; about "
           f"{EXACT_COPIES:.0%} byte copies, {NEAR_COPIES:.0%} re-encoded copies), the first "
@@ -275,6 +276,9 @@ def main() -> None:
                                  workdir, f"{side.name}-{n}", side.checkout,
                                  args.run_timeout)
                 side.runs.append(run)
+                seen = run.summary and run.summary.get("rows_total")
+                if seen is not None and seen != n:
+                    run.error = f"the run's table has {seen:,} rows, not {n:,}"
                 if side.check(run, f"run on {n:,} rows"):
                     print(f"{side.name}: {n:,} rows in {run.seconds:.1f} s "
                           f"({n / run.seconds:.1f} images/s), driver peak "

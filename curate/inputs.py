@@ -43,7 +43,8 @@ def done_filter(row_stages_hash: str) -> str:
 
 
 def _tag(part: pa.Table, state: str) -> pa.Table:
-    return part.select(["input_id", ROWADDR]).append_column(
+    columns = [c for c in ("input_id", "input_rows", ROWADDR) if c in part.column_names]
+    return part.select(columns).append_column(
         _STATE, pa.array([state] * part.num_rows, pa.string()))
 
 
@@ -56,14 +57,28 @@ def _meet(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     state = table[_STATE] if _STATE in table.column_names else pa.nulls(table.num_rows)
     listed_mask = pc.is_null(state)
     listed = first_of_each_input(table.filter(listed_mask).drop_columns(
-        [c for c in (_STATE, ROWADDR) if c in table.column_names]))
-    done = table.filter(pc.fill_null(pc.equal(state, "done"), False))["input_id"]
-    todo = listed.filter(pc.invert(pc.is_in(listed["input_id"], value_set=done)))
+        [c for c in (_STATE, ROWADDR, "input_rows") if c in table.column_names]))
     if ROWADDR not in table.column_names:
-        return todo, pa.table({ROWADDR: pa.array([], pa.uint64())})
-    stale = table.filter(pc.fill_null(pc.equal(state, "stale"), False))
-    stale = stale.filter(pc.is_in(stale["input_id"], value_set=todo["input_id"]))
-    return todo, stale.select([ROWADDR])
+        return listed, pa.table({ROWADDR: pa.array([], pa.uint64())})
+    finished = table.filter(pc.fill_null(pc.equal(state, "done"), False))
+    done = _complete_inputs(finished)
+    todo = listed.filter(pc.invert(pc.is_in(listed["input_id"], value_set=done)))
+    old = table.filter(pc.is_valid(state))  # finished rows of cut-off inputs are stale too
+    old = old.filter(pc.invert(pc.is_in(old["input_id"], value_set=done)))
+    old = old.filter(pc.is_in(old["input_id"], value_set=todo["input_id"]))
+    return todo, old.select([ROWADDR])
+
+
+def _complete_inputs(finished: pa.Table) -> pa.Array:
+    """Inputs all of whose rows are finished (a run cut off between the commits of one
+    input's rows leaves it incomplete: it is read again)."""
+    if finished.num_rows == 0:
+        return pa.array([], pa.string())
+    counts = finished.group_by("input_id").aggregate([("input_id", "count"),
+                                                      ("input_rows", "max")])
+    whole = pc.greater_equal(counts["input_id_count"],
+                             pc.fill_null(counts["input_rows_max"], 1))
+    return counts.filter(whole)["input_id"]
 
 
 def _listed_count(part: pa.Table, entries: int) -> np.ndarray:
@@ -93,7 +108,7 @@ def pending_inputs(source: Source, store, row_stages_hash: str) -> Pending:
     parts = list(listed)
     if store.dataset() is not None and store.dataset().count_rows():
         finished = done_filter(row_stages_hash)
-        parts += scan(store, ["input_id"], finished, _tag, ("done",))
+        parts += scan(store, ["input_id", "input_rows"], finished, _tag, ("done",))
         parts += scan(store, ["input_id"], f"NOT ({finished}) OR row_stages_hash IS NULL",
                       _tag, ("stale",))
     met = shuffle(parts, "input_id", _meet, returns=2)

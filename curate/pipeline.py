@@ -19,6 +19,7 @@ FINAL_COLUMNS: dict[str, pa.DataType] = {
     "reject_reason": pa.string(),
     "duplicate_of": pa.string(),
     "row_stages_hash": pa.string(),
+    "input_rows": pa.int32(),
 }
 
 

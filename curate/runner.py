@@ -118,6 +118,7 @@ class SegmentWorker:
             source, *rest = self.stages
             started = time.perf_counter()
             out, images = source.load(batch)
+            out = out.append_column("input_rows", _input_rows(out["input_id"]))
             out = _add_timing(out, source.name, time.perf_counter() - started)
         for stage in rest:
             started = time.perf_counter()
@@ -139,6 +140,15 @@ class SegmentWorker:
             out = out.append_column(
                 "row_stages_hash", pa.array([self.row_stages_hash] * out.num_rows))
         return out
+
+
+def _input_rows(input_ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """For each row, how many rows its input has: a resumed run can tell an input whose
+    rows were all committed from one cut off midway."""
+    if isinstance(input_ids, pa.ChunkedArray):
+        input_ids = input_ids.combine_chunks()
+    codes = pc.dictionary_encode(input_ids).indices.to_numpy()
+    return pa.array(np.bincount(codes)[codes] if len(codes) else [], pa.int32())
 
 
 class FanOutWorker(SegmentWorker):

@@ -250,7 +250,9 @@ def test_image_search_finds_the_uploaded_photo(base, table):
     upload = Path(row["uri"]).read_bytes()
     got = requests.post(base + "/search/image", files={"file": ("q.jpg", upload)},
                         params={"k": 3}, timeout=120).json()["rows"]
-    assert got[0]["sample_id"] == row["sample_id"] and got[0]["_distance"] < 1e-4
+    # the photo, or a copy of it (the tar shard holds one): equal vectors tie in any order
+    exact = [g["sample_id"] for g in got if g["_distance"] < 1e-4]
+    assert got[0]["_distance"] < 1e-4 and row["sample_id"] in exact
     broken = requests.post(base + "/search/image", files={"file": ("q.jpg", upload[:2000])},
                            timeout=120)
     assert "truncated" in error_of(broken, 422)

@@ -36,12 +36,7 @@ def jpeg(img: Image.Image) -> bytes:
 
 def ingest(paths, **kwargs):
     stage = IngestImages(paths=[str(p) for p in paths], **kwargs)
-    items = stage.list_inputs()
-    columns, images = stage.load(items)
-    table = items.select(["sample_id", "uri", "alt_text"])
-    for name, values in columns.items():
-        table = table.append_column(name, values)
-    return table, images
+    return stage.load(stage.list_inputs())
 
 
 # --- image_quality --------------------------------------------------------------------------

@@ -89,14 +89,15 @@ class FeaturePlan:
 
 def listing(sample_id: str, uri: str, text: str | None, offset: int = -1,
             size: int = -1) -> pa.Table:
-    """One row shaped like the source's listing of inputs (see IngestImages.list_inputs)."""
+    """One row shaped like the source's listing of inputs (see IngestImages.list_entry)."""
     return pa.table({
-        "sample_id": pa.array([sample_id], pa.string()),
+        "input_id": pa.array([sample_id], pa.string()),
         "uri": pa.array([uri], pa.string()),
         "alt_text": pa.array([text], pa.string()),
         "_offset": pa.array([offset], pa.int64()),
         "_size": pa.array([size], pa.int64()),
         "_error": pa.array([None], pa.string()),
+        "_order": pa.array([0], pa.int64()),
     })
 
 
