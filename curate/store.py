@@ -99,6 +99,10 @@ class Store:
                 + "; ".join(conflicts) + ". Use another store.table or store.uri."
             )
         missing = [f for f in schema if f.name not in have.names]
+        if "input_id" in (f.name for f in missing) and "sample_id" in have.names:
+            # a table from before rows had input_id: each row was its own input
+            table.add_columns({"input_id": "sample_id"})
+            missing = [f for f in missing if f.name != "input_id"]
         if missing:
             table.add_columns(pa.schema(missing))
         return table
