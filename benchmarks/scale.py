@@ -247,7 +247,10 @@ def main() -> None:
           f"{os.cpu_count()} CPUs; in {workdir} [{time.perf_counter() - started:.0f} s to "
           "make]", flush=True)
 
-    sides = [Side("current", ROOT, "working tree at " + git("rev-parse", "--short", "HEAD"))]
+    dirty = " with uncommitted changes to curate/" if git("status", "--porcelain", "--",
+                                                         "curate") else ""
+    sides = [Side("current", ROOT, f"working tree at {git('rev-parse', '--short', 'HEAD')}"
+                                   f"{dirty}")]
     worktree = None
     try:
         if not args.skip_previous:

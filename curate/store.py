@@ -193,7 +193,11 @@ class Store:
         self.table().tags.create(name, version)
 
     def optimize(self) -> None:
-        """Compact the many small fragments that incremental commits leave behind."""
+        """Compact the many small fragments that incremental commits leave behind (in
+        tasks on the cluster), then let LanceDB bring its indexes up to date."""
+        from curate.tasks import compact
+
+        compact(self)
         self.table().optimize()
 
     def ensure_sample_index(self) -> None:

@@ -309,3 +309,32 @@ def delete_rows(store, parts: list[Part], why: str) -> int | None:
     if not updated and not removed:
         return None
     return store.commit_delete(updated, removed, why, version)
+
+
+# --- compaction -----------------------------------------------------------------------------
+
+
+def _compact_task(uri: str, storage_options: dict | None, task_json: str) -> str:
+    import lance
+    from lance.optimize import CompactionTask
+
+    task = CompactionTask.from_json(task_json)
+    dataset = lance.dataset(uri, version=task.read_version, storage_options=storage_options)
+    return task.execute(dataset).json()
+
+
+def compact(store) -> int:
+    """Merge the small fragments that incremental commits leave into large ones, one task
+    per group of fragments (the rewriting never runs here); one commit. Returns the number
+    of compaction tasks."""
+    from lance.optimize import Compaction, CompactionOptions, RewriteResult
+
+    dataset = store.dataset()
+    plan = Compaction.plan(dataset, CompactionOptions())
+    if plan.num_tasks() == 0:
+        return 0
+    task = _remote(_compact_task)
+    refs = [task.remote(store.uri_of_table, store.storage_options, t.json())
+            for t in plan.tasks]
+    Compaction.commit(dataset, [RewriteResult.from_json(r) for r in gather(refs)])
+    return plan.num_tasks()
