@@ -1,5 +1,7 @@
-"""What one `curate run` does: list inputs, stream what is left to do into the table in
-increments, run the global stages, derive the verdicts, record and tag the run."""
+"""What one `curate run` does, from the driver: find what is left to do (inputs listed and
+matched against the table by tasks), stream it through the row stages while workers write
+fragments and the driver commits their metadata in increments, run the global stages as
+tasks over fragments, set the verdicts, record and tag the run. No row data passes here."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The only module that knows Ray: stages become Ray Data operators here."""
+"""Where row stages meet Ray Data: pools of actors run the stages, and the last step writes
+the rows as Lance fragments on the workers. (Table-wide work runs as plain Ray tasks, in
+curate/tasks.py.)"""
 
 from __future__ import annotations
 
@@ -122,6 +124,12 @@ class SegmentWorker:
             out = _add_timing(out, source.name, time.perf_counter() - started)
         for stage in rest:
             started = time.perf_counter()
+            if stage.fans_out:
+                out, images = stage.expand(out, images)
+                out = out.set_column(out.column_names.index("input_rows"), "input_rows",
+                                     _input_rows(out["input_id"]))
+                out = _add_timing(out, stage.name, time.perf_counter() - started)
+                continue
             columns = self._on_alive(stage, out, images, stage.process, stage.writes())
             for name, values in columns.items():
                 out = out.append_column(name, values)

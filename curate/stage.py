@@ -147,7 +147,7 @@ class Stage:
 
     @property
     def has_row_part(self) -> bool:
-        return type(self).process is not Stage.process
+        return type(self).process is not Stage.process or self.fans_out
 
     @property
     def has_global_part(self) -> bool:
@@ -180,6 +180,12 @@ class Stage:
 
         ex = LocalExecutor(table, alive)
         return ex.columns(self.global_part(ex))
+
+    def expand(self, rows: pa.Table, media: list | None) -> tuple[pa.Table, list | None]:
+        """Row part of a fan-out stage (`fans_out`): the rows that replace `rows` (any number
+        per row, each keeping its `input_id`, with a stable `sample_id` of its own) and
+        their media."""
+        raise NotImplementedError
 
     def fingerprint(self) -> dict[str, Any]:
         """What determines this stage's output (used to decide what must be recomputed)."""

@@ -16,6 +16,7 @@ import pytest
 
 from curate import Pipeline, load_config
 from curate.registry import get_stage_class, register
+from curate.stage import Stage, StageParams
 from curate.stages.ingest import IngestImages
 from curate.verdicts import alive_before
 
@@ -176,3 +177,40 @@ def test_scan_and_write_columns_round_trip(ray_session, tmp_path, parts):
 
 def _rows(part: pa.Table) -> int:
     return part.num_rows
+
+
+class Repeat(Stage):
+    """A fan-out row stage: every decoded row becomes `copies` rows."""
+
+    type = "repeat_rows"
+    Params = StageParams
+    fans_out = True
+
+    def __init__(self, copies: int):
+        super().__init__()
+        self.copies = copies
+
+    def expand(self, rows, media):
+        keep = [i for i, m in enumerate(media) for _ in range(self.copies if m else 1)]
+        out = rows.take(pa.array(keep))
+        ids = [f"{sid}-{k}" for k, sid in enumerate(out["sample_id"].to_pylist())]
+        return out.set_column(out.column_names.index("sample_id"), "sample_id",
+                              pa.array(ids)), [media[i] for i in keep]
+
+
+def test_a_fan_out_stage_reshapes_rows_in_the_worker(demo_media):
+    """SegmentWorker (no Ray) after a fan-out stage: more rows, input_rows counts them per
+    input, and the stages after it see the new rows."""
+    from curate.runner import FanOutWorker
+    from curate.stages import ImageQuality
+
+    source = IngestImages(paths=[str(demo_media / "photos")])
+    items = source.list_inputs()
+    worker = FanOutWorker([source, Repeat(3), ImageQuality(min_side=8)], [], last=True,
+                          row_stages_hash="h")
+    out = pa.concat_tables(list(worker(items)))
+    assert out.num_rows == 3 * items.num_rows
+    assert set(out["input_rows"].to_pylist()) == {3}
+    assert out["quality_reason"].null_count == out.num_rows
+    assert pc.count_distinct(out["sample_id"]).as_py() == out.num_rows
+    assert sorted(set(out["input_id"].to_pylist())) == sorted(items["input_id"].to_pylist())
