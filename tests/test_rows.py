@@ -24,11 +24,11 @@ from curate.verdicts import alive_before
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-@register("ingest_halves")
 class IngestHalves(IngestImages):
     """Each image becomes two rows, its left and right halves (a stand-in for a video cut
     into clips); a file that cannot be read stays one row with its error."""
 
+    type = "ingest_halves"
     fans_out = True
 
     def writes(self):
@@ -58,6 +58,17 @@ class IngestHalves(IngestImages):
         return pa.concat_tables(out), media
 
 
+@pytest.fixture()
+def halves_stage():
+    """`ingest_halves` registered for the test only (the stage reference lists built-in
+    stages)."""
+    from curate import registry
+
+    register("ingest_halves")(IngestHalves)
+    yield IngestHalves
+    del registry._STAGES["ingest_halves"]
+
+
 def halves_config(media, store, min_blur: float = 1.0) -> dict:
     return {
         "name": "halves",
@@ -76,7 +87,7 @@ def table_of(store) -> pa.Table:
     return lancedb.connect(str(store)).open_table("samples").to_arrow().sort_by("sample_id")
 
 
-def test_one_input_many_rows_redone_per_input(ray_session, demo_media, tmp_path):
+def test_one_input_many_rows_redone_per_input(ray_session, halves_stage, demo_media, tmp_path):
     store = tmp_path / "store"
     first = Pipeline.from_config(load_config(halves_config(demo_media, store))).run(
         progress=False)
