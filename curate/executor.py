@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.tasks import ROWADDR, Part, concat
+from curate.tasks import ROWADDR, Part, aligned_columns, concat
 
 
 @dataclass
@@ -65,25 +65,8 @@ class LocalExecutor:
 
     def columns(self, result: GlobalResult) -> dict[str, pa.Array]:
         """The result as full columns aligned with the table."""
-        n = self.table.num_rows
-        values = concat(result.parts)
-        position = None
-        if values.num_rows:
-            where = np.full(n, -1, dtype=np.int64)
-            where[values[ROWADDR].to_numpy().astype(np.int64)] = np.arange(values.num_rows)
-            position = pa.array(where, mask=where < 0)
-        out = {}
-        for f in result.schema:
-            if position is not None and f.name in values.column_names:
-                column = pc.take(values[f.name], position)
-            else:
-                column = pa.nulls(n, f.type)
-            if f.name in result.defaults:
-                column = pc.fill_null(column, result.defaults[f.name])
-            if isinstance(column, pa.ChunkedArray):
-                column = column.combine_chunks()
-            out[f.name] = column.cast(f.type)
-        return out
+        rows = pa.array(np.arange(self.table.num_rows, dtype=np.uint64))
+        return aligned_columns(concat(result.parts), rows, result.schema, result.defaults)
 
 
 class ClusterExecutor:

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from curate.errors import CurateError, RunError
 from curate.media import TRANSIENT_CODES
 from curate.stage import Source
-from curate.tasks import ROWADDR, Part, gather, map_parts, run_task, scan, shuffle
+from curate.tasks import ROWADDR, Part, gather, map_parts, num_rows, run_task, scan, shuffle
 
 #: Tag of the table's rows in the shuffle that meets them with the listing.
 _STATE = "_state"
@@ -86,11 +86,8 @@ def _listed_count(part: pa.Table, entries: int) -> np.ndarray:
     return np.bincount(indices, minlength=entries)
 
 
-def _num_rows(part: pa.Table) -> int:
-    return part.num_rows
-
-
 def _list_unit(source: Source, unit: dict) -> pa.Table:
+    # a task runs a function, not a bound method
     return source.list_entry(unit)
 
 
@@ -114,7 +111,7 @@ def pending_inputs(source: Source, store, row_stages_hash: str) -> Pending:
     met = shuffle(parts, "input_id", _meet, returns=2)
     todo = [pair[0] for pair in met]
     stale = [pair[1] for pair in met]
-    return Pending(todo, gather(map_parts(todo, _num_rows)), stale)
+    return Pending(todo, gather(map_parts(todo, num_rows)), stale)
 
 
 def unwrap(call):

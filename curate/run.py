@@ -255,15 +255,14 @@ class _Execution:
     def _global_and_verdicts(self) -> list[StageCount]:
         """Each global stage as tasks over the table, one commit each; then the verdicts
         and the funnel, fragment by fragment."""
-        from curate.executor import ClusterExecutor, GlobalResult
+        from curate.executor import ClusterExecutor
 
         for i, stage in enumerate(self.stages):
             if not stage.has_global_part:
                 continue
             started = time.perf_counter()
             ex = ClusterExecutor(self.store, self._alive_filter(i))
-            result = stage.global_part(ex)
-            ex.write(GlobalResult(result.parts, result.schema, result.defaults))
+            ex.write(stage.global_part(ex))
             self.seconds[stage.name] += time.perf_counter() - started
             if not stage.has_row_part:
                 self.processed[stage.name] += self.store.table().count_rows()

@@ -170,6 +170,10 @@ def blocks(parts: list[Part], counts: list[int], rows: int) -> list[Part]:
     return out
 
 
+def num_rows(part: pa.Table) -> int:
+    return part.num_rows
+
+
 def gather(refs: list[Part]) -> list:
     """The results of small tasks (counts, centroids), on the driver."""
     import ray
@@ -191,6 +195,25 @@ def run_task(fn: Callable, *args, **options):
 # --- writing columns back -----------------------------------------------------------------
 
 
+def aligned_columns(values: pa.Table, addresses: pa.Array | pa.ChunkedArray,
+                    schema: pa.Schema, defaults: dict) -> dict[str, pa.Array]:
+    """`schema`'s columns for the rows at `addresses`, taken from `values` (rows with
+    `_rowaddr`); rows missing from `values` get the default or null."""
+    position = pc.index_in(addresses, value_set=values[ROWADDR]) if values.num_rows else None
+    out = {}
+    for field in schema:
+        if position is not None and field.name in values.column_names:
+            column = pc.take(values[field.name], position)
+        else:
+            column = pa.nulls(len(addresses), field.type)
+        if field.name in defaults:
+            column = pc.fill_null(column, defaults[field.name])
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        out[field.name] = column.cast(field.type)
+    return out
+
+
 def _write_task(uri: str, version: int, storage_options: dict | None,
                 fragment_ids: list[int], schema: pa.Schema, defaults: dict,
                 *pieces) -> list[tuple[str, list[int]]]:
@@ -198,29 +221,14 @@ def _write_task(uri: str, version: int, storage_options: dict | None,
 
     values = concat(pieces)
     dataset = lance.dataset(uri, version=version, storage_options=storage_options)
-    if values.num_rows:
-        where = fragment_of(values)
+    where = fragment_of(values) if values.num_rows else None
     out = []
     for fid in fragment_ids:
         fragment = dataset.get_fragment(fid)
         ids = fragment.to_table(columns=[], with_row_id=True)["_rowid"]
-        full = {"_rowid": ids}
-        mine = values.filter(pa.array(where == fid)) if values.num_rows else values
-        position = None
-        if mine.num_rows:
-            # without stable row ids a row's id is its address
-            lookup = pc.index_in(ids, value_set=mine[ROWADDR])
-            position = lookup
-        for field in schema:
-            if position is not None and field.name in mine.column_names:
-                column = pc.take(mine[field.name], position)
-                if field.name in defaults:
-                    column = pc.fill_null(column, defaults[field.name])
-                full[field.name] = column.cast(field.type)
-            elif field.name in defaults:
-                full[field.name] = pa.array([defaults[field.name]] * len(ids), field.type)
-            else:
-                full[field.name] = pa.nulls(len(ids), field.type)
+        mine = values.filter(pa.array(where == fid)) if where is not None else values
+        # without stable row ids a row's id is its address
+        full = {"_rowid": ids, **aligned_columns(mine, ids, schema, defaults)}
         metadata, fields = fragment.update_columns(pa.table(full), left_on="_rowid")
         out.append((json.dumps(metadata.to_json()), list(fields)))
     return out

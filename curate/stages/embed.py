@@ -15,7 +15,7 @@ from curate.models import in_fixed_batches
 from curate.registry import register
 from curate.stage import Resources, Stage, StageParams
 from curate.stages.model_stage import ModelStage
-from curate.tasks import ROWADDR
+from curate.tasks import ROWADDR, num_rows
 from curate.vectors import column_pixels, from_matrix, prepared_pixels, to_matrix, vector_type
 
 
@@ -174,7 +174,7 @@ class ClipScore(Stage):
         p = self.params
         schema = pa.schema([("clip_score_reason", pa.string())])
         parts = ex.scan(["clip_score"], _scored)
-        scored = sum(ex.gather(ex.map(parts, _num_rows)))
+        scored = sum(ex.gather(ex.map(parts, num_rows)))
         limit, label = p.min_score, ""
         if p.top_fraction is not None and scored:
             keep = max(1, round(p.top_fraction * scored))
@@ -189,10 +189,6 @@ class ClipScore(Stage):
 
 def _scored(part: pa.Table) -> pa.Table:
     return part.filter(pc.is_valid(part["clip_score"]))
-
-
-def _num_rows(part: pa.Table) -> int:
-    return part.num_rows
 
 
 def _below(part: pa.Table, limit: float, label: str) -> pa.Table:

@@ -82,10 +82,15 @@ def _train_candidates(part: pa.Table, limit: int, seed: int) -> pa.Table:
     """At most `limit` usable rows of the part: those of smallest seeded hash (together over
     all parts: a seeded sample that does not depend on how rows are split)."""
     part = part.filter(pa.array(_bools(part["usable"]))) if part.num_rows else part
-    if part.num_rows > limit:
-        key = seeded_uniform(part["sample_id"], seed)
-        part = part.take(pa.array(np.argsort(key, kind="stable")[:limit]))
-    return part.select(["sample_id", "_vector"])
+    return _seeded_sample(part, limit, seed).select(["sample_id", "_vector"])
+
+
+def _seeded_sample(table: pa.Table, limit: int, seed: int) -> pa.Table:
+    """The `limit` rows of smallest seeded hash (all rows when there are no more)."""
+    if table.num_rows <= limit:
+        return table
+    key = seeded_uniform(table["sample_id"], seed)
+    return table.take(pa.array(np.argsort(key, kind="stable")[:limit]))
 
 
 def _train_kmeans(k: int, limit: int, iterations: int, seed: int, *candidates) -> np.ndarray:
@@ -98,10 +103,7 @@ def _train_kmeans(k: int, limit: int, iterations: int, seed: int, *candidates) -
 
 def _training_sample(limit: int, seed: int, candidates) -> np.ndarray:
     table = pa.concat_tables([c for c in candidates if c.num_rows] or candidates[:1])
-    if table.num_rows > limit:
-        key = seeded_uniform(table["sample_id"], seed)
-        table = table.take(pa.array(np.argsort(key, kind="stable")[:limit]))
-    table = table.sort_by("sample_id")
+    table = _seeded_sample(table, limit, seed).sort_by("sample_id")
     return to_matrix(table["_vector"])[0]
 
 
