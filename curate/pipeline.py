@@ -77,7 +77,18 @@ def check_stage_columns(config: Config, where: str | None = None) -> None:
     written: dict[str, int] = {}
     names: dict[str, int] = {}
     model_stage: Stage | None = None
+    videos = getattr(stages[0], "media_kind", None) == "video"
+    cut: int | None = None
     for i, stage in enumerate(stages):
+        if stage.makes_clips:
+            cut = i
+            if not videos:
+                problems.append((f"stages.{i}.type", f"{stage.type} cuts videos; the first "
+                                 "stage must be ingest_videos"))
+        needs_frames = stage.needs_pixels() or stage.has_prepare_part
+        if videos and cut is None and needs_frames and i:
+            problems.append((f"stages.{i}", f"{stage.type} works on frames; put split_clips "
+                             "before it (it hands each clip's frames to the stages after)"))
         if stage.needs_pixels() and not stage.own_pool and model_stage is not None:
             problems.append((f"stages.{i}", f"{stage.type} works on decoded pixels, which "
                              f"stay in the decoding pool; move it before {model_stage.name} "

@@ -93,8 +93,17 @@ class SegmentWorker:
 
     def __init__(self, stages: list[Stage], prepare: list[Stage], last: bool,
                  row_stages_hash: str, threads: int | None = None,
-                 earlier_verdicts: dict[str, list[str]] | None = None):
+                 earlier_verdicts: dict[str, list[str]] | None = None, clips: bool = False,
+                 frame_columns: tuple[str, ...] = ()):
         self.stages = stages
+        #: True where rows may be clips (in a pipeline that cuts videos, from the stage that
+        #: cuts them on): image stages then see each sampled frame as a row.
+        self.clips = clips
+        maker = next((k for k, s in enumerate(stages) if s.makes_clips), None)
+        on_frames = stages[maker + 1:] if maker is not None else (stages if clips else [])
+        self._on_frame_rows = {id(s) for s in on_frames if not s.takes_clips}
+        #: Prepared columns that hold one value per frame (lists, on clips).
+        self.frame_columns = frame_columns
         self.prepare = prepare
         #: For stages that skip dropped rows: the verdict columns of the stages before them.
         self.earlier_verdicts = earlier_verdicts or {}
@@ -113,34 +122,118 @@ class SegmentWorker:
         return _on_alive_rows(batch, images, verdicts, work, empty)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        images = None
+        tables = list(self._run(batch))
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+    def _run(self, batch: pa.Table) -> Iterator[pa.Table]:
+        """The segment's output for `batch`: one table, or several when a fan-out stage
+        hands its rows on in blocks (a video's clips, as they are cut)."""
+        media = None
         out = batch
         rest = self.stages
         if self.stages[0].is_source:
             source, *rest = self.stages
             started = time.perf_counter()
-            out, images = source.load(batch)
+            out, media = source.load(batch)
             out = out.append_column("input_rows", _input_rows(out["input_id"]))
             out = _add_timing(out, source.name, time.perf_counter() - started)
-        for stage in rest:
+        yield from self._after(out, media, rest)
+
+    def _after(self, out: pa.Table, media, stages: list[Stage]) -> Iterator[pa.Table]:
+        for k, stage in enumerate(stages):
+            if not stage.fans_out:
+                continue
+            out = self._stages(out, media, stages[:k])
             started = time.perf_counter()
-            if stage.fans_out:
-                out, images = stage.expand(out, images)
+            result = stage.expand(out, media)
+            if isinstance(result, tuple):
+                out, media = result
                 out = out.set_column(out.column_names.index("input_rows"), "input_rows",
                                      _input_rows(out["input_id"]))
                 out = _add_timing(out, stage.name, time.perf_counter() - started)
+                yield from self._after(out, media, stages[k + 1:])
+                return
+            # Streamed blocks (they carry their own input_rows): each goes through the rest
+            # of the segment as it comes, so one long input never sits whole in memory.
+            for rows, block_media in result:
+                rows = _add_timing(rows, stage.name, time.perf_counter() - started)
+                yield from self._after(rows, block_media, stages[k + 1:])
+                started = time.perf_counter()
+            return
+        yield self._finish(self._stages(out, media, stages), media)
+
+    def _stages(self, out: pa.Table, media, stages: list[Stage]) -> pa.Table:
+        """Row stages on `out`; on clips, runs of stages that work on frames see each frame
+        as a row (curate.frames)."""
+        i = 0
+        while i < len(stages):
+            stage = stages[i]
+            if id(stage) in self._on_frame_rows:
+                j = i
+                while j < len(stages) and id(stages[j]) in self._on_frame_rows:
+                    j += 1
+                out = self._on_frames(out, media, stages[i:j])
+                i = j
                 continue
-            columns = self._on_alive(stage, out, images, stage.process, stage.writes())
+            out = self._on_rows(out, media, [stage])
+            i += 1
+        return out
+
+    def _on_rows(self, out: pa.Table, media, stages: list[Stage]) -> pa.Table:
+        for stage in stages:
+            started = time.perf_counter()
+            columns = self._on_alive(stage, out, media, stage.process, stage.writes())
             for name, values in columns.items():
                 out = out.append_column(name, values)
             out = _add_timing(out, stage.name, time.perf_counter() - started)
+        return out
+
+    def _on_frames(self, out: pa.Table, media, stages: list[Stage]) -> pa.Table:
+        from curate import frames
+
+        if media is not None:
+            counts = frames.frame_counts(media, out.num_rows)
+            rows = out.take(pa.array(frames.owners(counts)))
+            images = frames.frames_of(media)
+        else:
+            listed = [c for c in self.frame_columns if c in out.column_names
+                      and pa.types.is_list(out.schema.field(c).type)]
+            if not listed:  # no frames travelled here: the stages work on the rows
+                return self._on_rows(out, media, stages)
+            rows, counts = frames.flatten_lists(out, listed)
+            images = None
+        for stage in stages:
+            started = time.perf_counter()
+            columns = self._on_alive(stage, rows, images, stage.process, stage.writes())
+            for name, values in columns.items():
+                rows = rows.append_column(name, values)
+            reduced = frames.reduce(stage, out, columns, counts)
+            for name in columns:
+                out = out.append_column(name, reduced[name])
+            out = _add_timing(out, stage.name, time.perf_counter() - started)
+        return out
+
+    def _finish(self, out: pa.Table, media) -> pa.Table:
         for stage in self.prepare:
             if stage.prepared_column in out.column_names:
                 continue  # a stage on the same model prepared the same inputs
             started = time.perf_counter()
-            columns = self._on_alive(stage, out, images, partial(_prepared, stage),
-                                     {stage.prepared_column: pa.null()})
-            out = out.append_column(stage.prepared_column, columns[stage.prepared_column])
+            if self.clips and not stage.takes_clips:
+                from curate import frames
+
+                counts = frames.frame_counts(media, out.num_rows)
+                rows = out.take(pa.array(frames.owners(counts)))
+                columns = self._on_alive(stage, rows, frames.frames_of(media or []),
+                                         partial(_prepared, stage),
+                                         {stage.prepared_column: pa.null()})
+                values = columns[stage.prepared_column]
+                prepared = frames.as_lists(values, counts) if counts.sum() else \
+                    pa.nulls(out.num_rows)
+            else:
+                columns = self._on_alive(stage, out, media, partial(_prepared, stage),
+                                         {stage.prepared_column: pa.null()})
+                prepared = columns[stage.prepared_column]
+            out = out.append_column(stage.prepared_column, prepared)
             out = _add_timing(out, stage.name, time.perf_counter() - started)
         if self.last:
             out = out.drop_columns([c for c in out.column_names
@@ -165,10 +258,10 @@ class FanOutWorker(SegmentWorker):
     operator would need a CPU the pools hold)."""
 
     def __call__(self, batch: pa.Table):
-        out = super().__call__(batch)
         size = max(batch.num_rows, 1)
-        for start in range(0, max(out.num_rows, 1), size):
-            yield out.slice(start, size)
+        for out in self._run(batch):
+            for start in range(0, max(out.num_rows, 1), size):
+                yield out.slice(start, size)
 
 
 def _prepared(stage: Stage, batch: pa.Table, images: list) -> dict[str, pa.Array]:
@@ -296,6 +389,8 @@ def stream_fragments(
                   if s.own_pool and s.has_prepare_part}.values())
     earlier = {s.name: [e.verdict_column for e in stages[:i] if e.verdict_column]
                for i, s in enumerate(stages) if s.skips_dropped}
+    clips = any(s.makes_clips for s in stages)
+    frame_columns = tuple(s.prepared_column for s in later if not s.takes_clips)
     for i, (pool, size) in enumerate(zip(pools, sizes)):
         # A model on CPU is the slow step while decoding mostly waits for it: give each of
         # its workers a share of all the cores for threads, not only the CPUs it reserved.
@@ -306,7 +401,9 @@ def stream_fragments(
             fn_constructor_kwargs={"stages": pool, "prepare": later if i == 0 else [],
                                    "last": i == len(pools) - 1,
                                    "row_stages_hash": row_stages_hash, "threads": threads,
-                                   "earlier_verdicts": earlier},
+                                   "earlier_verdicts": earlier,
+                                   "clips": (clips and i > 0) or any(s.makes_clips for s in pool),
+                                   "frame_columns": frame_columns},
             batch_size=size.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=size.workers),

@@ -54,3 +54,49 @@ def write_photos(directory: str | Path, count: int, size: tuple[int, int] = (102
         path.write_bytes(buf.getvalue())
         paths.append(path)
     return paths
+
+
+def scene_frames(rng: np.random.Generator, bases: list[Image.Image], seconds: float,
+                 size: tuple[int, int], fps: int, still: bool = False):
+    """Frames of one shot: a slow pan and zoom over a real photo (or a still one)."""
+    base = bases[int(rng.integers(len(bases)))]
+    w, h = base.size
+    frames = max(1, round(seconds * fps))
+    zoom0, zoom1 = rng.uniform(0.55, 0.8), rng.uniform(0.55, 0.8)
+    x0, y0, x1, y1 = rng.uniform(0, 1, 4)
+    aspect = size[0] / size[1]
+    for k in range(frames):
+        t = 0.0 if still else k / max(frames - 1, 1)
+        zoom = zoom0 + (zoom1 - zoom0) * t
+        cw = min(w, h * aspect) * zoom
+        ch = cw / aspect
+        x = (x0 + (x1 - x0) * t) * (w - cw)
+        y = (y0 + (y1 - y0) * t) * (h - ch)
+        crop = base.crop((int(x), int(y), int(x + cw), int(y + ch)))
+        yield np.asarray(crop.resize(size, Image.Resampling.BILINEAR), np.uint8)
+
+
+def write_video_with_cuts(path: str | Path, shots: list[float], size: tuple[int, int] = (640, 360),
+                          fps: int = 24, seed: int = 0, still: bool = False) -> list[int]:
+    """A video of shots of the given lengths (seconds), each a pan over another real photo;
+    returns the frame index where each shot after the first starts (the true cuts)."""
+    from curate.video import write_video
+
+    rng = np.random.default_rng(seed)
+    bases = base_photos()
+    order = rng.permutation(len(bases))
+    cuts, at = [], 0
+
+    def all_frames():
+        nonlocal at
+        for n, seconds in enumerate(shots):
+            if n:
+                cuts.append(at)
+            # consecutive shots show different photos, so every cut is a real one
+            chosen = [bases[order[n % len(order)]]]
+            for pixels in scene_frames(rng, chosen, seconds, size, fps, still):
+                at += 1
+                yield pixels
+
+    write_video(str(path), all_frames(), fps=fps)
+    return cuts

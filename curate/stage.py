@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +32,9 @@ class StageParams(BaseModel):
     type: str = Field(description="registered stage type")
     name: str | None = Field(None, description="name used in reasons and reports (default: type)")
     resources: Resources = Field(default_factory=Resources)
+    reduction: Literal["min", "mean", "max"] | None = Field(
+        None, description="on video clips: how the scores of a clip's frames become the "
+        "clip's (default: the stage's own; see curate.frames)")
 
 
 class Stage:
@@ -72,6 +75,14 @@ class Stage:
     #: travel to workers whose working directory is another; URLs and hub ids stay as they
     #: are. Fingerprints keep the paths as the config wrote them.
     local_path_params: ClassVar[tuple[str, ...]] = ()
+    #: True for a stage that turns videos into clips (media with sampled frames).
+    makes_clips: ClassVar[bool] = False
+    #: True for a stage whose row part takes a clip whole (`Clip` media: several frames),
+    #: e.g. a VLM prompted with the frames; other stages see each frame as a row of its own
+    #: and their columns are reduced per clip (curate.frames).
+    takes_clips: ClassVar[bool] = False
+    #: How this stage's scores of a clip's frames become the clip's by default.
+    default_reduction: ClassVar[str] = "mean"
 
     def __init__(self, params: StageParams | None = None, **kwargs: Any):
         if params is None:
@@ -187,9 +198,22 @@ class Stage:
         their media."""
         raise NotImplementedError
 
+    def reduction(self) -> str:
+        """min, mean or max: how a clip's frame scores become the clip's."""
+        return self.params.reduction or self.default_reduction
+
+    def verdicts(self, rows: pa.Table, columns: dict[str, pa.Array]) -> pa.Array | None:
+        """The verdict of each row from its (clip-reduced) `columns`; None where the stage
+        cannot tell (then a clip fails when any frame fails)."""
+        return None
+
     def fingerprint(self) -> dict[str, Any]:
         """What determines this stage's output (used to decide what must be recomputed)."""
-        return self.configured_params.model_dump(mode="json", exclude={"resources", "name"})
+        fingerprint = self.configured_params.model_dump(mode="json",
+                                                        exclude={"resources", "name"})
+        if fingerprint.get("reduction", "") is None:
+            del fingerprint["reduction"]  # unset: tables of earlier releases stay current
+        return fingerprint
 
     def row_fingerprint(self) -> dict[str, Any]:
         """What determines the row part's output; rows are recomputed when it changes."""

@@ -52,13 +52,14 @@ class EngineSpec:
 
 
 class VlmEngine:
-    """generate(images, conversations, sampling, json_schema) -> one text per image.
+    """generate(images, conversations, sampling, json_schema) -> one text per row.
 
-    A conversation is chat messages in the Hugging Face format, the image given as
+    A conversation is chat messages in the Hugging Face format, each picture given as
     `{"type": "image"}` in the user turn; each engine applies the model's own template.
+    A row's images are one image, or a list (a clip's frames: one image part each).
     """
 
-    def generate(self, images: list[Image.Image], conversations: list[list[dict]],
+    def generate(self, images: list, conversations: list[list[dict]],
                  sampling: Sampling, json_schema: dict | None = None) -> list[str]:
         raise NotImplementedError
 
@@ -89,7 +90,9 @@ class TransformersVlm(VlmEngine):
         torch = self.torch
         prompts = self.processor.apply_chat_template(conversations, add_generation_prompt=True,
                                                      tokenize=False)
-        inputs = self.processor(images=images, text=prompts, return_tensors="pt",
+        # a row's pictures (one image, or a clip's frames) fill its image parts in order
+        flat = [p for row in images for p in (row if isinstance(row, list) else [row])]
+        inputs = self.processor(images=flat, text=prompts, return_tensors="pt",
                                 padding=True).to(self.device)
         inputs = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         options: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens,
@@ -141,11 +144,12 @@ class VllmVlm(VlmEngine):
     def generate(self, images, conversations, sampling, json_schema=None):
         messages = []
         for image, conversation in zip(images, conversations):
+            pictures = iter(image if isinstance(image, list) else [image])
             turns = []
             for turn in conversation:
                 content = turn["content"]
                 if isinstance(content, list):  # a text-only model gets no image part
-                    content = [{"type": "image_pil", "image_pil": image}
+                    content = [{"type": "image_pil", "image_pil": next(pictures)}
                                if part.get("type") == "image" else part for part in content
                                if part.get("type") != "image" or image is not None]
                 turns.append({**turn, "content": content})

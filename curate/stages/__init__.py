@@ -6,6 +6,7 @@ from curate.stages.ingest import IngestImages
 from curate.stages.quality import ImageQuality
 from curate.stages.scores import AestheticScore, NsfwScore
 from curate.stages.semantic import DiversitySample, SemanticDedup
+from curate.stages.video import IngestVideos, MotionScore, SplitClips
 from curate.stages.vlm import Caption, VlmScore
 
 __all__ = [
@@ -17,8 +18,11 @@ __all__ = [
     "ExactDedup",
     "ImageQuality",
     "IngestImages",
+    "IngestVideos",
+    "MotionScore",
     "NsfwScore",
     "PhashDedup",
     "SemanticDedup",
+    "SplitClips",
     "VlmScore",
 ]

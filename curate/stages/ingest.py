@@ -83,6 +83,9 @@ class IngestImages(Source):
     params: IngestParams
     verdict_column = "error"
     local_path_params = ("paths",)
+    #: WebDataset members that hold the media, in order of preference.
+    member_suffixes: tuple[str, ...] = IMAGE_SUFFIXES
+    media_kind = "image"
 
     def writes(self) -> dict[str, pa.DataType]:
         return {
@@ -106,7 +109,8 @@ class IngestImages(Source):
     def fingerprint(self) -> dict[str, Any]:
         # What is read is decided by the listing; how it is read decides the rows.
         return self.params.model_dump(
-            mode="json", exclude={"resources", "name", "paths", "http_timeout_s", "http_retries"}
+            mode="json", exclude={"resources", "name", "paths", "http_timeout_s", "http_retries",
+                                  "reduction"}
         )
 
     def load(self, items: pa.Table) -> tuple[pa.Table, list]:
@@ -194,7 +198,7 @@ class IngestImages(Source):
         if lower.endswith(MANIFEST_SUFFIXES):
             yield from self._manifest_items(path)
         elif lower.endswith(TAR_SUFFIXES):
-            yield from _tar_items(path)
+            yield from _tar_items(path, self.member_suffixes, self.media_kind)
         else:
             yield {"uri": path}
 
@@ -282,8 +286,9 @@ def _read_manifest(path: str) -> pa.Table:
         raise RunError(f"cannot read manifest {path}: {exc}") from None
 
 
-def _tar_items(path: str):
-    """WebDataset samples: members grouped by key (name up to the first dot of the basename)."""
+def _tar_items(path: str, suffixes: tuple[str, ...], kind: str):
+    """WebDataset samples: members grouped by key (name up to the first dot of the basename);
+    the first member with one of `suffixes` is the sample's media."""
     try:
         members = list_tar(path)
     except (tarfile.TarError, OSError) as exc:
@@ -296,7 +301,7 @@ def _tar_items(path: str):
         samples.setdefault(f"{directory}/{key}" if directory else key, {})[ext.lower()] = m
     for key in sorted(samples):
         parts = samples[key]
-        image = next((parts[e] for e in IMAGE_SUFFIXES if e in parts), None)
+        image = next((parts[e] for e in suffixes if e in parts), None)
         caption = None
         if "txt" in parts and parts["txt"].size <= MAX_CAPTION_BYTES:
             with open(path, "rb") as fh:
@@ -304,7 +309,7 @@ def _tar_items(path: str):
                 caption = fh.read(parts["txt"].size).decode("utf-8", "replace").strip()
         if image is None:
             yield {"uri": f"{path}#{key}", "alt_text": caption,
-                   "_error": f"not_an_image: sample has no image member ({', '.join(parts)})"}
+                   "_error": f"not_an_{kind}: sample has no {kind} member ({', '.join(parts)})"}
         else:
             yield {"uri": f"{path}#{image.name}", "alt_text": caption,
                    "_offset": image.offset_data, "_size": image.size}

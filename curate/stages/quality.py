@@ -86,7 +86,6 @@ class ImageQuality(Stage):
         return True
 
     def process(self, batch: pa.Table, images: list) -> dict[str, pa.Array]:
-        p = self.params
         widths = batch["width"].to_pylist()
         heights = batch["height"].to_pylist()
         sizes = batch["num_bytes"].to_pylist()
@@ -98,33 +97,50 @@ class ImageQuality(Stage):
                 continue
             blur, brightness, contrast, saturation = image_scores(img)
             aspect = w / h
-            checks = (
-                ("min_side", min(w, h), p.min_side, False),
-                ("max_side", max(w, h), p.max_side, True),
-                ("aspect_ratio", aspect, p.min_aspect_ratio, False),
-                ("aspect_ratio", aspect, p.max_aspect_ratio, True),
-                ("bytes", nbytes, p.min_bytes, False),
-                ("bytes", nbytes, p.max_bytes, True),
-                ("blur", blur, p.min_blur, False),
-                ("brightness", brightness, p.min_brightness, False),
-                ("brightness", brightness, p.max_brightness, True),
-                ("contrast", contrast, p.min_contrast, False),
-                ("saturation", saturation, p.min_saturation, False),
-                ("saturation", saturation, p.max_saturation, True),
-            )
-            failed = [
-                f"{label} {_fmt(value)} {'>' if upper else '<'} {_fmt(limit)}"
-                for label, value, limit, upper in checks
-                if limit is not None and (value > limit if upper else value < limit)
-            ]
+            failed = self._failed(w, h, nbytes, aspect, blur, brightness, contrast, saturation)
             out["aspect_ratio"].append(aspect)
             out["blur"].append(blur)
             out["brightness"].append(brightness)
             out["contrast"].append(contrast)
             out["saturation"].append(saturation)
-            out["quality_reason"].append("; ".join(failed) or None)
+            out["quality_reason"].append(failed)
         types = self.writes()
         return {k: pa.array(v, types[k]) for k, v in out.items()}
+
+    def _failed(self, w, h, nbytes, aspect, blur, brightness, contrast, saturation):
+        """The checks a row fails, as `blur 3.1 < 10; ...`, or None."""
+        p = self.params
+        checks = (
+            ("min_side", min(w, h), p.min_side, False),
+            ("max_side", max(w, h), p.max_side, True),
+            ("aspect_ratio", aspect, p.min_aspect_ratio, False),
+            ("aspect_ratio", aspect, p.max_aspect_ratio, True),
+            ("bytes", nbytes, p.min_bytes, False),
+            ("bytes", nbytes, p.max_bytes, True),
+            ("blur", blur, p.min_blur, False),
+            ("brightness", brightness, p.min_brightness, False),
+            ("brightness", brightness, p.max_brightness, True),
+            ("contrast", contrast, p.min_contrast, False),
+            ("saturation", saturation, p.min_saturation, False),
+            ("saturation", saturation, p.max_saturation, True),
+        )
+        failed = [
+            f"{label} {_fmt(value)} {'>' if upper else '<'} {_fmt(limit)}"
+            for label, value, limit, upper in checks
+            if limit is not None and (value > limit if upper else value < limit)
+        ]
+        return "; ".join(failed) or None
+
+    def verdicts(self, rows: pa.Table, columns: dict[str, pa.Array]) -> pa.Array:
+        """The checks on a clip's reduced scores (its frames' mean by default)."""
+        names = ("aspect_ratio", "blur", "brightness", "contrast", "saturation")
+        values = [columns[n].to_pylist() for n in names]
+        out = []
+        for w, h, nbytes, *scores in zip(rows["width"].to_pylist(), rows["height"].to_pylist(),
+                                         rows["num_bytes"].to_pylist(), *values):
+            out.append(None if scores[1] is None or not w or not h else
+                       self._failed(w, h, nbytes, *scores))
+        return pa.array(out, pa.string())
 
 
 def _fmt(x: float) -> str:

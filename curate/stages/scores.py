@@ -110,6 +110,7 @@ class AestheticScore(_HeadStage):
     type = "aesthetic_score"
     Params = AestheticParams
     verdict_column = "aesthetic_reason"
+    default_reduction = "min"  # a clip is as good as its worst frame
 
     def reads(self):
         return (self.params.embedding_column,)
@@ -136,6 +137,10 @@ class AestheticScore(_HeadStage):
             "aesthetic_reason": threshold_verdicts("aesthetic", scores, valid,
                                                    minimum=self.params.min_score),
         }
+
+    def verdicts(self, rows, columns):
+        return _verdicts_of(columns["aesthetic_score"], "aesthetic",
+                            minimum=self.params.min_score)
 
 
 class NsfwParams(HeadParams):
@@ -167,6 +172,7 @@ class NsfwScore(_HeadStage):
     Params = NsfwParams
     verdict_column = "nsfw_reason"
     hidden, output = "relu", "sigmoid"
+    default_reduction = "max"  # one unsafe frame makes the clip unsafe
 
     @property
     def _pixels(self) -> bool:
@@ -226,3 +232,12 @@ class NsfwScore(_HeadStage):
             "nsfw_reason": threshold_verdicts("nsfw", scores, valid,
                                               maximum=self.params.max_score),
         }
+
+    def verdicts(self, rows, columns):
+        return _verdicts_of(columns["nsfw_score"], "nsfw", maximum=self.params.max_score)
+
+
+def _verdicts_of(scores: pa.Array, label: str, minimum: float | None = None,
+                 maximum: float | None = None) -> pa.Array:
+    values = scores.to_numpy(zero_copy_only=False).astype(np.float32)
+    return threshold_verdicts(label, values, ~np.isnan(values), minimum, maximum)

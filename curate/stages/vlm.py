@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from curate.registry import register
@@ -68,6 +69,7 @@ class _VlmStage(ModelStage):
 
     backend_param = "engine"
     skips_dropped = True
+    takes_clips = True  # a clip's frames go into one prompt, several images
 
     @property
     def own_pool(self) -> bool:
@@ -96,11 +98,15 @@ class _VlmStage(ModelStage):
                                    + _placeholders(self.params.prompt)))
 
     def prepare(self, batch, images):
+        """Each row's pictures, scaled down: an image's one, or a clip's sampled frames."""
         from curate.models.vlm import pack_image, shrink
 
         limit = self.params.max_image_pixels
-        return pa.array([None if image is None else pack_image(shrink(image, limit))
-                         for image in images], pa.binary())
+        packed = []
+        for item in images:
+            pictures = [] if item is None else getattr(item, "frames", [item])
+            packed.append([pack_image(shrink(p, limit)) for p in pictures] or None)
+        return pa.array(packed, pa.list_(pa.binary()))
 
     def setup(self):
         from curate.models.vlm import get_engine
@@ -115,7 +121,12 @@ class _VlmStage(ModelStage):
 
     def conversations(self, batch: pa.Table, rows: list[int], suffix: str = ""
                       ) -> list[list[dict]]:
-        """The chat of each row: its placeholders filled, then `suffix` (kept verbatim)."""
+        """The chat of each row: one image part per picture (a clip's frames), its
+        placeholders filled, then `suffix` (kept verbatim)."""
+        counts = None
+        if self.prepared_column in batch.column_names:
+            lengths = pc.list_value_length(batch[self.prepared_column].combine_chunks())
+            counts = [max(n or 1, 1) for n in lengths.to_pylist()]
         fields = self.reads()
         values = {name: batch[name].to_pylist() for name in fields}
         out = []
@@ -124,8 +135,9 @@ class _VlmStage(ModelStage):
             turns = []
             if self.params.system:
                 turns.append({"role": "system", "content": self.params.system.format(**row)})
+            pictures = counts[i] if counts is not None else 1
             turns.append({"role": "user", "content": [
-                {"type": "image"},
+                *[{"type": "image"}] * pictures,
                 {"type": "text", "text": self.params.prompt.format(**row) + suffix}]})
             out.append(turns)
         return out
@@ -134,8 +146,8 @@ class _VlmStage(ModelStage):
         from curate.models.vlm import unpack_image
 
         packed = batch[self.prepared_column].to_pylist()
-        rows = [i for i, data in enumerate(packed) if data is not None]
-        return rows, [unpack_image(packed[i]) for i in rows]
+        rows = [i for i, data in enumerate(packed) if data]
+        return rows, [[unpack_image(p) for p in packed[i]] for i in rows]
 
     def generate(self, images, conversations, json_schema=None) -> tuple[list, list]:
         """(texts, errors): a batch that fails is retried row by row, so one bad input

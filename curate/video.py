@@ -1,0 +1,288 @@
+"""Safe probing, streaming decoding and cutting of videos with PyAV (FFmpeg inside).
+
+Every container is opened in a `with` block, so it is closed on every path, errors
+included. Decoding streams frame by frame: nothing here holds more than a few frames, so
+memory does not grow with a video's length. Failures are `MediaError`s, as for images.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+from PIL import Image
+
+from curate.media import MediaError
+
+#: WebDataset members and file suffixes that hold a video.
+VIDEO_SUFFIXES = ("mp4", "webm", "mkv", "mov", "avi", "m4v")
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise MediaError("unsupported", "video needs PyAV: pip install 'curate[video]'") from None
+    # FFmpeg's own log lines would interleave with curate's output; failures raise instead.
+    av.logging.set_level(av.logging.PANIC)
+    return av
+
+
+class TarMember(io.RawIOBase):
+    """A read-only, seekable view of one member of a tar file (PyAV reads it in place)."""
+
+    def __init__(self, path: str, offset: int, size: int):
+        super().__init__()
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
+        self._offset, self._size, self._pos = offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = min(max(base + pos, 0), self._size)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        want = min(len(buffer), self._size - self._pos)
+        if want <= 0:
+            return 0
+        self._file.seek(self._offset + self._pos)
+        data = self._file.read(want)
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+@dataclass(frozen=True)
+class VideoSource:
+    """Where a video's bytes are: a local path, a tar member or bytes in memory (a URL)."""
+
+    path: str | None = None
+    offset: int = -1
+    size: int = -1
+    data: bytes | None = None
+
+    def open(self):
+        if self.data is not None:
+            return io.BytesIO(self.data)
+        if self.offset >= 0:
+            return TarMember(self.path, self.offset, self.size)
+        return self.path
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    duration_s: float
+    fps: float
+    num_frames: int
+    codec: str
+    width: int
+    height: int
+    bitrate: int | None
+    has_audio: bool
+
+
+def _open(av, source: VideoSource):
+    try:
+        return av.open(source.open(), mode="r")
+    except FileNotFoundError as exc:
+        raise MediaError("missing", f"no such file: {exc.filename}") from None
+    except av.FFmpegError as exc:
+        if _head(source)[4:8] == b"ftyp":
+            raise MediaError("truncated", "an MP4/MOV file without its index (moov box): "
+                             "the file was cut off") from None
+        raise MediaError("not_a_video", f"FFmpeg cannot open it: {_why(exc)}") from None
+    except OSError as exc:
+        raise MediaError("unreadable", str(exc)) from None
+
+
+def _head(source: VideoSource, size: int = 16) -> bytes:
+    opened = source.open()
+    if isinstance(opened, str):
+        with open(opened, "rb") as fh:
+            return fh.read(size)
+    with opened:
+        return opened.read(size)
+
+
+def _why(exc: Exception) -> str:
+    text = getattr(exc, "strerror", None) or str(exc)
+    return text.split("; last error log:")[0].strip()
+
+
+def probe(source: VideoSource, max_duration_s: float | None = None) -> VideoInfo:
+    """The video stream's facts; checks the first frame decodes (a codec FFmpeg lacks or a
+    damaged start fails here, not later)."""
+    av = _av()
+    with _open(av, source) as container:
+        if not container.streams.video:
+            raise MediaError("no_video_stream", "the file holds no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else 0.0
+        if stream.duration and stream.time_base:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration:
+            duration = container.duration / av.time_base
+        else:
+            duration = 0.0
+        frames = int(stream.frames or round(duration * fps))
+        if fps <= 0 or frames <= 0:
+            raise MediaError("zero_frames", "the video stream has no frames")
+        if max_duration_s is not None and duration > max_duration_s:
+            raise MediaError("too_long", f"{duration:.1f} s is over max_duration_s "
+                             f"{max_duration_s:g}")
+        codec = stream.codec_context.name
+        try:
+            first = next(container.decode(stream), None)
+        except av.FFmpegError as exc:
+            raise MediaError("undecodable", f"{codec} stream does not decode: {_why(exc)}") \
+                from None
+        if first is None:
+            raise MediaError("zero_frames", "no frame of the video stream decodes")
+        return VideoInfo(
+            duration_s=duration, fps=fps, num_frames=frames, codec=codec,
+            width=int(stream.codec_context.width or first.width),
+            height=int(stream.codec_context.height or first.height),
+            bitrate=int(container.bit_rate) if container.bit_rate else None,
+            has_audio=bool(container.streams.audio),
+        )
+
+
+@dataclass
+class Frame:
+    """One decoded frame: its index, time and the frame itself (converted on demand)."""
+
+    index: int
+    time_s: float
+    raw: object  # av.VideoFrame
+
+    def array(self, width: int, height: int, format: str = "rgb24") -> np.ndarray:
+        """The frame scaled by FFmpeg (swscale) to width x height, as uint8 pixels."""
+        return self.raw.reformat(width=width, height=height, format=format).to_ndarray()
+
+    def image(self, max_side: int | None) -> Image.Image:
+        w, h = self.raw.width, self.raw.height
+        if max_side and max(w, h) > max_side:
+            scale = max_side / max(w, h)
+            w, h = max(1, round(w * scale)), max(1, round(h * scale))
+        return Image.fromarray(self.array(w, h))
+
+
+def frames(source: VideoSource, start_s: float = 0.0) -> Iterator[Frame]:
+    """Every frame of the first video stream in order, from `start_s` (seeked to the key
+    frame before it). The container is closed when the iteration ends or is abandoned."""
+    av = _av()
+    with _open(av, source) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+        base = stream.time_base or Fraction(1, 1000)
+        start_pts = stream.start_time or 0
+        if start_s > 0:
+            container.seek(int(start_s / base) + start_pts, stream=stream, backward=True)
+        index = 0
+        try:
+            for frame in container.decode(stream):
+                if frame.pts is not None:
+                    time_s = float((frame.pts - start_pts) * base)
+                    index = round(time_s * float(rate))
+                else:
+                    time_s = index / float(rate)
+                if time_s + 1e-6 >= start_s:
+                    yield Frame(index, time_s, frame)
+                index += 1
+        except av.FFmpegError as exc:
+            raise MediaError("undecodable", f"decoding stopped at frame {index}: {_why(exc)}") \
+                from None
+
+
+def cut(source: VideoSource, start_s: float, end_s: float, out, codec: str = "h264",
+        max_side: int | None = None, fps: float | None = None) -> None:
+    """Encode the frames in [start_s, end_s) as a new video into `out` (a path or a file
+    object): H.264 in MP4 (`h264`) or VP9 in WebM (`vp9`), without audio."""
+    av = _av()
+    container_format, encoder, pix = {"h264": ("mp4", "libx264", "yuv420p"),
+                                      "vp9": ("webm", "libvpx-vp9", "yuv420p")}[codec]
+    with av.open(out, mode="w", format=container_format) as output:
+        stream = None
+        for written, frame in enumerate(frames(source, start_s)):
+            if frame.time_s >= end_s:
+                break
+            if stream is None:
+                w, h = frame.raw.width, frame.raw.height
+                if max_side and max(w, h) > max_side:
+                    scale = max_side / max(w, h)
+                    w, h = round(w * scale), round(h * scale)
+                w, h = max(2, w - w % 2), max(2, h - h % 2)  # 4:2:0 wants even sizes
+                rate = Fraction(fps or 25).limit_denominator(1001)
+                stream = output.add_stream(encoder, rate=rate)
+                stream.codec_context.time_base = 1 / rate
+                stream.width, stream.height, stream.pix_fmt = w, h, pix
+                if encoder == "libx264":
+                    stream.options = {"preset": "veryfast", "crf": "23",
+                                      "movflags": "+faststart"}
+                else:
+                    stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "32",
+                                      "b": "0"}
+            image = frame.raw.reformat(width=stream.width, height=stream.height, format=pix)
+            image.pts, image.time_base = written, stream.codec_context.time_base
+            for packet in stream.encode(image):
+                output.mux(packet)
+        if stream is None:
+            raise MediaError("empty_clip", f"no frames between {start_s:g} s and {end_s:g} s")
+        for packet in stream.encode():
+            output.mux(packet)
+
+
+def write_video(path: str, frames_rgb, fps: int = 24, codec: str = "libx264",
+                crf: int = 20) -> None:
+    """Encode RGB uint8 frames (an iterable of h x w x 3 arrays) as a video file."""
+    av = _av()
+    with av.open(path, mode="w") as output:
+        stream = None
+        for pixels in frames_rgb:
+            if stream is None:
+                stream = output.add_stream(codec, rate=fps)
+                stream.height, stream.width = pixels.shape[:2]
+                stream.pix_fmt = "yuv420p"
+                stream.options = {"crf": str(crf), "preset": "veryfast"}
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+            for packet in stream.encode(frame):
+                output.mux(packet)
+        if stream is not None:
+            for packet in stream.encode():
+                output.mux(packet)
+
+
+def file_hash(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
+    """(content hash, size) of a file, read in chunks (videos are not read whole)."""
+    import hashlib
+
+    digest = hashlib.sha256()  # the same hash as an image's content_hash
+    size = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def exists(path: str) -> bool:
+    return os.path.isfile(path)
