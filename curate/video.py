@@ -220,7 +220,9 @@ def cut(source: VideoSource, start_s: float, end_s: float, out, codec: str = "h2
     av = _av()
     container_format, encoder, pix = {"h264": ("mp4", "libx264", "yuv420p"),
                                       "vp9": ("webm", "libvpx-vp9", "yuv420p")}[codec]
-    with av.open(out, mode="w", format=container_format) as output:
+    # faststart: the index first, so a browser starts playing before the last byte
+    options = {"movflags": "+faststart"} if container_format == "mp4" else {}
+    with av.open(out, mode="w", format=container_format, options=options) as output:
         stream = None
         for written, frame in enumerate(frames(source, start_s)):
             if frame.time_s >= end_s:
@@ -236,8 +238,7 @@ def cut(source: VideoSource, start_s: float, end_s: float, out, codec: str = "h2
                 stream.codec_context.time_base = 1 / rate
                 stream.width, stream.height, stream.pix_fmt = w, h, pix
                 if encoder == "libx264":
-                    stream.options = {"preset": "veryfast", "crf": "23",
-                                      "movflags": "+faststart"}
+                    stream.options = {"preset": "veryfast", "crf": "23"}
                 else:
                     stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "32",
                                       "b": "0"}

@@ -217,14 +217,16 @@ class Api:
         return _json(self.catalog.sample(sample_id, _columns(columns), vectors))
 
     @api.get("/samples/{sample_id}/media")
-    def media(self, sample_id: str) -> Response:
-        data, mime = self.catalog.media(sample_id)
+    def media(self, sample_id: str,
+              format: Annotated[str, Query(pattern="^(mp4|webm)$")] = "mp4") -> Response:
+        data, mime = self.catalog.media(sample_id, format)
         return Response(data, media_type=mime, headers={"Cache-Control": "max-age=3600"})
 
     @api.get("/samples/{sample_id}/thumbnail")
     def thumbnail(self, sample_id: str,
-                  size: Annotated[int, Query(ge=16, le=1024)] = 256) -> Response:
-        return Response(self.catalog.thumbnail(sample_id, size), media_type="image/jpeg",
+                  size: Annotated[int, Query(ge=16, le=1024)] = 256,
+                  at: Annotated[float, Query(ge=0, le=1)] = 0.5) -> Response:
+        return Response(self.catalog.thumbnail(sample_id, size, at), media_type="image/jpeg",
                         headers={"Cache-Control": "max-age=3600"})
 
     @api.get("/samples/{sample_id}/similar")

@@ -50,7 +50,12 @@ _TOKENS = re.compile(
     r"""(?P<name>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)|(?P<other>\S)"""
 )
 MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
-        "BMP": "image/bmp", "TIFF": "image/tiff", "MPO": "image/jpeg", "AVIF": "image/avif"}
+        "BMP": "image/bmp", "TIFF": "image/tiff", "MPO": "image/jpeg", "AVIF": "image/avif",
+        "mp4": "video/mp4", "m4v": "video/mp4", "mov": "video/quicktime", "webm": "video/webm",
+        "mkv": "video/x-matroska", "avi": "video/x-msvideo"}
+#: What a clip row needs to be cut from its source.
+CLIP_COLUMNS = ("uri", "media_type", "source_hash", "clip_start_s", "clip_end_s", "fps",
+                "error")
 #: Float columns shown as histograms in /stats (besides any *_score column).
 QUALITY_METRICS = ("blur", "brightness", "contrast", "saturation", "aspect_ratio")
 #: Seconds a reader may lag behind commits made by other processes.
@@ -93,6 +98,7 @@ class Catalog:
         self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()
         self._tars: dict[tuple, dict[str, tuple[int, int]]] = {}
         self._lock = threading.Lock()
+        self._clips = None  # a ClipCache, made on the first clip asked for
         if self.store.table() is None:
             raise CatalogError(404, f"no table {store.table!r} at {self.store.uri}; run "
                                "`curate run` first or pass the right --store/--table")
@@ -255,10 +261,18 @@ class Catalog:
         return rows["sample_id"][0].as_py() if rows.num_rows else None
 
     # --- media -------------------------------------------------------------------------------
-    def media(self, sample_id: str) -> tuple[bytes, str]:
-        """The bytes a row references and their MIME type. Only bytes whose sha256 is the
-        row's content_hash are served: a path changed since ingest (a file replaced, a
-        symlink pointed elsewhere) is refused, so no request reads any other file."""
+    def media(self, sample_id: str, container: str = "mp4") -> tuple[bytes, str]:
+        """The bytes a row references and their MIME type; for a clip, just that clip as
+        a video (`container` mp4: H.264, webm: VP9). Only bytes whose sha256 is the
+        row's content_hash (a clip: its source's) are served: a path changed since ingest
+        (a file replaced, a symlink pointed elsewhere) is refused, so no request reads any
+        other file."""
+        if self._is_clip(sample_id):
+            clip, source = self._clip_source(sample_id)
+            path = self._clip_cache().clip(source, clip["source_hash"], clip["clip_start_s"],
+                                           clip["clip_end_s"], container, clip.get("fps"))
+            with open(path, "rb") as fh:
+                return fh.read(), MIME[container]
         row = self.sample(sample_id, ["uri", "content_hash", "num_bytes", "format", "error"])
         if row.get("error") or not row.get("content_hash"):
             reason = row.get("error") or "its media was never read"
@@ -302,8 +316,69 @@ class Catalog:
             raise MediaError("missing", f"{path} has no member {member}")
         return members[member]
 
-    def thumbnail(self, sample_id: str, size: int = 256) -> bytes:
-        """A JPEG whose longest side is at most `size` (cached)."""
+    def _is_clip(self, sample_id: str) -> bool:
+        if "clip_start_s" not in self.schema().names:
+            return False
+        return self.sample(sample_id, ["media_type"]).get("media_type") == "video_clip"
+
+    def _clip_cache(self):
+        from curate.serve.clipcache import ClipCache
+
+        with self._lock:
+            if self._clips is None:
+                self._clips = ClipCache()
+            return self._clips
+
+    def _clip_source(self, sample_id: str):
+        """A clip row and its source video, checked against the hash taken at ingest."""
+        from curate.video import VideoSource
+
+        row = self.sample(sample_id, list(CLIP_COLUMNS))
+        if row.get("error") or not row.get("source_hash"):
+            raise CatalogError(404, f"sample {sample_id} has no media: "
+                               f"{row.get('error') or 'its video was never read'}")
+        uri = row["uri"]
+        path, sep, member = uri.partition("#")
+        try:
+            if uri.startswith(("http://", "https://")):
+                data = read_http(uri, 4_000_000_000, HttpOptions(timeout_s=30, retries=1))
+                source, digest = VideoSource(data=data), content_hash(data)
+            elif sep and path.lower().endswith(".tar"):
+                offset, length = self.tar_member(path, member)
+                data = read_tar_member(path, member, offset, length, length)
+                source, digest = VideoSource(data=data), content_hash(data)
+            else:
+                source, digest = VideoSource(uri), self._clip_cache().source_hash(uri)
+        except MediaError as exc:
+            raise CatalogError(410, f"media of {sample_id} cannot be read: {exc}") from None
+        if digest != row["source_hash"]:
+            raise CatalogError(410, f"{uri} changed since it was ingested (content hash "
+                               "differs); run `curate run` again to refresh the row")
+        return row, source
+
+    def clip_frame(self, sample_id: str, at: float, size: int) -> bytes:
+        """A JPEG of a clip's frame at fraction `at` (0-1) of its span."""
+        from curate.serve.clipcache import poster
+
+        row, source = self._clip_source(sample_id)
+        start, end = row["clip_start_s"], row["clip_end_s"]
+        try:
+            return poster(source, start + (end - start) * min(max(at, 0.0), 0.999), size)
+        except MediaError as exc:
+            raise CatalogError(410, f"media of {sample_id} cannot be decoded: {exc}") from None
+
+    def thumbnail(self, sample_id: str, size: int = 256, at: float = 0.5) -> bytes:
+        """A JPEG whose longest side is at most `size` (cached); a clip's is its frame at
+        fraction `at` of its span (the middle: the poster)."""
+        if self._is_clip(sample_id):
+            key = (sample_id, "clip", size, round(at, 3))
+            with self._lock:
+                if key in self._thumbs:
+                    return self._thumbs[key]
+            thumb = self.clip_frame(sample_id, at, size)
+            with self._lock:
+                self._thumbs[key] = thumb
+            return thumb
         data, _ = self.media(sample_id)
         key = (sample_id, content_hash(data), size)
         with self._lock:

@@ -36,12 +36,30 @@ function query(params) {
   return out.toString();
 }
 
+// A clip plays from its own cut of the source: H.264 MP4 first, VP9 WebM where the
+// browser lacks H.264.
+function clipVideo(id, attributes) {
+  return `<video ${attributes} poster="samples/${id}/thumbnail?size=512" preload="metadata">
+    <source src="samples/${id}/media" type="video/mp4">
+    <source src="samples/${id}/media?format=webm" type="video/webm"></video>`;
+}
+
+function isClip(row) {
+  return row.media_type === "video_clip";
+}
+
+function clipSpan(row) {
+  return `${Number(row.clip_start_s).toFixed(2)}–${Number(row.clip_end_s).toFixed(2)} s`;
+}
+
 function card(row) {
-  const name = String(row.uri || row.sample_id).split(/[/#]/).pop();
+  let name = String(row.uri || row.sample_id).split(/[/#]/).pop();
+  if (isClip(row)) name += ` · clip ${row.clip_index} · ${clipSpan(row)}`;
   const kept = row.selected === true;
   const picture = row.error || !row.content_hash
     ? `<div class="none">${esc(row.error || "no media")}</div>`
-    : `<img loading="lazy" alt="${esc(name)}" src="samples/${row.sample_id}/thumbnail?size=256">`;
+    : `<img loading="lazy" alt="${esc(name)}" src="samples/${row.sample_id}/thumbnail?size=256"${
+      isClip(row) ? ' data-clip="1"' : ""}>`;
   const distance = row._distance !== undefined ? ` · d ${row._distance.toFixed(3)}` : "";
   return `<div class="card" data-testid="card" data-id="${row.sample_id}">${picture}
     <div class="meta"><div class="name" title="${esc(row.uri)}">${esc(name)}</div>
@@ -53,12 +71,28 @@ function card(row) {
 function bindCards(root) {
   root.querySelectorAll(".card").forEach((el) => {
     el.addEventListener("click", () => { location.hash = `#/sample/${el.dataset.id}`; });
+    const poster = el.querySelector("img[data-clip]");
+    if (!poster) return;
+    // hovering a clip's card plays it, muted and looping, in place of its poster
+    el.addEventListener("mouseenter", () => {
+      if (el.querySelector("video")) return;
+      poster.insertAdjacentHTML("afterend", clipVideo(el.dataset.id,
+        'class="hover" muted autoplay loop playsinline data-testid="card-video"'));
+      poster.hidden = true;
+    });
+    el.addEventListener("mouseleave", () => {
+      const video = el.querySelector("video");
+      if (video) video.remove();
+      poster.hidden = false;
+    });
   });
 }
 
 // --- filters --------------------------------------------------------------------------
 function currentFilter() {
   const parts = [];
+  const media = $("#f-media").value;
+  if (media) parts.push(`media_type = '${media}'`);
   const reason = $("#f-reason").value;  // the filter /stats gives each reason
   if (reason) parts.push(reason);
   const score = $("#f-score").value;
@@ -160,14 +194,32 @@ async function showSample(id) {
   const view = $("#view");
   try {
     const row = await api(`samples/${id}`);
-    const picture = row.content_hash && !row.error
+    const clip = isClip(row) && !row.error;
+    let picture = row.content_hash && !row.error
       ? `<img class="main" alt="sample" src="samples/${id}/thumbnail?size=1024">`
       : `<div class="card"><div class="none">${esc(row.error)}</div></div>`;
+    if (clip) {
+      const at = [0.1, 0.3, 0.5, 0.7, 0.9];
+      picture = `${clipVideo(id, 'class="main" controls muted data-testid="clip-video"')}
+        <h2>Frames</h2><div class="frames" data-testid="frames">${at.map((a) =>
+          `<img alt="frame at ${a}" src="samples/${id}/thumbnail?size=160&at=${a}">`).join("")}
+        </div>`;
+    }
     view.innerHTML = `<div class="sample" data-testid="sample"><div>${picture}
-      <p><a href="samples/${id}/media" target="_blank">original file</a></p></div>
+      <p><a href="samples/${id}/media" target="_blank">${clip ? "this clip (MP4)"
+        : "original file"}</a></p></div>
       <div>${columnsTable(row)}</div></div>
+      ${clip ? `<h2>Other clips of this video</h2>
+      <div class="strip" id="siblings" data-testid="siblings"></div>` : ""}
       <h2>Duplicates</h2><div class="strip" id="duplicates" data-testid="duplicates"></div>
       <h2>Similar images</h2><div class="strip" id="similar" data-testid="similar"></div>`;
+    if (clip) {
+      const where = `input_id = '${row.input_id}' AND sample_id != '${id}'`;
+      const siblings = await api(`samples?${query({ where, limit: 50, order_by: "clip_index" })}`);
+      $("#siblings").innerHTML = siblings.rows.length
+        ? siblings.rows.map(card).join("") : "<p>No other clips.</p>";
+      bindCards($("#siblings"));
+    }
     const groups = await api(`duplicates/${id}`);
     $("#duplicates").innerHTML = groups.members.length > 1
       ? groups.members.map(card).join("") : "<p>No duplicates.</p>";
