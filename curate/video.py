@@ -27,8 +27,9 @@ def _av():
         import av
     except ImportError:
         raise MediaError("unsupported", "video needs PyAV: pip install 'curate[video]'") from None
-    # FFmpeg's own log lines would interleave with curate's output; failures raise instead.
-    av.logging.set_level(av.logging.PANIC)
+    # PyAV's default drops FFmpeg's log lines (failures raise instead). A log level would
+    # route every line through a Python callback, which can deadlock FFmpeg's threads
+    # against the GIL in a threaded server: leave it unset.
     return av
 
 

@@ -136,13 +136,26 @@ async function showGrid() {
   await loadPage();
 }
 
+// The columns a card shows; a table with clips adds where each clip lies.
+const CARD_COLUMNS = "uri,selected,reject_reason,content_hash,error";
+const CLIP_COLUMNS = ",media_type,clip_index,clip_start_s,clip_end_s";
+
+async function cardColumns() {
+  if (state.cardColumns === undefined) {
+    const first = await api("samples?limit=1");
+    const row = first.rows[0] || {};
+    state.cardColumns = CARD_COLUMNS + ("clip_start_s" in row ? CLIP_COLUMNS : "");
+  }
+  return state.cardColumns;
+}
+
 async function loadPage() {
   if (state.loading || (state.offset > 0 && state.offset >= state.total)) return;
   state.loading = true;
   try {
     const page = await api("samples?" + query({
       where: state.where, selected: state.selected, limit: PAGE, offset: state.offset,
-      columns: "uri,selected,reject_reason,content_hash,error",
+      columns: await cardColumns(),
     }));
     state.total = page.total;
     state.offset += page.rows.length;
