@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ text-align:right}td:first-child,th:first-child{text-align:left}.note{color:#8a5a
 .card img{width:170px;height:130px;object-fit:cover;background:#eee;border-radius:4px}
 .card .none{width:170px;height:130px;background:#f3e8e8;display:flex;align-items:center;
 justify-content:center;color:#933;border-radius:4px;padding:.4rem;box-sizing:border-box}
+.card.strip{width:352px}.card.strip img{width:352px;height:auto}
 .charts{display:flex;flex-wrap:wrap;gap:1.2rem}.muted{color:#667}
 """
 KEPT, DROPPED = "#2f7d4f", "#c0504d"
@@ -73,15 +75,51 @@ def histogram_chart(name: str, hist: dict[str, Any], width: int = 330,
     return "".join(parts) + "</svg>"
 
 
+#: Where in a clip the frames of its strip are taken (fractions of its span).
+STRIP_AT = (0.125, 0.375, 0.625, 0.875)
+
+
+def _clip_strip(catalog: Catalog, sample_id: str, size: int) -> bytes:
+    """A clip's frames side by side, one JPEG."""
+    from PIL import Image
+
+    frames = [Image.open(io.BytesIO(catalog.thumbnail(sample_id, size // 2, at)))
+              for at in STRIP_AT]
+    strip = Image.new("RGB", (sum(f.width for f in frames), max(f.height for f in frames)))
+    x = 0
+    for frame in frames:
+        strip.paste(frame.convert("RGB"), (x, 0))
+        x += frame.width
+    out = io.BytesIO()
+    strip.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
 def _card(catalog: Catalog, row: dict[str, Any], size: int) -> str:
     caption = _e(row.get("reject_reason") or "selected")
-    name = _e(Path(str(row["uri"])).name)
+    uri = str(row["uri"])
+    name = _e(Path(uri.partition("#")[2] or uri).name)
+    clip = row.get("media_type") == "video_clip" and not row.get("error")
+    if clip:
+        name += (f" · clip {row['clip_index']} · {row['clip_start_s']:.2f}–"
+                 f"{row['clip_end_s']:.2f} s")
     try:
-        data = base64.b64encode(catalog.thumbnail(row["sample_id"], size)).decode()
-        picture = f'<img alt="{name}" src="data:image/jpeg;base64,{data}">'
+        data = _clip_strip(catalog, row["sample_id"], size) if clip else \
+            catalog.thumbnail(row["sample_id"], size)
+        picture = f'<img alt="{name}" src="data:image/jpeg;base64,' \
+            f'{base64.b64encode(data).decode()}">'
     except CatalogError as exc:
         picture = f'<div class="none">{_e(exc.message[:120])}</div>'
-    return f'<div class="card">{picture}<div>{name}</div><div class="muted">{caption}</div></div>'
+    kind = "card strip" if clip else "card"
+    return (f'<div class="{kind}">{picture}<div>{name}</div><div class="muted">{caption}'
+            "</div></div>")
+
+
+def _card_columns(catalog: Catalog) -> list[str]:
+    """What a card shows: for a clip, also where it lies in its video."""
+    clips = ["media_type", "clip_index", "clip_start_s", "clip_end_s", "error"]
+    have = catalog.schema().names
+    return ["uri", "reject_reason", *(c for c in clips if c in have)]
 
 
 def render(catalog: Catalog, examples: int = 8, thumb: int = 256) -> str:
@@ -118,13 +156,13 @@ def render(catalog: Catalog, examples: int = 8, thumb: int = 256) -> str:
                                c["rows"] - c["selected"]) for c in clusters]))
     out.append("<h2>Kept</h2><div class='grid'>")
     kept = catalog.samples(selected=True, limit=examples,
-                           columns=["uri", "reject_reason"])["rows"]
+                           columns=_card_columns(catalog))["rows"]
     out += [_card(catalog, row, thumb) for row in kept]
     out.append("</div>")
     for group in stats["rejected_by_reason"]:
         stage, reason = group["stage"], group["reason"]
         rows = catalog.samples(where=group["where"], limit=examples,
-                               columns=["uri", "reject_reason"])["rows"]
+                               columns=_card_columns(catalog))["rows"]
         out.append(f"<h2>Rejected by {_e(stage)}: {_e(reason)} ({group['rows']:,})</h2>"
                    "<div class='grid'>")
         out += [_card(catalog, row, thumb) for row in rows]

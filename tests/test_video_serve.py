@@ -3,7 +3,9 @@ gallery plays clips in a real headless Chromium, and the report shows clip strip
 
 from __future__ import annotations
 
+import base64
 import io
+import re
 import shutil
 
 import pytest
@@ -135,3 +137,20 @@ def test_the_gallery_plays_clips(browser, clip_server, tmp_path):
     screenshot(page, tmp_path, "gallery-clip")
     context.close()
     assert not errors, errors
+
+
+def test_the_report_shows_clip_strips(clip_store, tmp_path):
+    from curate.config import StoreConfig
+    from curate.report import STRIP_AT, write_report
+
+    out = tmp_path / "report.html"
+    write_report(StoreConfig(uri=str(clip_store / "store"), table="samples"), out)
+    page = out.read_text()
+    strips = re.findall(r'<div class="card strip"><img alt="[^"]*" src="data:image/jpeg;'
+                        r'base64,([^"]+)"', page)
+    assert len(strips) == 3  # the three clips, all kept
+    strip = Image.open(io.BytesIO(base64.b64decode(strips[0])))
+    assert strip.size == (len(STRIP_AT) * 128, 72)  # four frames of 128 x 72
+    assert "clip 0 · 0.00–2.00 s" in page
+    assert "not_a_video" in page  # the broken file's group
+    assert not re.search(r'(src|href)="(?!data:)', page)
