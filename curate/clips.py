@@ -35,6 +35,8 @@ class Clip:
     frame_times: list[float]
     #: Mean absolute change between consecutive grey frames (0-255), over the whole clip.
     motion: float | None
+    #: The video it was cut from (a later stage may re-encode the span).
+    source: VideoSource | None = field(default=None, repr=False)
 
     @property
     def num_frames(self) -> int:
@@ -209,7 +211,7 @@ class SplitOptions:
     stride_s: float | None = None
     min_clip_s: float = 1.0
     max_clip_s: float | None = 60.0
-    frames_per_clip: int = 3
+    frames_per_clip: int = 3  # 0: keep none (no stage after looks at frames)
     sample_fps: float | None = None
     frame_max_side: int = 512
     max_kept_frames: int = 64
@@ -310,8 +312,8 @@ def split(source: VideoSource, fps: float, num_frames: int, options: SplitOption
         for start, end in spans:
             n = count if not options.sample_fps else max(
                 1, round((end - start) / fps * options.sample_fps))
-            chosen = sampler.take(start, end, n)
-            if not chosen:
+            chosen = sampler.take(start, end, n) if count else []
+            if count and not chosen:
                 continue
             lo, hi = start + 1 - motion_base, end - 1 - motion_base
             value = None
@@ -320,7 +322,7 @@ def split(source: VideoSource, fps: float, num_frames: int, options: SplitOption
             start_s = times.get(start, start / fps)
             end_s = times.get(end - 1, (end - 1) / fps) + 1 / fps
             yield Clip(clip_index, start, end, start_s, end_s, [c.image for c in chosen],
-                       [c.time_s for c in chosen], value)
+                       [c.time_s for c in chosen], value, source)
             clip_index += 1
 
     def close_through(cut: int) -> Iterator[Clip]:
@@ -355,7 +357,7 @@ def split(source: VideoSource, fps: float, num_frames: int, options: SplitOption
         while len(motion) + motion_base < index:  # frames the decoder skipped
             motion.append(motion[-1] if motion else 0.0)
         motion.append((motion[-1] if motion else 0.0) + change)
-        if sampler.wants(index):
+        if count and sampler.wants(index):
             sampler.add(_Candidate(index, frame.time_s, frame.image(options.frame_max_side)))
         if fixed is not None:
             while fixed and fixed[0][1] <= index + 1:

@@ -26,7 +26,13 @@ FINAL_COLUMNS: dict[str, pa.DataType] = {
 def build_stages(config: Config) -> list[Stage]:
     """The stages of `config`, with the local paths they name made absolute here (see
     `resolve_local_paths`); `config` itself (its YAML, its hash) is left as written."""
-    return [resolve_local_paths(get_stage_class(p.type)(p)) for p in config.stages]
+    stages = [resolve_local_paths(get_stage_class(p.type)(p)) for p in config.stages]
+    for i, stage in enumerate(stages):
+        if stage.makes_clips:
+            # no stage after it looks at frames: the cutter need not keep any
+            stage.hands_frames = any(s.needs_pixels() or s.has_prepare_part
+                                     for s in stages[i + 1:])
+    return stages
 
 
 def local_path(value: str, base: str | None = None) -> str:

@@ -155,7 +155,14 @@ class SegmentWorker:
                 return
             # Streamed blocks (they carry their own input_rows): each goes through the rest
             # of the segment as it comes, so one long input never sits whole in memory.
+            # The earlier stages' seconds go with the first block, not once per new row.
+            earlier = {c: pc.sum(out[c]).as_py() or 0.0 for c in out.column_names
+                       if c.startswith(TIMING_PREFIX)}
             for rows, block_media in result:
+                rows = rows.drop_columns([c for c in earlier if c in rows.column_names])
+                for column, seconds in earlier.items():
+                    rows = _add_timing(rows, column[len(TIMING_PREFIX):], seconds)
+                earlier = dict.fromkeys(earlier, 0.0)
                 rows = _add_timing(rows, stage.name, time.perf_counter() - started)
                 yield from self._after(rows, block_media, stages[k + 1:])
                 started = time.perf_counter()
@@ -258,7 +265,10 @@ class FanOutWorker(SegmentWorker):
     operator would need a CPU the pools hold)."""
 
     def __call__(self, batch: pa.Table):
-        size = max(batch.num_rows, 1)
+        # blocks of the batch size, or of what a streaming stage hands on together (a
+        # video's clips come one video per batch)
+        size = max(batch.num_rows, 1, *(getattr(s.params, "clips_per_block", 1)
+                                        for s in self.stages if s.fans_out))
         for out in self._run(batch):
             for start in range(0, max(out.num_rows, 1), size):
                 yield out.slice(start, size)

@@ -32,6 +32,11 @@ class StageParams(BaseModel):
     type: str = Field(description="registered stage type")
     name: str | None = Field(None, description="name used in reasons and reports (default: type)")
     resources: Resources = Field(default_factory=Resources)
+
+
+class FrameScoreParams(StageParams):
+    """Params of a stage that scores images and, on video clips, each sampled frame."""
+
     reduction: Literal["min", "mean", "max"] | None = Field(
         None, description="on video clips: how the scores of a clip's frames become the "
         "clip's (default: the stage's own; see curate.frames)")
@@ -200,7 +205,7 @@ class Stage:
 
     def reduction(self) -> str:
         """min, mean or max: how a clip's frame scores become the clip's."""
-        return self.params.reduction or self.default_reduction
+        return getattr(self.params, "reduction", None) or self.default_reduction
 
     def verdicts(self, rows: pa.Table, columns: dict[str, pa.Array]) -> pa.Array | None:
         """The verdict of each row from its (clip-reduced) `columns`; None where the stage

@@ -126,6 +126,37 @@ def test_every_broken_kind_is_one_row_with_its_reason(tmp_path, cut_video):
         {"fine.mp4": "too_large"}
 
 
+def test_videos_from_a_manifest_of_urls_are_fetched_and_probed(tmp_path, cut_video):
+    import functools
+    import http.server
+    import json
+    import threading
+
+    shutil.copy(cut_video[0], tmp_path / "cuts.mp4")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    manifest = tmp_path / "videos.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in [
+        {"uri": f"{base}/cuts.mp4", "caption": "five shots"},
+        {"uri": f"{base}/gone.mp4", "caption": "not there"}]))
+    try:
+        from curate.stages.video import IngestVideos, SplitClips
+
+        stage = IngestVideos(paths=[str(manifest)], http_retries=0)
+        rows, media = stage.load(stage.list_inputs())
+    finally:
+        server.shutdown()
+    fetched, gone = rows.to_pylist()
+    assert fetched["error"] is None and fetched["alt_text"] == "five shots"
+    assert fetched["num_frames"] == round(sum(SHOTS) * FPS)
+    assert gone["error"].startswith("http_status: HTTP 404")
+    blocks = list(SplitClips(method="scenes").expand(rows, media))
+    clips = [r for t, _ in blocks for r in t.to_pylist() if r["media_type"] == "video_clip"]
+    assert len(clips) == len(SHOTS)  # cut from the bytes held in memory
+
+
 def test_a_video_damaged_midway_keeps_its_clips_and_says_where(tmp_path, cut_video):
     from curate.stages.video import IngestVideos, SplitClips
 
@@ -139,13 +170,13 @@ def test_a_video_damaged_midway_keeps_its_clips_and_says_where(tmp_path, cut_vid
     rows, media = ingest.load(ingest.list_inputs())
     out = [b for b in SplitClips(method="fixed", clip_s=2.0).expand(rows, media)]
     table = pa.concat_tables([t for t, _ in out]).to_pylist()
-    # zeroed frames still decode (FFmpeg conceals them): every clip is there, or the video
-    # row says what broke; never a crash, never a silent loss
-    clips = [r for r in table if r["media_type"] == "video_clip"]
-    errors = [r["error"] for r in table if r["media_type"] == "video"]
-    assert clips or errors
-    assert all(r["input_rows"] >= 1 for r in table)
-    assert table[-1]["input_rows"] == len(table)
+    # decoding breaks at the zeroed bytes: the whole clips before them are kept, the video
+    # row says where it broke, and the last row counts them all (a resume can tell)
+    assert [r["media_type"] for r in table] == ["video_clip"] * 3 + ["video"]
+    assert [r["clip_index"] for r in table[:3]] == [0, 1, 2]
+    assert table[-1]["error"].startswith("undecodable: decoding stopped at frame ")
+    assert table[-1]["error"].endswith("(the 3 clips before it are kept)")
+    assert [r["input_rows"] for r in table] == [2, 3, 4, 4]
 
 
 def test_containers_are_closed_on_every_path(cut_video):
@@ -400,3 +431,24 @@ def test_a_video_run_killed_with_sigkill_resumes_to_the_same_table(
         progress=False)
     assert resumed.status == "finished"
     assert clips_table(store).equals(reference)
+
+
+def test_transcode_writes_each_kept_clip_as_a_file_of_its_own(tmp_path, cut_video):
+    from curate.stages.video import IngestVideos, SplitClips, Transcode
+
+    ingest = IngestVideos(paths=[str(cut_video[0])])
+    rows, media = ingest.load(ingest.list_inputs())
+    (clips, clip_media), = SplitClips(method="fixed", clip_s=4.0,
+                                      clips_per_block=8).expand(rows, media)
+    stage = Transcode(directory=str(tmp_path / "clips"), max_side=320)
+    out = stage.process(clips, clip_media)
+    assert out["transcode_error"].to_pylist() == [None] * clips.num_rows
+    for row, path in zip(clips.to_pylist(), out["clip_path"].to_pylist()):
+        assert path.endswith(f"{row['sample_id']}.mp4")
+        info = probe(VideoSource(path))
+        assert (info.codec, info.width, info.height) == ("h264", 320, 180)
+        assert info.num_frames == row["num_frames"]
+    # a rerun keeps the files already written
+    before = [os.stat(p).st_mtime_ns for p in out["clip_path"].to_pylist()]
+    again = stage.process(clips, clip_media)["clip_path"].to_pylist()
+    assert [os.stat(p).st_mtime_ns for p in again] == before

@@ -104,6 +104,24 @@ def browser(clip_server):
         browser.close()
 
 
+def wait_until_playable(page, testid: str) -> None:
+    """Wait for the video element to hold a decoded frame (readyState >= 2); on a timeout,
+    say what the element had reached, which source it chose and what error it met."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    query = f"document.querySelector('[data-testid={testid}]')"
+    try:
+        page.wait_for_function(f"() => {{ const v = {query}; return v && v.readyState >= 2; }}",
+                               timeout=60_000)
+    except PlaywrightTimeout:
+        state = page.evaluate(
+            f"() => {{ const v = {query}; return v && {{ready: v.readyState, "
+            "network: v.networkState, src: v.currentSrc, error: v.error && v.error.code, "
+            "mp4: v.canPlayType('video/mp4; codecs=\"avc1.42E01E\"'), "
+            "webm: v.canPlayType('video/webm; codecs=\"vp9\"')}}; }}")
+        pytest.fail(f"{testid} never became playable: {state}")
+
+
 def test_the_gallery_plays_clips(browser, clip_server, tmp_path):
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
@@ -117,14 +135,10 @@ def test_the_gallery_plays_clips(browser, clip_server, tmp_path):
                            ".length === 3", timeout=60_000)
     # hovering a card plays its clip in place of the poster
     page.hover(f"#grid [data-id='{rows[1]['sample_id']}']")
-    page.wait_for_function("() => { const v = document.querySelector("
-                           "'[data-testid=card-video]'); return v && v.readyState >= 2; }",
-                           timeout=60_000)
+    wait_until_playable(page, "card-video")
     screenshot(page, tmp_path, "gallery-clips")
     page.goto(f"{clip_server}/#/sample/{rows[1]['sample_id']}")
-    page.wait_for_function("() => { const v = document.querySelector("
-                           "'[data-testid=clip-video]'); return v && v.readyState >= 2; }",
-                           timeout=60_000)
+    wait_until_playable(page, "clip-video")
     played = page.evaluate("() => { const v = document.querySelector("
                            "'[data-testid=clip-video]'); return [v.duration, v.currentSrc]; }")
     span = rows[1]["clip_end_s"] - rows[1]["clip_start_s"]

@@ -6,7 +6,7 @@ from curate.stages.ingest import IngestImages
 from curate.stages.quality import ImageQuality
 from curate.stages.scores import AestheticScore, NsfwScore
 from curate.stages.semantic import DiversitySample, SemanticDedup
-from curate.stages.video import IngestVideos, MotionScore, SplitClips
+from curate.stages.video import IngestVideos, MotionScore, SplitClips, Transcode
 from curate.stages.vlm import Caption, VlmScore
 
 __all__ = [
@@ -24,5 +24,6 @@ __all__ = [
     "PhashDedup",
     "SemanticDedup",
     "SplitClips",
+    "Transcode",
     "VlmScore",
 ]

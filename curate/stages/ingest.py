@@ -109,8 +109,7 @@ class IngestImages(Source):
     def fingerprint(self) -> dict[str, Any]:
         # What is read is decided by the listing; how it is read decides the rows.
         return self.params.model_dump(
-            mode="json", exclude={"resources", "name", "paths", "http_timeout_s", "http_retries",
-                                  "reduction"}
+            mode="json", exclude={"resources", "name", "paths", "http_timeout_s", "http_retries"}
         )
 
     def load(self, items: pa.Table) -> tuple[pa.Table, list]:

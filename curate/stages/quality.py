@@ -8,10 +8,10 @@ from PIL import Image
 from pydantic import Field, model_validator
 
 from curate.registry import register
-from curate.stage import Stage, StageParams
+from curate.stage import FrameScoreParams, Stage
 
 
-class QualityParams(StageParams):
+class QualityParams(FrameScoreParams):
     min_side: int | None = Field(None, ge=1, description="minimum of width and height, px")
     max_side: int | None = Field(None, ge=1, description="maximum of width and height, px")
     min_aspect_ratio: float | None = Field(None, gt=0, description="minimum width / height")

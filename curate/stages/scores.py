@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from curate.models import ModelError, in_fixed_batches, stand_in_notice
 from curate.registry import register
-from curate.stage import Resources, Stage, StageParams
+from curate.stage import FrameScoreParams, Resources, Stage
 from curate.vectors import column_pixels, prepared_pixels, to_matrix
 
 
@@ -29,7 +29,7 @@ def threshold_verdicts(label: str, scores: np.ndarray, valid: np.ndarray,
     return pa.array(out, pa.string())
 
 
-class HeadParams(StageParams):
+class HeadParams(FrameScoreParams):
     """A head over CLIP embeddings, by weights file or URL and its sha256."""
 
     embedding_column: str = Field("clip_embedding", description="CLIP image embedding column")

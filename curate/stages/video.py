@@ -195,6 +195,8 @@ class SplitClips(Stage):
     params: SplitClipsParams
     fans_out = True
     makes_clips = True
+    #: Whether a later stage uses the sampled frames (set where the chain is built).
+    hands_frames = True
 
     def reads(self) -> tuple[str, ...]:
         return ("input_id", "media_type")
@@ -209,7 +211,7 @@ class SplitClips(Stage):
 
     def fingerprint(self) -> dict[str, Any]:
         return self.configured_params.model_dump(
-            mode="json", exclude={"resources", "name", "clips_per_block", "device", "reduction"})
+            mode="json", exclude={"resources", "name", "clips_per_block", "device"})
 
     def preflight(self):
         problems = []
@@ -229,7 +231,8 @@ class SplitClips(Stage):
             method=p.method, detector=p.detector, threshold=p.threshold,
             analysis_width=p.analysis_width, clip_s=p.clip_s, stride_s=p.stride_s,
             min_clip_s=p.min_clip_s, max_clip_s=p.max_clip_s,
-            frames_per_clip=p.frames_per_clip, sample_fps=p.sample_fps,
+            frames_per_clip=p.frames_per_clip if self.hands_frames else 0,
+            sample_fps=p.sample_fps if self.hands_frames else None,
             frame_max_side=p.frame_max_side, device=p.device)
 
     def expand(self, rows: pa.Table, media: list | None) -> Iterator[tuple[pa.Table, list]]:
@@ -344,3 +347,66 @@ class MotionScore(Stage):
                 "motion_reason": threshold_verdicts("motion", values, valid,
                                                     self.params.min_score,
                                                     self.params.max_score)}
+
+
+# --- transcode ----------------------------------------------------------------------------
+
+
+class TranscodeParams(StageParams):
+    directory: str = Field(description="where the clip files go (local; one file per clip, "
+                           "named by sample_id)")
+    codec: Literal["h264", "vp9"] = Field("h264", description="h264: MP4; vp9: WebM")
+    max_side: int | None = Field(1080, ge=16, description="longest side of the clip files "
+                                 "(None: the source's)")
+
+
+@register("transcode")
+class Transcode(Stage):
+    """Write each clip that earlier row filters kept as a video file of its own (H.264 MP4
+    or VP9 WebM) under `directory`, as `clip_path`; clips stay references until then.
+    Rows dropped later (dedup) keep their file: dedup runs after the row stages."""
+
+    Params = TranscodeParams
+    params: TranscodeParams
+    takes_clips = True
+    skips_dropped = True
+    local_path_params = ("directory",)
+
+    def reads(self) -> tuple[str, ...]:
+        return ("sample_id", "fps")
+
+    def writes(self) -> dict[str, pa.DataType]:
+        return {"clip_path": pa.string(), "transcode_error": pa.string()}
+
+    def needs_pixels(self) -> bool:
+        return True  # it works on the clips in the pool that cuts them
+
+    def process(self, batch: pa.Table, images: list) -> dict[str, pa.Array]:
+        from curate.video import cut
+
+        p = self.params
+        suffix = {"h264": ".mp4", "vp9": ".webm"}[p.codec]
+        paths: list[str | None] = []
+        errors: list[str | None] = []
+        for sample_id, fps, clip in zip(batch["sample_id"].to_pylist(),
+                                        batch["fps"].to_pylist(), images):
+            if not isinstance(clip, Clip) or clip.source is None:
+                paths.append(None)
+                errors.append(None)
+                continue
+            folder = os.path.join(p.directory, sample_id[:2])
+            path = os.path.join(folder, sample_id + suffix)
+            try:
+                if not os.path.exists(path):  # a resumed run keeps what is written
+                    os.makedirs(folder, exist_ok=True)
+                    partial = path + ".part"
+                    cut(clip.source, clip.start_s, clip.end_s, partial, p.codec, p.max_side,
+                        fps)
+                    os.replace(partial, path)
+                paths.append(path)
+                errors.append(None)
+            except (MediaError, OSError) as exc:
+                paths.append(None)
+                errors.append(f"transcode_failed: {exc}"[:500])
+        return {"clip_path": pa.array(paths, pa.string()),
+                "transcode_error": pa.array(errors, pa.string())}

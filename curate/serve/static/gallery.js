@@ -37,9 +37,10 @@ function query(params) {
 }
 
 // A clip plays from its own cut of the source: H.264 MP4 first, VP9 WebM where the
-// browser lacks H.264.
-function clipVideo(id, attributes) {
-  return `<video ${attributes} poster="samples/${id}/thumbnail?size=512" preload="metadata">
+// browser lacks H.264. The sample view's player loads the whole clip ("auto") so it is
+// ready to play; a hovered card autoplays.
+function clipVideo(id, attributes, preload = "metadata") {
+  return `<video ${attributes} poster="samples/${id}/thumbnail?size=512" preload="${preload}">
     <source src="samples/${id}/media" type="video/mp4">
     <source src="samples/${id}/media?format=webm" type="video/webm"></video>`;
 }
@@ -213,7 +214,7 @@ async function showSample(id) {
       : `<div class="card"><div class="none">${esc(row.error)}</div></div>`;
     if (clip) {
       const at = [0.1, 0.3, 0.5, 0.7, 0.9];
-      picture = `${clipVideo(id, 'class="main" controls muted data-testid="clip-video"')}
+      picture = `${clipVideo(id, 'class="main" controls muted data-testid="clip-video"', "auto")}
         <h2>Frames</h2><div class="frames" data-testid="frames">${at.map((a) =>
           `<img alt="frame at ${a}" src="samples/${id}/thumbnail?size=160&at=${a}">`).join("")}
         </div>`;
