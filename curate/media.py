@@ -9,15 +9,17 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import struct
 import tarfile
 import time
 import urllib.error
 import urllib.request
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 # Decoding must never silently accept a cut-off file.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -27,6 +29,11 @@ TRANSIENT_CODES = ("http_timeout", "http_error")
 
 _ORIENTATION_TAG = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}
+#: EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose)
+_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+           4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+           6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
 
 
 class MediaError(Exception):
@@ -160,7 +167,8 @@ def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> D
     """
     if not data:
         raise MediaError("empty", "file has 0 bytes")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data))
@@ -184,31 +192,95 @@ def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> D
                 f"{max_pixels:,}"
             )
         num_frames = int(getattr(img, "n_frames", 1) or 1)
+        # The pixels load before anything else reads the file: PIL reads a PNG's EXIF
+        # after its image data, and a decoder error met there would otherwise be lost.
         try:
-            orientation = img.getexif().get(_ORIENTATION_TAG)
-        except Exception:  # broken EXIF only loses the orientation
-            orientation = None
-        if orientation in _SWAPS_AXES:
-            width, height = height, width
-        try:
-            if max_side and fmt == "JPEG":
-                img.draft("RGB", (max_side, max_side))
-            img.load()
+            pixels = _load_pixels(img, data, max_side)
+        except MediaError:
+            raise
         except OSError as exc:
             text = str(exc)
             code = "truncated" if "truncated" in text or "broken data" in text else "corrupt"
             raise MediaError(code, f"cannot decode {fmt}: {text}") from None
         except Exception as exc:  # any decoder failure here is the file's fault
             raise MediaError("corrupt", f"cannot decode {fmt}: {exc}") from None
-    if orientation:
         try:
-            img = ImageOps.exif_transpose(img)
-        except Exception:  # keep the unrotated pixels rather than lose the image
-            pass
+            orientation = img.getexif().get(_ORIENTATION_TAG)
+        except Exception as exc:
+            raise MediaError("corrupt", f"cannot read the EXIF of {fmt}: {exc}") from None
+        img = pixels
+        # PIL warns on damage it decodes past (a bad EXIF block, a short chunk): refused
+        damage = [w for w in caught if f"{os.sep}PIL{os.sep}" in w.filename]
+        if damage:
+            raise MediaError("corrupt", f"{fmt} decoder warned: {damage[0].message}")
+    for other in caught:
+        if other not in damage:
+            warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
+    if fmt == "PNG":  # PIL does not check a PNG's chunk checksums
+        _check_png_chunks(data)
+    if orientation in _SWAPS_AXES:
+        width, height = height, width
+    if orientation in _ORIENT:
+        img = img.transpose(_ORIENT[orientation])
     rgb = to_rgb(img)
     if max_side and max(rgb.size) > max_side:
         rgb.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     return DecodedImage(rgb, width, height, fmt, num_frames)
+
+
+def _load_pixels(img: Image.Image, data: bytes, max_side: int | None) -> Image.Image:
+    """The decoded pixels of an opened image (JPEGs at reduced scale under `max_side`).
+
+    PIL ignores libjpeg's warnings (a bad Huffman code, bytes before a marker: the rest of
+    the image comes out grey or garbled), so JPEGs are decoded by libjpeg-turbo through
+    simplejpeg in strict mode, where those warnings are errors; the same library PIL uses,
+    so the pixels are the same. CMYK/YCCK files, which it cannot convert, are decoded by
+    PIL and checked by a strict 1/8-scale pass that still reads every coefficient.
+    """
+    if img.format not in ("JPEG", "MPO"):
+        img.load()
+        return img
+    import simplejpeg
+
+    width, height = img.size
+    factor = 1
+    if max_side:  # the scale PIL's draft() picks: the image stays >= max_side both ways
+        fit = min(width // max_side, height // max_side)
+        factor = next(f for f in (8, 4, 2, 1) if f <= max(fit, 1))
+    try:
+        if img.mode in ("RGB", "L"):
+            pixels = simplejpeg.decode_jpeg(
+                data, colorspace="RGB" if img.mode == "RGB" else "GRAY",
+                min_width=-(-width // factor), min_height=-(-height // factor), strict=True)
+            return Image.fromarray(pixels[..., 0] if img.mode == "L" else pixels, img.mode)
+        simplejpeg.decode_jpeg(data, colorspace="CMYK", min_width=1, min_height=1,
+                               min_factor=8, strict=True)
+    except ValueError as exc:
+        text = str(exc)
+        code = "truncated" if "Premature end" in text else "corrupt"
+        raise MediaError(code, f"cannot decode JPEG: {text}") from None
+    if max_side:
+        img.draft(img.mode, (max_side, max_side))
+    img.load()
+    return img
+
+
+def _check_png_chunks(data: bytes) -> None:
+    pos = 8
+    while True:
+        if pos + 12 > len(data):
+            raise MediaError("truncated", "PNG ends before its IEND chunk")
+        (length,) = struct.unpack_from(">I", data, pos)
+        kind = data[pos + 4:pos + 8]
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            raise MediaError("truncated", f"PNG chunk {kind!r} at byte {pos} is cut off")
+        (crc,) = struct.unpack_from(">I", data, end)
+        if zlib.crc32(memoryview(data)[pos + 4:end]) != crc:
+            raise MediaError("corrupt", f"PNG chunk {kind!r} at byte {pos} fails its checksum")
+        if kind == b"IEND":
+            return
+        pos = end + 4
 
 
 _MAGIC = (
