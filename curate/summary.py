@@ -8,6 +8,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic_core import PydanticUndefined
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from curate.registry import stage_types
@@ -138,12 +139,13 @@ def stage_reference_markdown() -> str:
 def print_stage_reference(console: Console | None = None) -> None:
     console = console or Console()
     for ref in stage_reference():
-        table = Table(title=f"{ref['type']} ({ref['kind']}): {ref['summary']}",
+        table = Table(title=escape(f"{ref['type']} ({ref['kind']}): {ref['summary']}"),
                       title_justify="left")
         for column in ("parameter", "type", "default", "meaning"):
             table.add_column(column)
-        for p in ref["params"]:
-            table.add_row(p["name"], p["type"], p["default"], p["description"])
+        for p in ref["params"]:  # plain text: "extra [vllm]" is not Rich markup
+            table.add_row(*(escape(p[key]) for key in ("name", "type", "default",
+                                                      "description")))
         console.print(table)
         console.print(f"  reads: {', '.join(ref['reads']) or '-'}")
         console.print(f"  writes: {', '.join(ref['writes'])}\n")

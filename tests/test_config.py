@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -139,8 +140,9 @@ def test_config_hash_ignores_run_settings_only():
     assert a.config_hash() == b.config_hash() != c.config_hash()
 
 
-def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "curate", *args], cwd=cwd,
+def run_cli(*args, cwd=ROOT, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "curate", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -181,6 +183,12 @@ def test_cli_stages_lists_params_and_columns():
     assert params["max_distance"]["default"] == "6"
     assert "phash_duplicate_of" in stages["phash_dedup"]["writes"]
     assert "content_hash" in stages["exact_dedup"]["reads"]
+
+
+def test_cli_stages_prints_brackets_as_written():
+    result = run_cli("stages", env_extra={"COLUMNS": "250"})
+    assert result.returncode == 0, result.stderr
+    assert "vllm (GPU; extra [vllm])" in result.stdout
 
 
 def test_readme_stage_reference_is_generated_from_code():
