@@ -25,7 +25,31 @@ app = typer.Typer(
 console = Console()
 if not console.is_terminal:
     console.width = 120  # logs and pipes: wide enough for the per-stage table
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error is one line, never wrapped
+#: -v: tracebacks of unexpected failures are printed, not only their one line
+VERBOSE = False
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[bool, typer.Option("-v", "--verbose",
+                                          help="show tracebacks and library logs")] = False,
+) -> None:
+    global VERBOSE
+    VERBOSE = verbose
+
+
+def _unexpected(exc: BaseException, more: str = "") -> None:
+    """One line for a failure that is not curate's own error (a worker died, the disk
+    filled): what it was, and how to see more. -v adds the traceback."""
+    import traceback
+
+    from curate.errors import describe_failure
+
+    if VERBOSE:
+        traceback.print_exception(exc)
+    hint = "" if VERBOSE else " (run with -v for the traceback)"
+    err.print(f"[red]error:[/] {describe_failure(exc)}{hint}{more}", highlight=False)
 
 SetOption = Annotated[
     Optional[list[str]],  # noqa: UP045  (typer needs Optional here)
@@ -66,22 +90,41 @@ def run(
         Optional[Path],  # noqa: UP045
         typer.Option("--json", help="also write the run summary as JSON to this file"),
     ] = None,
+    force_after: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option("--force-after", metavar="SECONDS",
+                     help="take over the table from a run not heard from for this long "
+                          "(default: 600; a run whose process is gone is taken over at once)"),
+    ] = None,
 ) -> None:
     """Run (or resume) a pipeline, then print what each stage did."""
+    from curate.logs import library_output_to, log_path
     from curate.pipeline import Pipeline
     from curate.summary import print_summary
 
     cfg = _load(config, set_)
     pipeline = Pipeline.from_config(cfg)
-    try:
-        summary = pipeline.run(progress=progress and sys.stderr.isatty(), address=address)
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]: finished batches are in the table; run the same "
-                  "command again to resume.")
-        raise typer.Exit(130) from None
-    except CurateError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+    show_progress = progress and sys.stderr.isatty()
+    # Ray's, Lance's and FFmpeg's output goes to a log file unless -v
+    log = None if VERBOSE else log_path(cfg.store.uri, cfg.store.table)
+    with library_output_to(log) as terminal:
+        err.file = terminal  # None: stderr, as always
+        more = f" (libraries' log: {log})" if terminal else ""
+        try:
+            summary = pipeline.run(progress=show_progress, address=address,
+                                   force_after_s=force_after)
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]: finished batches are in the table; run the "
+                      "same command again to resume.")
+            raise typer.Exit(130) from None
+        except CurateError as exc:
+            err.print(f"[red]error:[/] {exc}{more}", highlight=False)
+            raise typer.Exit(1) from None
+        except Exception as exc:  # a worker's failure, the machine's: one line
+            _unexpected(exc, more)
+            raise typer.Exit(1) from None
+        finally:
+            err.file = None
     print_summary(summary, console)
     if json_out:
         json_out.write_text(json.dumps(summary.to_dict(), indent=2, default=str))
@@ -204,8 +247,49 @@ def report(
     console.print(f"Report written to [bold]{out}[/] ({out.stat().st_size / 1e3:.0f} kB).")
 
 
+@app.command()
+def repair(
+    config: Annotated[Opt[Path], typer.Option(help="pipeline config naming the store")] = None,
+    store: Annotated[Opt[str], typer.Option(help="LanceDB store URI")] = None,
+    table: Annotated[str, typer.Option(help="samples table")] = "samples",
+    address: Annotated[Opt[str], typer.Option(help="Ray cluster to join; default: local")] = None,
+) -> None:
+    """Keep one row of each sample_id that a table holds more than once (left by runs that
+    shared it), under the table's run lease. The next `curate run` sets the verdicts again."""
+    from curate.config import StoreConfig
+    from curate.lease import RunLease
+    from curate.runner import connect
+    from curate.store import Store
+    from curate.tasks import remove_duplicate_rows
+
+    if config is not None:
+        store_config = _load(config, None).store
+    elif store is not None:
+        store_config = StoreConfig(uri=store, table=table)
+    else:
+        err.print("[red]error:[/] pass --config CONFIG or --store URI", highlight=False)
+        raise typer.Exit(2)
+    try:
+        target = Store(store_config)
+        if target.table() is None:
+            raise CurateError(f"no table {target.name} at {target.uri}")
+        with RunLease(target, "repair"):
+            connect(address, None)
+            removed = remove_duplicate_rows(target)
+    except CurateError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"{target.name} at {target.uri}: "
+                  + (f"removed {removed:,} duplicate rows; run the pipeline again to set "
+                     "the verdicts" if removed else "no duplicate sample_ids"))
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except Exception as exc:  # anything a command did not turn into its own error
+        _unexpected(exc)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

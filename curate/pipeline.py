@@ -184,8 +184,10 @@ class Pipeline:
     def name(self) -> str:
         return self.config.name
 
-    def run(self, progress: bool = True, address: str | None = None):
-        """Run (or resume) the pipeline; returns a RunSummary."""
+    def run(self, progress: bool = True, address: str | None = None,
+            force_after_s: float | None = None):
+        """Run (or resume) the pipeline; returns a RunSummary. Another run on the same table
+        is refused while it lives; `force_after_s` takes over one silent that long."""
         from curate.run import execute
 
         config = self.config
@@ -193,7 +195,7 @@ class Pipeline:
             config = config.model_copy(
                 update={"run": config.run.model_copy(update={"ray_address": address})}
             )
-        return execute(config, progress=progress)
+        return execute(config, progress=progress, force_after_s=force_after_s)
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, {self.stages!r})"

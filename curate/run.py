@@ -18,7 +18,13 @@ import pyarrow as pa
 
 from curate import __version__
 from curate.config import Config
-from curate.errors import ConfigError
+from curate.errors import (
+    ConfigError,
+    CurateError,
+    describe_failure,
+    is_storage_failure,
+    root_cause,
+)
 from curate.pipeline import FINAL_COLUMNS, build_stages, table_schema
 from curate.stage import Stage
 from curate.store import Store, now
@@ -101,9 +107,10 @@ def _sigint_flag():
 
 
 class _Execution:
-    def __init__(self, config: Config, progress: bool):
+    def __init__(self, config: Config, progress: bool, force_after_s: float | None = None):
         self.config = config
         self.progress = progress
+        self.force_after_s = force_after_s
         self.stages = build_stages(config)
         self.source = self.stages[0]
         self.row_stages = [s for s in self.stages[1:] if s.has_row_part]
@@ -126,11 +133,28 @@ class _Execution:
         self.models = [m for stage in self.stages for m in stage.models()]
 
     def run(self) -> RunSummary:
-        from curate.inputs import pending_inputs, unwrap
-        from curate.runner import connect
+        from curate.lease import RunLease
 
         started = time.perf_counter()
         self.preflight()
+        run_id = now().strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
+        with RunLease(self.store, run_id, self.force_after_s) as lease:
+            self.store.before_commit = lease.check
+            try:
+                return self._run(started, run_id, lease)
+            except Exception as exc:
+                if not isinstance(exc, CurateError) and is_storage_failure(exc):
+                    # a full disk, a read-only store: one line naming the table
+                    raise self.store.write_error(root_cause(exc)) from exc
+                raise
+            finally:
+                self.store.before_commit = None
+
+    def _run(self, started: float, run_id: str, lease) -> RunSummary:
+        from curate.inputs import pending_inputs, unwrap
+        from curate.runner import connect
+        from curate.tasks import remove_duplicate_rows
+
         run_cfg = self.config.run
         self.store.ensure_table(table_schema(self.stages))
         connect(run_cfg.ray_address, run_cfg.num_cpus)
@@ -140,6 +164,13 @@ class _Execution:
         config_hash = self.config.config_hash()
         previous = self.store.runs()
         last = previous[-1] if previous else None
+        if lease.took_over is not None:
+            self._mark_dead(previous, lease)
+        # a run that died, failed or (before run leases) shared the table with another may
+        # have left a sample twice: one copy of each is kept
+        if (last is not None and last["status"] != "finished"
+                and remove_duplicate_rows(self.store)):
+            pending = unwrap(lambda: pending_inputs(self.source, self.store, self.hash))
         if (
             pending.rows == 0
             and last is not None
@@ -149,7 +180,6 @@ class _Execution:
         ):
             return self._summary(None, "up_to_date", started, version_before, version_before,
                                  None, self._counts())
-        run_id = now().strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
         record = {
             "run_id": run_id,
             "pipeline": self.config.name,
@@ -182,11 +212,13 @@ class _Execution:
             self.store.save_run(record)
             raise
         except Exception as exc:
-            record.update(status="failed", finished_at=now(), error=f"{type(exc).__name__}: {exc}",
+            record.update(status="failed", finished_at=now(),
+                          error=f"{type(exc).__name__}: {describe_failure(exc)}",
                           seconds=time.perf_counter() - started,
                           version_after=self.store.version(),
                           rows_processed=self.rows_processed)
-            self.store.save_run(record)
+            with contextlib.suppress(Exception):  # a full disk refuses this write too
+                self.store.save_run(record)
             raise
         record.update(
             status="finished",
@@ -200,6 +232,16 @@ class _Execution:
         )
         self.store.save_run(record)
         return summary
+
+    def _mark_dead(self, previous: list[dict], lease) -> None:
+        """The record of the run whose lease was taken over says so."""
+        dead = lease.took_over
+        for record in previous:
+            if record["run_id"] == dead.run_id and record["status"] == "running":
+                record.update(status="interrupted", finished_at=now(),
+                              error=f"its process on {dead.host} (pid {dead.pid}) ended "
+                              f"without finishing; run {lease.run_id} took over")
+                self.store.save_run(record)
 
     # --- row stages ---------------------------------------------------------------------
     def _stream(self, pending) -> None:
@@ -356,6 +398,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def execute(config: Config, progress: bool = True) -> RunSummary:
-    """Run or resume `config`; raises RunError when inputs or the store are unusable."""
-    return _Execution(config, progress).run()
+def execute(config: Config, progress: bool = True,
+            force_after_s: float | None = None) -> RunSummary:
+    """Run or resume `config`; raises RunError when inputs or the store are unusable, or
+    when another run holds the table (`force_after_s`: take over a lease silent for
+    longer, see curate.lease)."""
+    return _Execution(config, progress, force_after_s).run()

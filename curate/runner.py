@@ -38,10 +38,15 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")  # set for us inside a Ray job
+        from curate import logs
+
+        # under `curate run` without -v, workers' own prints stay in Ray's logs
+        relay = not logs.QUIET
         if address:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=relay)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=relay)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

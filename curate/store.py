@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -11,7 +12,7 @@ import lancedb
 import pyarrow as pa
 
 from curate.config import StoreConfig
-from curate.errors import RunError
+from curate.errors import RunError, storage_message
 
 RUN_SCHEMA = pa.schema(
     [
@@ -61,6 +62,8 @@ class Store:
         self.uri = resolve_uri(config.uri)
         self.name = config.table
         self.runs_name = f"{config.table}_runs"
+        #: Called before each commit (the run's lease check); None outside runs.
+        self.before_commit: Callable[[], None] | None = None
         try:
             self.db = lancedb.connect(
                 self.uri, storage_options=config.storage_options or None,
@@ -136,14 +139,33 @@ class Store:
     def _commit(self, operation, read_version: int) -> int:
         import lance
 
+        if self.before_commit is not None:
+            self.before_commit()
         try:
             dataset = lance.LanceDataset.commit(self.uri_of_table, operation,
                                                 read_version=read_version,
                                                 storage_options=self.storage_options)
-        except OSError as exc:
-            raise RunError(f"cannot commit to the table {self.name} at {self.uri}: "
-                           f"{str(exc).splitlines()[0]}") from None
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise self.write_error(exc) from None
         return int(dataset.version)
+
+    def write_error(self, exc: BaseException) -> RunError:
+        """What a failed write to the store means for the user, in one line."""
+        detail = storage_message(exc)
+        where = f"the table {self.name} at {self.uri}"
+        if any(sign in detail for sign in ("No space left", "os error 28", "Disk quota")):
+            return RunError(f"the disk holding {where} is full ({detail}). Free space there "
+                            "and run the same command again: the table stays readable at "
+                            "its last commit and the run resumes from it.")
+        if "conflict" in detail.lower():
+            return RunError(f"{where} was changed by another writer while this run "
+                            f"committed ({detail}). Run the same command again: it goes on "
+                            "from the last commit.")
+        if any(sign in detail for sign in ("Permission denied", "os error 13", "Read-only",
+                                           "os error 30")):
+            return RunError(f"cannot write to {where}: {detail}. Give this user write "
+                            "access there, or point store.uri elsewhere.")
+        return RunError(f"cannot write to {where}: {detail}")
 
     def commit_append(self, fragments: list[str]) -> int:
         """Commit fragments written by workers (FragmentMetadata as JSON) as new rows."""

@@ -319,6 +319,32 @@ def delete_rows(store, parts: list[Part], why: str) -> int | None:
     return store.commit_delete(updated, removed, why, version)
 
 
+def _duplicates_part(part: pa.Table) -> pa.Table:
+    """The rows of `part` whose sample_id an earlier row (lower address) already has."""
+    if part.num_rows == 0:
+        return part
+    order = pc.sort_indices(part, [("sample_id", "ascending"), (ROWADDR, "ascending")])
+    ordered = part.take(order)
+    ids = ordered["sample_id"].to_numpy(zero_copy_only=False)
+    repeat = np.zeros(len(ids), dtype=bool)
+    repeat[1:] = ids[1:] == ids[:-1]
+    return ordered.filter(pa.array(repeat))
+
+
+def remove_duplicate_rows(store) -> int:
+    """Delete every second (third, ...) row of a sample_id, keeping the first written;
+    returns how many went. Rows with equal ids meet in a shuffle by id, so no process
+    holds all ids."""
+    parts = scan(store, ["sample_id"])
+    if not parts:
+        return 0
+    extra = shuffle(parts, "sample_id", _duplicates_part)
+    count = sum(gather(map_parts(extra, num_rows)))
+    if count:
+        delete_rows(store, extra, f"{count} duplicate sample_id rows")
+    return count
+
+
 # --- compaction -----------------------------------------------------------------------------
 
 

@@ -1,0 +1,201 @@
+"""One run at a time on a table: the run lease.
+
+A run holds the lease of its table from before its first write to its end. A second run
+on the same table is refused with the holder's run id, host and age; a lease whose run
+died (its process is gone, or it has been silent longer than the stale limit) is taken
+over, so a killed run resumes with `curate run` again.
+
+The lease is a sequence of tiny Lance datasets beside the table, `_leases/<table>/<n>`:
+taking the lease is creating the next one, which Lance's commit makes atomic (on local
+disks and on object stores alike), so of two runs that race for it exactly one wins. The
+holder appends a heartbeat row every `HEARTBEAT_S` and a release row at its end.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from curate.errors import RunError
+
+HEARTBEAT_S = 30.0
+#: A lease silent this long is taken over (its run is presumed dead).
+STALE_AFTER_S = 600.0
+
+
+@dataclass
+class Holder:
+    run_id: str
+    host: str
+    pid: int
+    pid_started: str  # the process's start time (tells a reused pid apart)
+    started_at: float
+    beat_at: float
+    released: bool = False
+
+
+def _pid_started(pid: int) -> str:
+    """The start time of a live process ("" when it is gone or a zombie, or off Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return ""
+    return "" if fields[0] in ("Z", "X") else fields[19]
+
+
+def _alive(holder: Holder) -> bool | None:
+    """Whether the holder's process still runs; None when it runs on another host."""
+    if holder.host != socket.gethostname():
+        return None
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    if not holder.pid_started:  # no /proc where it ran: the pid exists, take it as alive
+        return True
+    return _pid_started(holder.pid) == holder.pid_started
+
+
+class RunLease:
+    """The lease of one table for one run; a context manager."""
+
+    def __init__(self, store, run_id: str, force_after_s: float | None = None):
+        self.store = store
+        self.run_id = run_id
+        self.stale_after_s = STALE_AFTER_S if force_after_s is None else force_after_s
+        self.folder = f"{store.uri.rstrip('/')}/_leases/{store.name}"
+        self.slot: int | None = None
+        self.me: Holder | None = None
+        #: The lease this run took over from a dead run, if any.
+        self.took_over: Holder | None = None
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- slots ----------------------------------------------------------------------------
+    def _uri(self, slot: int) -> str:
+        return f"{self.folder}/{slot:08d}.lance"
+
+    def _read(self, slot: int) -> Holder | None:
+        import lance
+
+        try:
+            dataset = lance.dataset(self._uri(slot), storage_options=self.store.storage_options)
+        except (ValueError, OSError):
+            return None
+        rows = dataset.to_table().to_pylist()
+        return Holder(**rows[-1]) if rows else None
+
+    def _latest(self) -> int:
+        """The highest slot taken (-1: none). Slots are never removed, so they run from 0
+        without a gap: doubling, then bisection."""
+        if self._read(0) is None:
+            return -1
+        low, high = 0, 1
+        while self._read(high) is not None:
+            low, high = high, high * 2
+        while high - low > 1:
+            middle = (low + high) // 2
+            if self._read(middle) is None:
+                high = middle
+            else:
+                low = middle
+        return low
+
+    def _write(self, slot: int, holder: Holder, mode: str) -> None:
+        import lance
+        import pyarrow as pa
+
+        lance.write_dataset(pa.Table.from_pylist([asdict(holder)]), self._uri(slot),
+                            mode=mode, storage_options=self.store.storage_options)
+
+    # --- taking and giving back -------------------------------------------------------------
+    def _stale(self, holder: Holder) -> bool:
+        if holder.released:
+            return True
+        if _alive(holder) is False:
+            return True
+        return time.time() - holder.beat_at > self.stale_after_s
+
+    def acquire(self) -> RunLease:
+        me = Holder(self.run_id, socket.gethostname(), os.getpid(), _pid_started(os.getpid()),
+                    time.time(), time.time())
+        for _ in range(10):
+            slot = self._latest()
+            holder = self._read(slot) if slot >= 0 else None
+            if holder is not None and not self._stale(holder):
+                raise RunError(_busy_message(self.store, holder))
+            try:
+                self._write(slot + 1, me, "create")
+            except (OSError, ValueError) as exc:
+                if self._read(slot + 1) is None:  # not taken by another run: a write failure
+                    raise self.store.write_error(exc) from None
+                time.sleep(0.2)  # another run took that slot first: look again
+                continue
+            self.slot = slot + 1
+            self.took_over = holder if holder is not None and not holder.released else None
+            self.me = me
+            self._thread = threading.Thread(target=self._beat, daemon=True,
+                                            name="curate-lease")
+            self._thread.start()
+            return self
+        raise RunError(f"could not take the run lease of table {self.store.name} at "
+                       f"{self.store.uri}: other runs keep taking it; run again")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S) and not self.lost.is_set():
+            self._beat_once()
+
+    def _beat_once(self) -> None:
+        """Say this run is alive, unless a run took the lease over (--force-after)."""
+        try:
+            if self._latest() != self.slot:
+                self.lost.set()
+                return
+            self.me.beat_at = time.time()
+            self._write(self.slot, self.me, "append")
+        except (OSError, ValueError):
+            pass  # a missed beat; the next one may get through
+
+    def check(self) -> None:
+        """Raise when another run took this run's lease over: it must not write on."""
+        if self.lost.is_set():
+            raise RunError(f"run {self.run_id} lost the lease of table {self.store.name} to "
+                           "another run that took it over (--force-after); its finished "
+                           "batches are kept, and that run carries on")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.slot is None or self.lost.is_set():
+            return
+        self.me.released = True
+        self.me.beat_at = time.time()
+        try:
+            self._write(self.slot, self.me, "append")
+        except (OSError, ValueError):
+            pass  # then its process ending frees it: the next run sees the pid gone
+        self.slot = None
+
+    def __enter__(self) -> RunLease:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _busy_message(store, holder: Holder) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder.started_at))
+    silent = time.time() - holder.beat_at
+    return (f"run {holder.run_id} started at {started} on host {holder.host} (pid "
+            f"{holder.pid}) is still running on table {store.name} at {store.uri} (last "
+            f"heard from {silent:.0f} s ago). Wait for it to end; if it died on another "
+            f"host, pass --force-after 120 to take over a lease silent for longer than "
+            f"120 s (a live run is heard from every {HEARTBEAT_S:.0f} s).")

@@ -1,0 +1,218 @@
+"""Faults a user meets: two runs on one table, a table left with duplicate ids, a full
+disk, errors of the machine rather than of curate. Real Lance, real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import lance
+import lancedb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import yaml
+
+from curate import Pipeline, load_config
+from curate.config import StoreConfig
+from curate.errors import RunError
+from curate.lease import RunLease
+from curate.store import Store
+
+from .conftest import ROOT
+
+
+def store_at(path) -> Store:
+    return Store(StoreConfig(uri=str(path), table="samples"))
+
+
+# --- the run lease ------------------------------------------------------------------------
+
+
+def test_a_second_holder_is_refused_until_the_first_releases(tmp_path):
+    first = RunLease(store_at(tmp_path), "run-a").acquire()
+    with pytest.raises(RunError) as refused:
+        RunLease(store_at(tmp_path), "run-b").acquire()
+    text = str(refused.value)
+    assert "run run-a started at" in text and f"(pid {os.getpid()})" in text
+    assert "is still running on table samples" in text and "--force-after" in text
+    first.release()
+    second = RunLease(store_at(tmp_path), "run-b").acquire()
+    assert second.took_over is None  # a released lease is free, not taken over
+    second.release()
+
+
+LEASE_SCRIPT = """
+import sys, time
+from curate.config import StoreConfig
+from curate.errors import RunError
+from curate.lease import RunLease
+from curate.store import Store
+start = float(sys.argv[3])
+store = Store(StoreConfig(uri=sys.argv[1], table="samples"))
+while time.time() < start:
+    pass
+try:
+    RunLease(store, sys.argv[2]).acquire()
+except RunError:
+    print("refused", flush=True)
+    sys.exit(0)
+print("holds", flush=True)
+time.sleep(float(sys.argv[4]))
+"""
+
+
+def lease_process(store, name: str, start: float, hold_s: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", LEASE_SCRIPT, str(store), name,
+                             str(start), str(hold_s)], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
+
+
+def test_of_runs_racing_for_the_lease_exactly_one_wins(tmp_path):
+    for attempt in range(2):
+        store = tmp_path / f"store{attempt}"
+        start = time.time() + 3  # after every interpreter has started
+        procs = [lease_process(store, f"run-{k}", start, 2) for k in range(3)]
+        outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+        assert outcomes == ["holds", "refused", "refused"], outcomes
+
+
+def test_the_lease_of_a_killed_run_is_taken_over_and_a_silent_one_by_force(tmp_path):
+    killed = lease_process(tmp_path, "run-killed", time.time(), 600)
+    assert killed.stdout.readline().strip() == "holds"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    lease = RunLease(store_at(tmp_path), "run-next").acquire()  # the pid is gone: at once
+    assert lease.took_over is not None and lease.took_over.run_id == "run-killed"
+    # a holder that lives (this process) but is silent is taken over only by force
+    with pytest.raises(RunError, match="still running"):
+        RunLease(store_at(tmp_path), "run-third").acquire()
+    time.sleep(1.5)
+    forced = RunLease(store_at(tmp_path), "run-third", force_after_s=1).acquire()
+    assert forced.took_over.run_id == "run-next"
+    lease._beat_once()
+    with pytest.raises(RunError, match="lost the lease"):
+        lease.check()
+    forced.release()
+    lease.release()
+
+
+# --- two `curate run` on one table --------------------------------------------------------
+
+
+def photo_config(media, store) -> dict:
+    return {"name": "faults", "store": {"uri": str(store)},
+            "run": {"commit_every": 8, "num_cpus": 2},
+            "stages": [{"type": "ingest_images", "paths": [str(media)],
+                        "resources": {"batch_size": 4}},
+                       {"type": "image_quality", "min_side": 64},
+                       {"type": "exact_dedup"}, {"type": "phash_dedup"}]}
+
+
+def sample_ids(store) -> pa.Array:
+    return lancedb.connect(str(store)).open_table("samples").to_arrow()["sample_id"]
+
+
+def test_a_second_run_on_a_busy_table_is_refused_and_the_table_stays_whole(
+        ray_session, photo_dir, tmp_path):
+    store = tmp_path / "store"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(photo_config(photo_dir, store)))
+    command = [sys.executable, "-m", "curate", "run", str(config), "--no-progress"]
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not os.path.isdir(store / "_leases" / "samples"):
+        assert first.poll() is None, first.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    # quiet: Ray's and Lance's chatter went to the log under the store, not the terminal
+    for noise in ("core_worker", "WARNING", "Token authentication", "Progress bars"):
+        assert noise not in err and noise not in second.stderr, (noise, err)
+    assert list((store / "_logs").glob("samples-*.log"))
+    assert second.returncode == 1, second.stderr
+    assert "is still running on table samples" in second.stderr
+    assert "Traceback" not in second.stderr
+    ids = sample_ids(store)
+    assert len(ids) == len(pc.unique(ids)) == 24
+    again = Pipeline.from_config(load_config(photo_config(photo_dir, store))).run(
+        progress=False)
+    assert again.status == "up_to_date"
+
+
+def test_a_table_with_duplicate_ids_is_repaired(ray_session, photo_dir, tmp_path):
+    store = tmp_path / "store"
+    config = photo_config(photo_dir, store)
+    reference = Pipeline.from_config(load_config(config)).run(progress=False)
+    # what two runs sharing the table used to leave: every row twice, verdicts cleared
+    dataset = lance.dataset(str(store / "samples.lance"))
+    rows = dataset.to_table()
+    lance.write_dataset(rows.slice(0, 10), dataset.uri, mode="append")
+    assert len(sample_ids(store)) == 34
+    repaired = subprocess.run([sys.executable, "-m", "curate", "repair", "--store",
+                               str(store)], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+    assert repaired.returncode == 0, repaired.stderr
+    assert "removed 10 duplicate rows" in repaired.stdout
+    assert len(sample_ids(store)) == 24
+    # the next run after a failed one repairs by itself
+    lance.write_dataset(rows.slice(5, 7), dataset.uri, mode="append")
+    runs = lancedb.connect(str(store)).open_table("samples_runs")
+    runs.update(values={"status": "failed"})
+    rerun = Pipeline.from_config(load_config(config)).run(progress=False)
+    assert rerun.status == "finished" and rerun.selected == reference.selected
+    ids = sample_ids(store)
+    assert len(ids) == len(pc.unique(ids)) == 24
+
+
+# --- a full disk ----------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 200 kB tmpfs: the store fills it midway through a run of 24 photos."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def verdicts(store) -> list[tuple]:
+    table = lancedb.connect(str(store)).open_table("samples").to_arrow()
+    return sorted(zip(*(table[c].to_pylist() for c in ("sample_id", "selected",
+                                                       "reject_reason", "phash"))))
+
+
+def test_a_full_disk_fails_in_one_line_and_a_rerun_after_freeing_space_completes(
+        ray_session, photo_dir, small_disk, tmp_path):
+    reference = tmp_path / "reference"
+    Pipeline.from_config(load_config(photo_config(photo_dir, reference))).run(progress=False)
+    store = small_disk / "store"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(photo_config(photo_dir, store)))
+    full = subprocess.run([sys.executable, "-m", "curate", "run", str(config),
+                           "--no-progress"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert full.returncode == 1, full.stderr
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in full.stderr, full.stderr
+    assert f"the disk holding the table samples at {store} is full" in errors[0]
+    assert "Free space there and run the same command again" in errors[0]
+    assert ".rs:" not in errors[0]  # no Rust source paths
+    dataset = lance.dataset(str(store / "samples.lance"))  # readable at its last commit
+    assert 0 <= dataset.count_rows() <= 24
+    subprocess.run(["mount", "-o", "remount,size=50m", str(small_disk)], check=True)
+    rerun = Pipeline.from_config(load_config(photo_config(photo_dir, store))).run(
+        progress=False)
+    assert rerun.status == "finished"
+    assert verdicts(store) == verdicts(reference)
