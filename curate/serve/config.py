@@ -62,6 +62,17 @@ class Limits(BaseModel):
     max_jobs: int = Field(1000, ge=1, description="async feature requests queued at most")
 
 
+class FetchSettings(BaseModel):
+    """How POST /features fetches a client's http(s) URL (see curate.serve.egress)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allow_hosts: list[str] = Field(
+        default_factory=list, description="host names or networks (CIDR) fetched although "
+        "they are not public (loopback, private, link-local addresses are refused otherwise)")
+    timeout_s: float = Field(10.0, gt=0, description="per request and redirect")
+
+
 class SearchSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -101,6 +112,7 @@ class ServeConfig(BaseModel):
     ingress: IngressSettings = Field(default_factory=IngressSettings)
     limits: Limits = Field(default_factory=Limits)
     search: SearchSettings = Field(default_factory=SearchSettings)
+    fetch: FetchSettings = Field(default_factory=FetchSettings)
 
     def hosting(self, stage_name: str) -> ModelHosting:
         return self.models.get(stage_name, self.default_model)

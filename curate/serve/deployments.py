@@ -149,6 +149,9 @@ class FeatureService:
                 offset, size = await asyncio.to_thread(self.catalog.tar_member, path, member)
             except MediaError:
                 pass  # the source stage reports the missing member as the row's error
+        if upload is None and uri.startswith(("http://", "https://")) \
+                and self.catalog.known_uri(uri) is None:
+            upload = await asyncio.to_thread(self._fetch, uri)  # a client's URL: guarded
         rows = listing(sample_id, uri, text, offset, size)
         batch = await asyncio.to_thread(self.decoder, rows, upload)
         error = batch["error"][0].as_py()
@@ -157,6 +160,15 @@ class FeatureService:
         for index in range(self.plan.needs(missing)):
             batch = await self.segments[index].run.remote(batch)
         return {f: batch[f][0].as_py() for f in missing}
+
+    def _fetch(self, uri: str) -> bytes:
+        from curate.serve.egress import EgressPolicy, Refused, fetch
+
+        policy = EgressPolicy(tuple(self.cfg.fetch.allow_hosts), self.cfg.fetch.timeout_s)
+        try:
+            return fetch(uri, self.cfg.limits.max_upload_bytes, policy)
+        except Refused as exc:
+            raise CatalogError(exc.status, f"not fetched: {exc}") from None
 
     async def _cache(self, sample_id: str, uri: str, known: bool,
                      values: dict[str, Any]) -> None:
