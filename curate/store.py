@@ -72,7 +72,8 @@ class Store:
                 ),
             )
         except Exception as exc:  # LanceDB raises many kinds; all mean the same here
-            raise RunError(f"cannot open the store at {self.uri}: {exc}") from None
+            raise RunError(f"cannot open the store at {self.uri}: "
+                           f"{storage_message(exc)}") from None
 
     # --- samples ------------------------------------------------------------------------
     def _open(self, name: str):

@@ -46,13 +46,14 @@ def test_a_second_holder_is_refused_until_the_first_releases(tmp_path):
 
 
 LEASE_SCRIPT = """
-import sys, time
+import json, sys, time
 from curate.config import StoreConfig
 from curate.errors import RunError
 from curate.lease import RunLease
 from curate.store import Store
 start = float(sys.argv[3])
-store = Store(StoreConfig(uri=sys.argv[1], table="samples"))
+options = json.loads(sys.argv[5])
+store = Store(StoreConfig(uri=sys.argv[1], table="samples", storage_options=options))
 while time.time() < start:
     pass
 try:
@@ -65,10 +66,11 @@ time.sleep(float(sys.argv[4]))
 """
 
 
-def lease_process(store, name: str, start: float, hold_s: float) -> subprocess.Popen:
+def lease_process(store, name: str, start: float, hold_s: float,
+                  options: str = "{}") -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", LEASE_SCRIPT, str(store), name,
-                             str(start), str(hold_s)], cwd=ROOT, stdout=subprocess.PIPE,
-                            text=True)
+                             str(start), str(hold_s), options], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
 
 
 def test_of_runs_racing_for_the_lease_exactly_one_wins(tmp_path):
@@ -216,3 +218,69 @@ def test_a_full_disk_fails_in_one_line_and_a_rerun_after_freeing_space_completes
         progress=False)
     assert rerun.status == "finished"
     assert verdicts(store) == verdicts(reference)
+
+
+# --- dead workers ---------------------------------------------------------------------------
+
+
+def pool_workers() -> list[int]:
+    """The pids of the actor-pool workers alive now (decoding and model pools alike)."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split(None, 1)[0]) for line in out.splitlines()
+            if "ray::MapWorker(MapBatches(" in line and "Worker))" in line]
+
+
+def worker_config(media, store) -> dict:
+    from .conftest import tiny_models
+
+    return {"name": "workers", "store": {"uri": str(store)},
+            "run": {"commit_every": 8, "num_cpus": 2},
+            "stages": [{"type": "ingest_images", "paths": [str(media)],
+                        "resources": {"batch_size": 4}},
+                       {"type": "image_quality", "min_side": 64},
+                       {"type": "phash_dedup"},
+                       {"type": "clip_embed", "model": str(tiny_models() / "tiny-clip"),
+                        "resources": {"batch_size": 4}},
+                       {"type": "exact_dedup"}]}
+
+
+def test_killed_pool_workers_are_replaced_and_the_run_ends_as_an_undisturbed_one(
+        ray_session, tmp_path):
+    import threading
+
+    from curate.sample_media import write_photos
+
+    media = tmp_path / "media"
+    write_photos(media, 96, size=(640, 480), seed=5)
+    reference = tmp_path / "reference"
+    Pipeline.from_config(load_config(worker_config(media, reference))).run(progress=False)
+    store = tmp_path / "store"
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["summary"] = Pipeline.from_config(
+                load_config(worker_config(media, store))).run(progress=False)
+        except BaseException as exc:  # reported below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 240
+    killed: list[int] = []
+    while not killed:
+        assert thread.is_alive(), outcome
+        assert time.monotonic() < deadline, "no pool worker to kill"
+        if os.path.isdir(store / "samples.lance") and len(sample_ids(store)) > 0:
+            killed = pool_workers()  # the decoding pool's and the model pool's
+        time.sleep(0.05)
+    assert len(sample_ids(store)) < 96, "the run ended before its workers were killed"
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["summary"].status == "finished"
+    got = lancedb.connect(str(store)).open_table("samples").to_arrow().sort_by("sample_id")
+    want = lancedb.connect(str(reference)).open_table("samples").to_arrow().sort_by("sample_id")
+    assert got.drop_columns(["clip_embedding"]).equals(want.drop_columns(["clip_embedding"]))
+    assert got["clip_embedding"].to_pylist() == want["clip_embedding"].to_pylist()
