@@ -9,7 +9,13 @@ plus the LanceDB vector search. `/health` under the same load shows what Serve's
 itself costs per request (the ceiling of any route), and `/samples/{id}` is also measured
 at 8 concurrent connections and one at a time.
 
-    python benchmarks/serve_load.py --images 1000 --requests 2000 --concurrency 32
+    python benchmarks/serve_load.py --images 1000 --requests 2000 [--ingress haproxy]
+
+`/samples/{id}` is loaded at 8, 32 and 128 concurrent connections (`--levels`). With
+`--ingress haproxy` Serve's HAProxy ingress with direct ingress replaces its Python
+proxy (`ingress.mode` of the serve config). The model deployment has `min_replicas: 0`:
+the first text search waits for a replica to start (cold start), the deployment scales
+back to zero when idle, and the first search after that is timed again.
 
 The rate limit is off for the load (one client address sends everything). The last line
 printed is a JSON object.
@@ -108,7 +114,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--image-size", default="1024x768")
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=32, help="for /search")
+    parser.add_argument("--levels", default="8,32,128",
+                        help="concurrent connections for /samples/{id}")
+    parser.add_argument("--ingress", choices=("proxy", "haproxy"), default="proxy")
     parser.add_argument("--replicas", type=int, default=1, help="ingress replicas")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) /
                         "curate-bench-serve")
@@ -129,7 +138,6 @@ def main() -> None:
 
     from curate.config import StoreConfig
     from curate.models.embedders import load_embedder
-    from curate.runner import connect
     from curate.serve.catalog import Catalog
     from curate.serve.config import load_serve_config
     from curate.serve.server import start, stop
@@ -149,40 +157,59 @@ def main() -> None:
     raw_search = raw_loop(min(args.requests, 500), lambda i: catalog.search(
         embedder.embed_texts([TEXTS[i % len(TEXTS)]])[0], 20))
 
+    levels = [int(n) for n in args.levels.split(",")]
     started = time.perf_counter()
-    connect()
-    ray_s = time.perf_counter() - started
     cfg = load_serve_config({
         "store": {"uri": str(store)}, "port": free_port(), "limits": {"requests_per_second": None},
-        "ingress": {"replicas": args.replicas, "cpus": 0.1},
+        "ingress": {"replicas": args.replicas, "cpus": 0.1, "mode": args.ingress},
         "default_model": {"cpus": 0.5, "max_batch_size": 16,
-                          "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+                          "autoscaling": {"min_replicas": 0, "max_replicas": 1,
+                                          "downscale_delay_s": 5}},
     })
-    base = start(cfg)
+    base = start(cfg)  # starts the local Ray too
     load(base, ["/health"], 1)
     startup_s = time.perf_counter() - started
     try:
+        cold = load(base, search_paths[:1], 1)["max_ms"]  # no model replica yet
         load(base, sample_paths[:100] + search_paths[:50], 8)  # warm: connections, caches
-        samples = load(base, sample_paths, args.concurrency)
+        samples = {n: load(base, sample_paths, n) for n in levels}
         search = load(base, search_paths, args.concurrency)
         # Serve's own cost per request: a route that does nothing (the ceiling of any route)
-        ceiling = load(base, ["/health"] * args.requests, args.concurrency)
-        low = load(base, sample_paths, 8)
+        ceiling = load(base, ["/health"] * args.requests, max(levels))
         single = load(base, sample_paths[:500], 1)
+        idle_s = wait_for_zero_replicas()
+        cold_after_idle = load(base, search_paths[:1], 1)["max_ms"]
     finally:
         stop()
+    middle = samples[32] if 32 in samples else samples[levels[0]]
     result = {
-        "images": args.images, "concurrency": args.concurrency, "replicas": args.replicas,
-        "startup_seconds": round(startup_s, 2), "ray_start_seconds": round(ray_s, 2),
-        "samples_by_id": samples, "search": search, "health_ceiling": ceiling,
-        "samples_by_id_at_8": low, "samples_by_id_at_1": single,
+        "images": args.images, "ingress": args.ingress, "replicas": args.replicas,
+        "startup_seconds": round(startup_s, 2),
+        **{f"samples_by_id_at_{n}": r for n, r in samples.items()},
+        "search": search, "health_ceiling": ceiling, "samples_by_id_at_1": single,
         "raw_lookup_per_s": round(raw_lookup, 1), "raw_search_per_s": round(raw_search, 1),
-        "samples_ratio_vs_raw": round(samples["rps"] / raw_lookup, 3),
+        "samples_ratio_vs_raw": round(middle["rps"] / raw_lookup, 3),
         "search_ratio_vs_raw": round(search["rps"] / raw_search, 3),
-        "errors": samples["errors"] + search["errors"],
-        "samples_p99_under_100ms": samples["p99_ms"] < 100,
+        "model_cold_start_ms": cold, "scaled_to_zero_after_s": idle_s,
+        "model_cold_start_after_idle_ms": cold_after_idle,
+        "errors": sum(r["errors"] for r in samples.values()) + search["errors"],
+        "samples_p99_at_32_under_100ms": middle["p99_ms"] < 100,
     }
     print(json.dumps(result))
+
+
+def wait_for_zero_replicas(timeout_s: float = 120) -> float | None:
+    """Seconds until every model deployment of the app runs no replica (None: never)."""
+    from ray import serve
+
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout_s:
+        app = serve.status().applications["curate"]
+        models = [d for name, d in app.deployments.items() if name.startswith("model-")]
+        if models and all(sum(d.replica_states.values()) == 0 for d in models):
+            return round(time.perf_counter() - started, 1)
+        time.sleep(0.5)
+    return None
 
 
 if __name__ == "__main__":

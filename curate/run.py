@@ -21,10 +21,12 @@ from curate.config import Config
 from curate.errors import (
     ConfigError,
     CurateError,
+    RunError,
     describe_failure,
     is_storage_failure,
     root_cause,
 )
+from curate.inflight import NAMED, WORKER_RETRIES, mark_set_aside, set_aside_reason
 from curate.pipeline import FINAL_COLUMNS, build_stages, table_schema
 from curate.stage import Stage
 from curate.store import Store, now
@@ -111,6 +113,8 @@ class _Execution:
         self.config = config
         self.progress = progress
         self.force_after_s = force_after_s
+        #: input_id -> why: inputs whose batch killed its workers (curate.inflight)
+        self.set_aside: dict[str, str] = {}
         self.stages = build_stages(config)
         self.source = self.stages[0]
         self.row_stages = [s for s in self.stages[1:] if s.has_row_part]
@@ -138,6 +142,7 @@ class _Execution:
         started = time.perf_counter()
         self.preflight()
         run_id = now().strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
+        self.run_id = run_id
         with RunLease(self.store, run_id, self.force_after_s) as lease:
             self.store.before_commit = lease.check
             try:
@@ -153,7 +158,7 @@ class _Execution:
     def _run(self, started: float, run_id: str, lease) -> RunSummary:
         from curate.inputs import pending_inputs, unwrap
         from curate.runner import connect
-        from curate.tasks import remove_duplicate_rows
+        from curate.tasks import map_parts, remove_duplicate_rows
 
         run_cfg = self.config.run
         self.store.ensure_table(table_schema(self.stages))
@@ -171,6 +176,10 @@ class _Execution:
         if (last is not None and last["status"] != "finished"
                 and remove_duplicate_rows(self.store)):
             pending = unwrap(lambda: pending_inputs(self.source, self.store, self.hash))
+        set_aside = {k: v for run in previous
+                     for k, v in json.loads(run.get("set_aside_json") or "{}").items()}
+        if set_aside and pending.rows:  # they become error rows, not read again
+            pending.parts = map_parts(pending.parts, mark_set_aside, (set_aside,))
         if (
             pending.rows == 0
             and last is not None
@@ -213,7 +222,9 @@ class _Execution:
             raise
         except Exception as exc:
             record.update(status="failed", finished_at=now(),
-                          error=f"{type(exc).__name__}: {describe_failure(exc)}",
+                          error=str(exc) if isinstance(exc, CurateError)
+                          else describe_failure(exc),
+                          set_aside_json=self.set_aside or None,
                           seconds=time.perf_counter() - started,
                           version_after=self.store.version(),
                           rows_processed=self.rows_processed)
@@ -247,6 +258,7 @@ class _Execution:
     def _stream(self, pending) -> None:
         """Workers read, compute and write fragments; here only their metadata arrives and
         is committed every `commit_every` rows."""
+        from curate.inflight import registry
         from curate.runner import FragmentWriter, stream_fragments
         from curate.tasks import delete_rows
 
@@ -269,11 +281,12 @@ class _Execution:
             buffer, buffered = [], 0
 
         start = time.perf_counter()
+        inflight = registry()
         with _progress(self.progress) as bar, _sigint_flag() as interrupted:
             task = bar.add_task(label, total=pending.rows, rate="")
             try:
                 for batch in stream_fragments(pending.parts, pending.counts, chain, self.hash,
-                                              writer, every):
+                                              writer, every, inflight):
                     for written in batch.to_pylist():
                         buffer += json.loads(written["fragments"])
                         buffered += written["rows"]
@@ -289,9 +302,35 @@ class _Execution:
                         commit()
                 if interrupted.is_set():  # the stream's threads took the Ctrl-C for theirs
                     raise KeyboardInterrupt
+            except Exception as exc:
+                killers = self._killer_batches(inflight)
+                if killers:
+                    raise RunError(killers) from exc
+                raise
             finally:
                 # Ctrl-C or a failure: what was already written is kept, not redone.
                 commit()
+
+    def _killer_batches(self, inflight) -> str | None:
+        """After the stream failed: the batches that killed their workers on every try, set
+        aside for the next run (see curate.inflight), and the message saying so."""
+        import ray
+
+        try:
+            suspects = ray.get(inflight.suspects.remote(), timeout=30)
+        except Exception:  # the registry itself is gone: nothing to tell
+            return None
+        if not suspects:
+            return None
+        self.set_aside = {input_id: set_aside_reason(entry, self.run_id)
+                          for entry in suspects for input_id, _ in entry["inputs"]}
+        named = [uri for entry in suspects for _, uri in entry["inputs"]]
+        stages = sorted({" + ".join(entry["stages"]) for entry in suspects})
+        more = f" and {len(named) - NAMED} more" if len(named) > NAMED else ""
+        return (f"workers of {', '.join(stages)} died on every try ({WORKER_RETRIES + 1}) of "
+                f"a batch holding {', '.join(named[:NAMED])}{more}. These inputs are set "
+                "aside: run the same command again and they become rows with a worker_died "
+                "error while the rest finishes.")
 
     # --- global stages and verdicts -----------------------------------------------------
     def _global_and_verdicts(self) -> list[StageCount]:

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curate.inflight import WORKER_RETRIES
 from curate.stage import Stage
 from curate.tasks import blocks
 from curate.verdicts import alive_mask
@@ -99,8 +100,10 @@ class SegmentWorker:
     def __init__(self, stages: list[Stage], prepare: list[Stage], last: bool,
                  row_stages_hash: str, threads: int | None = None,
                  earlier_verdicts: dict[str, list[str]] | None = None, clips: bool = False,
-                 frame_columns: tuple[str, ...] = ()):
+                 frame_columns: tuple[str, ...] = (), inflight=None):
         self.stages = stages
+        #: The run's registry of batches in flight (curate.inflight); None outside runs.
+        self.inflight = inflight
         #: True where rows may be clips (in a pipeline that cuts videos, from the stage that
         #: cuts them on): image stages then see each sampled frame as a row.
         self.clips = clips
@@ -127,8 +130,25 @@ class SegmentWorker:
         return _on_alive_rows(batch, images, verdicts, work, empty)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        key = self._starting(batch)
         tables = list(self._run(batch))
+        self._done(key)
         return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+    def _starting(self, batch: pa.Table) -> str | None:
+        """Tell the run's registry this batch is being worked on (see curate.inflight)."""
+        if self.inflight is None:
+            return None
+        from curate.inflight import batch_inputs, batch_key
+
+        names = [s.name for s in self.stages]
+        key = batch_key(",".join(names), batch)
+        self.inflight.start.remote(key, names, batch_inputs(batch))
+        return key
+
+    def _done(self, key: str | None) -> None:
+        if key is not None:
+            self.inflight.done.remote(key)
 
     def _run(self, batch: pa.Table) -> Iterator[pa.Table]:
         """The segment's output for `batch`: one table, or several when a fan-out stage
@@ -274,9 +294,11 @@ class FanOutWorker(SegmentWorker):
         # video's clips come one video per batch)
         size = max(batch.num_rows, 1, *(getattr(s.params, "clips_per_block", 1)
                                         for s in self.stages if s.fans_out))
+        key = self._starting(batch)
         for out in self._run(batch):
             for start in range(0, max(out.num_rows, 1), size):
                 yield out.slice(start, size)
+        self._done(key)
 
 
 def _prepared(stage: Stage, batch: pa.Table, images: list) -> dict[str, pa.Array]:
@@ -371,7 +393,7 @@ WRITER_CPUS = 0.25
 
 def stream_fragments(
     parts: list, counts: list[int], stages: list[Stage], row_stages_hash: str,
-    writer: FragmentWriter, write_rows: int,
+    writer: FragmentWriter, write_rows: int, inflight=None,
 ) -> Iterator[pa.Table]:
     """Run the source and row stages over the listed inputs (`parts` in the object store)
     on Ray Data actor pools (one for decoding, one per model), then write the rows as
@@ -418,12 +440,15 @@ def stream_fragments(
                                    "row_stages_hash": row_stages_hash, "threads": threads,
                                    "earlier_verdicts": earlier,
                                    "clips": (clips and i > 0) or any(s.makes_clips for s in pool),
-                                   "frame_columns": frame_columns},
+                                   "frame_columns": frame_columns, "inflight": inflight},
             batch_size=size.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=size.workers),
             num_cpus=size.cpus,
             num_gpus=size.gpus or None,
+            # a dead worker is replaced and its batch tried again, a few times: a batch
+            # that kills every worker it meets must end the run, not loop (curate.inflight)
+            max_task_retries=WORKER_RETRIES,
         )
     # Tasks, not an actor pool: the writer holds no state worth keeping, and an actor pool
     # of writers behind the model pools received no work in Ray 2.60 here.

@@ -33,6 +33,7 @@ RUN_SCHEMA = pa.schema(
         ("versions_json", pa.string()),
         ("models_json", pa.string()),
         ("notices_json", pa.string()),
+        ("set_aside_json", pa.string()),  # input_id -> why, inputs not to read again
         ("error", pa.string()),
     ]
 )

@@ -4,6 +4,7 @@ disk, errors of the machine rather than of curate. Real Lance, real processes.""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -284,3 +285,69 @@ def test_killed_pool_workers_are_replaced_and_the_run_ends_as_an_undisturbed_one
     want = lancedb.connect(str(reference)).open_table("samples").to_arrow().sort_by("sample_id")
     assert got.drop_columns(["clip_embedding"]).equals(want.drop_columns(["clip_embedding"]))
     assert got["clip_embedding"].to_pylist() == want["clip_embedding"].to_pylist()
+
+
+@pytest.fixture()
+def exit_stage():
+    """A stage whose worker process exits on any input whose uri holds `marker`: a file
+    that crashes a decoder, as far as the run can tell."""
+    import ray.cloudpickle
+    from pydantic import Field
+
+    from curate import registry
+    from curate.stage import Stage, StageParams
+
+    class ExitParams(StageParams):
+        marker: str = Field(description="uris holding this end the worker")
+
+    class ExitOn(Stage):
+        Params = ExitParams
+
+        def reads(self):
+            return ("uri", "error")
+
+        def writes(self):
+            return {"exit_on_seen": pa.bool_()}
+
+        def process(self, batch, images):  # like a decoder: rows already in error are skipped
+            rows = zip(batch["uri"].to_pylist(), batch["error"].to_pylist())
+            if any(self.params.marker in uri and error is None for uri, error in rows):
+                os._exit(1)
+            return {"exit_on_seen": pa.array([True] * batch.num_rows)}
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    registry.register("exit_on")(ExitOn)
+    yield
+    registry._STAGES.pop("exit_on")
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def test_a_batch_that_kills_every_worker_is_named_set_aside_and_the_rerun_finishes(
+        ray_session, photo_dir, exit_stage, tmp_path):
+    from curate.errors import RunError
+
+    media = tmp_path / "media"
+    shutil.copytree(photo_dir, media)
+    poison = sorted(media.iterdir())[5]
+    poison = poison.rename(poison.with_name("poison-" + poison.name))
+    config = {"name": "poison", "store": {"uri": str(tmp_path / "store")},
+              "run": {"commit_every": 4, "num_cpus": 2},
+              "stages": [{"type": "ingest_images", "paths": [str(media)],
+                          "resources": {"batch_size": 1}},
+                         {"type": "exit_on", "marker": "poison-"},
+                         {"type": "image_quality", "min_side": 64}]}
+    with pytest.raises(RunError) as failed:
+        Pipeline.from_config(load_config(config)).run(progress=False)
+    message = str(failed.value)
+    assert "workers of ingest_images + exit_on + image_quality died on every try (4)" \
+        in message and str(poison) in message and "set aside" in message
+    runs = lancedb.connect(str(tmp_path / "store")).open_table("samples_runs").to_arrow()
+    assert runs["status"].to_pylist()[-1] == "failed"
+    rerun = Pipeline.from_config(load_config(config)).run(progress=False)
+    assert rerun.status == "finished" and rerun.rows_total == 24
+    table = lancedb.connect(str(tmp_path / "store")).open_table("samples").to_arrow()
+    errors = {uri: error for uri, error in zip(table["uri"].to_pylist(),
+                                               table["error"].to_pylist()) if error}
+    assert list(errors) == [str(poison)]
+    assert errors[str(poison)].startswith("worker_died: the worker of ingest_images + "
+                                          "exit_on + image_quality died on every try")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -47,6 +47,10 @@ class IngressSettings(BaseModel):
 
     replicas: int = Field(1, ge=1, description="replicas of the HTTP front (API and gallery)")
     cpus: float = Field(0.5, ge=0, description="CPUs per front replica")
+    mode: Literal["proxy", "haproxy"] = Field(
+        "proxy", description="proxy: Serve's Python HTTP proxy; haproxy: Serve's HAProxy "
+        "ingress with direct ingress (one hop less; takes effect where `curate serve` starts "
+        "the local Ray)")
 
 
 class Limits(BaseModel):

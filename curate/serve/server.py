@@ -75,10 +75,18 @@ def build_app(cfg: ServeConfig):
 
 def start(cfg: ServeConfig, address: str | None = None, route_prefix: str = "/") -> str:
     """Deploy the application on Ray Serve; returns the base URL."""
+    import os
+
+    import ray
     from ray import serve
 
     from curate.runner import connect
 
+    if cfg.ingress.mode == "haproxy" and not ray.is_initialized():
+        # read by Serve's controller and replicas, which inherit the environment of the
+        # local Ray started here (a running cluster needs them set where it was started)
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     connect(address)
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=LOGGING)
     serve.run(build_app(cfg), name=APP_NAME, route_prefix=route_prefix, blocking=False)
