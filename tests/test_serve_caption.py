@@ -31,7 +31,11 @@ def captioned(ray_session, demo_store, tmp_path_factory):
     pipeline.write_text(yaml.safe_dump({
         "name": "captions", "store": {"uri": str(store)},
         "stages": [{"type": "ingest_images", "paths": [str(root)]}, stage]}))
-    url = start(load_serve_config(serve_settings(store, pipeline=str(pipeline))))
+    # the model scales to zero two seconds after its last request
+    hosting = {"cpus": 0.1, "autoscaling": {"min_replicas": 0, "max_replicas": 1,
+                                            "downscale_delay_s": 2}}
+    url = start(load_serve_config(serve_settings(store, pipeline=str(pipeline),
+                                                 default_model=hosting)))
     yield url, store, stage
     stop()
 
@@ -60,6 +64,35 @@ def test_caption_on_demand_is_the_stage_output_and_fills_the_row(captioned):
     stored = fresh.search().where(f"sample_id = '{row['sample_id']}'").to_arrow()
     assert "caption" in fresh.schema.names
     assert stored["caption"][0].as_py() == got["features"]["caption"]
+
+
+def model_replicas() -> int:
+    from ray import serve
+
+    deployments = serve.status().applications["curate"].deployments
+    return sum(n for name, d in deployments.items() if name.startswith("model-")
+               for n in d.replica_states.values())
+
+
+def test_an_idle_model_scales_to_zero_and_the_next_request_is_answered(captioned):
+    import time
+
+    url, store, _ = captioned
+    table = lancedb.connect(str(store)).open_table("samples").to_arrow().to_pylist()
+    first, second = (next(r for r in table if r["uri"].endswith(name))
+                     for name in ("coffee.jpg", "astronaut.jpg"))
+    answer = requests.post(url + "/features", data={"sample_id": first["sample_id"]},
+                           timeout=300)
+    assert answer.status_code == 200 and answer.json()["computed"], answer.text
+    deadline = time.monotonic() + 180
+    while model_replicas() > 0:
+        assert time.monotonic() < deadline, "the idle model never scaled to zero"
+        time.sleep(0.5)
+    cold = requests.post(url + "/features", data={"sample_id": second["sample_id"]},
+                         timeout=300)  # a replica has to start first
+    assert cold.status_code == 200, cold.text
+    assert cold.json()["computed"] == ["caption", "caption_error"]
+    assert cold.json()["features"]["caption"]
 
 
 def test_without_a_clip_stage_search_says_what_is_missing(captioned):

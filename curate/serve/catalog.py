@@ -440,7 +440,7 @@ class Catalog:
         """The k rows nearest `vector` by cosine distance (`_distance`), best first."""
         column = self._search_column()
         filt = self._filter(where, selected)
-        cols = [c for c in self.scalar_columns()]
+        cols = [*self.scalar_columns(), "_distance"]  # named: Lance warns otherwise
         query = (self.table().search(vector.tolist(), vector_column_name=column)
                  .distance_type("cosine").limit(k + (1 if exclude else 0)).select(cols)
                  .refine_factor(REFINE))
