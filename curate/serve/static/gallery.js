@@ -3,7 +3,7 @@
 
 const PAGE = Number(new URLSearchParams(location.search).get("page")) || 48;
 const $ = (sel) => document.querySelector(sel);
-const state = { offset: 0, total: 0, loading: false, where: null, selected: "", observer: null };
+const state = { offset: 0, total: 0, loading: null, generation: 0, where: null, selected: "", observer: null };
 
 function esc(text) {
   const div = document.createElement("div");
@@ -125,6 +125,8 @@ async function loadFilterChoices() {
 
 // --- grid with infinite scroll ----------------------------------------------------------
 async function showGrid() {
+  // a new grid: pages still in flight for the previous one are dropped when they arrive
+  state.generation = (state.generation || 0) + 1;
   state.offset = 0;
   state.where = currentFilter();
   state.selected = $("#f-selected").value;
@@ -151,13 +153,15 @@ async function cardColumns() {
 }
 
 async function loadPage() {
-  if (state.loading || (state.offset > 0 && state.offset >= state.total)) return;
-  state.loading = true;
+  const generation = state.generation;
+  if (state.loading === generation || (state.offset > 0 && state.offset >= state.total)) return;
+  state.loading = generation;
   try {
     const page = await api("samples?" + query({
       where: state.where, selected: state.selected, limit: PAGE, offset: state.offset,
       columns: await cardColumns(),
     }));
+    if (generation !== state.generation) return;  // the filter changed meanwhile
     state.total = page.total;
     state.offset += page.rows.length;
     const grid = $("#grid");
@@ -171,10 +175,12 @@ async function loadPage() {
   } catch (error) {
     showError(error.message);
   } finally {
-    state.loading = false;
+    if (state.loading === generation) state.loading = null;
   }
   // a page that does not fill the window leaves the sentinel in view: load on
-  if (state.offset < state.total && sentinelInView()) setTimeout(loadPage, 0);
+  if (generation === state.generation && state.offset < state.total && sentinelInView()) {
+    setTimeout(loadPage, 0);
+  }
 }
 
 function sentinelInView() {
