@@ -75,14 +75,18 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-_STORAGE_SIGNS = ("No space left", "os error 28", "Disk quota", "Permission denied",
-                  "os error 13", "Read-only file system", "os error 30")
+#: How a full disk and a store this user may not write show in an error's text.
+DISK_FULL = ("No space left", "os error 28", "Disk quota")
+NO_WRITE = ("Permission denied", "os error 13", "Read-only", "os error 30")
+
+
+def says(text: str, signs: tuple[str, ...]) -> bool:
+    return any(sign in text for sign in signs)
 
 
 def is_storage_failure(exc: BaseException) -> bool:
     """A failure of the disk or object store under the table rather than of the data."""
-    text = str(root_cause(exc))
-    return any(sign in text for sign in _STORAGE_SIGNS)
+    return says(str(root_cause(exc)), DISK_FULL + NO_WRITE)
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -90,6 +94,6 @@ def describe_failure(exc: BaseException) -> str:
     a full disk is named as such."""
     exc = root_cause(exc)
     text = storage_message(exc)
-    if "No space left" in text or "os error 28" in text:
+    if says(text, DISK_FULL):
         return f"a disk is full ({text}); free space and run the same command again"
     return f"{type(exc).__name__}: {text}"

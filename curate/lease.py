@@ -89,8 +89,9 @@ class RunLease:
             dataset = lance.dataset(self._uri(slot), storage_options=self.store.storage_options)
         except (ValueError, OSError):
             return None
-        rows = dataset.to_table().to_pylist()
-        return Holder(**rows[-1]) if rows else None
+        count = dataset.count_rows()  # a row per heartbeat: only the last one is read
+        rows = dataset.to_table(offset=count - 1, limit=1).to_pylist() if count else []
+        return Holder(**rows[0]) if rows else None
 
     def _latest(self) -> int:
         """The highest slot taken (-1: none). Slots are never removed, so they run from 0

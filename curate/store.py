@@ -12,7 +12,7 @@ import lancedb
 import pyarrow as pa
 
 from curate.config import StoreConfig
-from curate.errors import RunError, storage_message
+from curate.errors import DISK_FULL, NO_WRITE, RunError, says, storage_message
 
 RUN_SCHEMA = pa.schema(
     [
@@ -155,7 +155,7 @@ class Store:
         """What a failed write to the store means for the user, in one line."""
         detail = storage_message(exc)
         where = f"the table {self.name} at {self.uri}"
-        if any(sign in detail for sign in ("No space left", "os error 28", "Disk quota")):
+        if says(detail, DISK_FULL):
             return RunError(f"the disk holding {where} is full ({detail}). Free space there "
                             "and run the same command again: the table stays readable at "
                             "its last commit and the run resumes from it.")
@@ -163,8 +163,7 @@ class Store:
             return RunError(f"{where} was changed by another writer while this run "
                             f"committed ({detail}). Run the same command again: it goes on "
                             "from the last commit.")
-        if any(sign in detail for sign in ("Permission denied", "os error 13", "Read-only",
-                                           "os error 30")):
+        if says(detail, NO_WRITE):
             return RunError(f"cannot write to {where}: {detail}. Give this user write "
                             "access there, or point store.uri elsewhere.")
         return RunError(f"cannot write to {where}: {detail}")

@@ -30,9 +30,11 @@ def test_public_addresses_pass(address):
 
 
 class Server:
-    """A loopback HTTP server: /image answers bytes, /hop redirects to `redirect_to`."""
+    """A loopback HTTP server that counts requests: /hop redirects to `redirect_to`, any
+    other path answers `body` (None: a 404 whose reason is `secret`)."""
 
-    def __init__(self, redirect_to: str | None = None):
+    def __init__(self, redirect_to: str | None = None, body: bytes | None = b"image bytes",
+                 secret: str = "internal secret answer"):
         outer = self
         self.hits = 0
 
@@ -44,7 +46,9 @@ class Server:
                     self.send_header("Location", redirect_to)
                     self.end_headers()
                     return
-                body = b"image bytes"
+                if body is None:
+                    self.send_error(404, secret)
+                    return
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()

@@ -74,12 +74,16 @@ def lease_process(store, name: str, start: float, hold_s: float,
                             stdout=subprocess.PIPE, text=True)
 
 
+def race(store, options: str = "{}") -> list[str]:
+    """What each of 3 processes that take the lease of `store` at the same instant got."""
+    start = time.time() + 3  # after every interpreter has started
+    procs = [lease_process(store, f"run-{k}", start, 2, options) for k in range(3)]
+    return sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+
+
 def test_of_runs_racing_for_the_lease_exactly_one_wins(tmp_path):
     for attempt in range(2):
-        store = tmp_path / f"store{attempt}"
-        start = time.time() + 3  # after every interpreter has started
-        procs = [lease_process(store, f"run-{k}", start, 2) for k in range(3)]
-        outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+        outcomes = race(tmp_path / f"store{attempt}")
         assert outcomes == ["holds", "refused", "refused"], outcomes
 
 

@@ -416,42 +416,15 @@ def test_bad_serve_config_fails_before_starting(tmp_path):
 # --- the feature API never fetches internal addresses (SSRF) ---------------------------------
 
 
-class _Internal:
-    """A real HTTP server on loopback standing for an internal service; counts requests."""
-
-    def __init__(self):
-        import http.server
-        import threading
-
-        outer = self
-        self.hits = 0
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                outer.hits += 1
-                self.send_error(404, "internal secret answer")
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-
-
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "LOCALHOST", "[::1]", "0.0.0.0",
                                   "[::ffff:127.0.0.1]", "2130706433"])
 def test_features_refuse_loopback_urls_without_contacting_them(base, host):
-    internal = _Internal()
-    try:
+    from .test_egress import Server  # a loopback server standing for an internal service
+
+    with Server(body=None, secret="internal secret answer") as internal:
         url = f"http://{host}:{internal.port}/secret-internal-path"
         response = post_features(base, uri=url)
         message = error_of(response, 403)
         assert message.startswith("not fetched: ") and "address" in message
         assert "internal secret answer" not in response.text and "404" not in message
         assert internal.hits == 0
-    finally:
-        internal.close()
