@@ -1,4 +1,4 @@
-"""`curate`: run, validate, list stages, submit to a cluster, serve, report.
+"""`curate`: run, validate, list stages, submit to a cluster, serve, report, export.
 
 Exit codes: 0 done; 1 the run failed; 2 the config (or a command line) is invalid;
 130 interrupted (Ctrl-C).
@@ -6,6 +6,7 @@ Exit codes: 0 done; 1 the run failed; 2 the config (or a command line) is invali
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -50,6 +51,29 @@ def _unexpected(exc: BaseException, more: str = "") -> None:
         traceback.print_exception(exc)
     hint = "" if VERBOSE else " (run with -v for the traceback)"
     err.print(f"[red]error:[/] {describe_failure(exc)}{hint}{more}", highlight=False)
+
+@contextlib.contextmanager
+def _quiet(store_uri: str, table: str):
+    """Ray's, Lance's and FFmpeg's output goes to a log file under the store unless -v;
+    curate's errors end the command in one line naming that log (yields that note)."""
+    from curate.logs import library_output_to, log_path
+
+    log = None if VERBOSE else log_path(store_uri, table)
+    with library_output_to(log) as terminal:
+        err.file = terminal  # None: stderr, as always
+        more = f" (libraries' log: {log})" if terminal else ""
+        try:
+            yield more
+        except CurateError as exc:
+            err.print(f"[red]error:[/] {exc}{more}", highlight=False)
+            raise typer.Exit(1) from None
+        except (typer.Exit, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a worker's failure, the machine's: one line
+            _unexpected(exc, more)
+            raise typer.Exit(1) from None
+        finally:
+            err.file = None
 
 SetOption = Annotated[
     Optional[list[str]],  # noqa: UP045  (typer needs Optional here)
@@ -98,18 +122,13 @@ def run(
     ] = None,
 ) -> None:
     """Run (or resume) a pipeline, then print what each stage did."""
-    from curate.logs import library_output_to, log_path
     from curate.pipeline import Pipeline
     from curate.summary import print_summary
 
     cfg = _load(config, set_)
     pipeline = Pipeline.from_config(cfg)
     show_progress = progress and sys.stderr.isatty()
-    # Ray's, Lance's and FFmpeg's output goes to a log file unless -v
-    log = None if VERBOSE else log_path(cfg.store.uri, cfg.store.table)
-    with library_output_to(log) as terminal:
-        err.file = terminal  # None: stderr, as always
-        more = f" (libraries' log: {log})" if terminal else ""
+    with _quiet(cfg.store.uri, cfg.store.table):
         try:
             summary = pipeline.run(progress=show_progress, address=address,
                                    force_after_s=force_after)
@@ -117,14 +136,6 @@ def run(
             err.print("[yellow]interrupted[/]: finished batches are in the table; run the "
                       "same command again to resume.")
             raise typer.Exit(130) from None
-        except CurateError as exc:
-            err.print(f"[red]error:[/] {exc}{more}", highlight=False)
-            raise typer.Exit(1) from None
-        except Exception as exc:  # a worker's failure, the machine's: one line
-            _unexpected(exc, more)
-            raise typer.Exit(1) from None
-        finally:
-            err.file = None
     print_summary(summary, console)
     if json_out:
         json_out.write_text(json.dumps(summary.to_dict(), indent=2, default=str))
@@ -245,6 +256,72 @@ def report(
         err.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
     console.print(f"Report written to [bold]{out}[/] ({out.stat().st_size / 1e3:.0f} kB).")
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option(help="directory to write the shards or parts into")],
+    format: Annotated[str, typer.Option(help="webdataset | parquet")] = "webdataset",
+    config: Annotated[Opt[Path], typer.Option(help="pipeline config naming the store")] = None,
+    store: Annotated[Opt[str], typer.Option(help="LanceDB store URI")] = None,
+    table: Annotated[str, typer.Option(help="samples table")] = "samples",
+    where: Annotated[Opt[str], typer.Option(help="filter rows (the API's language)")] = None,
+    all_rows: Annotated[bool, typer.Option("--all", help="every row, not only selected")] = False,
+    limit: Annotated[Opt[int], typer.Option(help="at most this many samples")] = None,
+    seed: Annotated[Opt[int], typer.Option(help="shuffle deterministically")] = None,
+    columns: Annotated[Opt[str], typer.Option(
+        help="metadata columns, comma-separated (default: every scalar column)")] = None,
+    shard_size: Annotated[Opt[int], typer.Option(
+        help="samples per shard (default 1000) or Parquet part (default 50000)")] = None,
+    shard_bytes: Annotated[Opt[int], typer.Option(help="bytes per shard, about")] = None,
+    prefix: Annotated[str, typer.Option(help="shard names: PREFIX-000000.tar")] = "shard",
+    image_format: Annotated[Opt[str], typer.Option(
+        help="re-encode images as jpg | png | webp (default: the original bytes)")] = None,
+    max_side: Annotated[Opt[int], typer.Option(help="downscale media to this side")] = None,
+    buckets: Annotated[Opt[str], typer.Option(
+        help="aspect-ratio buckets: sdxl or WxH,WxH,...")] = None,
+    group_by_bucket: Annotated[bool, typer.Option(help="shards of one bucket each")] = False,
+    media: Annotated[str, typer.Option(help="parquet: bytes | uri")] = "bytes",
+    version: Annotated[Opt[str], typer.Option(help="table version or tag")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an earlier export in --out")] = False,
+    address: Annotated[Opt[str], typer.Option(help="Ray cluster to join; default: local")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Export the selection as WebDataset shards or Parquet, for training."""
+    from curate.config import StoreConfig
+    from curate.export import export as run_export
+    from curate.export import parse_options
+
+    if config is not None:
+        store_config = _load(config, None).store
+    elif store is not None:
+        store_config = StoreConfig(uri=store, table=table)
+    else:
+        err.print("[red]error:[/] pass --config CONFIG or --store URI", highlight=False)
+        raise typer.Exit(2)
+    raw = {"format": format, "out": str(out), "where": where, "all": all_rows,
+           "limit": limit, "seed": seed, "shard_size": shard_size,
+           "shard_bytes": shard_bytes, "prefix": prefix, "image_format": image_format,
+           "max_side": max_side, "buckets": buckets, "group_by_bucket": group_by_bucket,
+           "media": media, "overwrite": overwrite,
+           "columns": [c.strip() for c in columns.split(",") if c.strip()] if columns else None,
+           "version": int(version) if version and version.isdigit() else version}
+    try:
+        options = parse_options(raw)
+    except ConfigError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    with _quiet(store_config.uri, store_config.table):
+        summary = run_export(store_config, options, progress=progress and sys.stderr.isatty(),
+                             address=address)
+    kind = "shards" if summary.format == "webdataset" else "parts"
+    console.print(f"Exported [bold]{summary.written:,}[/] of {summary.selected:,} selected "
+                  f"samples of {summary.table} (version {summary.version}) as "
+                  f"{len(summary.files)} {summary.format} {kind} into {summary.out} in "
+                  f"{summary.seconds:.1f} s; index: {summary.out}/index.json")
+    for reason, count in sorted(summary.skipped.items()):
+        console.print(f"[yellow]left out[/] {count:,} ({reason}), e.g. "
+                      f"{summary.skipped_examples.get(reason, '')}", highlight=False)
 
 
 @app.command()

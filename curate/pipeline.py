@@ -197,5 +197,15 @@ class Pipeline:
             )
         return execute(config, progress=progress, force_after_s=force_after_s)
 
+    def export(self, out: str | Path, format: str = "webdataset", progress: bool = False,
+               address: str | None = None, **options: Any):
+        """Export this pipeline's table for training (see `curate export`); `options` are
+        ExportOptions' fields (where, all, limit, seed, shard_size, buckets, ...). Returns
+        an ExportSummary."""
+        from curate.export import export
+
+        return export(self.config.store, {"out": str(out), "format": format, **options},
+                      progress=progress, address=address or self.config.run.ray_address)
+
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, {self.stages!r})"

@@ -17,6 +17,7 @@ from curate.errors import DISK_FULL, NO_WRITE, RunError, says, storage_message
 RUN_SCHEMA = pa.schema(
     [
         ("run_id", pa.string()),
+        ("kind", pa.string()),  # run (a pipeline's run; null in older tables) | export
         ("pipeline", pa.string()),
         ("status", pa.string()),  # running | finished | failed | interrupted
         ("config_hash", pa.string()),
@@ -244,6 +245,7 @@ class Store:
 
     def save_run(self, record: dict[str, Any]) -> None:
         row = {name: record.get(name) for name in RUN_SCHEMA.names}
+        row["kind"] = row["kind"] or "run"
         for key in (name for name in RUN_SCHEMA.names if name.endswith("_json")):
             if row[key] is not None and not isinstance(row[key], str):
                 row[key] = json.dumps(row[key])
@@ -256,10 +258,11 @@ class Store:
             .execute(data)
         )
 
-    def runs(self) -> list[dict[str, Any]]:
-        """Every recorded run, oldest first."""
+    def runs(self, kind: str = "run") -> list[dict[str, Any]]:
+        """Every recorded run of the pipeline (`kind` run) or export (`kind` export),
+        oldest first."""
         table = self._open(self.runs_name)
         if table is None:
             return []
-        rows = table.to_arrow().to_pylist()
+        rows = [r for r in table.to_arrow().to_pylist() if (r.get("kind") or "run") == kind]
         return sorted(rows, key=lambda r: r["started_at"])

@@ -75,10 +75,11 @@ def _scan_task(uri: str, version: int, storage_options: dict | None, fragment_id
 
 
 def scan(store, columns: list[str], filter: str | None = None,
-         fn: Callable | None = None, args: tuple = ()) -> list[Part]:
+         fn: Callable | None = None, args: tuple = (), dataset=None) -> list[Part]:
     """Read `columns` (and `_rowaddr`) of the rows matching `filter`, one task per group of
-    fragments; `fn(table, *args)` runs on each part where it was read."""
-    dataset = store.dataset()
+    fragments; `fn(table, *args)` runs on each part where it was read. `dataset`: the
+    version to read (default: the latest)."""
+    dataset = dataset if dataset is not None else store.dataset()
     if dataset is None:
         return []
     groups: list[list[int]] = [[]]

@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import threading
 import time
@@ -21,34 +20,15 @@ import pyarrow.compute as pc
 
 from curate.config import StoreConfig
 from curate.errors import CurateError
-from curate.media import (
-    HttpOptions,
-    MediaError,
-    content_hash,
-    decode_image,
-    error_code,
-    list_tar,
-    read_http,
-    read_local,
-    read_tar_member,
-)
+from curate.filters import FilterError, check_where, combine, lance_message
+from curate.media import MediaError, content_hash, decode_image, error_code
+from curate.reader import MediaReader
 from curate.store import Store
 
 log = logging.getLogger(__name__)
 
 #: sample_ids are hex digests (see ingest.sample_id_for); nothing else reaches a filter.
 SAMPLE_ID = re.compile(r"^[0-9a-f]{8,64}$")
-#: Words of Lance's SQL predicate grammar that are not column names.
-SQL_WORDS = frozenset([
-    "and", "or", "not", "in", "is", "null", "true", "false", "like", "ilike", "between",
-    "escape", "similar", "to", "as", "cast", "is_null", "is_not_null", "date", "timestamp",
-    "interval", "distinct",
-])
-_TOKENS = re.compile(
-    r"""(?P<string>'(?:[^']|'')*')|(?P<quoted>`[^`]*`|"[^"]*")|"""
-    r"""(?P<number>\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)|"""
-    r"""(?P<name>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)|(?P<other>\S)"""
-)
 MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
         "BMP": "image/bmp", "TIFF": "image/tiff", "MPO": "image/jpeg", "AVIF": "image/avif",
         "mp4": "video/mp4", "m4v": "video/mp4", "mov": "video/quicktime", "webm": "video/webm",
@@ -79,13 +59,6 @@ def is_vector(kind: pa.DataType) -> bool:
     return pa.types.is_fixed_size_list(kind)
 
 
-def _lance_message(exc: Exception) -> str:
-    """Lance's error text without its Rust source locations."""
-    text = str(exc).replace("Invalid user input: ", "")
-    text = re.sub(r",\s*/\S+\.rs:\d+:\d+", "", text)
-    return text.strip()[:500]
-
-
 class Catalog:
     """The samples table as the API sees it. Thread-safe for reads."""
 
@@ -96,7 +69,7 @@ class Catalog:
         self.search_column = search_column
         self._handles: tuple[float, Any, Any] | None = None  # (checked at, table, dataset)
         self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()
-        self._tars: dict[tuple, dict[str, tuple[int, int]]] = {}
+        self.reader = MediaReader()
         self._lock = threading.Lock()
         self._clips = None  # a ClipCache, made on the first clip asked for
         if self.store.table() is None:
@@ -140,36 +113,16 @@ class Catalog:
 
     def check_filter(self, where: str) -> str:
         """`where` if it only names columns of the table, else CatalogError(400)."""
-        if len(where) > self.max_filter_chars:
-            raise CatalogError(400, f"where is {len(where)} characters; the limit is "
-                               f"{self.max_filter_chars}")
-        names = set(self.schema().names)
-        tokens = list(_TOKENS.finditer(where))
-        for i, token in enumerate(tokens):
-            kind, text = token.lastgroup, token.group()
-            if kind == "other" and text == ";":
-                raise CatalogError(400, "where is one predicate; ';' is not allowed")
-            if kind == "other" and text in "'\"`":
-                raise CatalogError(400, f"where has an unterminated quote at {token.start()}")
-            if kind not in ("name", "quoted"):
-                continue
-            column = text[1:-1] if kind == "quoted" else text.split(".")[0]
-            following = tokens[i + 1].group() if i + 1 < len(tokens) else ""
-            if kind == "name" and (text.lower() in SQL_WORDS or following == "("):
-                continue  # a keyword or a function name
-            if column not in names:
-                raise CatalogError(
-                    400, f"where names unknown column {column!r}; columns: "
-                    + ", ".join(sorted(names)))
-        return where
+        try:
+            return check_where(where, self.schema().names, self.max_filter_chars)
+        except FilterError as exc:
+            raise CatalogError(400, str(exc)) from None
 
     def _filter(self, where: str | None, selected: bool | None) -> str | None:
-        parts = []
-        if where and where.strip():
-            parts.append(f"({self.check_filter(where)})")
-        if selected is not None:
-            parts.append(f"selected = {str(selected).lower()}")
-        return " AND ".join(parts) or None
+        try:
+            return combine(where, selected, self.schema().names, self.max_filter_chars)
+        except FilterError as exc:
+            raise CatalogError(400, str(exc)) from None
 
     def _columns(self, columns: list[str] | None, vectors: bool) -> list[str]:
         schema = self.schema()
@@ -186,7 +139,7 @@ class Catalog:
             return self.dataset().to_table(**kwargs)
         except (ValueError, OSError) as exc:  # Lance's own verdict on a filter
             if kwargs.get("filter"):
-                raise CatalogError(400, f"bad where filter: {_lance_message(exc)}") from None
+                raise CatalogError(400, f"bad where filter: {lance_message(exc)}") from None
             raise
 
     # --- rows --------------------------------------------------------------------------------
@@ -212,7 +165,7 @@ class Catalog:
         try:
             return self.dataset().count_rows(filter=filt)
         except (ValueError, OSError) as exc:
-            raise CatalogError(400, f"bad where filter: {_lance_message(exc)}") from None
+            raise CatalogError(400, f"bad where filter: {lance_message(exc)}") from None
 
     def _order(self, order_by: str) -> tuple[str, bool]:
         text = order_by.strip()
@@ -279,42 +232,14 @@ class Catalog:
             raise CatalogError(404, f"sample {sample_id} has no media: {reason}")
         uri, size = row["uri"], int(row["num_bytes"])
         try:
-            data = self._read(uri, size)
+            data = self.reader.read_checked(uri, size, row["content_hash"])
         except MediaError as exc:
             raise CatalogError(410, f"media of {sample_id} cannot be read: {exc}") from None
-        if content_hash(data) != row["content_hash"]:
-            raise CatalogError(410, f"{uri} changed since it was ingested (content hash "
-                               "differs); run `curate run` again to refresh the row")
         return data, MIME.get(row.get("format") or "", "application/octet-stream")
-
-    def _read(self, uri: str, size: int) -> bytes:
-        if uri.startswith(("http://", "https://")):
-            return read_http(uri, size, HttpOptions(timeout_s=10, retries=1))
-        path, sep, member = uri.partition("#")
-        if sep and path.lower().endswith(".tar"):
-            offset, length = self.tar_member(path, member)
-            return read_tar_member(path, member, offset, length, size)
-        return read_local(uri, size)
 
     def tar_member(self, path: str, member: str) -> tuple[int, int]:
         """(offset, size) of a member of a tar shard (listings cached by mtime and size)."""
-        try:
-            stat = os.stat(path)
-        except OSError as exc:
-            raise MediaError("missing", f"{path}: {exc.strerror or exc}") from None
-        key = (path, stat.st_mtime_ns, stat.st_size)
-        with self._lock:
-            members = self._tars.get(key)
-        if members is None:
-            try:
-                members = {m.name: (m.offset_data, m.size) for m in list_tar(path)}
-            except Exception as exc:  # tarfile raises many kinds for a damaged shard
-                raise MediaError("unreadable", f"{path}: {exc}") from None
-            with self._lock:
-                self._tars[key] = members
-        if member not in members:
-            raise MediaError("missing", f"{path} has no member {member}")
-        return members[member]
+        return self.reader.tar_member(path, member)
 
     def _is_clip(self, sample_id: str) -> bool:
         if "clip_start_s" not in self.schema().names:
@@ -331,29 +256,14 @@ class Catalog:
 
     def _clip_source(self, sample_id: str):
         """A clip row and its source video, checked against the hash taken at ingest."""
-        from curate.video import VideoSource
-
         row = self.sample(sample_id, list(CLIP_COLUMNS))
         if row.get("error") or not row.get("source_hash"):
             raise CatalogError(404, f"sample {sample_id} has no media: "
                                f"{row.get('error') or 'its video was never read'}")
-        uri = row["uri"]
-        path, sep, member = uri.partition("#")
         try:
-            if uri.startswith(("http://", "https://")):
-                data = read_http(uri, 4_000_000_000, HttpOptions(timeout_s=30, retries=1))
-                source, digest = VideoSource(data=data), content_hash(data)
-            elif sep and path.lower().endswith(".tar"):
-                offset, length = self.tar_member(path, member)
-                data = read_tar_member(path, member, offset, length, length)
-                source, digest = VideoSource(data=data), content_hash(data)
-            else:
-                source, digest = VideoSource(uri), self._clip_cache().source_hash(uri)
+            source = self.reader.video_source(row["uri"], row["source_hash"])
         except MediaError as exc:
             raise CatalogError(410, f"media of {sample_id} cannot be read: {exc}") from None
-        if digest != row["source_hash"]:
-            raise CatalogError(410, f"{uri} changed since it was ingested (content hash "
-                               "differs); run `curate run` again to refresh the row")
         return row, source
 
     def clip_frame(self, sample_id: str, at: float, size: int) -> bytes:
@@ -449,7 +359,7 @@ class Catalog:
         try:
             rows = query.to_arrow().to_pylist()
         except (ValueError, OSError, RuntimeError) as exc:
-            raise CatalogError(400, f"search failed: {_lance_message(exc)}") from None
+            raise CatalogError(400, f"search failed: {lance_message(exc)}") from None
         rows = [r for r in rows if r["sample_id"] != exclude][:k]
         return [clean_row(r) for r in rows]
 

@@ -8,10 +8,9 @@ import hashlib
 import io
 import os
 import tempfile
-import threading
 
 from curate.media import MediaError
-from curate.video import VideoSource, cut, file_hash, frames
+from curate.video import VideoSource, cut, frames
 
 #: Longest side of a clip cut for the browser.
 MAX_SIDE = 720
@@ -24,23 +23,6 @@ class ClipCache:
         self.directory = directory or os.path.join(tempfile.gettempdir(), "curate-clips")
         os.makedirs(self.directory, exist_ok=True)
         self.max_files = max_files
-        self._hashes: dict[tuple, str] = {}
-        self._lock = threading.Lock()
-
-    def source_hash(self, path: str) -> str:
-        """The sha256 of a local file, computed once per (path, mtime, size)."""
-        try:
-            stat = os.stat(path)
-        except OSError as exc:
-            raise MediaError("missing", f"{path}: {exc.strerror or exc}") from None
-        key = (path, stat.st_mtime_ns, stat.st_size)
-        with self._lock:
-            known = self._hashes.get(key)
-        if known is None:
-            known = file_hash(path)[0]
-            with self._lock:
-                self._hashes[key] = known
-        return known
 
     def clip(self, source: VideoSource, source_hash: str, start_s: float, end_s: float,
              container: str, fps: float | None) -> str:

@@ -1,0 +1,238 @@
+"""Writer tasks of an export: each reads its rows' media (checked against the hash taken
+at ingest), and writes WebDataset shards or a Parquet part. Rows whose media cannot be
+read, or changed since ingest, are left out and counted by reason."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.export.plan import WriterTask, ranked
+from curate.media import MediaError, decode_image
+from curate.reader import MediaReader
+
+#: Extension of each format sniffed at ingest (the `format` column).
+EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif",
+              "TIFF": "tiff", "BMP": "bmp", "PPM": "ppm", "AVIF": "avif"}
+#: PIL's encoder for each --image-format.
+ENCODERS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+#: Pixels a re-encoded image may have at most (decompression bombs are refused).
+MAX_PIXELS = 178_956_970
+#: Longest side of a clip cut for export when no --max-side is given (0: the source's).
+CLIP_MAX_SIDE = 0
+#: Rows of media held in memory at once by a Parquet writer (one row group).
+PARQUET_GROUP_ROWS = 64
+
+
+@dataclass(frozen=True)
+class MediaOptions:
+    image_format: str | None = None  # jpg | png | webp: re-encode; None: original bytes
+    max_side: int | None = None  # downscale (images re-encoded, clips cut) to this side
+    quality: int = 95
+
+
+@dataclass
+class Written:
+    """What one writer task wrote: its files (temporary names, in order) with their
+    sample counts, bytes and buckets, and the rows it left out by reason."""
+
+    files: list[dict[str, Any]] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)  # reason -> one uri
+
+
+class MediaFetcher:
+    """The bytes (and extension) each row contributes to an export."""
+
+    def __init__(self, options: MediaOptions):
+        self.options = options
+        self.reader = MediaReader()
+
+    def fetch(self, row: dict[str, Any]) -> tuple[bytes, str]:
+        if row.get("error"):
+            raise MediaError("error_row", f"the row has no media: {row['error']}")
+        if row.get("media_type") == "video_clip":
+            return self._clip(row), "mp4"
+        if not row.get("content_hash"):
+            raise MediaError("error_row", "the row's media was never read")
+        data = self.reader.read_checked(row["uri"], int(row["num_bytes"]), row["content_hash"])
+        if row.get("media_type") == "video":
+            suffix = os.path.splitext(row["uri"].split("#")[-1])[1].lstrip(".").lower()
+            return data, suffix or "mp4"
+        ext = EXTENSIONS.get(row.get("format") or "", "bin")
+        if self.options.image_format is None and self.options.max_side is None:
+            return data, ext
+        return self._reencode(data, ext)
+
+    def _reencode(self, data: bytes, ext: str) -> tuple[bytes, str]:
+        options = self.options
+        image = decode_image(data, MAX_PIXELS).image
+        if options.max_side and max(image.size) > options.max_side:
+            from PIL import Image
+
+            image.thumbnail((options.max_side, options.max_side), Image.Resampling.LANCZOS)
+        target = options.image_format or (ext if ext in ENCODERS else "png")
+        out = io.BytesIO()
+        image.save(out, ENCODERS[target], quality=options.quality)
+        return out.getvalue(), target
+
+    def _clip(self, row: dict[str, Any]) -> bytes:
+        from curate.video import cut
+
+        source = self.reader.video_source(row["uri"], row["source_hash"])
+        out = io.BytesIO()
+        cut(source, row["clip_start_s"], row["clip_end_s"], out, "h264",
+            self.options.max_side or CLIP_MAX_SIDE or None, row.get("fps"))
+        return out.getvalue()
+
+
+def _text(row: dict[str, Any]) -> str | None:
+    for column in ("caption", "alt_text"):
+        if row.get(column):
+            return str(row[column])
+    return None
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+def metadata(row: dict[str, Any], columns: list[str]) -> dict[str, Any]:
+    return {"sample_id": row["sample_id"],
+            **{c: _json_safe(row.get(c)) for c in columns if c != "sample_id"}}
+
+
+def with_buckets(rows: pa.Table, buckets: tuple[str, ...]) -> pa.Table:
+    """`rows` with a `bucket` column: the name of each row's aspect-ratio bucket."""
+    from curate.export.buckets import assign
+
+    if not buckets:
+        return rows
+    size = [rows[c].to_numpy(zero_copy_only=False) if c in rows.column_names
+            else np.zeros(rows.num_rows) for c in ("width", "height")]
+    index = assign(np.nan_to_num(size[0].astype(float)), np.nan_to_num(size[1].astype(float)),
+                   buckets)
+    return rows.append_column("bucket", pa.array(
+        [buckets[i] if i >= 0 else None for i in index], pa.string()))
+
+
+def _samples(rows: pa.Table, fetcher: MediaFetcher, written: Written
+             ) -> Iterator[tuple[dict[str, Any], bytes, str]]:
+    """(row, media bytes, extension) of each row whose media could be read."""
+    for row in rows.drop_columns([c for c in rows.column_names if c.startswith("_")]
+                                 ).to_pylist():
+        try:
+            data, ext = fetcher.fetch(row)
+        except MediaError as exc:
+            written.skipped[exc.code] += 1
+            written.examples.setdefault(exc.code, f"{row['uri']}: {exc}")
+            continue
+        yield row, data, ext
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """A member with fixed owner, mode and time, so the same rows give the same bytes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o444, 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+class _Shard:
+    def __init__(self, path: str):
+        self.path = path
+        self.file = open(path, "wb")  # noqa: SIM115  (closed in close(), after many rows)
+        self.tar = tarfile.open(  # noqa: SIM115  (closed in close())
+            fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.samples = 0
+
+    def close(self) -> dict[str, Any]:
+        self.tar.close()
+        self.file.close()
+        return {"path": self.path, "samples": self.samples, "bytes": os.path.getsize(self.path)}
+
+
+def write_webdataset(rows: pa.Table, task: WriterTask, out: str, columns: list[str],
+                     media: MediaOptions, shard_size: int, shard_bytes: int | None
+                     ) -> Written:
+    """The task's ranks as tar shards of `shard_size` samples (or about `shard_bytes`):
+    per sample `<key>.<ext>` (the media), `<key>.txt` (caption) and `<key>.json`."""
+    rows = ranked(rows, task)
+    written = Written()
+    fetcher = MediaFetcher(media)
+    shard: _Shard | None = None
+    for row, data, ext in _samples(rows, fetcher, written):
+        full = shard is not None and (
+            shard.samples >= shard_size
+            or (shard_bytes is not None and shard.file.tell() + len(data) > shard_bytes))
+        if shard is None or full:
+            if shard is not None:
+                written.files.append(shard.close())
+            shard = _Shard(os.path.join(out, f".task{task.index:05d}-{len(written.files):05d}"
+                                             ".tar.part"))
+        key = row["sample_id"]
+        _add(shard.tar, f"{key}.{ext}", data)
+        text = _text(row)
+        if text is not None:
+            _add(shard.tar, f"{key}.txt", text.encode())
+        meta = metadata(row, columns)
+        _add(shard.tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        shard.samples += 1
+    if shard is not None:
+        written.files.append(shard.close())
+    return written
+
+
+def write_parquet(rows: pa.Table, task: WriterTask, out: str, columns: list[str],
+                  media: MediaOptions, with_bytes: bool) -> Written:
+    """The task's ranks as one Parquet part: the metadata columns, `text` (caption or
+    alt text), and the media as `media` bytes with `media_ext` (or only the `uri`)."""
+    rows = ranked(rows, task)
+    written = Written()
+    fetcher = MediaFetcher(media)
+    path = os.path.join(out, f".task{task.index:05d}.parquet.part")
+    keep = list(dict.fromkeys(["sample_id", "uri", *columns]))
+    fields = [rows.schema.field(c) for c in keep if c in rows.column_names]
+    fields.append(pa.field("text", pa.string()))
+    if with_bytes:
+        fields += [pa.field("media", pa.binary()), pa.field("media_ext", pa.string())]
+    schema = pa.schema(fields)
+    count = 0
+    with pq.ParquetWriter(path, schema) as parquet:
+        group: list[dict[str, Any]] = []
+
+        def flush() -> None:
+            if group:
+                parquet.write_table(pa.Table.from_pylist(group, schema=schema))
+                group.clear()
+
+        for row, data, ext in _samples(rows, fetcher, written):
+            item = {f.name: row.get(f.name) for f in fields}
+            item["text"] = _text(row)
+            if with_bytes:
+                item["media"], item["media_ext"] = data, ext
+            group.append(item)
+            count += 1
+            if len(group) >= PARQUET_GROUP_ROWS:
+                flush()
+        flush()
+    if count:
+        written.files.append({"path": path, "samples": count, "bytes": os.path.getsize(path)})
+    else:
+        os.unlink(path)
+    return written
