@@ -318,7 +318,7 @@ def export(
     console.print(f"Exported [bold]{summary.written:,}[/] of {summary.selected:,} selected "
                   f"samples of {summary.table} (version {summary.version}) as "
                   f"{len(summary.files)} {summary.format} {kind} into {summary.out} in "
-                  f"{summary.seconds:.1f} s; index: {summary.out}/index.json")
+                  f"{summary.seconds:.1f} s; index: {summary.index}")
     for reason, count in sorted(summary.skipped.items()):
         console.print(f"[yellow]left out[/] {count:,} ({reason}), e.g. "
                       f"{summary.skipped_examples.get(reason, '')}", highlight=False)

@@ -67,7 +67,14 @@ class MediaReader:
     def read_checked(self, uri: str, size: int, expected_hash: str) -> bytes:
         """The bytes at `uri`, refused (MediaError `changed`) unless their sha256 is the one
         taken at ingest."""
-        data = self.read(uri, size)
+        try:
+            data = self.read(uri, size)
+        except MediaError as exc:
+            if exc.code != "too_large":
+                raise
+            raise MediaError("changed", f"{uri} changed since it was ingested (it is larger "
+                             f"than the {size:,} bytes read then); run `curate run` again "
+                             "to refresh the row") from None
         if content_hash(data) != expected_hash:
             raise MediaError("changed", f"{uri} changed since it was ingested (content "
                              "hash differs); run `curate run` again to refresh the row")

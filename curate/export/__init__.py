@@ -1,6 +1,6 @@
 """Export a selection of the table for training: WebDataset tar shards or Parquet.
 
-The driver plans (`curate.export.plan`) and commits nothing but the file names and an
+The driver plans (`curate.export.sharding`) and commits nothing but the file names and an
 `index.json`; Ray tasks read the metadata, read each sample's media (checked against the
 hash taken at ingest) and write the files. The export is recorded in `<table>_runs`.
 """
@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from curate.config import StoreConfig
 from curate.errors import ConfigError, CurateError, storage_message
 from curate.export.buckets import parse_buckets
-from curate.export.plan import BINS, Order, WriterTask, histogram, plan, split
+from curate.export.sharding import BINS, Order, WriterTask, histogram, plan, split
 from curate.export.writers import (
     MediaOptions,
     Written,
@@ -43,7 +43,9 @@ MEDIA_COLUMNS = ("sample_id", "uri", "media_type", "format", "content_hash", "nu
                  "height", "caption", "alt_text")
 #: Bookkeeping columns left out of the default metadata.
 INTERNAL = ("row_stages_hash", "input_rows", "content_hash", "source_hash", "error")
-INDEX = "index.json"
+#: The shard list and counts. Beside Parquet parts it starts with `_`, so that readers of
+#: the directory as one dataset (pyarrow, Spark, Hugging Face datasets) pass over it.
+INDEX = {"webdataset": "index.json", "parquet": "_index.json"}
 
 
 class ExportError(CurateError):
@@ -124,6 +126,10 @@ class ExportSummary:
     seconds: float = 0.0
     run_id: str = ""
 
+    @property
+    def index(self) -> str:
+        return os.path.join(self.out, INDEX[self.format])
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -145,7 +151,8 @@ def _write_task(options: ExportOptions, task: WriterTask, columns: list[str], ou
     if options.format == "webdataset":
         return write_webdataset(rows, task, out, columns, media, options.size(),
                                 options.shard_bytes)
-    return write_parquet(rows, task, out, columns, media, options.media == "bytes")
+    return write_parquet(rows, task, out, columns, media, options.media == "bytes",
+                         options.size())
 
 
 # --- the driver ----------------------------------------------------------------------------
@@ -182,7 +189,7 @@ def _columns(options: ExportOptions, schema: pa.Schema, buckets: bool) -> list[s
 
 def _ours(name: str, prefix: str) -> bool:
     """Files an earlier export wrote into a directory."""
-    return name == INDEX or (name.startswith((f"{prefix}-", "part-", ".task"))
+    return name in INDEX.values() or (name.startswith((f"{prefix}-", "part-", ".task"))
                              and name.endswith((".tar", ".parquet", ".part")))
 
 
@@ -313,7 +320,7 @@ def _write_index(summary: ExportSummary, options: ExportOptions, columns: list[s
         "shards" if summary.format == "webdataset" else "parts": summary.files,
         "run_id": summary.run_id,
     }
-    path = os.path.join(summary.out, INDEX)
+    path = os.path.join(summary.out, INDEX[summary.format])
     with open(path + ".part", "w") as fh:
         json.dump(index, fh, indent=2)
     os.replace(path + ".part", path)

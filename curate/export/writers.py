@@ -8,6 +8,7 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.export.plan import WriterTask, ranked
+from curate.export.sharding import WriterTask, ranked
 from curate.media import MediaError, decode_image
 from curate.reader import MediaReader
 
@@ -90,10 +91,13 @@ class MediaFetcher:
         from curate.video import cut
 
         source = self.reader.video_source(row["uri"], row["source_hash"])
-        out = io.BytesIO()
-        cut(source, row["clip_start_s"], row["clip_end_s"], out, "h264",
-            self.options.max_side or CLIP_MAX_SIDE or None, row.get("fps"))
-        return out.getvalue()
+        # a file, not memory: the MP4 muxer rewrites its start to put the index first
+        with tempfile.TemporaryDirectory(prefix="curate-clip-") as folder:
+            path = os.path.join(folder, "clip.mp4")
+            cut(source, row["clip_start_s"], row["clip_end_s"], path, "h264",
+                self.options.max_side or CLIP_MAX_SIDE or None, row.get("fps"))
+            with open(path, "rb") as fh:
+                return fh.read()
 
 
 def _text(row: dict[str, Any]) -> str | None:
@@ -199,40 +203,48 @@ def write_webdataset(rows: pa.Table, task: WriterTask, out: str, columns: list[s
 
 
 def write_parquet(rows: pa.Table, task: WriterTask, out: str, columns: list[str],
-                  media: MediaOptions, with_bytes: bool) -> Written:
-    """The task's ranks as one Parquet part: the metadata columns, `text` (caption or
-    alt text), and the media as `media` bytes with `media_ext` (or only the `uri`)."""
+                  media: MediaOptions, with_bytes: bool, part_rows: int) -> Written:
+    """The task's ranks as Parquet parts of `part_rows` rows: the metadata columns, `text`
+    (caption or alt text), and the media as `media` bytes with `media_ext` (or only the
+    `uri`). Row groups are small, so a worker holds little media at once."""
     rows = ranked(rows, task)
     written = Written()
     fetcher = MediaFetcher(media)
-    path = os.path.join(out, f".task{task.index:05d}.parquet.part")
     keep = list(dict.fromkeys(["sample_id", "uri", *columns]))
     fields = [rows.schema.field(c) for c in keep if c in rows.column_names]
     fields.append(pa.field("text", pa.string()))
     if with_bytes:
         fields += [pa.field("media", pa.binary()), pa.field("media_ext", pa.string())]
     schema = pa.schema(fields)
-    count = 0
-    with pq.ParquetWriter(path, schema) as parquet:
-        group: list[dict[str, Any]] = []
+    group: list[dict[str, Any]] = []
+    part: dict[str, Any] | None = None
 
-        def flush() -> None:
-            if group:
-                parquet.write_table(pa.Table.from_pylist(group, schema=schema))
-                group.clear()
+    def flush() -> None:
+        if group:
+            part["writer"].write_table(pa.Table.from_pylist(group, schema=schema))
+            group.clear()
 
-        for row, data, ext in _samples(rows, fetcher, written):
-            item = {f.name: row.get(f.name) for f in fields}
-            item["text"] = _text(row)
-            if with_bytes:
-                item["media"], item["media_ext"] = data, ext
-            group.append(item)
-            count += 1
-            if len(group) >= PARQUET_GROUP_ROWS:
-                flush()
+    def close() -> None:
         flush()
-    if count:
-        written.files.append({"path": path, "samples": count, "bytes": os.path.getsize(path)})
-    else:
-        os.unlink(path)
+        part["writer"].close()
+        written.files.append({"path": part["path"], "samples": part["samples"],
+                              "bytes": os.path.getsize(part["path"])})
+
+    for row, data, ext in _samples(rows, fetcher, written):
+        if part is None or part["samples"] >= part_rows:
+            if part is not None:
+                close()
+            path = os.path.join(out, f".task{task.index:05d}-{len(written.files):05d}"
+                                     ".parquet.part")
+            part = {"path": path, "samples": 0, "writer": pq.ParquetWriter(path, schema)}
+        item = {f.name: row.get(f.name) for f in fields}
+        item["text"] = _text(row)
+        if with_bytes:
+            item["media"], item["media_ext"] = data, ext
+        group.append(item)
+        part["samples"] += 1
+        if len(group) >= PARQUET_GROUP_ROWS:
+            flush()
+    if part is not None:
+        close()
     return written
