@@ -75,6 +75,18 @@ def _quiet(store_uri: str, table: str):
         finally:
             err.file = None
 
+def _store_of(config: Path | None, store: str | None, table: str):
+    """The store a command works on: the one a config names, or --store and --table."""
+    from curate.config import StoreConfig
+
+    if config is not None:
+        return _load(config, None).store
+    if store is not None:
+        return StoreConfig(uri=store, table=table)
+    err.print("[red]error:[/] pass --config CONFIG or --store URI", highlight=False)
+    raise typer.Exit(2)
+
+
 SetOption = Annotated[
     Optional[list[str]],  # noqa: UP045  (typer needs Optional here)
     typer.Option("--set", help="override a config value: dotted.key=value (repeatable)"),
@@ -285,25 +297,21 @@ def export(
     version: Annotated[Opt[str], typer.Option(help="table version or tag")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an earlier export in --out")] = False,
     address: Annotated[Opt[str], typer.Option(help="Ray cluster to join; default: local")] = None,
+    executor: Annotated[str, typer.Option(
+        help="ray | local (threads here) | auto: local for a table of up to 20,000 rows "
+             "when no cluster is given")] = "auto",
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Export the selection as WebDataset shards or Parquet, for training."""
-    from curate.config import StoreConfig
     from curate.export import export as run_export
     from curate.export import parse_options
 
-    if config is not None:
-        store_config = _load(config, None).store
-    elif store is not None:
-        store_config = StoreConfig(uri=store, table=table)
-    else:
-        err.print("[red]error:[/] pass --config CONFIG or --store URI", highlight=False)
-        raise typer.Exit(2)
+    store_config = _store_of(config, store, table)
     raw = {"format": format, "out": str(out), "where": where, "all": all_rows,
            "limit": limit, "seed": seed, "shard_size": shard_size,
            "shard_bytes": shard_bytes, "prefix": prefix, "image_format": image_format,
            "max_side": max_side, "buckets": buckets, "group_by_bucket": group_by_bucket,
-           "media": media, "overwrite": overwrite,
+           "media": media, "overwrite": overwrite, "executor": executor,
            "columns": [c.strip() for c in columns.split(",") if c.strip()] if columns else None,
            "version": int(version) if version and version.isdigit() else version}
     try:
@@ -333,19 +341,12 @@ def repair(
 ) -> None:
     """Keep one row of each sample_id that a table holds more than once (left by runs that
     shared it), under the table's run lease. The next `curate run` sets the verdicts again."""
-    from curate.config import StoreConfig
     from curate.lease import RunLease
     from curate.runner import connect
     from curate.store import Store
     from curate.tasks import remove_duplicate_rows
 
-    if config is not None:
-        store_config = _load(config, None).store
-    elif store is not None:
-        store_config = StoreConfig(uri=store, table=table)
-    else:
-        err.print("[red]error:[/] pass --config CONFIG or --store URI", highlight=False)
-        raise typer.Exit(2)
+    store_config = _store_of(config, store, table)
     try:
         target = Store(store_config)
         if target.table() is None:

@@ -50,13 +50,13 @@ class LanceDataset(IterableDataset):
                  storage_options: dict[str, str] | None = None):
         import lance
 
-        from curate.store import resolve_uri
+        from curate.tables import table_path
 
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size {world_size})")
-        # LanceDB keeps a table as `<database>/<table>.lance`; opening it with Lance alone
-        # leaves no LanceDB runtime in this process for DataLoader workers to fork
-        self.path = f"{resolve_uri(uri).rstrip('/')}/{table}.lance"
+        # opened with Lance alone: no LanceDB runtime in this process for DataLoader
+        # workers to fork
+        self.path = table_path(uri, table)
         self.storage_options = storage_options or None
         try:
             dataset = lance.dataset(self.path, version=version,

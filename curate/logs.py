@@ -62,3 +62,26 @@ def library_output_to(path: Path | None):
         with contextlib.suppress(OSError):
             if path.stat().st_size == 0:
                 path.unlink()
+
+
+def progress_bar(enabled: bool):
+    """curate's own progress bar (a rich Progress; disabled: prints nothing)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )

@@ -27,9 +27,11 @@ from curate.errors import (
     root_cause,
 )
 from curate.inflight import NAMED, WORKER_RETRIES, mark_set_aside, set_aside_reason
+from curate.logs import progress_bar
 from curate.pipeline import FINAL_COLUMNS, build_stages, table_schema
 from curate.stage import Stage
-from curate.store import Store, now
+from curate.store import Store
+from curate.tables import now
 from curate.verdicts import StageCount, final_columns, funnel
 
 
@@ -66,26 +68,15 @@ def row_stages_hash(source: Stage, row_stages: list[Stage]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def _release(actor) -> None:
+    """End a run's helper actor now: a driver that runs many pipelines (a notebook, a
+    service) would otherwise keep one per run."""
+    import ray
 
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
+    try:
+        ray.kill(actor)
+    except Exception:  # already gone with its node: nothing to release
+        pass
 
 
 @contextlib.contextmanager
@@ -282,7 +273,7 @@ class _Execution:
 
         start = time.perf_counter()
         inflight = registry()
-        with _progress(self.progress) as bar, _sigint_flag() as interrupted:
+        with progress_bar(self.progress) as bar, _sigint_flag() as interrupted:
             task = bar.add_task(label, total=pending.rows, rate="")
             try:
                 for batch in stream_fragments(pending.parts, pending.counts, chain, self.hash,
@@ -309,7 +300,10 @@ class _Execution:
                 raise
             finally:
                 # Ctrl-C or a failure: what was already written is kept, not redone.
-                commit()
+                try:
+                    commit()
+                finally:
+                    _release(inflight)
 
     def _killer_batches(self, inflight) -> str | None:
         """After the stream failed: the batches that killed their workers on every try, set

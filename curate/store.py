@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 import lancedb
@@ -13,45 +11,11 @@ import pyarrow as pa
 
 from curate.config import StoreConfig
 from curate.errors import DISK_FULL, NO_WRITE, RunError, says, storage_message
-
-RUN_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("kind", pa.string()),  # run (a pipeline's run; null in older tables) | export
-        ("pipeline", pa.string()),
-        ("status", pa.string()),  # running | finished | failed | interrupted
-        ("config_hash", pa.string()),
-        ("config_yaml", pa.string()),
-        ("started_at", pa.timestamp("us", tz="UTC")),
-        ("finished_at", pa.timestamp("us", tz="UTC")),
-        ("seconds", pa.float64()),
-        ("version_before", pa.int64()),
-        ("version_after", pa.int64()),
-        ("tag", pa.string()),
-        ("rows_total", pa.int64()),
-        ("rows_processed", pa.int64()),
-        ("stages_json", pa.string()),
-        ("versions_json", pa.string()),
-        ("models_json", pa.string()),
-        ("notices_json", pa.string()),
-        ("set_aside_json", pa.string()),  # input_id -> why, inputs not to read again
-        ("error", pa.string()),
-    ]
-)
-
+from curate.tables import RUN_SCHEMA, resolve_uri, run_row
 
 #: A row with no embedding (its image failed) has a null vector; LanceDB counts null
 #: vectors as bad and would refuse the write unless told to keep them null.
 NULL_VECTORS = "null"
-
-
-def resolve_uri(uri: str) -> str:
-    """Local paths become absolute; object-store URIs pass through untouched."""
-    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
-
-
-def now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class Store:
@@ -244,12 +208,7 @@ class Store:
         return table
 
     def save_run(self, record: dict[str, Any]) -> None:
-        row = {name: record.get(name) for name in RUN_SCHEMA.names}
-        row["kind"] = row["kind"] or "run"
-        for key in (name for name in RUN_SCHEMA.names if name.endswith("_json")):
-            if row[key] is not None and not isinstance(row[key], str):
-                row[key] = json.dumps(row[key])
-        data = pa.Table.from_pylist([row], schema=RUN_SCHEMA)
+        data = run_row(record)
         (
             self.runs_table()
             .merge_insert("run_id")

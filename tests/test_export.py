@@ -167,9 +167,11 @@ def test_a_seed_shuffles_the_same_way_every_time_and_limit_takes_its_head(store,
     assert sorted(first) == sorted(table_rows(store, "error IS NULL"))
     assert order("plain") == sorted(first)  # no seed: sample_id order
     assert order("head", seed=7, limit=5) == first[:5]
-    same = [(tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes()
-            for n in os.listdir(tmp_path / "a") if n.endswith(".tar")]
-    assert same and all(same)  # byte for byte
+    order("here", seed=7, executor="local")  # threads in this process, not Ray tasks
+    for other in ("b", "here"):
+        same = [(tmp_path / "a" / n).read_bytes() == (tmp_path / other / n).read_bytes()
+                for n in os.listdir(tmp_path / "a") if n.endswith(".tar")]
+        assert same and all(same), other  # byte for byte
 
 
 def test_reencoding_and_buckets_grouped_into_shards(store, tmp_path):
@@ -259,6 +261,15 @@ def test_parquet_with_media_bytes_or_uris(store, tmp_path):
         assert hashlib.sha256(record["media"]).hexdigest() == row["content_hash"]
         assert record["blur"] == pytest.approx(row["blur"]) and record["uri"] == row["uri"]
         assert record["text"] == row.get("alt_text")
+    # Hugging Face datasets reads the directory as one dataset (offline: local files)
+    import datasets
+
+    loaded = datasets.load_dataset("parquet", data_files=str(tmp_path / "b" / "*.parquet"),
+                                   split="train",
+                                   cache_dir=str(tmp_path / "hf-cache"))
+    assert sorted(loaded["sample_id"]) == sorted(rows)
+    assert {r["sample_id"]: r["media"] for r in loaded} == {
+        r["sample_id"]: r["media"] for r in table.to_pylist()}
     export(StoreConfig(uri=str(store)), {"format": "parquet", "out": str(tmp_path / "u"),
                                          "media": "uri", "columns": ["aesthetic_score"]})
     table = pq.read_table(tmp_path / "u")

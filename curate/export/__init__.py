@@ -32,6 +32,7 @@ from curate.export.writers import (
     write_webdataset,
 )
 from curate.filters import FilterError, combine
+from curate.tables import now, resolve_uri, run_row, table_path
 
 __all__ = ["ExportError", "ExportOptions", "ExportSummary", "export"]
 
@@ -74,6 +75,9 @@ class ExportOptions(BaseModel):
     group_by_bucket: bool = False
     media: Literal["bytes", "uri"] = "bytes"
     version: int | str | None = Field(None, description="table version or tag to export")
+    executor: Literal["auto", "ray", "local"] = Field(
+        "auto", description="ray: tasks on a Ray cluster; local: threads in this process; "
+        "auto: local for a small table when no cluster is given, else ray")
     overwrite: bool = False
 
     @field_validator("buckets")
@@ -155,21 +159,128 @@ def _write_task(options: ExportOptions, task: WriterTask, columns: list[str], ou
                          options.size())
 
 
+# --- where the tasks run --------------------------------------------------------------
+
+#: Rows of a table that `executor: auto` exports in this process when no cluster is given:
+#: below this, starting a local Ray costs more than the parallel writers save.
+LOCAL_ROWS = 20_000
+
+
+def _use_ray(executor: str, address: str | None, dataset) -> bool:
+    if executor != "auto":
+        return executor == "ray"
+    import ray
+
+    if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return True
+    return dataset.count_rows() > LOCAL_ROWS  # the manifest's count: no scan
+
+
+class _RayWriters:
+    """Scan, split and write as Ray tasks: rows move between workers, never through the
+    driver."""
+
+    def __init__(self, store, dataset, address: str | None):
+        from curate.runner import connect
+
+        connect(address)
+        self.store, self.dataset = store, dataset
+
+    def histogram(self, read: list[str], where: str | None, order: Order) -> np.ndarray:
+        from curate.tasks import gather, map_parts, scan
+
+        self.parts = scan(self.store, read, where, dataset=self.dataset)
+        return sum(gather(map_parts(self.parts, histogram, (order,))),
+                   np.zeros((order.groups, BINS), np.int64))
+
+    def write(self, tasks, options, columns, out, order):
+        import ray
+
+        from curate.tasks import _remote
+
+        if not tasks:
+            return
+        splitter = _remote(_split_task)
+        pieces = [splitter.options(num_returns=len(tasks)).remote(p, order, tasks)
+                  for p in self.parts]
+        if len(tasks) == 1:
+            pieces = [[p] for p in pieces]
+        writer = _remote(_write_task, max_retries=2)
+        refs = [writer.remote(options, task, columns, out, *[p[i] for p in pieces])
+                for i, task in enumerate(tasks)]
+        index_of = {ref: i for i, ref in enumerate(refs)}
+        waiting = list(refs)
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1)
+            for ref in done:
+                yield index_of[ref], ray.get(ref)
+
+
+class _LocalWriters:
+    """The same plan and writers on threads of this process (reading files, hashing and
+    writing tar members let go of the GIL), for a table too small to be worth a cluster."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def histogram(self, read: list[str], where: str | None, order: Order) -> np.ndarray:
+        self.rows = self.dataset.to_table(columns=read, filter=where)
+        return histogram(self.rows, order)
+
+    def write(self, tasks, options, columns, out, order):
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        if not tasks:
+            return
+        pieces = split(self.rows, order, tasks)
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            futures = {pool.submit(_write_task, options, task, columns, out, pieces[i]): i
+                       for i, task in enumerate(tasks)}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+
+
 # --- the driver ----------------------------------------------------------------------------
 
 
-def _dataset(store, version):
-    import lance
+@dataclass(frozen=True)
+class _Table:
+    """The samples table as the scan tasks see it (opened with Lance, not LanceDB)."""
 
-    if store.table() is None:
-        raise ExportError(f"no table {store.name} at {store.uri}; run `curate run` first "
-                          "or pass the right --store/--table")
-    try:
-        return lance.dataset(store.uri_of_table, version=version,
-                             storage_options=store.storage_options)
-    except (ValueError, OSError) as exc:
-        raise ExportError(f"table {store.name} has no version {version!r}: "
-                          f"{storage_message(exc)}") from None
+    config: StoreConfig
+
+    @property
+    def name(self) -> str:
+        return self.config.table
+
+    @property
+    def uri(self) -> str:
+        return resolve_uri(self.config.uri)
+
+    @property
+    def uri_of_table(self) -> str:
+        return table_path(self.config.uri, self.config.table)
+
+    @property
+    def storage_options(self) -> dict | None:
+        return self.config.storage_options or None
+
+    def open(self, version: int | str | None = None):
+        import lance
+
+        try:
+            latest = lance.dataset(self.uri_of_table, storage_options=self.storage_options)
+        except (ValueError, OSError):
+            raise ExportError(f"no table {self.name} at {self.uri}; run `curate run` first "
+                              "or pass the right --store/--table") from None
+        if version is None:
+            return latest
+        try:
+            return lance.dataset(self.uri_of_table, version=version,
+                                 storage_options=self.storage_options)
+        except (ValueError, OSError) as exc:
+            raise ExportError(f"table {self.name} has no version {version!r} (latest: "
+                              f"{latest.version}): {storage_message(exc)}") from None
 
 
 def _columns(options: ExportOptions, schema: pa.Schema, buckets: bool) -> list[str]:
@@ -231,18 +342,13 @@ def _final_names(results: list[Written], tasks: list[WriterTask], options: Expor
 def export(store_config: StoreConfig, options: ExportOptions | dict[str, Any],
            progress: bool = False, address: str | None = None) -> ExportSummary:
     """Write the selection as WebDataset shards or Parquet parts under `options.out`."""
-    import ray
-
-    from curate.run import _progress
-    from curate.runner import connect
-    from curate.store import Store, now
-    from curate.tasks import _remote, gather, map_parts, scan
+    from curate.logs import progress_bar
 
     if isinstance(options, dict):
         options = parse_options(options)
     started, clock = now(), time.perf_counter()
-    store = Store(store_config)
-    dataset = _dataset(store, options.version)
+    store = _Table(store_config)
+    dataset = store.open(options.version)
     names = dataset.schema.names
     if not options.all and "selected" not in names:
         raise ExportError(f"table {store.name} has no `selected` column yet (no finished "
@@ -256,38 +362,24 @@ def export(store_config: StoreConfig, options: ExportOptions | dict[str, Any],
     out = os.path.abspath(options.out)
     options = options.model_copy(update={"out": out})
     _prepare_out(out, options.prefix, options.overwrite)
-    connect(address)
-
     order = Order(options.seed, buckets, options.group_by_bucket)
     read = [c for c in dict.fromkeys([*MEDIA_COLUMNS, *columns]) if c in names]
+    on_ray = _use_ray(options.executor, address, dataset)
+    writers = (_RayWriters(store, dataset, address) if on_ray
+               else _LocalWriters(dataset))
     try:
-        parts = scan(store, read, where, dataset=dataset)
-        counts = sum(gather(map_parts(parts, histogram, (order,))),
-                     np.zeros((order.groups, BINS), np.int64))
+        counts = writers.histogram(read, where, order)
     except Exception as exc:  # Lance's verdict on a filter it cannot run
         raise ExportError(f"cannot read the selection ({where}): "
                           f"{str(exc).splitlines()[0][:300]}") from None
-    tasks = plan(np.asarray(counts), options.limit, options.size())
+    tasks = plan(counts, options.limit, options.size())
     selected = sum(t.stop - t.start for t in tasks)
-    splitter = _remote(_split_task)
-    pieces = [splitter.options(num_returns=len(tasks)).remote(p, order, tasks)
-              for p in parts] if tasks else []
-    if len(tasks) == 1:
-        pieces = [[p] for p in pieces]
-    writer = _remote(_write_task, max_retries=2)
-    refs = [writer.remote(options, task, columns, out, *[p[i] for p in pieces])
-            for i, task in enumerate(tasks)]
-    results: dict[Any, Written] = {}
-    with _progress(progress) as bar:
+    results: dict[int, Written] = {}
+    with progress_bar(progress) as bar:
         bar_task = bar.add_task(f"export {options.format}", total=selected, rate="")
-        index_of = {ref: i for i, ref in enumerate(refs)}
-        waiting = list(refs)
-        while waiting:
-            done, waiting = ray.wait(waiting, num_returns=1)
-            for ref in done:
-                results[index_of[ref]] = ray.get(ref)
-                task = tasks[index_of[ref]]
-                bar.advance(bar_task, task.stop - task.start)
+        for index, written in writers.write(tasks, options, columns, out, order):
+            results[index] = written
+            bar.advance(bar_task, tasks[index].stop - tasks[index].start)
     ordered = [results[i] for i in range(len(tasks))]
     files = _final_names(ordered, tasks, options, buckets)
     skipped: Counter = Counter()
@@ -326,23 +418,35 @@ def _write_index(summary: ExportSummary, options: ExportOptions, columns: list[s
     os.replace(path + ".part", path)
 
 
-def _record(store, summary: ExportSummary, options: ExportOptions, started) -> None:
+def _record(store: _Table, summary: ExportSummary, options: ExportOptions, started) -> None:
     """The export in `<table>_runs` (kind `export`): what, where, from which version."""
-    from curate.store import now
+    import lance
 
+    row = run_row({
+        "run_id": summary.run_id, "kind": "export", "pipeline": f"export:{summary.format}",
+        "status": "finished", "config_yaml": yaml.safe_dump(options.model_dump(mode="json"),
+                                                            sort_keys=False),
+        "started_at": started, "finished_at": now(), "seconds": summary.seconds,
+        "version_before": summary.version, "version_after": summary.version,
+        "rows_total": summary.selected, "rows_processed": summary.written,
+        "stages_json": {"out": summary.out, "filter": summary.filter,
+                        "files": len(summary.files), "skipped": summary.skipped},
+    })
+    runs_path = table_path(store.config.uri, f"{store.name}_runs")
     try:
-        store.save_run({
-            "run_id": summary.run_id, "kind": "export", "pipeline": f"export:{summary.format}",
-            "status": "finished", "config_yaml": yaml.safe_dump(options.model_dump(mode="json"),
-                                                                sort_keys=False),
-            "started_at": started, "finished_at": now(), "seconds": summary.seconds,
-            "version_before": summary.version, "version_after": summary.version,
-            "rows_total": summary.selected, "rows_processed": summary.written,
-            "stages_json": {"out": summary.out, "filter": summary.filter,
-                            "files": len(summary.files), "skipped": summary.skipped},
-        })
+        try:
+            runs = lance.dataset(runs_path, storage_options=store.storage_options)
+        except (ValueError, OSError):
+            runs = None
+        if runs is not None and runs.schema.equals(row.schema):
+            lance.write_dataset(row, runs_path, mode="append",
+                                storage_options=store.storage_options)
+        else:  # no runs table yet, or one from an older curate: LanceDB makes it fit
+            from curate.store import Store
+
+            Store(store.config).save_run(row.to_pylist()[0])
     except CurateError:
         raise
     except Exception as exc:  # a store this user may read but not write
         raise ExportError(f"the export is written to {summary.out}, but it could not be "
-                          f"recorded in {store.runs_name}: {storage_message(exc)}") from None
+                          f"recorded in {store.name}_runs: {storage_message(exc)}") from None
