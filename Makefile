@@ -28,9 +28,12 @@ $(MODELS): $(STAMP) curate/models/tiny.py
 	$(PY) -m curate.models.tiny examples/models
 	touch $(MODELS)
 
-# Images first, then videos (cut into clips) into a table of their own in the same store.
+# Images first (and their curated set exported as WebDataset shards), then videos (cut
+# into clips) into a table of their own in the same store.
 demo: $(STAMP) $(MODELS)
 	$(VENV)/bin/curate run configs/demo.yaml
+	$(VENV)/bin/curate export --config configs/demo.yaml --out curate_data/export \
+		--shard-size 4 --overwrite
 	$(VENV)/bin/curate run configs/video-demo.yaml
 
 # The gallery tests drive Debian's Chromium (through Playwright's Python package).

@@ -295,6 +295,16 @@ def _magic_format(data: bytes) -> str | None:
     return next((name for magic, name in _MAGIC if data.startswith(magic)), None)
 
 
+def luma(img: Image.Image) -> Image.Image:
+    """The image's luma (mode L), converted once per image object: the pixel stages of a
+    pool (quality scores, the perceptual hash) all read it."""
+    cached = getattr(img, "_curate_luma", None)
+    if cached is None:
+        cached = img.convert("L")
+        img._curate_luma = cached  # PIL images take attributes; gone with the image
+    return cached
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB; transparency is composited over white."""
     mode = img.mode

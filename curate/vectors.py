@@ -66,7 +66,11 @@ def prepared_pixels(prepare, images: list) -> pa.Array:
 
 def column_pixels(column: pa.Array | pa.ChunkedArray, shape: tuple[int, ...]
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """The valid rows of a `pixels_column` as uint8 (m, *shape), and the valid mask."""
+    """The valid rows of a `pixels_column` as uint8 (m, *shape), and the valid mask. A
+    column of type null (a batch in which no row had an image: clips of broken videos)
+    has no valid rows."""
     column = _single(column)
+    if pa.types.is_null(column.type):
+        return np.zeros((0, *shape), np.uint8), np.zeros(len(column), bool)
     valid = column.is_valid().to_numpy(zero_copy_only=False)
     return list_values(column).reshape(len(column), *shape)[valid], valid

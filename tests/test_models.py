@@ -165,6 +165,22 @@ def _batch_with_images(images, texts):
     return pa.table({"sample_id": [str(i) for i in range(len(images))], "alt_text": texts})
 
 
+def test_model_stages_take_a_batch_in_which_no_row_has_an_image():
+    """A batch of rows without pictures (clips of broken videos) reaches a model pool with
+    its prepared column typed null: every row gets nulls, nothing fails."""
+    models = tiny_models()
+    batch = _batch_with_images([None, None], ["a", None])
+    embed = ClipEmbed(model=str(models / "tiny-clip"), text_column="alt_text")
+    nsfw = NsfwScore()
+    for stage in (embed, nsfw):
+        batch = batch.append_column(stage.prepared_column, pa.nulls(2))
+        stage.setup()
+        for name, values in stage.process(batch, None).items():
+            batch = batch.append_column(name, values)
+    assert batch["clip_embedding"].null_count == 2 and batch["nsfw_score"].null_count == 2
+    assert batch["clip_text_embedding"].null_count == 1  # the text is still embedded
+
+
 def test_model_stages_row_parts_end_to_end_without_ray():
     """What the decode pool and the model pools do, in order, on one batch."""
     models = tiny_models()

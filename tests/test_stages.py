@@ -79,6 +79,42 @@ def dedup_table(**columns):
     return pa.table(base)
 
 
+def _scores_by_the_definition(img: Image.Image) -> tuple[float, float, float, float]:
+    """The quality scores as first written: float32 arrays and a whole HSV image."""
+    gray = np.asarray(img.convert("L"), dtype=np.float32)
+    blur = 0.0
+    if gray.shape[0] >= 3 and gray.shape[1] >= 3:
+        blur = float((gray[1:-1, :-2] + gray[1:-1, 2:] + gray[:-2, 1:-1] + gray[2:, 1:-1]
+                      - 4.0 * gray[1:-1, 1:-1]).var())
+    saturation = float(np.asarray(img.convert("HSV"), dtype=np.uint8)[..., 1].mean())
+    return blur, float(gray.mean()), float(gray.std()), saturation
+
+
+def test_fast_quality_scores_and_phash_agree_with_their_definitions():
+    """The scores within 1e-5 (relative) of float32 arithmetic on whole images, saturation
+    and the pHash exactly: photos, a grey one, a saturated one, tiny ones."""
+    import imagehash
+
+    from curate.media import luma
+    from curate.sample_media import base_photos, photo_like
+    from curate.stages.dedup import phash_value
+    from curate.stages.quality import image_scores
+
+    rng = np.random.default_rng(0)
+    bases = base_photos()
+    images = [photo_like(rng, bases, size) for size in ((1024, 768), (333, 517), (64, 64))]
+    images += [base.convert("RGB") for base in bases]
+    images += [Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (2, 2), (0, 0, 0)),
+               Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))]
+    for img in images:
+        fast, reference = image_scores(img), _scores_by_the_definition(img)
+        assert fast[:3] == pytest.approx(reference[:3], rel=1e-5, abs=1e-4), img.size
+        assert fast[3] == pytest.approx(reference[3], abs=1e-9), img.size
+        expected = imagehash.phash(img, hash_size=8).hash.flatten()
+        assert phash_value(img) == int.from_bytes(np.packbits(expected).tobytes(), "big")
+        assert luma(img) is luma(img)  # converted once
+
+
 def test_exact_dedup_keeps_one_per_hash_by_policy():
     table = dedup_table(content_hash=["a", "b", "a", "a", None],
                         width=[10, 10, 30, 20, 10], height=[10] * 5,

@@ -149,10 +149,13 @@ class PhashParams(DedupParams):
 
 
 def phash_value(img) -> int:
-    """64-bit DCT perceptual hash (imagehash.phash), as an unsigned integer."""
+    """64-bit DCT perceptual hash (imagehash.phash), as an unsigned integer; of the luma
+    the image's other stages share (imagehash would convert it again)."""
     import imagehash
 
-    bits = imagehash.phash(img, hash_size=8).hash.flatten()
+    from curate.media import luma
+
+    bits = imagehash.phash(luma(img), hash_size=8).hash.flatten()
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 

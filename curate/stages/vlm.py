@@ -124,7 +124,9 @@ class _VlmStage(ModelStage):
         """The chat of each row: one image part per picture (a clip's frames), its
         placeholders filled, then `suffix` (kept verbatim)."""
         counts = None
-        if self.prepared_column in batch.column_names:
+        prepared = batch.schema.field(self.prepared_column).type \
+            if self.prepared_column in batch.column_names else None
+        if prepared is not None and pa.types.is_list(prepared):  # a clip's frames
             lengths = pc.list_value_length(batch[self.prepared_column].combine_chunks())
             counts = [max(n or 1, 1) for n in lengths.to_pylist()]
         fields = self.reads()
@@ -145,7 +147,7 @@ class _VlmStage(ModelStage):
     def images(self, batch: pa.Table) -> tuple[list[int], list]:
         from curate.models.vlm import unpack_image
 
-        packed = batch[self.prepared_column].to_pylist()
+        packed = batch[self.prepared_column].to_pylist()  # all None where typed null
         rows = [i for i, data in enumerate(packed) if data]
         return rows, [[unpack_image(p) for p in packed[i]] for i in rows]
 
