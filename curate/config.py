@@ -6,7 +6,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
@@ -39,7 +39,15 @@ class RunConfig(BaseModel):
     ray_address: str | None = Field(
         None, description="Ray cluster to join ('auto' on a cluster node); default: local Ray"
     )
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (default: all)")
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs a run on this machine uses (default: all)")
+    executor: Literal["auto", "ray", "local"] = Field(
+        "auto", description="ray: Ray Data pools and Ray tasks (a local Ray when no "
+        "ray_address); local: threads in this process; auto: local when no cluster is "
+        "given and no stage asks for GPUs, until more than local_max_inputs inputs are "
+        "left to read; else ray")
+    local_max_inputs: int = Field(
+        20_000, ge=0, description="executor auto: the most inputs a run reads without Ray")
 
 
 class Config(BaseModel):

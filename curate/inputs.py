@@ -116,11 +116,11 @@ def pending_inputs(source: Source, store, row_stages_hash: str) -> Pending:
 
 def unwrap(call):
     """Run `call`; a curate error raised inside a task is raised here as itself."""
-    from ray.exceptions import RayTaskError
-
     try:
         return call()
-    except RayTaskError as exc:
+    except CurateError:
+        raise
+    except Exception as exc:  # Ray's RayTaskError carries the task's own error as `cause`
         cause = getattr(exc, "cause", None)
         if isinstance(cause, CurateError):
             raise cause from None

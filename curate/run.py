@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from curate import __version__
+from curate import __version__, local
 from curate.config import Config
 from curate.errors import (
     ConfigError,
@@ -56,6 +56,8 @@ class RunSummary:
     notices: list[str] = field(default_factory=list)
     #: Models used: stage, model id, revision.
     models: list[dict] = field(default_factory=list)
+    #: Where it ran: "ray" (Ray Data pools and tasks) or "local" (this process).
+    executor: str = "ray"
 
     def to_dict(self) -> dict:
         body = self.__dict__.copy()
@@ -134,7 +136,10 @@ class _Execution:
         self.preflight()
         run_id = now().strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
         self.run_id = run_id
-        with RunLease(self.store, run_id, self.force_after_s) as lease:
+        run_cfg = self.config.run
+        self.on_ray = local.use_ray(run_cfg.executor, run_cfg.ray_address, self.stages)
+        with RunLease(self.store, run_id, self.force_after_s) as lease, \
+                contextlib.nullcontext() if self.on_ray else local.inline():
             self.store.before_commit = lease.check
             try:
                 return self._run(started, run_id, lease)
@@ -153,10 +158,14 @@ class _Execution:
 
         run_cfg = self.config.run
         self.store.ensure_table(table_schema(self.stages))
-        connect(run_cfg.ray_address, run_cfg.num_cpus)
+        if self.on_ray:
+            connect(run_cfg.ray_address, run_cfg.num_cpus)
         version_before = self.store.version()
         # bad paths fail here, before any work
         pending = unwrap(lambda: pending_inputs(self.source, self.store, self.hash))
+        if (not self.on_ray and run_cfg.executor == "auto"
+                and pending.rows > run_cfg.local_max_inputs):
+            pending = self._to_ray(pending)
         config_hash = self.config.config_hash()
         previous = self.store.runs()
         last = previous[-1] if previous else None
@@ -235,6 +244,19 @@ class _Execution:
         self.store.save_run(record)
         return summary
 
+    def _to_ray(self, pending):
+        """Many inputs: the rest of the run goes to a local Ray, the listing with it."""
+        import ray
+
+        from curate.runner import connect
+
+        local.leave()
+        connect(self.config.run.ray_address, self.config.run.num_cpus)
+        self.on_ray = True
+        pending.parts = [ray.put(part) for part in pending.parts]
+        pending.stale = [ray.put(part) for part in pending.stale]
+        return pending
+
     def _mark_dead(self, previous: list[dict], lease) -> None:
         """The record of the run whose lease was taken over says so."""
         dead = lease.took_over
@@ -272,12 +294,18 @@ class _Execution:
             buffer, buffered = [], 0
 
         start = time.perf_counter()
-        inflight = registry()
+        if self.on_ray:
+            inflight = registry()
+            stream = stream_fragments(pending.parts, pending.counts, chain, self.hash, writer,
+                                      every, inflight)
+        else:  # no worker of its own can die here: a crash ends the run, which resumes
+            inflight = None
+            stream = local.stream_fragments(pending.parts, pending.counts, chain, self.hash,
+                                            writer, every, self.config.run.num_cpus)
         with progress_bar(self.progress) as bar, _sigint_flag() as interrupted:
             task = bar.add_task(label, total=pending.rows, rate="")
             try:
-                for batch in stream_fragments(pending.parts, pending.counts, chain, self.hash,
-                                              writer, every, inflight):
+                for batch in stream:
                     for written in batch.to_pylist():
                         buffer += json.loads(written["fragments"])
                         buffered += written["rows"]
@@ -294,16 +322,18 @@ class _Execution:
                 if interrupted.is_set():  # the stream's threads took the Ctrl-C for theirs
                     raise KeyboardInterrupt
             except Exception as exc:
-                killers = self._killer_batches(inflight)
+                killers = self._killer_batches(inflight) if inflight is not None else None
                 if killers:
                     raise RunError(killers) from exc
                 raise
             finally:
                 # Ctrl-C or a failure: what was already written is kept, not redone.
                 try:
+                    stream.close()  # the in-process stream's threads stop here
                     commit()
                 finally:
-                    _release(inflight)
+                    if inflight is not None:
+                        _release(inflight)
 
     def _killer_batches(self, inflight) -> str | None:
         """After the stream failed: the batches that killed their workers on every try, set
@@ -387,6 +417,7 @@ class _Execution:
             stages=counts,
             notices=self.notices,
             models=self.models,
+            executor="ray" if self.on_ray else "local",
         )
 
 

@@ -391,6 +391,22 @@ def conform(rows: pa.Table, schema: pa.Schema) -> pa.Table:
 WRITER_CPUS = 0.25
 
 
+def worker_options(pools: list[list[Stage]], stages: list[Stage], row_stages_hash: str,
+                   inflight) -> list[dict]:
+    """What each pool's `SegmentWorker` is built with, besides its stages and threads."""
+    later = list({s.prepared_column: s for pool in pools[1:] for s in pool
+                  if s.own_pool and s.has_prepare_part}.values())
+    earlier = {s.name: [e.verdict_column for e in stages[:i] if e.verdict_column]
+               for i, s in enumerate(stages) if s.skips_dropped}
+    clips = any(s.makes_clips for s in stages)
+    frame_columns = tuple(s.prepared_column for s in later if not s.takes_clips)
+    return [{"prepare": later if i == 0 else [], "last": i == len(pools) - 1,
+             "row_stages_hash": row_stages_hash, "earlier_verdicts": earlier,
+             "clips": (clips and i > 0) or any(s.makes_clips for s in pool),
+             "frame_columns": frame_columns, "inflight": inflight}
+            for i, pool in enumerate(pools)]
+
+
 def stream_fragments(
     parts: list, counts: list[int], stages: list[Stage], row_stages_hash: str,
     writer: FragmentWriter, write_rows: int, inflight=None,
@@ -422,12 +438,7 @@ def stream_fragments(
     block_rows = max(sizes[0].batch_size, math.ceil(sum(counts) / 4000))
     # cut by tasks up front: a repartition operator would need a CPU the pools hold
     dataset = ray.data.from_arrow_refs(blocks(parts, counts, block_rows))
-    later = list({s.prepared_column: s for pool in pools[1:] for s in pool
-                  if s.own_pool and s.has_prepare_part}.values())
-    earlier = {s.name: [e.verdict_column for e in stages[:i] if e.verdict_column]
-               for i, s in enumerate(stages) if s.skips_dropped}
-    clips = any(s.makes_clips for s in stages)
-    frame_columns = tuple(s.prepared_column for s in later if not s.takes_clips)
+    options = worker_options(pools, stages, row_stages_hash, inflight)
     for i, (pool, size) in enumerate(zip(pools, sizes)):
         # A model on CPU is the slow step while decoding mostly waits for it: give each of
         # its workers a share of all the cores for threads, not only the CPUs it reserved.
@@ -435,12 +446,7 @@ def stream_fragments(
         fans_out = any(s.fans_out for s in pool)
         dataset = dataset.map_batches(
             FanOutWorker if fans_out else SegmentWorker,
-            fn_constructor_kwargs={"stages": pool, "prepare": later if i == 0 else [],
-                                   "last": i == len(pools) - 1,
-                                   "row_stages_hash": row_stages_hash, "threads": threads,
-                                   "earlier_verdicts": earlier,
-                                   "clips": (clips and i > 0) or any(s.makes_clips for s in pool),
-                                   "frame_columns": frame_columns, "inflight": inflight},
+            fn_constructor_kwargs={"stages": pool, "threads": threads, **options[i]},
             batch_size=size.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=size.workers),

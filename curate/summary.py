@@ -42,7 +42,8 @@ def print_summary(summary: RunSummary, console: Console | None = None) -> None:
     if summary.status != "up_to_date":
         console.print(
             f"Curated [bold]{summary.selected:,}[/] of {summary.rows_total:,} samples "
-            f"({summary.rows_processed:,} read in this run) in {summary.seconds:.1f} s."
+            f"({summary.rows_processed:,} read in this run) in {summary.seconds:.1f} s"
+            f"{' on Ray' if summary.executor == 'ray' else ', in this process'}."
         )
         console.print(
             f"Table [bold]{summary.table}[/] at {summary.store_uri}, version "

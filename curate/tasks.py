@@ -28,13 +28,21 @@ SCAN_ROWS = 262_144
 
 
 def _remote(fn, **options):
+    from curate import local
+
+    if local.active():  # a run without Ray: the task is called here (curate.local)
+        return local.InlineTask(fn, options.get("num_returns", 1))
     import ray
 
     return ray.remote(**options)(fn) if options else ray.remote(fn)
 
 
 def partitions() -> int:
-    """Shuffle partitions: about two per CPU of the cluster."""
+    """Shuffle partitions: about two per CPU of the cluster (one when tasks run inline)."""
+    from curate import local
+
+    if local.active():
+        return 1
     import ray
 
     return max(2, int(ray.cluster_resources().get("CPU", 1)) * 2)
@@ -177,12 +185,20 @@ def num_rows(part: pa.Table) -> int:
 
 def gather(refs: list[Part]) -> list:
     """The results of small tasks (counts, centroids), on the driver."""
+    from curate import local
+
+    if local.active():
+        return list(refs)
     import ray
 
     return ray.get(list(refs))
 
 
 def put(value):
+    from curate import local
+
+    if local.active():
+        return value
     import ray
 
     return ray.put(value)

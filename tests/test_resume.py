@@ -27,11 +27,11 @@ def many_photos(tmp_path_factory):
     return directory
 
 
-def config_for(media, store) -> dict:
+def config_for(media, store, executor: str = "auto") -> dict:
     return {
         "name": "resume",
         "store": {"uri": str(store)},
-        "run": {"commit_every": 8, "num_cpus": 2},
+        "run": {"commit_every": 8, "num_cpus": 2, "executor": executor},
         "stages": [
             {"type": "ingest_images", "paths": [str(media)], "decode_max_side": None,
              "resources": {"batch_size": 4}},
@@ -55,9 +55,9 @@ def rows_in(store) -> int:
         return 0
 
 
-def interrupt_midway(tmp_path, media, store, sig) -> subprocess.CompletedProcess:
+def interrupt_midway(tmp_path, media, store, sig, executor) -> subprocess.CompletedProcess:
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config_for(media, store)))
+    path.write_text(yaml.safe_dump(config_for(media, store, executor)))
     proc = subprocess.Popen(
         [sys.executable, "-m", "curate", "run", str(path), "--no-progress"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -90,11 +90,14 @@ def reference(ray_session, many_photos, tmp_path_factory):
     return table_of(store)
 
 
+@pytest.mark.parametrize("executor", ["local", "ray"])
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
-def test_interrupted_run_resumes_to_the_same_table(sig, ray_session, many_photos, reference,
-                                                   tmp_path):
+def test_interrupted_run_resumes_to_the_same_table(sig, executor, ray_session, many_photos,
+                                                   reference, tmp_path):
+    """Cut off in this process's threads (local) or in a local Ray's pools (ray); resumed
+    on the session's Ray: the table of one uninterrupted run either way."""
     store = tmp_path / "store"
-    result = interrupt_midway(tmp_path, many_photos, store, sig)
+    result = interrupt_midway(tmp_path, many_photos, store, sig, executor)
     kept = rows_in(store)
     assert 0 < kept < reference.num_rows, "the run was not interrupted midway"
     if sig == signal.SIGINT:
@@ -108,4 +111,15 @@ def test_interrupted_run_resumes_to_the_same_table(sig, ray_session, many_photos
         progress=False)
     assert resumed.status == "finished"
     assert resumed.rows_processed == reference.num_rows - kept  # finished rows not redone
+    assert table_of(store).equals(reference)
+
+
+def test_a_run_in_this_process_makes_the_table_a_run_on_ray_makes(ray_session, many_photos,
+                                                                   reference, tmp_path):
+    """executor local: the same stages in threads here, tasks inline, no Ray; the table
+    is the Ray run's, bit for bit (embeddings and verdicts included)."""
+    store = tmp_path / "store"
+    summary = Pipeline.from_config(load_config(config_for(many_photos, store, "local"))).run(
+        progress=False)
+    assert summary.status == "finished" and summary.rows_processed == reference.num_rows
     assert table_of(store).equals(reference)

@@ -1,0 +1,167 @@
+"""A run on one machine without Ray: the same stages, tasks and commits, in this process.
+
+Starting a local Ray (its GCS, raylet and worker processes) and Ray Data's actor pools costs
+seconds that a small run never wins back, so `run.executor: auto` uses this path for a small
+run when no cluster is given (see `use_ray`). Nothing else changes: the row stages run in
+the same `SegmentWorker`s, rows are written as Lance fragments that the driver commits in
+increments, and global stages run the same task functions (curate.tasks) called inline.
+
+- **Tasks inline** (`inline()`): while active, `curate.tasks` calls each task function
+  right here and hands back its value where Ray would hand back a reference.
+- **The stream** (`stream_fragments`): threads, one per CPU, each with its own copy of the
+  decoding segment; every model segment is loaded once and shared under a lock, so one
+  thread's decoding overlaps another's model batch. Decoding (PIL, PyAV, hashlib), NumPy and
+  torch release the GIL for the heavy parts.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pyarrow as pa
+
+from curate.stage import Stage
+
+_inline = threading.local()
+
+
+def active() -> bool:
+    """True while tasks run inline in this thread (see `inline`)."""
+    return getattr(_inline, "on", False)
+
+
+@contextlib.contextmanager
+def inline():
+    """Run `curate.tasks`' work in this process while the block runs."""
+    before = active()
+    _inline.on = True
+    try:
+        yield
+    finally:
+        _inline.on = before
+
+
+def leave() -> None:
+    """From here on this thread's tasks go to Ray (a run that found many inputs)."""
+    _inline.on = False
+
+
+class InlineTask:
+    """What `ray.remote(fn)` is to Ray, called at once: `.remote(*args)` gives fn's value
+    (a tuple of `num_returns` values where Ray would give that many references)."""
+
+    def __init__(self, fn, num_returns: int = 1):
+        self.fn = fn
+        self.num_returns = num_returns
+
+    def options(self, num_returns: int = 1, **_scheduling) -> InlineTask:
+        return InlineTask(self.fn, num_returns)
+
+    def remote(self, *args):
+        out = self.fn(*args)
+        if self.num_returns > 1 and len(out) != self.num_returns:
+            raise ValueError(f"{self.fn.__name__} gave {len(out)} values, not "
+                             f"{self.num_returns}")
+        return out
+
+
+def cpus(num_cpus: int | None = None) -> int:
+    """CPUs this process may use (`num_cpus` when set)."""
+    if num_cpus:
+        return num_cpus
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def use_ray(executor: str, address: str | None, stages: list[Stage]) -> bool:
+    """Where a run starts: on Ray when told so, when a cluster is given or already joined
+    in this process, or when a stage asks for GPUs (Ray schedules them); else here, and
+    `run` moves to Ray after listing when the inputs are many (`run.local_max_inputs`:
+    past it, a local Ray's processes, which share no GIL, win back their start-up)."""
+    if executor != "auto":
+        return executor == "ray"
+    if address or os.environ.get("RAY_ADDRESS"):
+        return True
+    ray = sys.modules.get("ray")  # not imported: no connection to reuse
+    if ray is not None and ray.is_initialized():
+        return True
+    return any(s.resources.gpus for s in stages)
+
+
+def stream_fragments(parts: list[pa.Table], counts: list[int], stages: list[Stage],
+                     row_stages_hash: str, writer, write_rows: int,
+                     num_cpus: int | None = None) -> Iterator[pa.Table]:
+    """`curate.runner.stream_fragments` in this process: the same segments on threads, the
+    rows written as fragments every `write_rows` rows; yields each fragment's metadata."""
+    from curate.runner import FanOutWorker, SegmentWorker, segments, worker_options
+
+    pools = segments(stages)
+    n = cpus(num_cpus)
+    block_rows = max(pools[0][0].resources.batch_size, 1)
+    options = worker_options(pools, stages, row_stages_hash, None)
+    local = threading.local()
+
+    def make(i: int, pool: list[Stage], threads: int | None):
+        kind = FanOutWorker if any(s.fans_out for s in pool) else SegmentWorker
+        # a copy of the stages, as each Ray worker gets its own
+        return kind(stages=copy.deepcopy(pool), threads=threads, **options[i])
+
+    models = [(make(i, pool, n), threading.Lock()) for i, pool in enumerate(pools) if i]
+
+    def outputs(worker, table: pa.Table) -> list[pa.Table]:
+        out = worker(table)
+        return [out] if isinstance(out, pa.Table) else list(out)
+
+    def work(block: pa.Table) -> list[pa.Table]:
+        if not hasattr(local, "first"):
+            local.first = make(0, pools[0], None)
+        tables = outputs(local.first, block)
+        for (model, lock), pool in zip(models, pools[1:]):
+            size = min(s.resources.batch_size for s in pool)
+            done = []
+            for table in tables:
+                for start in range(0, max(table.num_rows, 1), size):
+                    with lock:
+                        done += outputs(model, table.slice(start, size))
+            tables = done
+        return [t for t in tables if t.num_rows]
+
+    def cut() -> Iterator[pa.Table]:
+        for part, count in zip(parts, counts):
+            for start in range(0, count, block_rows):
+                yield part.slice(start, block_rows)
+
+    pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="curate-stream")
+    waiting: collections.deque[Future] = collections.deque()
+
+    def results() -> Iterator[pa.Table]:
+        for block in cut():  # a bounded window ahead: memory stays a few blocks
+            waiting.append(pool.submit(work, block))
+            if len(waiting) >= 2 * n:
+                yield from waiting.popleft().result()
+        while waiting:
+            yield from waiting.popleft().result()
+
+    buffer: list[pa.Table] = []
+    buffered = 0
+    try:
+        for table in results():
+            buffer.append(table)
+            buffered += table.num_rows
+            if buffered >= write_rows:
+                yield writer(pa.concat_tables(buffer, promote_options="default"))
+                buffer, buffered = [], 0
+        if buffer:
+            yield writer(pa.concat_tables(buffer, promote_options="default"))
+    finally:
+        for future in waiting:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
