@@ -68,11 +68,13 @@ def main() -> None:
     def fresh_images():  # new image objects: nothing cached from an earlier pass
         return [decode(d) for d in datas]
 
-    images = fresh_images()
-    scores_ms = ms_per_image(image_scores, images, repeats=1)
-    phash_ms = ms_per_image(phash_value, images, repeats=1)  # the luma is shared now
-    images = fresh_images()
-    baseline_ms = ms_per_image(by_definition, images, repeats=1)
+    scores_ms = phash_ms = baseline_ms = float("inf")
+    for _ in range(3):  # best of 3 passes, each over newly decoded images
+        images = fresh_images()
+        scores_ms = min(scores_ms, ms_per_image(image_scores, images, repeats=1))
+        # the luma is shared: image_scores made it
+        phash_ms = min(phash_ms, ms_per_image(phash_value, images, repeats=1))
+        baseline_ms = min(baseline_ms, ms_per_image(by_definition, fresh_images(), repeats=1))
     total = decode_ms + scores_ms + phash_ms
     print(f"decode {decode_ms:.2f} ms; scores {scores_ms:.2f} ms; pHash {phash_ms:.2f} ms; "
           f"by definition {baseline_ms:.2f} ms", flush=True)

@@ -91,28 +91,42 @@ def _scores_by_the_definition(img: Image.Image) -> tuple[float, float, float, fl
 
 
 def test_fast_quality_scores_and_phash_agree_with_their_definitions():
-    """The scores within 1e-5 (relative) of float32 arithmetic on whole images, saturation
-    and the pHash exactly: photos, a grey one, a saturated one, tiny ones."""
+    """Blur, brightness and contrast within 1e-5 (relative) of float32 arithmetic on whole
+    images; saturation exact under 384 px and within 1% (or 0.5 of 255) from its grid of
+    pixels above; the pHash within 4 bits of imagehash.phash on the whole image, exact
+    under 128 px, and on average under one bit off over photos."""
     import imagehash
 
     from curate.media import luma
     from curate.sample_media import base_photos, photo_like
     from curate.stages.dedup import phash_value
-    from curate.stages.quality import image_scores
+    from curate.stages.quality import SAMPLE_FROM, image_scores
 
     rng = np.random.default_rng(0)
     bases = base_photos()
     images = [photo_like(rng, bases, size) for size in ((1024, 768), (333, 517), (64, 64))]
+    images += [photo_like(rng, bases, (800, 600)) for _ in range(24)]
     images += [base.convert("RGB") for base in bases]
     images += [Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (2, 2), (0, 0, 0)),
-               Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))]
+               Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)),
+               Image.fromarray(rng.integers(0, 256, (500, 700, 3), dtype=np.uint8))]
+    bits_off = []
     for img in images:
         fast, reference = image_scores(img), _scores_by_the_definition(img)
         assert fast[:3] == pytest.approx(reference[:3], rel=1e-5, abs=1e-4), img.size
-        assert fast[3] == pytest.approx(reference[3], abs=1e-9), img.size
+        if min(img.size) < SAMPLE_FROM:
+            assert fast[3] == pytest.approx(reference[3], abs=1e-9), img.size
+        else:
+            assert abs(fast[3] - reference[3]) <= max(0.01 * reference[3], 0.5), img.size
         expected = imagehash.phash(img, hash_size=8).hash.flatten()
-        assert phash_value(img) == int.from_bytes(np.packbits(expected).tobytes(), "big")
+        off = bin(phash_value(img) ^ int.from_bytes(np.packbits(expected).tobytes(),
+                                                    "big")).count("1")
+        assert off <= 4, img.size
+        if max(img.size) < 128:
+            assert off == 0, img.size
+        bits_off.append(off)
         assert luma(img) is luma(img)  # converted once
+    assert np.mean(bits_off) < 1.0
 
 
 def test_exact_dedup_keeps_one_per_hash_by_policy():
