@@ -99,12 +99,19 @@ def use_ray(executor: str, address: str | None, stages: list[Stage]) -> bool:
 def stream_fragments(parts: list[pa.Table], counts: list[int], stages: list[Stage],
                      row_stages_hash: str, writer, write_rows: int,
                      num_cpus: int | None = None) -> Iterator[pa.Table]:
-    """`curate.runner.stream_fragments` in this process: the same segments on threads, the
-    rows written as fragments every `write_rows` rows; yields each fragment's metadata."""
+    """`curate.runner.stream_fragments` in this process: the decoding segment on threads,
+    each model segment here in the calling thread on batches of its own size (as a Ray
+    Data pool gets them: a model pads a short batch to its size), and the rows written as
+    fragments of `write_rows` rows; yields each fragment's metadata."""
     from curate.runner import FanOutWorker, SegmentWorker, segments, worker_options
 
     pools = segments(stages)
     n = cpus(num_cpus)
+    if len(pools) > 1:
+        # A model's OpenMP threads spin while they wait for each other; next to the
+        # decoding threads on the same cores that spinning starves them (a model on CPU
+        # ran at less than half its speed). Read when torch loads, so set before that.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     block_rows = max(pools[0][0].resources.batch_size, 1)
     options = worker_options(pools, stages, row_stages_hash, None)
     local = threading.local()
@@ -114,54 +121,65 @@ def stream_fragments(parts: list[pa.Table], counts: list[int], stages: list[Stag
         # a copy of the stages, as each Ray worker gets its own
         return kind(stages=copy.deepcopy(pool), threads=threads, **options[i])
 
-    models = [(make(i, pool, n), threading.Lock()) for i, pool in enumerate(pools) if i]
+    models = [make(i, pool, n) for i, pool in enumerate(pools) if i]
 
-    def outputs(worker, table: pa.Table) -> list[pa.Table]:
-        out = worker(table)
-        return [out] if isinstance(out, pa.Table) else list(out)
-
-    def work(block: pa.Table) -> list[pa.Table]:
+    def decode(block: pa.Table) -> list[pa.Table]:
         if not hasattr(local, "first"):
             local.first = make(0, pools[0], None)
-        tables = outputs(local.first, block)
-        for (model, lock), pool in zip(models, pools[1:]):
-            size = min(s.resources.batch_size for s in pool)
-            done = []
-            for table in tables:
-                for start in range(0, max(table.num_rows, 1), size):
-                    with lock:
-                        done += outputs(model, table.slice(start, size))
-            tables = done
-        return [t for t in tables if t.num_rows]
+        return _outputs(local.first, block)
 
     def cut() -> Iterator[pa.Table]:
         for part, count in zip(parts, counts):
             for start in range(0, count, block_rows):
                 yield part.slice(start, block_rows)
 
-    pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="curate-stream")
+    threads = ThreadPoolExecutor(max_workers=n, thread_name_prefix="curate-stream")
     waiting: collections.deque[Future] = collections.deque()
 
-    def results() -> Iterator[pa.Table]:
+    def decoded() -> Iterator[pa.Table]:
         for block in cut():  # a bounded window ahead: memory stays a few blocks
-            waiting.append(pool.submit(work, block))
+            waiting.append(threads.submit(decode, block))
             if len(waiting) >= 2 * n:
                 yield from waiting.popleft().result()
         while waiting:
             yield from waiting.popleft().result()
 
-    buffer: list[pa.Table] = []
-    buffered = 0
+    rows: Iterator[pa.Table] = decoded()
+    for model, pool in zip(models, pools[1:]):
+        size = min(s.resources.batch_size for s in pool)
+        rows = (out for batch in _rebatch(rows, size) for out in _outputs(model, batch))
     try:
-        for table in results():
-            buffer.append(table)
-            buffered += table.num_rows
-            if buffered >= write_rows:
-                yield writer(pa.concat_tables(buffer, promote_options="default"))
-                buffer, buffered = [], 0
-        if buffer:
-            yield writer(pa.concat_tables(buffer, promote_options="default"))
+        for batch in _rebatch(rows, write_rows):
+            yield writer(batch)
     finally:
         for future in waiting:
             future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+        threads.shutdown(wait=True, cancel_futures=True)
+
+
+def _outputs(worker, table: pa.Table) -> list[pa.Table]:
+    """A segment worker's output tables for one batch (a fan-out worker yields several)."""
+    out = worker(table)
+    return [out] if isinstance(out, pa.Table) else list(out)
+
+
+def _rebatch(tables: Iterator[pa.Table], size: int) -> Iterator[pa.Table]:
+    """The rows of `tables`, in order, in tables of `size` rows (the last one shorter)."""
+    buffer: list[pa.Table] = []
+    buffered = 0
+    for table in tables:
+        if not table.num_rows:
+            continue
+        buffer.append(table)
+        buffered += table.num_rows
+        if buffered < size:
+            continue
+        whole = pa.concat_tables(buffer, promote_options="default")
+        start = 0
+        while whole.num_rows - start >= size:
+            yield whole.slice(start, size)
+            start += size
+        buffer = [whole.slice(start)] if start < whole.num_rows else []
+        buffered = whole.num_rows - start
+    if buffer:
+        yield pa.concat_tables(buffer, promote_options="default")
