@@ -370,12 +370,12 @@ class _Execution:
             ex.write(stage.global_part(ex))
             self.seconds[stage.name] += time.perf_counter() - started
             if not stage.has_row_part:
-                self.processed[stage.name] += self.store.table().count_rows()
+                self.processed[stage.name] += self.store.count_rows()
         return self._counts(write=True)
 
     def _alive_filter(self, index: int) -> str | None:
         """Lance filter of the rows no stage before `stages[index]` dropped."""
-        have = set(self.store.table().schema.names)
+        have = set(self.store.schema().names)
         columns = [s.verdict_column for s in self.stages[:index]
                    if s.verdict_column and s.verdict_column in have]
         return " AND ".join(f"{c} IS NULL" for c in columns) or None
@@ -384,7 +384,7 @@ class _Execution:
         """The funnel, summed over fragments; with `write`, also set the final columns."""
         from curate.tasks import gather, map_parts, scan, write_columns
 
-        have = set(self.store.table().schema.names)
+        have = set(self.store.schema().names)
         verdicts = [s.verdict_column for s in self.stages
                     if s.verdict_column and s.verdict_column in have]
         parts = scan(self.store, verdicts or ["sample_id"])

@@ -1,4 +1,8 @@
-"""The LanceDB table that holds every sample, and the table of runs beside it."""
+"""The LanceDB table that holds every sample, and the table of runs beside it.
+
+A run reads and writes both tables with Lance itself (each is a Lance dataset at
+`<database>/<table>.lance`); LanceDB, whose import alone costs a second and a half of every
+command's start-up, is loaded only for what needs it (vector search, the API's tables)."""
 
 from __future__ import annotations
 
@@ -6,16 +10,18 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-import lancedb
 import pyarrow as pa
 
 from curate.config import StoreConfig
 from curate.errors import DISK_FULL, NO_WRITE, RunError, says, storage_message
-from curate.tables import RUN_SCHEMA, resolve_uri, run_row
+from curate.tables import RUN_SCHEMA, resolve_uri, run_row, table_path
 
 #: A row with no embedding (its image failed) has a null vector; LanceDB counts null
 #: vectors as bad and would refuse the write unless told to keep them null.
 NULL_VECTORS = "null"
+#: Versions older than this are removed when a run optimizes the table (LanceDB's
+#: default); tagged versions are kept.
+KEEP_VERSIONS = timedelta(days=7)
 
 
 class Store:
@@ -28,36 +34,73 @@ class Store:
         self.uri = resolve_uri(config.uri)
         self.name = config.table
         self.runs_name = f"{config.table}_runs"
+        self.read_consistency_s = read_consistency_s
         #: Called before each commit (the run's lease check); None outside runs.
         self.before_commit: Callable[[], None] | None = None
+        self._db = None
+        if "://" not in self.uri:
+            import os
+
+            if os.path.exists(self.uri) and not os.path.isdir(self.uri):
+                raise RunError(f"cannot open the store at {self.uri}: it is a file, not a "
+                               "directory")
+
+    @property
+    def db(self):
+        """The LanceDB connection (made on first use)."""
+        if self._db is None:
+            import lancedb
+
+            try:
+                self._db = lancedb.connect(
+                    self.uri, storage_options=self.storage_options,
+                    read_consistency_interval=(
+                        None if self.read_consistency_s is None
+                        else timedelta(seconds=self.read_consistency_s)),
+                )
+            except Exception as exc:  # LanceDB raises many kinds; all mean the same here
+                raise RunError(f"cannot open the store at {self.uri}: "
+                               f"{storage_message(exc)}") from None
+        return self._db
+
+    # --- samples ------------------------------------------------------------------------
+    def _lance(self, name: str, version: int | str | None = None):
+        """The Lance dataset of table `name`, or None when there is none."""
+        import lance
+
         try:
-            self.db = lancedb.connect(
-                self.uri, storage_options=config.storage_options or None,
-                read_consistency_interval=(
-                    None if read_consistency_s is None else timedelta(seconds=read_consistency_s)
-                ),
-            )
-        except Exception as exc:  # LanceDB raises many kinds; all mean the same here
+            return lance.dataset(table_path(self.uri, name), version=version,
+                                 storage_options=self.storage_options)
+        except (ValueError, FileNotFoundError):
+            return None
+        except OSError as exc:
+            if "not found" in str(exc).lower() or "no such file" in str(exc).lower():
+                return None
             raise RunError(f"cannot open the store at {self.uri}: "
                            f"{storage_message(exc)}") from None
 
-    # --- samples ------------------------------------------------------------------------
-    def _open(self, name: str):
+    def _create(self, name: str, schema: pa.Schema):
+        import lance
+
         try:
-            return self.db.open_table(name)
-        except ValueError:
-            return None
+            return lance.write_dataset(schema.empty_table(), table_path(self.uri, name),
+                                       mode="create", storage_options=self.storage_options)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise self.write_error(exc) from None
 
     def table(self):
-        """The samples table, or None before the first run."""
-        return self._open(self.name)
+        """The samples table as a LanceDB table, or None before the first run."""
+        if self._lance(self.name) is None:
+            return None
+        return self.db.open_table(self.name)
 
     def ensure_table(self, schema: pa.Schema):
-        """Create the samples table, or add the columns it lacks; refuse type conflicts."""
-        table = self.table()
-        if table is None:
-            return self.db.create_table(self.name, schema=schema)
-        have = table.schema
+        """Create the samples table, or add the columns it lacks; refuse type conflicts.
+        Returns its Lance dataset."""
+        dataset = self._lance(self.name)
+        if dataset is None:
+            return self._create(self.name, schema)
+        have = dataset.schema
         conflicts = [
             f"{f.name} is {have.field(f.name).type} in the table, the pipeline writes {f.type}"
             for f in schema
@@ -71,18 +114,18 @@ class Store:
         missing = [f for f in schema if f.name not in have.names]
         if "input_id" in (f.name for f in missing) and "sample_id" in have.names:
             # a table from before rows had input_id: each row was its own input
-            table.add_columns({"input_id": "sample_id"})
+            dataset.add_columns({"input_id": "sample_id"})
             missing = [f for f in missing if f.name != "input_id"]
         if missing:
-            table.add_columns(pa.schema(missing))
-        return table
+            dataset.add_columns(pa.schema(missing))
+        return self._lance(self.name)
 
     def read(self, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
         """Columns of every row (as of the latest version)."""
-        table = self.table()
-        if table is None:
+        dataset = self._lance(self.name)
+        if dataset is None:
             return pa.table({})
-        return table.to_lance().to_table(columns=columns, filter=filter)
+        return dataset.to_table(columns=columns, filter=filter)
 
     # --- the table as a Lance dataset: workers write fragments, the driver commits -------
     @property
@@ -92,16 +135,12 @@ class Store:
     @property
     def uri_of_table(self) -> str:
         """Where the samples table's Lance dataset lives (workers open it there)."""
-        return self.table().to_lance().uri
+        return table_path(self.uri, self.name)
 
     def dataset(self):
         """The samples table's Lance dataset at its latest version (None before the first
         run)."""
-        import lance
-
-        if self.table() is None:
-            return None
-        return lance.dataset(self.uri_of_table, storage_options=self.storage_options)
+        return self._lance(self.name)
 
     def _commit(self, operation, read_version: int) -> int:
         import lance
@@ -174,38 +213,53 @@ class Store:
         )
 
     def version(self) -> int:
-        table = self.table()
-        return int(table.version) if table is not None else 0
+        dataset = self._lance(self.name)
+        return int(dataset.version) if dataset is not None else 0
+
+    def count_rows(self) -> int:
+        dataset = self._lance(self.name)
+        return dataset.count_rows() if dataset is not None else 0
+
+    def schema(self) -> pa.Schema | None:
+        dataset = self._lance(self.name)
+        return dataset.schema if dataset is not None else None
 
     def tag(self, name: str, version: int) -> None:
-        self.table().tags.create(name, version)
+        self._lance(self.name).tags.create(name, version)
 
     def optimize(self) -> None:
         """Compact the many small fragments that incremental commits leave behind (in
-        tasks on the cluster), then let LanceDB bring its indexes up to date."""
+        tasks on the cluster), bring the indexes up to date and remove versions older than
+        a week that no tag holds (what LanceDB's optimize does)."""
         from curate.tasks import compact
 
         compact(self)
-        self.table().optimize()
+        dataset = self._lance(self.name)
+        if dataset.describe_indices():
+            dataset.optimize.optimize_indices()
+        dataset.cleanup_old_versions(older_than=KEEP_VERSIONS)
 
     def ensure_sample_index(self) -> None:
         """Scalar indexes on sample_id and input_id keep lookups by id fast on large
         tables."""
-        table = self.table()
-        have = {c for ix in table.list_indices() for c in (ix.columns or [])}
+        dataset = self._lance(self.name)
+        have = {c for ix in dataset.describe_indices() for c in ix.field_names}
         for column in ("sample_id", "input_id"):
-            if column not in have and column in table.schema.names:
-                table.create_scalar_index(column)
+            if column not in have and column in dataset.schema.names:
+                dataset.create_scalar_index(column, "BTREE")
+                dataset = self._lance(self.name)
 
     # --- runs ---------------------------------------------------------------------------
     def runs_table(self):
-        table = self._open(self.runs_name)
-        if table is None:
-            table = self.db.create_table(self.runs_name, schema=RUN_SCHEMA)
-        missing = [f for f in RUN_SCHEMA if f.name not in table.schema.names]
+        """The runs table's Lance dataset, created (or given the columns it lacks) here."""
+        dataset = self._lance(self.runs_name)
+        if dataset is None:
+            return self._create(self.runs_name, RUN_SCHEMA)
+        missing = [f for f in RUN_SCHEMA if f.name not in dataset.schema.names]
         if missing:  # a table written by an older curate
-            table.add_columns(pa.schema(missing))
-        return table
+            dataset.add_columns(pa.schema(missing))
+            dataset = self._lance(self.runs_name)
+        return dataset
 
     def save_run(self, record: dict[str, Any]) -> None:
         data = run_row(record)
@@ -220,8 +274,8 @@ class Store:
     def runs(self, kind: str = "run") -> list[dict[str, Any]]:
         """Every recorded run of the pipeline (`kind` run) or export (`kind` export),
         oldest first."""
-        table = self._open(self.runs_name)
-        if table is None:
+        dataset = self._lance(self.runs_name)
+        if dataset is None:
             return []
-        rows = [r for r in table.to_arrow().to_pylist() if (r.get("kind") or "run") == kind]
+        rows = [r for r in dataset.to_table().to_pylist() if (r.get("kind") or "run") == kind]
         return sorted(rows, key=lambda r: r["started_at"])

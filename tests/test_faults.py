@@ -127,7 +127,9 @@ def test_a_second_run_on_a_busy_table_is_refused_and_the_table_stays_whole(
         ray_session, photo_dir, tmp_path):
     store = tmp_path / "store"
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(photo_config(photo_dir, store)))
+    body = photo_config(photo_dir, store)
+    body["run"]["executor"] = "ray"  # a local Ray of its own, and its chatter
+    config.write_text(yaml.safe_dump(body))
     command = [sys.executable, "-m", "curate", "run", str(config), "--no-progress"]
     first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
