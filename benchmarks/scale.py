@@ -54,11 +54,14 @@ EXACT_COPIES, NEAR_COPIES = 0.05, 0.05  # fractions of the corpus
 ISSUE_BASELINE = {3000: 672, 24000: 1659}
 
 
-def pipeline_config(photos: Path, store: Path, model_dir: Path) -> dict:
+def pipeline_config(photos: Path, store: Path, model_dir: Path,
+                    executor: str | None = None) -> dict:
     rows = len(list(photos.glob("*.jpg")))
     return {
         "name": "bench-scale",
         "store": {"uri": str(store)},
+        # releases before run.executor always ran on Ray
+        **({"run": {"executor": executor}} if executor else {}),
         "stages": [
             {"type": "ingest_images", "paths": [str(photos)]},
             {"type": "image_quality", "min_side": 32, "min_brightness": 10.0},
@@ -219,6 +222,9 @@ def main() -> None:
                         help="commit of the previous release (default: the release before "
                         "the streaming rewrite)")
     parser.add_argument("--skip-previous", action="store_true")
+    parser.add_argument("--executor", choices=["ray", "local", "auto"], default="ray",
+                        help="this checkout's run.executor (default ray: the driver of a "
+                        "distributed run is what is measured)")
     parser.add_argument("--image-size", default="96x96", help="WIDTHxHEIGHT of the photos")
     parser.add_argument("--run-timeout", type=float, default=1800.0,
                         help="seconds after which a `curate run` is stopped and reported "
@@ -256,8 +262,12 @@ def main() -> None:
         if not args.skip_previous:
             worktree, commit = add_worktree(args.previous)
             sides.append(Side("previous", worktree, commit))
-        config_for = functools.partial(pipeline_config, model_dir=model_dir)
+        def config_for_side(side: Side):
+            executor = args.executor if side.name == "current" else None
+            return functools.partial(pipeline_config, model_dir=model_dir, executor=executor)
+
         for side in sides:
+            config_for = config_for_side(side)
             # not counted: the first run from a checkout compiles its bytecode and reads
             # everything from disk once
             warm = curate_run(config_for(small, workdir / f"{side.name}-store_warmup"),
@@ -268,14 +278,15 @@ def main() -> None:
         for side in sides:
             if side.error:
                 continue
-            side.startup = startup_run(config_for, small, workdir, side.checkout,
+            side.startup = startup_run(config_for_side(side), small, workdir, side.checkout,
                                        tag=f"{side.name}-", timeout_s=args.run_timeout)
             side.check(side.startup, "start-up run")
         for n, folder in zip(rows, folders):
             for side in sides:
                 if side.error:
                     continue
-                run = curate_run(config_for(folder, workdir / f"{side.name}-store_{n}"),
+                run = curate_run(config_for_side(side)(folder,
+                                                       workdir / f"{side.name}-store_{n}"),
                                  workdir, f"{side.name}-{n}", side.checkout,
                                  args.run_timeout)
                 side.runs.append(run)

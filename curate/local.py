@@ -146,8 +146,7 @@ def stream_fragments(parts: list[pa.Table], counts: list[int], stages: list[Stag
 
     rows: Iterator[pa.Table] = decoded()
     for model, pool in zip(models, pools[1:]):
-        size = min(s.resources.batch_size for s in pool)
-        rows = (out for batch in _rebatch(rows, size) for out in _outputs(model, batch))
+        rows = _through(model, _rebatch(rows, min(s.resources.batch_size for s in pool)))
     try:
         for batch in _rebatch(rows, write_rows):
             yield writer(batch)
@@ -155,6 +154,11 @@ def stream_fragments(parts: list[pa.Table], counts: list[int], stages: list[Stag
         for future in waiting:
             future.cancel()
         threads.shutdown(wait=True, cancel_futures=True)
+
+
+def _through(worker, batches: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    for batch in batches:
+        yield from _outputs(worker, batch)
 
 
 def _outputs(worker, table: pa.Table) -> list[pa.Table]:

@@ -27,8 +27,12 @@ class QualityParams(FrameScoreParams):
     min_brightness: float | None = Field(None, ge=0, le=255, description="mean luma, 0-255")
     max_brightness: float | None = Field(None, ge=0, le=255, description="mean luma, 0-255")
     min_contrast: float | None = Field(None, ge=0, description="std of luma, 0-255 scale")
-    min_saturation: float | None = Field(None, ge=0, le=255, description="mean HSV S, 0-255")
-    max_saturation: float | None = Field(None, ge=0, le=255, description="mean HSV S, 0-255")
+    min_saturation: float | None = Field(
+        None, ge=0, le=255,
+        description="mean HSV S, 0-255 (from 384 px on the short side: of every third pixel)")
+    max_saturation: float | None = Field(
+        None, ge=0, le=255,
+        description="mean HSV S, 0-255 (from 384 px on the short side: of every third pixel)")
 
     @model_validator(mode="after")
     def _ranges(self):
