@@ -8,10 +8,10 @@ increments, and global stages run the same task functions (curate.tasks) called 
 
 - **Tasks inline** (`inline()`): while active, `curate.tasks` calls each task function
   right here and hands back its value where Ray would hand back a reference.
-- **The stream** (`stream_fragments`): threads, one per CPU, each with its own copy of the
-  decoding segment; every model segment is loaded once and shared under a lock, so one
-  thread's decoding overlaps another's model batch. Decoding (PIL, PyAV, hashlib), NumPy and
-  torch release the GIL for the heavy parts.
+- **The stream** (`stream_fragments`): the decoding segment on threads, one per CPU, each
+  with its own copy of the stages; each model segment, loaded once, runs in the calling
+  thread on batches of its own size while the threads decode the next blocks. Decoding
+  (PIL, simplejpeg, PyAV, hashlib), NumPy and torch release the GIL for the heavy parts.
 """
 
 from __future__ import annotations
