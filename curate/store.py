@@ -24,6 +24,19 @@ NULL_VECTORS = "null"
 KEEP_VERSIONS = timedelta(days=7)
 
 
+def _check_folder(path: str) -> None:
+    """A local store's folder is one, or can be made: the nearest part of its path that
+    exists is a directory."""
+    from pathlib import Path
+
+    for folder in (Path(path), *Path(path).parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise RunError(f"cannot open the store at {path}: {folder} is a file, not a "
+                               "directory. Point store.uri at a directory.")
+            return
+
+
 class Store:
     """One LanceDB database: the samples table (`store.table`) and `<table>_runs`."""
 
@@ -39,11 +52,7 @@ class Store:
         self.before_commit: Callable[[], None] | None = None
         self._db = None
         if "://" not in self.uri:
-            import os
-
-            if os.path.exists(self.uri) and not os.path.isdir(self.uri):
-                raise RunError(f"cannot open the store at {self.uri}: it is a file, not a "
-                               "directory")
+            _check_folder(self.uri)
 
     @property
     def db(self):
