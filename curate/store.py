@@ -97,11 +97,15 @@ class Store:
         except (OSError, RuntimeError, ValueError) as exc:
             raise self.write_error(exc) from None
 
+    def open_table(self, name: str):
+        """Table `name` of the database as a LanceDB table, or None when there is none."""
+        if self._lance(name) is None:
+            return None
+        return self.db.open_table(name)
+
     def table(self):
         """The samples table as a LanceDB table, or None before the first run."""
-        if self._lance(self.name) is None:
-            return None
-        return self.db.open_table(self.name)
+        return self.open_table(self.name)
 
     def ensure_table(self, schema: pa.Schema):
         """Create the samples table, or add the columns it lacks; refuse type conflicts.

@@ -133,7 +133,7 @@ class FeatureService:
                 {c: row[c] for c in present})
 
     def _side_values(self, sample_id: str, wanted: list[str]) -> dict[str, Any]:
-        side = self.store._open(self.side_name)
+        side = self.store.open_table(self.side_name)
         if side is None:
             return {}
         present = [c for c in wanted if c in side.schema.names]
@@ -190,7 +190,7 @@ class FeatureService:
             self.store.merge_columns(row)
             return
         row = row.append_column("uri", pa.array([uri], pa.string()))
-        side = self.store._open(self.side_name)
+        side = self.store.open_table(self.side_name)
         if side is None:
             self.store.db.create_table(self.side_name, row, on_bad_vectors=NULL_VECTORS)
             return
