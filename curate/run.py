@@ -288,10 +288,13 @@ class _Execution:
 
         def commit() -> None:
             nonlocal buffer, buffered
-            if buffer:
-                self.store.commit_append(buffer)
-            self.rows_processed += buffered
+            # emptied first: a Ctrl-C that lands inside the commit must not have the
+            # `finally` below commit the same fragments again (their rows twice)
+            fragments, rows = buffer, buffered
             buffer, buffered = [], 0
+            if fragments:
+                self.store.commit_append(fragments)
+            self.rows_processed += rows
 
         start = time.perf_counter()
         if self.on_ray:

@@ -23,7 +23,7 @@ def many_photos(tmp_path_factory):
     from curate.sample_media import write_photos
 
     directory = tmp_path_factory.mktemp("many")
-    write_photos(directory, 240, size=(1024, 768), seed=7)
+    write_photos(directory, 120, size=(1024, 768), seed=7)
     return directory
 
 
@@ -43,7 +43,7 @@ def config_for(media, store, executor: str = "auto") -> dict:
              "resources": {"batch_size": 8}},
             {"type": "nsfw_score", "resources": {"batch_size": 8}},
             {"type": "semantic_dedup", "eps": 0.02},
-            {"type": "diversity_sample", "target": 150},
+            {"type": "diversity_sample", "target": 75},
         ],
     }
 
