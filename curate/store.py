@@ -134,7 +134,8 @@ class Store:
         return self._lance(self.name)
 
     def read(self, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
-        """Columns of every row (as of the latest version)."""
+        """Columns of every row matching `filter` (as of the latest version), in this
+        process: for tests and small tables, never on a run's path."""
         dataset = self._lance(self.name)
         if dataset is None:
             return pa.table({})
@@ -290,5 +291,7 @@ class Store:
         dataset = self._lance(self.runs_name)
         if dataset is None:
             return []
-        rows = [r for r in dataset.to_table().to_pylist() if (r.get("kind") or "run") == kind]
-        return sorted(rows, key=lambda r: r["started_at"])
+        # one row per run or export: metadata, never the samples
+        where = f"kind = '{kind}'" + (" OR kind IS NULL" if kind == "run" else "")
+        return sorted(dataset.to_table(filter=where).to_pylist(),
+                      key=lambda r: r["started_at"])

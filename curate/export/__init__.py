@@ -32,7 +32,7 @@ from curate.export.writers import (
     write_webdataset,
 )
 from curate.filters import FilterError, combine
-from curate.tables import now, resolve_uri, run_row, table_path
+from curate.tables import now
 
 __all__ = ["ExportError", "ExportOptions", "ExportSummary", "export"]
 
@@ -243,44 +243,22 @@ class _LocalWriters:
 # --- the driver ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Table:
-    """The samples table as the scan tasks see it (opened with Lance, not LanceDB)."""
+def _open(store, version: int | str | None):
+    """The samples table's Lance dataset at `version` (default: the latest)."""
+    import lance
 
-    config: StoreConfig
-
-    @property
-    def name(self) -> str:
-        return self.config.table
-
-    @property
-    def uri(self) -> str:
-        return resolve_uri(self.config.uri)
-
-    @property
-    def uri_of_table(self) -> str:
-        return table_path(self.config.uri, self.config.table)
-
-    @property
-    def storage_options(self) -> dict | None:
-        return self.config.storage_options or None
-
-    def open(self, version: int | str | None = None):
-        import lance
-
-        try:
-            latest = lance.dataset(self.uri_of_table, storage_options=self.storage_options)
-        except (ValueError, OSError):
-            raise ExportError(f"no table {self.name} at {self.uri}; run `curate run` first "
-                              "or pass the right --store/--table") from None
-        if version is None:
-            return latest
-        try:
-            return lance.dataset(self.uri_of_table, version=version,
-                                 storage_options=self.storage_options)
-        except (ValueError, OSError) as exc:
-            raise ExportError(f"table {self.name} has no version {version!r} (latest: "
-                              f"{latest.version}): {storage_message(exc)}") from None
+    latest = store.dataset()
+    if latest is None:
+        raise ExportError(f"no table {store.name} at {store.uri}; run `curate run` first "
+                          "or pass the right --store/--table")
+    if version is None:
+        return latest
+    try:
+        return lance.dataset(store.uri_of_table, version=version,
+                             storage_options=store.storage_options)
+    except (ValueError, OSError) as exc:
+        raise ExportError(f"table {store.name} has no version {version!r} (latest: "
+                          f"{latest.version}): {storage_message(exc)}") from None
 
 
 def _columns(options: ExportOptions, schema: pa.Schema, buckets: bool) -> list[str]:
@@ -347,8 +325,10 @@ def export(store_config: StoreConfig, options: ExportOptions | dict[str, Any],
     if isinstance(options, dict):
         options = parse_options(options)
     started, clock = now(), time.perf_counter()
-    store = _Table(store_config)
-    dataset = store.open(options.version)
+    from curate.store import Store
+
+    store = Store(store_config)
+    dataset = _open(store, options.version)
     names = dataset.schema.names
     if not options.all and "selected" not in names:
         raise ExportError(f"table {store.name} has no `selected` column yet (no finished "
@@ -418,11 +398,9 @@ def _write_index(summary: ExportSummary, options: ExportOptions, columns: list[s
     os.replace(path + ".part", path)
 
 
-def _record(store: _Table, summary: ExportSummary, options: ExportOptions, started) -> None:
+def _record(store, summary: ExportSummary, options: ExportOptions, started) -> None:
     """The export in `<table>_runs` (kind `export`): what, where, from which version."""
-    import lance
-
-    row = run_row({
+    record = {
         "run_id": summary.run_id, "kind": "export", "pipeline": f"export:{summary.format}",
         "status": "finished", "config_yaml": yaml.safe_dump(options.model_dump(mode="json"),
                                                             sort_keys=False),
@@ -431,20 +409,9 @@ def _record(store: _Table, summary: ExportSummary, options: ExportOptions, start
         "rows_total": summary.selected, "rows_processed": summary.written,
         "stages_json": {"out": summary.out, "filter": summary.filter,
                         "files": len(summary.files), "skipped": summary.skipped},
-    })
-    runs_path = table_path(store.config.uri, f"{store.name}_runs")
+    }
     try:
-        try:
-            runs = lance.dataset(runs_path, storage_options=store.storage_options)
-        except (ValueError, OSError):
-            runs = None
-        if runs is not None and runs.schema.equals(row.schema):
-            lance.write_dataset(row, runs_path, mode="append",
-                                storage_options=store.storage_options)
-        else:  # no runs table yet, or one from an older curate: LanceDB makes it fit
-            from curate.store import Store
-
-            Store(store.config).save_run(row.to_pylist()[0])
+        store.save_run(record)
     except CurateError:
         raise
     except Exception as exc:  # a store this user may read but not write
