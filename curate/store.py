@@ -291,7 +291,11 @@ class Store:
         dataset = self._lance(self.runs_name)
         if dataset is None:
             return []
-        # one row per run or export: metadata, never the samples
-        where = f"kind = '{kind}'" + (" OR kind IS NULL" if kind == "run" else "")
+        # one row per run or export: metadata, never the samples. Runs tables of older
+        # releases have no `kind`: every row in them is a run.
+        if "kind" in dataset.schema.names:
+            where = f"kind = '{kind}'" + (" OR kind IS NULL" if kind == "run" else "")
+        else:
+            where = None if kind == "run" else "false"
         return sorted(dataset.to_table(filter=where).to_pylist(),
                       key=lambda r: r["started_at"])

@@ -167,13 +167,12 @@ LOCAL_ROWS = 20_000
 
 
 def _use_ray(executor: str, address: str | None, dataset) -> bool:
-    if executor != "auto":
-        return executor == "ray"
-    import ray
+    """Where a run would start (curate.local.use_ray), then by the table's size."""
+    from curate import local
 
-    if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+    if local.use_ray(executor, address, []):
         return True
-    return dataset.count_rows() > LOCAL_ROWS  # the manifest's count: no scan
+    return executor == "auto" and dataset.count_rows() > LOCAL_ROWS  # the manifest's count
 
 
 class _RayWriters:
@@ -233,7 +232,9 @@ class _LocalWriters:
         if not tasks:
             return
         pieces = split(self.rows, order, tasks)
-        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        from curate.local import cpus
+
+        with ThreadPoolExecutor(max_workers=cpus()) as pool:
             futures = {pool.submit(_write_task, options, task, columns, out, pieces[i]): i
                        for i, task in enumerate(tasks)}
             for future in as_completed(futures):
