@@ -24,9 +24,11 @@ NULL_VECTORS = "null"
 KEEP_VERSIONS = timedelta(days=7)
 
 
-def _check_folder(path: str) -> None:
-    """A local store's folder is one, or can be made: the nearest part of its path that
-    exists is a directory."""
+def _make_folder(path: str) -> None:
+    """A local store's folder, made if missing (as LanceDB's connect made it: runs that
+    start together must not race to create it), or a clear error naming what is in the
+    way."""
+    import os
     from pathlib import Path
 
     for folder in (Path(path), *Path(path).parents):
@@ -34,7 +36,11 @@ def _check_folder(path: str) -> None:
             if not folder.is_dir():
                 raise RunError(f"cannot open the store at {path}: {folder} is a file, not a "
                                "directory. Point store.uri at a directory.")
-            return
+            break
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"cannot open the store at {path}: {storage_message(exc)}") from None
 
 
 class Store:
@@ -52,7 +58,7 @@ class Store:
         self.before_commit: Callable[[], None] | None = None
         self._db = None
         if "://" not in self.uri:
-            _check_folder(self.uri)
+            _make_folder(self.uri)
 
     @property
     def db(self):
