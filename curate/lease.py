@@ -6,9 +6,12 @@ died (its process is gone, or it has been silent longer than the stale limit) is
 over, so a killed run resumes with `curate run` again.
 
 The lease is a sequence of tiny Lance datasets beside the table, `_leases/<table>/<n>`:
-taking the lease is creating the next one, which Lance's commit makes atomic (on local
-disks and on object stores alike), so of two runs that race for it exactly one wins. The
-holder appends a heartbeat row every `HEARTBEAT_S` and a release row at its end.
+taking the lease is creating the next one. Lance's commit makes each version of a dataset
+atomic (on local disks and on object stores alike), but not its creation: of two runs that
+create the same dataset at once, the later one's create is committed as version 2, an
+overwrite. So a slot belongs to the run that wrote its version 1, which only one run can
+do, and of runs that race for the lease exactly one wins. The holder appends a heartbeat
+row every `HEARTBEAT_S` and a release row at its end.
 """
 
 from __future__ import annotations
@@ -82,28 +85,45 @@ class RunLease:
     def _uri(self, slot: int) -> str:
         return f"{self.folder}/{slot:08d}.lance"
 
-    def _read(self, slot: int) -> Holder | None:
+    def _open(self, slot: int, version: int | None = None):
         import lance
 
         try:
-            dataset = lance.dataset(self._uri(slot), storage_options=self.store.storage_options)
+            return lance.dataset(self._uri(slot), version=version,
+                                 storage_options=self.store.storage_options)
         except (ValueError, OSError):
             return None
-        count = dataset.count_rows()  # a row per heartbeat: only the last one is read
-        rows = dataset.to_table(offset=count - 1, limit=1).to_pylist() if count else []
+
+    def _owner(self, slot: int) -> Holder | None:
+        """The run that took the slot: the one whose create is the slot's version 1."""
+        first = self._open(slot, version=1)
+        rows = first.to_table(limit=1).to_pylist() if first is not None else []
         return Holder(**rows[0]) if rows else None
+
+    def _read(self, slot: int) -> Holder | None:
+        """The slot's holder as last heard from: its owner's newest heartbeat row."""
+        owner = self._owner(slot)
+        dataset = self._open(slot) if owner is not None else None
+        if dataset is None:
+            return owner
+        import pyarrow.compute as pc
+
+        # a row per heartbeat; a racing create that lost may have overwritten them
+        rows = dataset.to_table(filter=pc.field("run_id") == owner.run_id).to_pylist()
+        mine = [row for row in rows if row["pid"] == owner.pid and row["host"] == owner.host]
+        return Holder(**mine[-1]) if mine else owner
 
     def _latest(self) -> int:
         """The highest slot taken (-1: none). Slots are never removed, so they run from 0
         without a gap: doubling, then bisection."""
-        if self._read(0) is None:
+        if self._open(0) is None:
             return -1
         low, high = 0, 1
-        while self._read(high) is not None:
+        while self._open(high) is not None:
             low, high = high, high * 2
         while high - low > 1:
             middle = (low + high) // 2
-            if self._read(middle) is None:
+            if self._open(middle) is None:
                 high = middle
             else:
                 low = middle
@@ -135,9 +155,12 @@ class RunLease:
             try:
                 self._write(slot + 1, me, "create")
             except (OSError, ValueError) as exc:
-                if self._read(slot + 1) is None:  # not taken by another run: a write failure
+                if self._owner(slot + 1) is None:  # not taken by another run: a write failure
                     raise self.store.write_error(exc) from None
                 time.sleep(0.2)  # another run took that slot first: look again
+                continue
+            if self._owner(slot + 1) != me:  # created at once by another run, which was first
+                time.sleep(0.2)
                 continue
             self.slot = slot + 1
             self.took_over = holder if holder is not None and not holder.released else None

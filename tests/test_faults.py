@@ -3,6 +3,7 @@ disk, errors of the machine rather than of curate. Real Lance, real processes.""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -85,6 +86,27 @@ def test_of_runs_racing_for_the_lease_exactly_one_wins(tmp_path):
     for attempt in range(2):
         outcomes = race(tmp_path / f"store{attempt}")
         assert outcomes == ["holds", "refused", "refused"], outcomes
+
+
+class RacedLease(RunLease):
+    """A lease whose create meets another run's create of the same slot, which Lance
+    commits first: this run's create then lands as version 2, an overwrite."""
+
+    def _write(self, slot, holder, mode):
+        if mode == "create":
+            other = dataclasses.replace(holder, run_id="run-first")
+            super()._write(slot, other, "create")
+            mode = "overwrite"
+        super()._write(slot, holder, mode)
+
+
+def test_a_create_that_lands_as_the_overwrite_of_a_racing_create_does_not_hold(tmp_path):
+    with pytest.raises(RunError, match="run run-first started at"):
+        RacedLease(store_at(tmp_path), "run-second").acquire()
+    # the slot is run-first's, though its newest version holds run-second's row
+    assert RunLease(store_at(tmp_path), "run-third")._read(0).run_id == "run-first"
+    assert lance.dataset(f"{tmp_path}/_leases/samples/00000000.lance").to_table()[
+        "run_id"].to_pylist() == ["run-second"]
 
 
 def test_the_lease_of_a_killed_run_is_taken_over_and_a_silent_one_by_force(tmp_path):
