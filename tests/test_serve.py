@@ -197,16 +197,26 @@ def test_similar_is_the_exact_cosine_top_k(base, table):
 
 def test_duplicates_group_the_kept_copy_and_its_copies(base, table):
     data = table.to_arrow().to_pylist()
-    copy = next(r for r in data if r["phash_duplicate_of"])
-    kept = copy["duplicate_of"]
-    group = get(base, f"/duplicates/{copy['sample_id']}").json()
-    members = [m["sample_id"] for m in group["members"]]
-    assert group["kept"] == kept and members[0] == kept
-    expected = {kept} | {r["sample_id"] for r in data
-                         if kept in (r["duplicate_of"], r["phash_duplicate_of"],
-                                     r["exact_duplicate_of"], r["semantic_duplicate_of"])}
-    assert set(members) == expected and len(members) >= 2
-    assert {m["via"] for m in group["members"][1:]} <= {"exact", "phash", "semantic"}
+    parent = {r["sample_id"]: r["duplicate_of"] for r in data if r["duplicate_of"]}
+
+    def root_of(sample_id):
+        while sample_id in parent:
+            sample_id = parent[sample_id]
+        return sample_id
+
+    assert any(r["phash_duplicate_of"] for r in data)
+    assert any(parent[copy] in parent for copy in parent)  # a copy of a dropped copy
+    for copy in parent:  # every copy, those of a copy that a later dedup dropped included
+        kept = root_of(copy)
+        group = get(base, f"/duplicates/{copy}").json()
+        members = [m["sample_id"] for m in group["members"]]
+        assert group["kept"] == kept and members[0] == kept
+        expected = {r["sample_id"] for r in data if root_of(r["sample_id"]) == kept}
+        assert set(members) == expected and copy in members and len(members) >= 2
+        assert group["members"][0]["via"] is None
+        assert {m["via"] for m in group["members"][1:]} <= {"exact", "phash", "semantic"}
+        for member in group["members"][1:]:  # each points at a member by the column it names
+            assert member[f"{member['via']}_duplicate_of"] in members
     assert error_of(get(base, "/duplicates/" + "f" * 32), 404)
 
 

@@ -42,6 +42,8 @@ QUALITY_METRICS = ("blur", "brightness", "contrast", "saturation", "aspect_ratio
 REFRESH_S = 1.0
 #: Index candidates re-ranked with the full vectors: exact distances, near-exact order.
 REFINE = 4
+#: The most hands a duplicate group is followed through (a copy of a copy of ...).
+MAX_CHAIN = 8
 DUPLICATE_COLUMNS = ("duplicate_of", "exact_duplicate_of", "phash_duplicate_of",
                      "semantic_duplicate_of")
 
@@ -310,23 +312,36 @@ class Catalog:
 
     # --- duplicates --------------------------------------------------------------------------
     def duplicates(self, sample_id: str) -> dict[str, Any]:
-        """The group a sample belongs to: the kept copy and every row pointing at it."""
+        """The group a sample belongs to: the kept copy and every row that points at it, at
+        first or second hand (a copy of a row that a later dedup dropped as a copy of
+        another points at that row: the group holds both)."""
         present = [c for c in DUPLICATE_COLUMNS if c in self.schema().names]
         row = self.sample(sample_id, present)
         root = row.get("duplicate_of") or sample_id
-        for _ in range(8):  # a kept copy that was itself dropped as a copy of another
+        for _ in range(MAX_CHAIN):  # a kept copy that was itself dropped as a copy of another
             parent = self.sample(root, ["duplicate_of"]).get("duplicate_of")
             if not parent or parent == root:
                 break
             root = parent
-        pointing = " OR ".join(f"{c} = '{root}'" for c in present) or "false"
-        cols = ["sample_id", "uri", "selected", "reject_reason", "width", "height", *present]
-        members = self._scan(columns=[c for c in cols if c in self.schema().names],
-                             filter=f"sample_id = '{root}' OR {pointing}").to_pylist()
+        cols = [c for c in ["sample_id", "uri", "selected", "reject_reason", "width",
+                            "height", *present] if c in self.schema().names]
+        members = self._scan(columns=cols, filter=f"sample_id = '{root}'").to_pylist()
+        seen, frontier = {root}, [root]
+        for _ in range(MAX_CHAIN):  # one scan per hand
+            if not present or not frontier:
+                break
+            ids = ", ".join(f"'{i}'" for i in frontier)
+            found = self._scan(columns=cols, filter=" OR ".join(
+                f"{c} IN ({ids})" for c in present)).to_pylist()
+            found = [m for m in found if m["sample_id"] not in seen]
+            frontier = [m["sample_id"] for m in found]
+            seen.update(frontier)
+            members += found
         members.sort(key=lambda r: (r["sample_id"] != root, r["sample_id"]))
         for member in members:
             member["via"] = next((c.removesuffix("_duplicate_of") for c in present[1:]
-                                  if member.get(c) == root), None)
+                                  if member.get(c) in seen and member.get(c) != member[
+                                      "sample_id"]), None)
         return {"sample_id": sample_id, "kept": root, "members": [clean_row(m) for m in members]}
 
     # --- search ------------------------------------------------------------------------------
