@@ -106,12 +106,15 @@ class RunLease:
         dataset = self._open(slot) if owner is not None else None
         if dataset is None:
             return owner
-        import pyarrow.compute as pc
-
-        # a row per heartbeat; a racing create that lost may have overwritten them
-        rows = dataset.to_table(filter=pc.field("run_id") == owner.run_id).to_pylist()
-        mine = [row for row in rows if row["pid"] == owner.pid and row["host"] == owner.host]
-        return Holder(**mine[-1]) if mine else owner
+        count = dataset.count_rows()  # a row per heartbeat: only the last one is read
+        rows = dataset.to_table(offset=count - 1, limit=1).to_pylist() if count else []
+        last = Holder(**rows[0]) if rows else None
+        # A racing create that lost overwrote the rows with its own, once, at the start;
+        # only the owner appends after that. Until its next heartbeat, its first row stands.
+        if last is None or (last.run_id, last.pid, last.host) != (owner.run_id, owner.pid,
+                                                                  owner.host):
+            return owner
+        return last
 
     def _latest(self) -> int:
         """The highest slot taken (-1: none). Slots are never removed, so they run from 0

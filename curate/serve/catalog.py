@@ -340,8 +340,7 @@ class Catalog:
         members.sort(key=lambda r: (r["sample_id"] != root, r["sample_id"]))
         for member in members:
             member["via"] = next((c.removesuffix("_duplicate_of") for c in present[1:]
-                                  if member.get(c) in seen and member.get(c) != member[
-                                      "sample_id"]), None)
+                                  if member.get(c) in seen), None)
         return {"sample_id": sample_id, "kept": root, "members": [clean_row(m) for m in members]}
 
     # --- search ------------------------------------------------------------------------------
