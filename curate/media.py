@@ -155,6 +155,14 @@ class DecodedImage:
     height: int
     format: str  # sniffed from the content, not the file name
     num_frames: int
+    #: What was odd about a file whose pixels all decoded (junk before a marker, a bad
+    #: metadata block, a missing end marker), or None for a clean file.
+    warning: str | None = None
+
+
+#: A JPEG with more scans than this is refused before its pixels are decoded: each scan
+#: is a pass over the whole image, so scans bound a progressive JPEG's decode time.
+MAX_JPEG_SCANS = 1000
 
 
 def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> DecodedImage:
@@ -164,9 +172,42 @@ def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> D
     of animated or multi-page files is used; any mode becomes RGB; images of more than
     `max_pixels` are refused before their pixels are decoded (decompression bombs).
     `max_side` bounds the returned copy (JPEGs are decoded at reduced scale when possible).
+
+    Damage to pixels is refused (truncation, corrupt coded data, a failed checksum on
+    image data); damage to metadata is not (junk before a marker, a bad EXIF, ICC, MPO or
+    text block, a missing end marker after complete image data): the file decodes and
+    `warning` says what was odd. This is the one place where an input's bytes become
+    pixels, so whatever a decoder raises becomes a MediaError here.
     """
     if not data:
         raise MediaError("empty", "file has 0 bytes")
+    try:
+        try:
+            return _decode(data, max_pixels, max_side)
+        except MediaError as exc:
+            if exc.code not in _REPAIRABLE:
+                raise
+            for repaired, notes in _repairs(data):
+                try:
+                    out = _decode(repaired, max_pixels, max_side)
+                except MediaError:
+                    continue
+                out.warning = _join(notes + ([out.warning] if out.warning else []))
+                return out
+            raise
+    except MediaError:
+        raise
+    except MemoryError:
+        raise MediaError("too_large", "out of memory while decoding") from None
+    except Exception as exc:  # any decoder failure on these bytes is the file's fault
+        raise MediaError("corrupt", f"the decoder failed: {type(exc).__name__}: {exc}") from None
+
+
+_REPAIRABLE = ("corrupt", "truncated", "not_an_image")
+
+
+def _decode(data: bytes, max_pixels: int, max_side: int | None) -> DecodedImage:
+    notes: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -191,7 +232,6 @@ def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> D
                 "too_large", f"{width}x{height} = {width * height:,} pixels > max_pixels "
                 f"{max_pixels:,}"
             )
-        num_frames = int(getattr(img, "n_frames", 1) or 1)
         # The pixels load before anything else reads the file: PIL reads a PNG's EXIF
         # after its image data, and a decoder error met there would otherwise be lost.
         try:
@@ -204,20 +244,27 @@ def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> D
             raise MediaError(code, f"cannot decode {fmt}: {text}") from None
         except Exception as exc:  # any decoder failure here is the file's fault
             raise MediaError("corrupt", f"cannot decode {fmt}: {exc}") from None
+        if fmt == "PNG":  # PIL does not check the checksums of image data
+            _check_png_chunks(data)
+        try:  # frames past the first and EXIF are metadata: their damage is a warning
+            num_frames = int(getattr(img, "n_frames", 1) or 1)
+        except Exception as exc:
+            num_frames = 1
+            notes.append(f"frame count unreadable ({exc})")
         try:
             orientation = img.getexif().get(_ORIENTATION_TAG)
         except Exception as exc:
-            raise MediaError("corrupt", f"cannot read the EXIF of {fmt}: {exc}") from None
-        img = pixels
-        # PIL warns on damage it decodes past (a bad EXIF block, a short chunk): refused
-        damage = [w for w in caught if f"{os.sep}PIL{os.sep}" in w.filename]
-        if damage:
-            raise MediaError("corrupt", f"{fmt} decoder warned: {damage[0].message}")
-    for other in caught:
-        if other not in damage:
-            warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
-    if fmt == "PNG":  # PIL does not check a PNG's chunk checksums
-        _check_png_chunks(data)
+            orientation = None
+            notes.append(f"EXIF unreadable, orientation not applied ({exc})")
+    for caught_warning in caught:
+        if f"{os.sep}PIL{os.sep}" in caught_warning.filename:
+            # PIL warns on metadata it skips (a tag past the end, a bad EXIF block) and
+            # raises on missing image data; the pixels have loaded whole by now
+            notes.append(f"{fmt} decoder warned: {caught_warning.message}")
+        else:
+            warnings.warn_explicit(caught_warning.message, caught_warning.category,
+                                   caught_warning.filename, caught_warning.lineno)
+    img = pixels
     if orientation in _SWAPS_AXES:
         width, height = height, width
     if orientation in _ORIENT:
@@ -225,7 +272,13 @@ def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> D
     rgb = to_rgb(img)
     if max_side and max(rgb.size) > max_side:
         rgb.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-    return DecodedImage(rgb, width, height, fmt, num_frames)
+    return DecodedImage(rgb, width, height, fmt, num_frames, _join(notes))
+
+
+def _join(notes: list[str]) -> str | None:
+    """Notes once each, in order, at most 1,000 characters in all."""
+    text = "; ".join(dict.fromkeys(notes))
+    return (text[:997] + "...") if len(text) > 1000 else (text or None)
 
 
 def _load_pixels(img: Image.Image, data: bytes, max_side: int | None) -> Image.Image:
@@ -235,13 +288,19 @@ def _load_pixels(img: Image.Image, data: bytes, max_side: int | None) -> Image.I
     the image comes out grey or garbled), so JPEGs are decoded by libjpeg-turbo through
     simplejpeg in strict mode, where those warnings are errors; the same library PIL uses,
     so the pixels are the same. CMYK/YCCK files, which it cannot convert, are decoded by
-    PIL and checked by a strict 1/8-scale pass that still reads every coefficient.
+    PIL and checked by a strict 1/8-scale pass that still reads every coefficient. A
+    warning about the file's structure rather than its coded data is undone by a repair
+    (`_repairs`) that rebuilds the file without what was odd and decodes it again.
     """
     if img.format not in ("JPEG", "MPO"):
         img.load()
         return img
     import simplejpeg
 
+    scans = data.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        raise MediaError("too_large", f"{scans} scans > {MAX_JPEG_SCANS} (each one is a pass "
+                         "over the whole image)")
     width, height = img.size
     factor = 1
     if max_side:  # the scale PIL's draft() picks: the image stays >= max_side both ways
@@ -263,6 +322,115 @@ def _load_pixels(img: Image.Image, data: bytes, max_side: int | None) -> Image.I
         img.draft(img.mode, (max_side, max_side))
     img.load()
     return img
+
+
+# --- repairs: files whose structure, not their coded pixels, is odd ---------------------
+
+_SOI = b"\xff\xd8\xff"
+#: JPEG segments a decoder needs for the pixels: the rest (EXIF, ICC, MPO, XMP, Photoshop,
+#: comments) is metadata, dropped by the second repair when the first did not do.
+_JPEG_PIXEL_MARKERS = {0xC4, 0xCC, 0xDB, 0xDD, 0xE0, 0xEE} | set(range(0xC0, 0xD0))
+#: PNG chunks whose damage changes the pixels (tRNS: transparency is composited)
+_PNG_PIXEL_CHUNKS = {b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tRNS"}
+
+
+def _repairs(data: bytes):
+    """Rebuilt copies of a JPEG or PNG without its structural oddities, each with notes
+    that say what was odd, mildest first. The coded image data is copied untouched: a
+    copy decodes only if every pixel was there to decode."""
+    start = 0 if data.startswith(b"\xff\xd8") else data.find(_SOI, 0, 65536)
+    if start >= 0 and not data.startswith(b"\x89PNG"):
+        notes = [f"{start} bytes of junk before the JPEG's start"] if start else []
+        for drop_metadata in (False, True):
+            repaired = _rebuild_jpeg(data, start, drop_metadata)
+            if repaired is not None and (notes or repaired[1]):
+                yield repaired[0], notes + repaired[1]
+    elif data.startswith(b"\x89PNG\r\n\x1a\n"):
+        repaired = _rebuild_png(data)
+        if repaired is not None:
+            yield repaired
+
+
+def _rebuild_jpeg(data: bytes, start: int, drop_metadata: bool):
+    """The JPEG from `start` with junk between its header segments removed, metadata
+    segments dropped (when asked), and an end marker after its coded data if it had none."""
+    out, notes, pos, n = [b"\xff\xd8"], [], start + 2, len(data)
+    while True:
+        junk_at = pos
+        while pos + 1 < n and not (data[pos] == 0xFF and data[pos + 1] not in (0x00, 0xFF)):
+            pos += 1
+        if pos + 1 >= n:
+            return None  # no scan: nothing to decode
+        junk = sum(1 for b in data[junk_at:pos] if b != 0xFF)  # 0xFF runs are legal fill
+        marker = data[pos + 1]
+        if junk:
+            notes.append(f"{junk} bytes of junk before marker 0x{marker:02x} at byte {junk_at}")
+        if marker == 0xDA:  # start of scan: the coded data and what follows, as they are
+            tail = data[pos:]
+            out.append(tail)
+            if b"\xff\xd9" not in tail:
+                out.append(b"\xff\xd9")
+                notes.append("no end-of-image marker after the coded data")
+            break
+        if marker == 0xD9 or 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            pos += 2
+            continue
+        if pos + 4 > n:
+            return None
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        segment = data[pos:pos + 2 + length]
+        pos += 2 + length
+        if drop_metadata and marker not in _JPEG_PIXEL_MARKERS:
+            notes.append(f"metadata segment 0x{marker:02x} ({len(segment)} bytes) unreadable, "
+                         "left out")
+            continue
+        out.append(segment)
+    return b"".join(out), notes
+
+
+def _rebuild_png(data: bytes):
+    """The PNG without ancillary chunks that fail their checksum, and with an IEND after
+    complete image data when the file ends early; None when image data is damaged."""
+    out, notes, pos, n = [data[:8]], [], 8, len(data)
+    inflate, complete = zlib.decompressobj(), False
+    while True:
+        if pos + 12 > n:
+            break
+        (length,) = struct.unpack_from(">I", data, pos)
+        kind = data[pos + 4:pos + 8]
+        end = pos + 8 + length
+        if end + 4 > n:
+            if kind in _PNG_PIXEL_CHUNKS:
+                return None
+            break
+        (crc,) = struct.unpack_from(">I", data, end)
+        chunk_ok = zlib.crc32(memoryview(data)[pos + 4:end]) == crc
+        if not chunk_ok and kind in _PNG_PIXEL_CHUNKS - {b"IEND"}:
+            return None
+        if kind == b"IEND":
+            out.append(struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND")))
+            if not chunk_ok:
+                notes.append(f"PNG end chunk at byte {pos} fails its checksum")
+            return (b"".join(out), notes) if notes else None
+        if kind == b"IDAT":
+            try:  # inflated in steps, the output dropped: only completeness matters
+                pending = data[pos + 8:end]
+                while pending and not inflate.eof:
+                    inflate.decompress(pending, 1 << 20)
+                    pending = inflate.unconsumed_tail
+            except zlib.error:
+                return None
+            complete = inflate.eof
+        if chunk_ok:
+            out.append(data[pos:end + 4])
+        else:
+            notes.append(f"PNG chunk {kind!r} at byte {pos} fails its checksum, left out")
+        pos = end + 4
+    if not complete:
+        return None
+    notes.append(f"the PNG ends at byte {n} without its end chunk, after complete image data")
+    out.append(struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND")))
+    return b"".join(out), notes
 
 
 def _check_png_chunks(data: bytes) -> None:

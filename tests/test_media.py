@@ -135,3 +135,64 @@ def test_error_code_parsing():
     assert error_code("truncated: cannot decode") == "truncated"
     assert error_code("blur 3.1 < 10; min_side 5 < 9") == "blur"
     assert error_code(None) is None
+
+
+def test_a_run_over_real_world_damage_keeps_one_row_per_file_and_exits_0(tmp_path):
+    """Quirky files (pixels intact, metadata odd) are kept with a `decode_warning`; broken
+    ones are one row each with an `error`; nothing ends the run."""
+    import json
+    import struct
+    import subprocess
+    import sys
+
+    import lance
+    import skimage.data
+    import yaml
+
+    from tests.conftest import ROOT
+    from tests.test_media_fuzz import jpeg_metadata_damage, png_metadata_damage
+
+    cat = Image.fromarray(skimage.data.chelsea())
+    rocket = Image.fromarray(skimage.data.rocket())
+    media = tmp_path / "media"
+    media.mkdir()
+    jpeg, png = encode(cat, "JPEG", quality=90), encode(rocket, "PNG")
+    quirky = {f"q_jpeg_{n}.jpg": d for n, (_, d) in enumerate(jpeg_metadata_damage(jpeg))}
+    quirky |= {f"q_png_{n}.png": d for n, (_, d) in enumerate(png_metadata_damage(png))}
+    quirky |= {"q_missing_eoi.jpg": jpeg[:-2], "q_png_named.jpg": png}
+    tiff = bytearray(encode(cat, "TIFF"))
+    (ifd,) = struct.unpack_from("<I", tiff, 4)
+    for k in range(struct.unpack_from("<H", tiff, ifd)[0]):
+        if struct.unpack_from("<H", tiff, ifd + 2 + 12 * k)[0] in (256, 257):
+            struct.pack_into("<H", tiff, ifd + 2 + 12 * k, 65000)  # dimensions gone
+    scan = jpeg.index(b"\xff\xda")
+    broken = {"b_tiff_no_size.tif": bytes(tiff), "b_half.jpg": jpeg[:len(jpeg) // 2],
+              "b_coded_data.jpg": jpeg[:scan + 900] + bytes(range(64)) + jpeg[scan + 964:],
+              "b_png_cut.png": png[:len(png) // 2], "b_empty.jpg": b"",
+              "b_text.png": b"not an image\n" * 20}
+    for name, data in {**quirky, **broken, "good.jpg": jpeg}.items():
+        (media / name).write_bytes(data)
+    config = {"name": "quirks", "store": {"uri": str(tmp_path / "store")},
+              "run": {"executor": "local"},
+              "stages": [{"type": "ingest_images", "paths": [str(media)]},
+                         {"type": "image_quality", "min_side": 16}]}
+    path = tmp_path / "quirks.yaml"
+    path.write_text(yaml.safe_dump(config))
+    done = subprocess.run([sys.executable, "-m", "curate", "run", str(path), "--no-progress",
+                           "--json", str(tmp_path / "out.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "out.json").read_text())["rows_processed"] == len(
+        quirky) + len(broken) + 1
+    rows = {r["uri"].rsplit("/", 1)[1]: r for r in lance.dataset(
+        str(tmp_path / "store" / "samples.lance")).to_table().to_pylist()}
+    assert sorted(rows) == sorted([*quirky, *broken, "good.jpg"])
+    for name in broken:
+        assert rows[name]["error"], name
+    assert rows["b_tiff_no_size.tif"]["error"].startswith("corrupt")
+    for name in [*quirky, "good.jpg"]:
+        assert rows[name]["error"] is None, (name, rows[name]["error"])
+        assert (rows[name]["width"], rows[name]["height"]) in (cat.size, rocket.size)
+    assert rows["good.jpg"]["decode_warning"] is None
+    assert "end-of-image" in rows["q_missing_eoi.jpg"]["decode_warning"]
+    assert sum(rows[n]["decode_warning"] is not None for n in quirky) >= 14
