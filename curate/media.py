@@ -388,30 +388,40 @@ def _rebuild_jpeg(data: bytes, start: int, drop_metadata: bool):
     return b"".join(out), notes
 
 
+def _png_chunks(data: bytes):
+    """(offset, kind, end of body, checksum ok) of a PNG's chunks up to IEND; a chunk cut
+    off by the end of the file comes last, with None for its checksum."""
+    pos, n = 8, len(data)
+    while pos + 12 <= n:
+        (length,) = struct.unpack_from(">I", data, pos)
+        kind, end = data[pos + 4:pos + 8], pos + 8 + length
+        if end + 4 > n:
+            yield pos, kind, end, None
+            return
+        (crc,) = struct.unpack_from(">I", data, end)
+        yield pos, kind, end, zlib.crc32(memoryview(data)[pos + 4:end]) == crc
+        if kind == b"IEND":
+            return
+        pos = end + 4
+
+
+_IEND = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+
+
 def _rebuild_png(data: bytes):
     """The PNG without ancillary chunks that fail their checksum, and with an IEND after
     complete image data when the file ends early; None when image data is damaged."""
-    out, notes, pos, n = [data[:8]], [], 8, len(data)
-    inflate, complete = zlib.decompressobj(), False
-    while True:
-        if pos + 12 > n:
-            break
-        (length,) = struct.unpack_from(">I", data, pos)
-        kind = data[pos + 4:pos + 8]
-        end = pos + 8 + length
-        if end + 4 > n:
-            if kind in _PNG_PIXEL_CHUNKS:
-                return None
-            break
-        (crc,) = struct.unpack_from(">I", data, end)
-        chunk_ok = zlib.crc32(memoryview(data)[pos + 4:end]) == crc
-        if not chunk_ok and kind in _PNG_PIXEL_CHUNKS - {b"IEND"}:
-            return None
+    out, notes = [data[:8]], []
+    inflate = zlib.decompressobj()
+    for pos, kind, end, checksum_ok in _png_chunks(data):
         if kind == b"IEND":
-            out.append(struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND")))
-            if not chunk_ok:
-                notes.append(f"PNG end chunk at byte {pos} fails its checksum")
-            return (b"".join(out), notes) if notes else None
+            if not checksum_ok:
+                notes.append(f"PNG end chunk at byte {pos} is damaged")
+            return (b"".join([*out, _IEND]), notes) if notes else None
+        if not checksum_ok and kind in _PNG_PIXEL_CHUNKS:
+            return None
+        if checksum_ok is None:
+            break  # an ancillary chunk cut off by the end of the file
         if kind == b"IDAT":
             try:  # inflated in steps, the output dropped: only completeness matters
                 pending = data[pos + 8:end]
@@ -420,35 +430,27 @@ def _rebuild_png(data: bytes):
                     pending = inflate.unconsumed_tail
             except zlib.error:
                 return None
-            complete = inflate.eof
-        if chunk_ok:
+        if checksum_ok:
             out.append(data[pos:end + 4])
         else:
             notes.append(f"PNG chunk {kind!r} at byte {pos} fails its checksum, left out")
-        pos = end + 4
-    if not complete:
+    if not inflate.eof:
         return None
-    notes.append(f"the PNG ends at byte {n} without its end chunk, after complete image data")
-    out.append(struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND")))
-    return b"".join(out), notes
+    notes.append(f"the PNG ends at byte {len(data)} without its end chunk, after complete "
+                 "image data")
+    return b"".join([*out, _IEND]), notes
 
 
 def _check_png_chunks(data: bytes) -> None:
-    pos = 8
-    while True:
-        if pos + 12 > len(data):
-            raise MediaError("truncated", "PNG ends before its IEND chunk")
-        (length,) = struct.unpack_from(">I", data, pos)
-        kind = data[pos + 4:pos + 8]
-        end = pos + 8 + length
-        if end + 4 > len(data):
+    last = None
+    for pos, kind, _, checksum_ok in _png_chunks(data):
+        if checksum_ok is None:
             raise MediaError("truncated", f"PNG chunk {kind!r} at byte {pos} is cut off")
-        (crc,) = struct.unpack_from(">I", data, end)
-        if zlib.crc32(memoryview(data)[pos + 4:end]) != crc:
+        if not checksum_ok:
             raise MediaError("corrupt", f"PNG chunk {kind!r} at byte {pos} fails its checksum")
-        if kind == b"IEND":
-            return
-        pos = end + 4
+        last = kind
+    if last != b"IEND":
+        raise MediaError("truncated", "PNG ends before its IEND chunk")
 
 
 _MAGIC = (
