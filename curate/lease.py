@@ -12,6 +12,11 @@ create the same dataset at once, the later one's create is committed as version 
 overwrite. So a slot belongs to the run that wrote its version 1, which only one run can
 do, and of runs that race for the lease exactly one wins. The holder appends a heartbeat
 row every `HEARTBEAT_S` and a release row at its end.
+
+`curate serve` writes the features it computes for rows of the table under the same lease,
+held for one short merge (`CACHE_RUN`): it takes the lease only when no one holds it
+(`try_acquire`), and a run that finds such a hold waits for its end instead of being
+refused, so browsing the gallery never stops a run nor a run's start.
 """
 
 from __future__ import annotations
@@ -27,6 +32,13 @@ from curate.errors import RunError
 HEARTBEAT_S = 30.0
 #: A lease silent this long is taken over (its run is presumed dead).
 STALE_AFTER_S = 600.0
+#: Run ids of the short holds of `curate serve`'s feature cache start with this.
+CACHE_RUN = "serve-cache-"
+#: A feature-cache hold lasts one merge: a run waits this long for its end, and takes over
+#: one silent this long (its process died on another host mid-merge).
+CACHE_STALE_S = 60.0
+#: How often a run waiting for a feature-cache hold looks again.
+CACHE_POLL_S = 0.25
 
 
 @dataclass
@@ -38,6 +50,11 @@ class Holder:
     started_at: float
     beat_at: float
     released: bool = False
+
+    @property
+    def is_cache(self) -> bool:
+        """A short hold of `curate serve`'s feature cache, not a run."""
+        return self.run_id.startswith(CACHE_RUN)
 
 
 def _pid_started(pid: int) -> str:
@@ -145,35 +162,66 @@ class RunLease:
             return True
         if _alive(holder) is False:
             return True
-        return time.time() - holder.beat_at > self.stale_after_s
+        limit = min(self.stale_after_s, CACHE_STALE_S) if holder.is_cache else \
+            self.stale_after_s
+        return time.time() - holder.beat_at > limit
+
+    def _me(self) -> Holder:
+        return Holder(self.run_id, socket.gethostname(), os.getpid(),
+                      _pid_started(os.getpid()), time.time(), time.time())
+
+    def _take(self, slot: int, holder: Holder | None, me: Holder) -> bool:
+        """Create slot `slot + 1`; True when this lease got it (then it holds the lease),
+        False when another run created it first."""
+        try:
+            self._write(slot + 1, me, "create")
+        except (OSError, ValueError) as exc:
+            if self._owner(slot + 1) is None:  # not taken by another run: a write failure
+                raise self.store.write_error(exc) from None
+            return False  # another run took that slot first
+        if self._owner(slot + 1) != me:  # created at once by another run, which was first
+            return False
+        self.slot = slot + 1
+        self.took_over = holder if holder is not None and not holder.released else None
+        self.me = me
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="curate-lease")
+        self._thread.start()
+        return True
 
     def acquire(self) -> RunLease:
-        me = Holder(self.run_id, socket.gethostname(), os.getpid(), _pid_started(os.getpid()),
-                    time.time(), time.time())
-        for _ in range(10):
+        me = self._me()
+        waited_until = time.monotonic() + CACHE_STALE_S
+        tries = 0
+        while tries < 10:
             slot = self._latest()
             holder = self._read(slot) if slot >= 0 else None
             if holder is not None and not self._stale(holder):
+                if holder.is_cache and time.monotonic() < waited_until:
+                    time.sleep(CACHE_POLL_S)  # a merge of served features: over soon
+                    continue
                 raise RunError(_busy_message(self.store, holder))
-            try:
-                self._write(slot + 1, me, "create")
-            except (OSError, ValueError) as exc:
-                if self._owner(slot + 1) is None:  # not taken by another run: a write failure
-                    raise self.store.write_error(exc) from None
-                time.sleep(0.2)  # another run took that slot first: look again
-                continue
-            if self._owner(slot + 1) != me:  # created at once by another run, which was first
-                time.sleep(0.2)
-                continue
-            self.slot = slot + 1
-            self.took_over = holder if holder is not None and not holder.released else None
-            self.me = me
-            self._thread = threading.Thread(target=self._beat, daemon=True,
-                                            name="curate-lease")
-            self._thread.start()
-            return self
+            if self._take(slot, holder, me):
+                return self
+            tries += 1
+            time.sleep(0.2)  # another run took that slot first: look again
         raise RunError(f"could not take the run lease of table {self.store.name} at "
                        f"{self.store.uri}: other runs keep taking it; run again")
+
+    def try_acquire(self) -> bool:
+        """Take the lease only when no one holds it, at once; False when someone does.
+        A lease left by a run that died is not taken over here: the next run takes it
+        over and records that run as interrupted. (A dead feature-cache hold is.)"""
+        slot = self._latest()
+        holder = self._read(slot) if slot >= 0 else None
+        if holder is not None and not holder.released and not (holder.is_cache
+                                                                and self._stale(holder)):
+            return False
+        return self._take(slot, holder, self._me())
+
+    def held(self) -> bool:
+        """Whether this lease is still the table's (no run took it over since)."""
+        return self.slot is not None and not self.lost.is_set() \
+            and self._latest() == self.slot
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S) and not self.lost.is_set():
@@ -219,6 +267,10 @@ class RunLease:
 
 
 def _busy_message(store, holder: Holder) -> str:
+    if holder.is_cache:
+        return (f"curate serve on host {holder.host} (pid {holder.pid}) has been writing "
+                f"computed features into table {store.name} at {store.uri} for "
+                f"{time.time() - holder.started_at:.0f} s. Run again in a minute.")
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder.started_at))
     silent = time.time() - holder.beat_at
     return (f"run {holder.run_id} started at {started} on host {holder.host} (pid "

@@ -220,18 +220,6 @@ class Store:
                                                         deleted_fragment_ids=removed,
                                                         predicate=why), read_version)
 
-    def merge_columns(self, columns: pa.Table) -> None:
-        """Set the given columns on the rows with these sample_ids (others keep theirs)."""
-        if columns.num_rows == 0:
-            return
-        (
-            self.table()
-            .merge_insert("sample_id")
-            .when_matched_update_all()
-            .when_not_matched_insert_all()
-            .execute(columns, on_bad_vectors=NULL_VECTORS)
-        )
-
     def version(self) -> int:
         dataset = self._lance(self.name)
         return int(dataset.version) if dataset is not None else 0

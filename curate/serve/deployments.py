@@ -1,5 +1,6 @@
 """The Serve deployments behind the API: one per model segment of the pipeline, and the
-feature service (the queue in front of them, which also caches results in the table)."""
+feature service (the queue in front of them, which also keeps results: see
+`curate.serve.features.FeatureCache`)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from curate.runner import SegmentWorker
 from curate.serve.catalog import Catalog, CatalogError
 from curate.serve.config import ServeConfig
 from curate.serve.features import (
+    RETRY_S,
     Decoder,
+    FeatureCache,
     FeaturePlan,
     listing,
     pipeline_config,
@@ -29,7 +32,6 @@ from curate.serve.features import (
     upload_id,
 )
 from curate.stages.ingest import sample_id_for
-from curate.store import NULL_VECTORS
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +59,10 @@ class ModelSegment:
 
 
 class FeatureService:
-    """Computes features for one image (a row of the table, a URL or an upload), caches
-    them back into the table by sample_id, and queues asynchronous requests. One replica:
-    it holds the job list; the model work scales in the segment deployments."""
+    """Computes features for one image (a row of the table, a URL or an upload), keeps
+    them by sample_id (into the row under the run lease, see FeatureCache), and queues
+    asynchronous requests. One replica: it holds the job list and the cache's writes; the
+    model work scales in the segment deployments."""
 
     def __init__(self, cfg: ServeConfig, config_yaml: str | None, segments: list):
         config = pipeline_config(cfg.pipeline, config_yaml)
@@ -70,15 +73,18 @@ class FeatureService:
         self.segments = segments
         self.catalog = Catalog(cfg.store)
         self.store = self.catalog.store
-        self.side_name = f"{cfg.store.table}_features"
+        self.cache = FeatureCache(self.store, self.plan.types)
         self.jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.write_lock = asyncio.Lock()
+        self.retry: asyncio.Task | None = None  # merges values kept while a run ran
 
     def describe(self) -> dict[str, Any]:
         return {name: str(self.plan.types.get(name)) for name in self.offered}
 
     # --- one request ---------------------------------------------------------------------
     async def compute(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.retry is None:  # values an earlier server kept aside: merged when free
+            self._retry_later()
         try:
             return await self._compute(request)
         except CatalogError as exc:
@@ -101,12 +107,19 @@ class FeatureService:
         cached = {k: v for k, v in stored.items() if k in wanted and v is not None}
         missing = [f for f in wanted if f not in cached]
         computed: dict[str, Any] = {}
+        kept = None
         if missing:
             computed = await self._run(sample_id, uri, text, missing, request.get("upload"))
-            await self._cache(sample_id, uri, known, computed)
+            kept = await self._cache(sample_id, uri, known, computed)
         features = {f: cached.get(f, computed.get(f)) for f in wanted}
-        return {"status": 200, "sample_id": sample_id, "uri": uri, "in_table": known,
-                "features": features, "computed": missing, "cached": list(cached)}
+        answer = {"status": 200, "sample_id": sample_id, "uri": uri, "in_table": known,
+                  "features": features, "computed": missing, "cached": list(cached),
+                  "stored": kept}
+        if kept == "pending":
+            answer["note"] = (f"a run holds the lease of table {self.store.name}: the "
+                              f"computed values are kept in {self.cache.side_name} and "
+                              "written into the row when the run ends")
+        return answer
 
     def _identify(self, request: dict[str, Any], wanted: list[str]):
         """(sample_id, uri, text, is a row of the table, stored feature values)."""
@@ -129,16 +142,14 @@ class FeatureService:
             raise CatalogError(400, "give an image upload (file), a uri, or a sample_id")
         present = [c for c in wanted if c in self.catalog.schema().names]
         row = self.catalog.row(sample_id, ["uri", "alt_text", *present])
+        values = {c: row[c] for c in present if row[c] is not None}
+        if len(values) < len(wanted):  # computed while a run held the lease: kept aside
+            values = {**self._side_values(sample_id, wanted), **values}
         return (sample_id, row["uri"], text if text is not None else row["alt_text"], True,
-                {c: row[c] for c in present})
+                values)
 
     def _side_values(self, sample_id: str, wanted: list[str]) -> dict[str, Any]:
-        side = self.store.open_table(self.side_name)
-        if side is None:
-            return {}
-        present = [c for c in wanted if c in side.schema.names]
-        rows = side.to_lance().to_table(columns=present, filter=f"sample_id = '{sample_id}'")
-        return rows.to_pylist()[0] if rows.num_rows else {}
+        return self.cache.side_values(sample_id, wanted)
 
     async def _run(self, sample_id: str, uri: str, text: str | None, missing: list[str],
                    upload: bytes | None) -> dict[str, Any]:
@@ -171,34 +182,45 @@ class FeatureService:
             raise CatalogError(exc.status, f"not fetched: {exc}") from None
 
     async def _cache(self, sample_id: str, uri: str, known: bool,
-                     values: dict[str, Any]) -> None:
-        """Write computed values back: into the row (only where the row has none), or for
-        images outside the table into `<table>_features`."""
+                     values: dict[str, Any]) -> str | None:
+        """Keep computed values (see FeatureCache.put); returns where they went."""
         values = {k: v for k, v in values.items() if v is not None}
         if not values:
-            return
+            return None
         schema = pa.schema([("sample_id", pa.string())]
                            + [(k, self.plan.types[k]) for k in values])
         row = pa.Table.from_pylist([{"sample_id": sample_id, **values}], schema=schema)
         async with self.write_lock:
-            await asyncio.to_thread(self._write, row, uri, known)
+            stored = await asyncio.to_thread(self.cache.put, row, uri, known)
+        if stored == "pending":
+            log.info("a run holds the lease of table %s: features of %s kept in %s until "
+                     "it ends", self.store.name, sample_id, self.cache.side_name)
+            self._retry_later()
         self.catalog.refresh()  # the next request sees what was just cached
+        return stored
 
-    def _write(self, row: pa.Table, uri: str, known: bool) -> None:
-        if known:
-            self.store.ensure_table(row.schema)
-            self.store.merge_columns(row)
-            return
-        row = row.append_column("uri", pa.array([uri], pa.string()))
-        side = self.store.open_table(self.side_name)
-        if side is None:
-            self.store.db.create_table(self.side_name, row, on_bad_vectors=NULL_VECTORS)
-            return
-        missing = [f for f in row.schema if f.name not in side.schema.names]
-        if missing:
-            side.add_columns(pa.schema(missing))
-        (side.merge_insert("sample_id").when_matched_update_all()
-         .when_not_matched_insert_all().execute(row, on_bad_vectors=NULL_VECTORS))
+    async def flush(self) -> bool:
+        """Merge values kept while a run held the lease into the table, if the lease is
+        free now; False while it is not."""
+        async with self.write_lock:
+            done = await asyncio.to_thread(self.cache.flush)
+        if done:
+            self.catalog.refresh()
+        return done
+
+    def _retry_later(self) -> None:
+        if self.retry is None or self.retry.done():
+            self.retry = asyncio.get_running_loop().create_task(self._retry())
+
+    async def _retry(self) -> None:
+        while True:
+            await asyncio.sleep(RETRY_S)
+            try:
+                if await self.flush():
+                    return
+            except Exception:  # a storage fault: they stay kept, the next try may work
+                log.exception("features kept beside table %s not merged yet",
+                              self.store.name)
 
     # --- asynchronous requests -----------------------------------------------------------
     async def submit(self, request: dict[str, Any]) -> dict[str, Any]:
