@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 from PIL import Image
 
+from curate.media import MediaError
 from curate.video import Frame, VideoSource, frames
 
 #: Size of the grey frames the motion measure compares (width; height follows the aspect).
@@ -54,7 +57,7 @@ class Clip:
 class Detector:
     """Finds cuts in a stream of small frames. `push` returns the cuts found so far (each
     the index of the first frame of a new shot); a cut at frame c is known at the latest
-    `lag` frames later."""
+    `lag` frames later. Every decoded frame is pushed, in order."""
 
     lag = 0
     #: The frames the detector wants: (width, height) from the video's size, pixel format.
@@ -63,7 +66,7 @@ class Detector:
     def size(self, width: int, height: int) -> tuple[int, int]:
         raise NotImplementedError
 
-    def push(self, index: int, pixels: np.ndarray) -> list[int]:
+    def push(self, frame: Frame, pixels: np.ndarray) -> list[int]:
         raise NotImplementedError
 
     def finish(self, last_index: int) -> list[int]:
@@ -76,41 +79,72 @@ class NoCuts(Detector):
     def size(self, width, height):
         return (0, 0)
 
-    def push(self, index, pixels):
+    def push(self, frame, pixels):
         return []
 
 
+def _failed(name: str, frame: Frame | None, exc: Exception) -> MediaError:
+    where = f" at frame {frame.index} ({frame.time_s:.3f} s)" if frame is not None else \
+        " at the end of the video"
+    return MediaError("detection_failed", f"{name} failed{where}: "
+                      f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+
+
 class SceneDetect(Detector):
-    """PySceneDetect's content or adaptive detector, on frames scaled to `width`."""
+    """PySceneDetect's content or adaptive detector, on frames scaled to `width`. It gets
+    each frame's own timestamp (as PySceneDetect's PyAV backend gives it), so its minimum
+    scene length is in seconds on variable-frame-rate videos too; the cuts it returns are
+    mapped back to frames by time (`index_at`)."""
 
     format = "bgr24"  # what PySceneDetect's OpenCV code expects
 
     def __init__(self, kind: str, threshold: float | None, fps: float, width: int,
-                 min_scene_frames: int):
+                 min_scene_s: float, index_at: Callable[[float], int]):
         from scenedetect import FrameTimecode
+        from scenedetect.common import Timecode
         from scenedetect.detectors import AdaptiveDetector, ContentDetector
 
-        self._timecode = lambda n: FrameTimecode(n, float(fps))
+        rate = Fraction(fps).limit_denominator(1001) if fps > 0 else Fraction(25)
+        self._timecode = lambda frame: FrameTimecode(Timecode(frame.pts, frame.time_base),
+                                                     rate)
+        min_scene_s = float(min_scene_s)
         if kind == "content":
             self.detector = ContentDetector(
                 threshold=27.0 if threshold is None else threshold,
-                min_scene_len=min_scene_frames)
+                min_scene_len=min_scene_s)
         else:
             self.detector = AdaptiveDetector(
                 adaptive_threshold=3.0 if threshold is None else threshold,
-                min_scene_len=min_scene_frames)
-        self.lag = max(int(self.detector.event_buffer_length), 0) + min_scene_frames + 1
+                min_scene_len=min_scene_s)
+        self.lag = (max(int(self.detector.event_buffer_length), 0)
+                    + math.ceil(min_scene_s * float(rate)) + 1)
         self.width = width
+        self._index_at = index_at
+        self._last = None
 
     def size(self, width, height):
         w = min(self.width, width)
         return w, max(2, round(height * w / width))
 
-    def push(self, index, pixels):
-        return [c.frame_num for c in self.detector.process_frame(self._timecode(index), pixels)]
+    def _indices(self, cuts) -> list[int]:
+        return [self._index_at(float(c.seconds)) for c in cuts]
+
+    def push(self, frame, pixels):
+        self._last = self._timecode(frame)
+        try:
+            cuts = self.detector.process_frame(self._last, pixels)
+        except Exception as exc:  # OpenCV or PySceneDetect on this video's pixels
+            raise _failed("PySceneDetect", frame, exc) from None
+        return self._indices(cuts)
 
     def finish(self, last_index):
-        return [c.frame_num for c in self.detector.post_process(self._timecode(last_index))]
+        if self._last is None:
+            return []
+        try:
+            cuts = self.detector.post_process(self._last)
+        except Exception as exc:
+            raise _failed("PySceneDetect", None, exc) from None
+        return self._indices(cuts)
 
 
 _TRANSNET: dict[str, object] = {}
@@ -129,7 +163,11 @@ def transnet_model(device: str = "cpu"):
 
 class TransNet(Detector):
     """TransNetV2 on 48x27 frames, in its own windows of 100 frames stepping by 50 (the
-    25 frames each side are context), fed as frames arrive."""
+    25 frames each side are context; the first frame repeats before the video, the last
+    after it), fed as frames arrive: the same windows, so the same predictions, as the
+    model's own `predict_frames` on the whole video. A shot starts at the first frame
+    after a transition (frames scoring over the threshold), as in the model's own
+    `predictions_to_scenes`."""
 
     lag = 76
     WINDOW, STEP, CONTEXT = 100, 50, 25
@@ -138,10 +176,10 @@ class TransNet(Detector):
         self.threshold = 0.5 if threshold is None else threshold
         self.model = transnet_model(device)
         self.buffer: list[np.ndarray] = []
-        self.first_index = 0  # frame index of self.buffer[CONTEXT]
         self.predicted = 0  # frames whose prediction is known
         self.above = False
         self.pending_start: int | None = None
+        self._frame: Frame | None = None
 
     def size(self, width, height):
         return (48, 27)
@@ -149,10 +187,13 @@ class TransNet(Detector):
     def _predict(self, window: list[np.ndarray]) -> np.ndarray:
         import torch
 
-        batch = torch.from_numpy(np.stack(window)[None]).to(self.model.device)
-        with torch.inference_mode():
-            single, _ = self.model.predict_raw(batch)
-        return single[0, self.CONTEXT:self.CONTEXT + self.STEP, 0].float().cpu().numpy()
+        try:
+            batch = torch.from_numpy(np.stack(window)[None]).to(self.model.device)
+            with torch.inference_mode():
+                single, _ = self.model.predict_raw(batch)
+            return single[0, self.CONTEXT:self.CONTEXT + self.STEP, 0].float().cpu().numpy()
+        except Exception as exc:  # torch or the model on this video's frames
+            raise _failed("TransNetV2", self._frame, exc) from None
 
     def _cuts(self, predictions: np.ndarray) -> list[int]:
         cuts = []
@@ -170,7 +211,8 @@ class TransNet(Detector):
             self.above = above
         return cuts
 
-    def push(self, index, pixels):
+    def push(self, frame, pixels):
+        self._frame = frame
         if not self.buffer:
             self.buffer = [pixels] * self.CONTEXT
         self.buffer.append(pixels)
@@ -183,6 +225,7 @@ class TransNet(Detector):
     def finish(self, last_index):
         if not self.buffer:
             return []
+        self._frame = None
         cuts = []
         total = last_index + 1
         while self.predicted < total:
@@ -219,6 +262,15 @@ class SplitOptions:
 
 
 @dataclass
+class Decoded:
+    """How much of a video `split` read: frames, and seconds to the end of the last one.
+    A video whose header promises clearly more was cut off."""
+
+    frames: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
 class _Candidate:
     index: int
     time_s: float
@@ -242,16 +294,17 @@ class _Sampler:
             self.stride *= 2
             self.kept = [c for c in self.kept if c.index % self.stride == 0]
 
-    def take(self, start: int, end: int, count: int) -> list[_Candidate]:
-        """`count` of the kept frames of [start, end), evenly spread."""
+    def take(self, start: int, end: int, start_s: float, end_s: float, count: int
+             ) -> list[_Candidate]:
+        """`count` of the kept frames of [start, end), evenly spread over the clip's time
+        from `start_s` to `end_s`."""
         inside = [c for c in self.kept if start <= c.index < end]
         if len(inside) <= count:
             return inside
-        length = end - start
         chosen: list[_Candidate] = []
         for k in range(count):
-            target = start + (k + 0.5) * length / count
-            best = min(inside, key=lambda c: abs(c.index - target))
+            target = start_s + (k + 0.5) * (end_s - start_s) / count
+            best = min(inside, key=lambda c: abs(c.time_s - target))
             if best not in chosen:
                 chosen.append(best)
         return sorted(chosen, key=lambda c: c.index)
@@ -262,90 +315,136 @@ class _Sampler:
             self.stride = self.base
 
 
-def _detector(options: SplitOptions, fps: float) -> Detector:
+#: Tolerance when comparing frame times with lengths in seconds (float rounding).
+_EPS = 1e-6
+
+
+class _Timeline:
+    """The times of the frames decoded so far, from `base` on (older ones are dropped as
+    clips close), with prefix sums of the motion measure alongside."""
+
+    def __init__(self):
+        self.base = 0
+        self.times = array("d")
+        self.motion = array("d")
+        self.last_end = 0.0
+
+    def add(self, time_s: float, end_s: float, change: float) -> None:
+        self.times.append(time_s)
+        self.motion.append((self.motion[-1] if self.motion else 0.0) + change)
+        self.last_end = end_s
+
+    @property
+    def end(self) -> int:
+        """One past the last frame decoded."""
+        return self.base + len(self.times)
+
+    def time_of(self, index: int) -> float:
+        """When frame `index` starts; one past the last frame: when the last one ends."""
+        k = index - self.base
+        if k < len(self.times):
+            return self.times[max(k, 0)]
+        return self.last_end
+
+    def index_at(self, seconds: float, lo: int = 0) -> int | None:
+        """The first frame from `lo` on that starts at or after `seconds`; None when no
+        decoded frame does yet."""
+        k = bisect_left(self.times, seconds - _EPS, max(lo - self.base, 0))
+        return self.base + k if k < len(self.times) else None
+
+    def motion_of(self, start: int, end: int) -> float | None:
+        """Mean change between consecutive frames of [start, end)."""
+        lo, hi = start + 1 - self.base, end - 1 - self.base
+        if lo - 1 >= 0 and hi < len(self.motion) and hi > lo - 1:
+            return (self.motion[hi] - self.motion[lo - 1]) / (hi - lo + 1)
+        return None
+
+    def drop_before(self, index: int) -> None:
+        keep_from = max(0, min(index - self.base, len(self.times) - 1))
+        if keep_from:
+            self.times = self.times[keep_from:]
+            self.motion = self.motion[keep_from:]
+            self.base += keep_from
+
+
+def _detector(options: SplitOptions, fps: float, timeline: _Timeline) -> Detector:
     if options.method == "fixed":
         return NoCuts()
     if options.method == "transnetv2":
         return TransNet(options.threshold, options.device)
+
+    def index_at(seconds: float) -> int:
+        found = timeline.index_at(seconds)
+        return timeline.end if found is None else found
+
     return SceneDetect(options.detector, options.threshold, fps, options.analysis_width,
-                       max(1, round(options.min_clip_s * fps / 2)))
+                       options.min_clip_s / 2, index_at)
 
 
-def _spans(start: int, end: int, fps: float, options: SplitOptions) -> list[tuple[int, int]]:
-    """A shot [start, end) as clips: cut into pieces of at most max_clip_s, pieces under
-    min_clip_s left out."""
-    if options.method == "fixed":
-        return [(start, end)]
-    longest = math.inf if options.max_clip_s is None else max(1, round(options.max_clip_s * fps))
-    shortest = options.min_clip_s * fps
-    out = []
-    cursor = start
-    while cursor < end:
-        piece_end = min(end, cursor + longest)
-        if piece_end - cursor >= shortest:
-            out.append((cursor, piece_end))
-        cursor = piece_end
-    return out
-
-
-def split(source: VideoSource, fps: float, num_frames: int, options: SplitOptions
-          ) -> Iterator[Clip]:
-    """The clips of a video in order, each as soon as it is complete."""
-    detector = _detector(options, fps)
+def split(source: VideoSource, fps: float, num_frames: int, options: SplitOptions,
+          decoded: Decoded | None = None) -> Iterator[Clip]:
+    """The clips of a video in order, each as soon as it is complete. Frames are numbered
+    in decoding order and timed by their own timestamps (`curate.video.frames`), so clip
+    times are right on variable-frame-rate and edit-listed videos; `fps` (nominal) only
+    sizes the sampling stride. `num_frames` (from the header) is not relied on. `decoded`,
+    when given, counts what was read."""
+    timeline = _Timeline()
+    detector = _detector(options, fps, timeline)
+    decoded = decoded if decoded is not None else Decoded()
     count = options.frames_per_clip
     wanted_rate = (options.sample_fps or 0) * 2 or 4.0
     sampler = _Sampler(max(1, int(fps // wanted_rate)), max(options.max_kept_frames, 2 * count))
-    # motion: prefix sums of frame-to-frame change, from `motion_base` on
-    motion = array("d")
-    motion_base = 0
     previous_grey = None
     open_start = 0  # first frame of the shot not yet closed
     clip_index = 0
-    fixed = _fixed_spans(fps, num_frames, options) if options.method == "fixed" else None
+    fixed = _FixedSpans(options) if options.method == "fixed" else None
     last_index = -1
-    times: dict[int, float] = {}
     motion_size = None
     detect_size = None
 
     def clips_of(spans: list[tuple[int, int]]) -> Iterator[Clip]:
         nonlocal clip_index
         for start, end in spans:
+            start_s, end_s = timeline.time_of(start), timeline.time_of(end)
             n = count if not options.sample_fps else max(
-                1, round((end - start) / fps * options.sample_fps))
-            chosen = sampler.take(start, end, n) if count else []
+                1, round((end_s - start_s) * options.sample_fps))
+            chosen = sampler.take(start, end, start_s, end_s, n) if count else []
             if count and not chosen:
                 continue
-            lo, hi = start + 1 - motion_base, end - 1 - motion_base
-            value = None
-            if lo - 1 >= 0 and hi < len(motion) and hi > lo - 1:
-                value = (motion[hi] - motion[lo - 1]) / (hi - lo + 1)
-            start_s = times.get(start, start / fps)
-            end_s = times.get(end - 1, (end - 1) / fps) + 1 / fps
             yield Clip(clip_index, start, end, start_s, end_s, [c.image for c in chosen],
-                       [c.time_s for c in chosen], value, source)
+                       [c.time_s for c in chosen], timeline.motion_of(start, end), source)
             clip_index += 1
 
+    def spans(start: int, end: int) -> list[tuple[int, int]]:
+        """A shot [start, end) as clips: cut into pieces of at most max_clip_s, pieces
+        under min_clip_s left out."""
+        out = []
+        cursor = start
+        while cursor < end:
+            piece_end = end
+            if options.max_clip_s is not None:
+                limit = timeline.index_at(timeline.time_of(cursor) + options.max_clip_s,
+                                          cursor + 1)
+                if limit is not None and limit < end:
+                    piece_end = limit
+            length = timeline.time_of(piece_end) - timeline.time_of(cursor)
+            if length >= options.min_clip_s - _EPS:
+                out.append((cursor, piece_end))
+            cursor = piece_end
+        return out
+
     def close_through(cut: int) -> Iterator[Clip]:
-        nonlocal open_start, motion_base, motion
+        nonlocal open_start
         if cut <= open_start:
             return
-        yield from clips_of(_spans(open_start, cut, fps, options))
+        yield from clips_of(spans(open_start, cut))
         open_start = cut
         sampler.drop_before(cut)
-        # keep prefix sums from the frame before the new shot on
-        keep_from = max(0, cut - 1 - motion_base)
-        motion = motion[keep_from:]
-        motion_base += keep_from
-        for k in [k for k in times if k < cut]:
-            del times[k]
+        timeline.drop_before(cut - 1)  # the frame before the new shot: its motion base
 
     frame: Frame
     for frame in frames(source):
-        index = frame.index
-        if index <= last_index:
-            continue  # a repeated timestamp: one frame per index
-        last_index = index
-        times[index] = frame.time_s
+        index = last_index = frame.index
         raw = frame.raw
         if motion_size is None:
             mw = min(MOTION_WIDTH, raw.width)
@@ -354,54 +453,73 @@ def split(source: VideoSource, fps: float, num_frames: int, options: SplitOption
         grey = frame.array(*motion_size, format="gray").astype(np.int16)
         change = 0.0 if previous_grey is None else float(np.abs(grey - previous_grey).mean())
         previous_grey = grey
-        while len(motion) + motion_base < index:  # frames the decoder skipped
-            motion.append(motion[-1] if motion else 0.0)
-        motion.append((motion[-1] if motion else 0.0) + change)
+        timeline.add(frame.time_s, frame.end_s, change)
+        decoded.frames, decoded.seconds = index + 1, frame.end_s
         if count and sampler.wants(index):
             sampler.add(_Candidate(index, frame.time_s, frame.image(options.frame_max_side)))
         if fixed is not None:
-            while fixed and fixed[0][1] <= index + 1:
-                yield from clips_of([fixed.pop(0)])
-            # frames before every open fixed span's start are no longer needed
-            if fixed:
-                first = fixed[0][0]
-                sampler.drop_before(first)
-                for k in [k for k in times if k < first]:
-                    del times[k]
-                keep_from = max(0, first - 1 - motion_base)
-                if keep_from:
-                    motion = motion[keep_from:]
-                    motion_base += keep_from
+            for start, end in fixed.push(index, frame.time_s):
+                yield from clips_of(fixed.keep(start, end, timeline, clip_index))
+            first = fixed.first_open(index)
+            sampler.drop_before(first)
+            timeline.drop_before(first - 1)
             continue
-        cuts = detector.push(index, frame.array(*detect_size, format=detector.format))
+        cuts = detector.push(frame, frame.array(*detect_size, format=detector.format))
         for cut in sorted(cuts):
             yield from close_through(cut)
         if options.max_clip_s is not None:
-            longest = max(1, round(options.max_clip_s * fps))
-            while index - open_start >= longest + detector.lag:
-                yield from close_through(open_start + longest)
+            while True:
+                limit = timeline.index_at(timeline.time_of(open_start) + options.max_clip_s,
+                                          open_start + 1)
+                if limit is None or index - limit < detector.lag:
+                    break
+                yield from close_through(limit)
     if last_index < 0:
         return
     if fixed is not None:
-        # the video was shorter than its header said: the spans that end past its end
-        for start, end in fixed:
-            if end - start <= 0 or start > last_index:
-                continue
-            yield from clips_of([(start, min(end, last_index + 1))])
+        for start, end in fixed.finish(last_index + 1):
+            yield from clips_of(fixed.keep(start, end, timeline, clip_index))
         return
     for cut in sorted(detector.finish(last_index)):
         yield from close_through(cut)
     yield from close_through(last_index + 1)
 
 
-def _fixed_spans(fps: float, num_frames: int, options: SplitOptions) -> list[tuple[int, int]]:
-    length = max(1, round(options.clip_s * fps))
-    stride = max(1, round((options.stride_s or options.clip_s) * fps))
-    spans = []
-    start = 0
-    while start < num_frames:
-        end = min(start + length, num_frames)
-        if end - start >= options.min_clip_s * fps or not spans:
-            spans.append((start, end))
-        start += stride
-    return spans
+class _FixedSpans:
+    """Windows of clip_s seconds starting every stride_s seconds, by the frames' own
+    times: a window holds the frames that start inside it, and closes at the first frame
+    past its end (or at the video's end)."""
+
+    def __init__(self, options: SplitOptions):
+        self.clip_s = options.clip_s
+        self.stride_s = options.stride_s or options.clip_s
+        self.min_clip_s = options.min_clip_s
+        self.next = 0  # number of the next window to open
+        self.open: list[tuple[float, int]] = []  # (start time, first frame)
+
+    def push(self, index: int, time_s: float) -> list[tuple[int, int]]:
+        """Windows that start by frame `index` open; those that end by it close."""
+        while self.next * self.stride_s <= time_s + _EPS:
+            self.open.append((self.next * self.stride_s, index))
+            self.next += 1
+        closed = []
+        while self.open and self.open[0][0] + self.clip_s <= time_s + _EPS:
+            closed.append((self.open.pop(0)[1], index))
+        return [(s, e) for s, e in closed if e > s]
+
+    def first_open(self, index: int) -> int:
+        """The first frame any window still open (or opening later) needs."""
+        return self.open[0][1] if self.open else index + 1
+
+    def finish(self, end: int) -> list[tuple[int, int]]:
+        """The windows still open at the video's end, cut short by it."""
+        spans = [(s, end) for _, s in self.open if end > s]
+        self.open = []
+        return spans
+
+    def keep(self, start: int, end: int, timeline: _Timeline, emitted: int
+             ) -> list[tuple[int, int]]:
+        """[start, end) unless it is shorter than min_clip_s (a video's first clip is
+        kept whatever its length)."""
+        length = timeline.time_of(end) - timeline.time_of(start)
+        return [(start, end)] if emitted == 0 or length >= self.min_clip_s - _EPS else []

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from curate.clips import Clip, SplitOptions, split
+from curate.clips import Clip, Decoded, SplitOptions, split
 from curate.media import HttpOptions, MediaError, read_http
 from curate.registry import register
 from curate.stage import Resources, Stage, StageParams
@@ -124,9 +124,12 @@ def _source(uri: str, offset: int, size: int, max_bytes: int, http: HttpOptions
         if size > max_bytes:
             raise MediaError("too_large", f"{size} bytes > max_bytes {max_bytes}")
         digest = hashlib.sha256()
-        with VideoSource(path, offset, size).open() as member:
-            while block := member.read(1 << 20):
-                digest.update(block)
+        try:
+            with VideoSource(path, offset, size).open() as member:
+                while block := member.read(1 << 20):
+                    digest.update(block)
+        except OSError as exc:
+            raise MediaError("unreadable", f"{uri}: {exc.strerror or exc}") from None
         return VideoSource(path, offset, size), digest.hexdigest(), size
     try:
         on_disk = os.stat(uri).st_size
@@ -178,6 +181,18 @@ class SplitClipsParams(StageParams):
             raise ValueError(f"max_clip_s ({self.max_clip_s}) is less than min_clip_s "
                              f"({self.min_clip_s})")
         return self
+
+
+def _cut_off(info: VideoInfo, decoded: Decoded) -> str | None:
+    """`truncated: ...` when decoding ended well short of what the header promises: under
+    90% of its frames and of its duration (either may be an estimate, and an edit list may
+    leave frames out). A short last shot left out by min_clip_s is not damage."""
+    frames_short = decoded.frames < 0.9 * info.num_frames
+    seconds_short = info.duration_s <= 0 or decoded.seconds < 0.9 * info.duration_s
+    if decoded.frames and frames_short and seconds_short:
+        return (f"truncated: {decoded.frames} of {info.num_frames} frames decode "
+                f"({decoded.seconds:.1f} of {info.duration_s:.1f} s)")
+    return None
 
 
 def clip_id(input_id: str, start_frame: int, end_frame: int) -> str:
@@ -265,30 +280,29 @@ class SplitClips(Stage):
             return
         held = None
         count = 0
-        last_end = 0
+        decoded = Decoded()
         try:
             for clip in split(item.source, item.info.fps, item.info.num_frames,
-                              self._options()):
+                              self._options(), decoded):
                 if held is not None:
                     yield {**held[0], "input_rows": count + 1}, held[1]
                 count += 1
                 held = (self._clip_row(row, clip), clip)
-                last_end = clip.end_frame
         except MediaError as exc:
             broken = f"{exc}" + (f" (the {count} clips before it are kept)" if count else "")
             if held is not None:
                 yield {**held[0], "input_rows": count + 1}, held[1]
             yield {**row, "error": broken, "input_rows": count + 1}, None
             return
-        expected = item.info.num_frames
+        cut_off = _cut_off(item.info, decoded)
         if held is None:
-            yield {**row, "error": "no_clips: no shot is at least min_clip_s "
+            yield {**row, "error": cut_off or "no_clips: no shot is at least min_clip_s "
                    f"{self.params.min_clip_s:g} s long", "input_rows": 1}, None
             return
-        if last_end < 0.9 * expected and self.params.method != "fixed":
+        if cut_off:
             yield {**held[0], "input_rows": count + 1}, held[1]
-            yield {**row, "error": f"truncated: {last_end} of {expected} frames decode (the "
-                   f"{count} clips before the damage are kept)", "input_rows": count + 1}, None
+            yield {**row, "error": f"{cut_off} (the {count} clips before the damage are "
+                   "kept)", "input_rows": count + 1}, None
             return
         yield {**held[0], "input_rows": count}, held[1]
 
