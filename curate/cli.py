@@ -1,7 +1,7 @@
 """`curate`: run, validate, list stages, submit to a cluster, serve, report, export.
 
 Exit codes: 0 done; 1 the run failed; 2 the config (or a command line) is invalid;
-130 interrupted (Ctrl-C).
+130 interrupted (Ctrl-C), 143 stopped by SIGTERM.
 """
 
 from __future__ import annotations
@@ -134,21 +134,24 @@ def run(
     ] = None,
 ) -> None:
     """Run (or resume) a pipeline, then print what each stage did."""
+    from curate import stopping
     from curate.pipeline import Pipeline
     from curate.summary import print_summary
 
     cfg = _load(config, set_)
     pipeline = Pipeline.from_config(cfg)
     show_progress = progress and sys.stderr.isatty()
-    with _quiet(cfg.store.uri, cfg.store.table):
-        try:
-            summary = pipeline.run(progress=show_progress, address=address,
-                                   force_after_s=force_after)
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]: finished batches are in the table; run the "
-                      "same command again to resume.")
-            raise typer.Exit(130) from None
-    print_summary(summary, console)
+    # Ctrl-C and SIGTERM interrupt the run (it resumes); Ray stops with the command
+    with stopping.on_signals():
+        with _quiet(cfg.store.uri, cfg.store.table):
+            try:
+                summary = pipeline.run(progress=show_progress, address=address,
+                                       force_after_s=force_after)
+            except KeyboardInterrupt:
+                err.print("[yellow]interrupted[/]: finished batches are in the table; run "
+                          "the same command again to resume.")
+                raise typer.Exit(stopping.exit_code()) from None
+        print_summary(summary, console)
     if json_out:
         json_out.write_text(json.dumps(summary.to_dict(), indent=2, default=str))
 
@@ -233,22 +236,26 @@ def serve(
     except ConfigError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
+    from curate import stopping
     from curate.serve.server import start, stop
 
-    try:
-        url = start(cfg, address=address)
-    except CurateError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
-    console.print(f"Serving [bold]{cfg.store.table}[/] of {cfg.store.uri} at [bold]{url}/[/] "
-                  f"(API docs {url}/docs){' with a token' if cfg.token else ''}. Ctrl-C stops.")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        console.print("stopping")
-    finally:
-        stop()
+    # Ctrl-C or SIGTERM (whatever the process inherited) stops Serve, then Ray and every
+    # process it started, within CURATE_STOP_TIMEOUT seconds
+    with stopping.on_signals():
+        try:
+            url = start(cfg, address=address)
+            console.print(f"Serving [bold]{cfg.store.table}[/] of {cfg.store.uri} at "
+                          f"[bold]{url}/[/] (API docs {url}/docs)"
+                          f"{' with a token' if cfg.token else ''}. Ctrl-C stops.")
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            console.print("stopping")
+        except CurateError as exc:
+            err.print(f"[red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+        finally:
+            stop()
 
 
 @app.command()

@@ -83,8 +83,11 @@ def _release(actor) -> None:
 
 @contextlib.contextmanager
 def _sigint_flag():
-    """Remember a Ctrl-C even where a library catches the KeyboardInterrupt it raises
-    (Ray Data's streaming threads may end the stream quietly instead)."""
+    """Remember a Ctrl-C (and, under `curate run`, a SIGTERM: see curate.stopping) even
+    where a library catches the KeyboardInterrupt it raises (Ray Data's streaming threads
+    may end the stream quietly instead)."""
+    from curate import stopping
+
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -92,13 +95,16 @@ def _sigint_flag():
 
     def on_sigint(signum, frame):
         flag.set()
+        stopping.heard(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    taken = [signal.SIGINT, *([signal.SIGTERM] if stopping.active() else [])]
+    previous = {sig: signal.signal(sig, on_sigint) for sig in taken}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class _Execution:

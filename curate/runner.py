@@ -48,6 +48,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
                      log_to_driver=relay)
+        from curate import stopping
+
+        stopping.reclaim()  # ray.init installed its own SIGTERM handlers
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

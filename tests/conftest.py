@@ -120,3 +120,105 @@ def served(ray_session, demo_store, tmp_path_factory):
     url = start(load_serve_config(serve_settings(store)))
     yield url, store
     stop()
+
+
+def family_of(pid: int) -> list:
+    """The processes `pid` started (psutil), and the members of its process group."""
+    import psutil
+
+    try:
+        family = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != pid and os.getpgid(process.pid) == pid:
+                family.append(process)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return list({p.pid: p for p in family}.values())
+
+
+def still_running(processes: list, seconds: float = 10) -> list[str]:
+    """Those of `processes` (psutil) still running after up to `seconds` (zombies, whose
+    parent has not reaped them, count as gone): "pid name" each."""
+    import time
+
+    import psutil
+
+    def running() -> list[str]:
+        out = []
+        for process in processes:
+            try:
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    out.append(f"{process.pid} {process.name()}")
+            except psutil.Error:
+                pass
+        return out
+
+    until = time.monotonic() + seconds
+    while running() and time.monotonic() < until:
+        time.sleep(0.25)
+    return running()
+
+
+def kill_family(process, family: list = ()) -> None:
+    """SIGKILL `process` (a Popen), its process group, what it started and `family`."""
+    import signal
+
+    import psutil
+
+    family = [*family, *family_of(process.pid)]
+    for kill in (lambda: os.killpg(process.pid, signal.SIGKILL), process.kill):
+        try:
+            kill()
+        except (ProcessLookupError, PermissionError):
+            pass
+    for member in family:
+        try:
+            member.kill()  # psutil: never a reused pid
+        except psutil.Error:
+            pass
+    try:
+        process.communicate(timeout=30)
+    except Exception:  # pipes held open by a grandchild that is gone now
+        pass
+
+
+class Spawned:
+    """Subprocesses a test started, and the processes they were seen to start."""
+
+    def __init__(self):
+        self.started: list = []
+        self.seen: list = []
+
+    def __call__(self, args, **popen):
+        """Start `args` (subprocess.Popen) in a session of its own."""
+        import subprocess
+
+        popen.setdefault("start_new_session", True)
+        process = subprocess.Popen(args, **popen)
+        self.started.append(process)
+        return process
+
+    def family(self, process) -> list:
+        """What `process` runs now (psutil processes), remembered for the finalizer: a
+        worker whose parent died is no longer found below it."""
+        family = family_of(process.pid)
+        self.seen += family
+        return family
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            kill_family(process, self.seen)
+
+
+@pytest.fixture()
+def spawn():
+    """`spawn(args, **popen)`: a subprocess in a session of its own. Whatever the test's
+    outcome, the finalizer kills it, its process group and every process it was seen to
+    start (Ray's workers put themselves in groups of their own), so a failing test leaves
+    none behind."""
+    spawned = Spawned()
+    yield spawned
+    spawned.stop_all()

@@ -146,15 +146,15 @@ def sample_ids(store) -> pa.Array:
 
 
 def test_a_second_run_on_a_busy_table_is_refused_and_the_table_stays_whole(
-        ray_session, photo_dir, tmp_path):
+        ray_session, photo_dir, tmp_path, spawn):
     store = tmp_path / "store"
     config = tmp_path / "config.yaml"
     body = photo_config(photo_dir, store)
     body["run"]["executor"] = "ray"  # a local Ray of its own, and its chatter
     config.write_text(yaml.safe_dump(body))
     command = [sys.executable, "-m", "curate", "run", str(config), "--no-progress"]
-    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    first = spawn(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                  text=True)  # the finalizer stops it and its Ray, whatever the outcome
     deadline = time.monotonic() + 120
     while not os.path.isdir(store / "_leases" / "samples"):
         assert first.poll() is None, first.communicate()

@@ -15,7 +15,7 @@ import yaml
 
 from curate import Pipeline, load_config
 
-from .conftest import ROOT, tiny_models
+from .conftest import ROOT, kill_family, still_running, tiny_models
 
 
 @pytest.fixture(scope="module")
@@ -55,27 +55,26 @@ def rows_in(store) -> int:
         return 0
 
 
-def interrupt_midway(tmp_path, media, store, sig, executor) -> subprocess.CompletedProcess:
+def interrupt_midway(tmp_path, media, store, sig, executor,
+                     spawn) -> subprocess.CompletedProcess:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config_for(media, store, executor)))
-    proc = subprocess.Popen(
+    proc = spawn(  # its own process group, as a terminal job would have
         [sys.executable, "-m", "curate", "run", str(path), "--no-progress"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,  # its own process group, as a terminal job would have
     )
     deadline = time.monotonic() + 240
     while rows_in(store) == 0:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the run committed nothing in time"
         time.sleep(0.05)
+    family = spawn.family(proc)
     os.killpg(proc.pid, sig)
-    try:
-        out, err = proc.communicate(timeout=60)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left in the group
-        except ProcessLookupError:
-            pass
+    out, err = proc.communicate(timeout=60)
+    if sig == signal.SIGKILL:
+        kill_family(proc, family)  # what a kill -9 leaves running (Ray's workers) goes too
+    else:  # stopped: nothing it started is left
+        assert not still_running(family), err
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
@@ -93,11 +92,11 @@ def reference(ray_session, many_photos, tmp_path_factory):
 @pytest.mark.parametrize("executor", ["local", "ray"])
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_interrupted_run_resumes_to_the_same_table(sig, executor, ray_session, many_photos,
-                                                   reference, tmp_path):
+                                                   reference, tmp_path, spawn):
     """Cut off in this process's threads (local) or in a local Ray's pools (ray); resumed
     on the session's Ray: the table of one uninterrupted run either way."""
     store = tmp_path / "store"
-    result = interrupt_midway(tmp_path, many_photos, store, sig, executor)
+    result = interrupt_midway(tmp_path, many_photos, store, sig, executor, spawn)
     kept = rows_in(store)
     assert 0 < kept < reference.num_rows, "the run was not interrupted midway"
     if sig == signal.SIGINT:

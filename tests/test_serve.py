@@ -366,50 +366,163 @@ def test_async_features_queue_and_answer_later(base, table):
 # --- curate serve: token, rate limit, binding ----------------------------------------------
 
 
-def test_curate_serve_cli_with_token_and_rate_limit(served, tmp_path):
-    """`curate serve` as a user runs it: its own Ray, token mode, a low rate limit."""
+def _curate_serve(spawn, store, port: int, *options: str):
+    """`curate serve` as a shell runs a background job: SIGINT ignored (POSIX shells do
+    that for `cmd &`), in a process group of its own; its own local Ray."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    process = spawn(
+        [sys.executable, "-m", "curate", "serve", "--store", str(store), "--port", str(port),
+         "--set", "default_model.autoscaling.min_replicas=0", "--set", "ingress.cpus=0.2",
+         "--set", "default_model.cpus=0.2", *options],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        assert process.poll() is None, process.communicate()[0]
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                return process
+        except requests.RequestException:  # not listening or not ready yet
+            time.sleep(1)
+    pytest.fail("curate serve did not answer within 180 s")
+
+
+def _ray_session(family) -> tuple[str, list[int]]:
+    """The Ray session a process tree runs (its directory, named on the command lines of
+    the GCS and the raylet), and the pids of the workers it logged."""
+    import re
+
+    import psutil
+
+    sessions = set()
+    for member in family:
+        try:
+            sessions |= set(re.findall(r"(/\S*?/session_[\w.-]+)", " ".join(member.cmdline())))
+        except psutil.Error:
+            pass
+    assert len(sessions) == 1, sessions
+    session = sessions.pop()
+    logs = Path(session) / "logs"
+    workers = [int(log.stem.rsplit("_", 1)[1]) for log in logs.glob("python-core-worker-*.log")]
+    return session, workers
+
+
+def _stop_and_check(spawn, process, sig) -> str:
+    """Stop `curate serve` as a terminal's Ctrl-C does (SIGINT to the job's process group)
+    or a supervisor does (SIGTERM to the process); then no process of its group, none it
+    started and none of its Ray session is left. Returns its output."""
+    import psutil
+
+    from .conftest import family_of, still_running
+
+    family = spawn.family(process)
+    session, worker_pids = _ray_session(family)
+    names = " ".join(" ".join(p.cmdline()) for p in family if p.is_running())
+    assert "raylet" in names and "ray::ServeReplica" in names  # a whole Ray of its own
+    started = time.time()
+    if sig == signal.SIGINT:
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+
+    session_processes = []
+    for candidate in psutil.process_iter():
+        try:
+            if session in " ".join(candidate.cmdline()) or (
+                    candidate.pid in worker_pids and candidate.create_time() < started):
+                session_processes.append(candidate)
+        except psutil.Error:
+            pass
+    left = still_running([*family, *family_of(process.pid), *session_processes])
+    assert not left, (left, output[-3000:])
+    return output
+
+
+def test_curate_serve_cli_with_token_and_rate_limit(served, spawn, tmp_path):
+    """`curate serve` as a user runs it: its own Ray, token mode, a low rate limit; started
+    with SIGINT ignored, Ctrl-C still stops it and everything it started."""
     from .conftest import copy_store
 
     store = copy_store(served[1], tmp_path / "store")
     port = free_port()
     token = "s3cret-token-for-tests"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "curate", "serve", "--store", str(store), "--port", str(port),
-         "--token", token, "--set", "limits.requests_per_second=2", "--set", "limits.burst=5",
-         "--set", "default_model.autoscaling.min_replicas=0", "--set", "ingress.cpus=0.2",
-         "--set", "default_model.cpus=0.2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        start_new_session=True)
+    process = _curate_serve(spawn, store, port, "--token", token,
+                            "--set", "limits.requests_per_second=2",
+                            "--set", "limits.burst=5")
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if requests.get(base + "/health", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:  # not listening or not ready yet
-                time.sleep(1)
-        else:
-            pytest.fail("curate serve did not answer within 180 s")
-        header = {"Authorization": f"Bearer {token}"}
-        assert requests.get(base + "/samples", timeout=30).status_code == 401
-        assert requests.get(base + "/openapi.json", timeout=30).status_code == 401
-        wrong = requests.get(base + "/samples", headers={"Authorization": "Bearer nope"},
-                             timeout=30)
-        assert wrong.status_code == 401 and "token" in wrong.json()["error"]
-        assert requests.get(base + "/", timeout=30).status_code == 200  # the page shell
-        statuses = [requests.get(base + "/samples", headers=header, params={"limit": 1},
-                                 timeout=30).status_code for _ in range(12)]
-        assert statuses[0] == 200 and 429 in statuses
-        time.sleep(3)
-        cookie = requests.get(base + "/stats", cookies={"curate_token": token}, timeout=30)
-        assert cookie.status_code == 200 and cookie.json()["rows"] == 33
-    finally:
-        os.killpg(process.pid, signal.SIGINT)
-        output = process.communicate(timeout=120)[0]
+    header = {"Authorization": f"Bearer {token}"}
+    assert requests.get(base + "/samples", timeout=30).status_code == 401
+    assert requests.get(base + "/openapi.json", timeout=30).status_code == 401
+    wrong = requests.get(base + "/samples", headers={"Authorization": "Bearer nope"},
+                         timeout=30)
+    assert wrong.status_code == 401 and "token" in wrong.json()["error"]
+    assert requests.get(base + "/", timeout=30).status_code == 200  # the page shell
+    statuses = [requests.get(base + "/samples", headers=header, params={"limit": 1},
+                             timeout=30).status_code for _ in range(12)]
+    assert statuses[0] == 200 and 429 in statuses
+    time.sleep(3)
+    cookie = requests.get(base + "/stats", cookies={"curate_token": token}, timeout=30)
+    assert cookie.status_code == 200 and cookie.json()["rows"] == 33
+    output = _stop_and_check(spawn, process, signal.SIGINT)
     assert f"http://127.0.0.1:{port}/" in output and "with a token" in output
-    assert process.returncode == 0, output
+    assert "stopping" in output
+    # 0: stopped in time; 130: past the deadline, the rest was killed (and it said so)
+    assert process.returncode == 0 or (process.returncode == 130 and "killed" in output), \
+        output
+
+
+def test_curate_serve_stops_on_sigterm_with_everything_it_started(served, spawn, tmp_path):
+    """SIGTERM (a supervisor, `kill PID`) stops `curate serve` like Ctrl-C: Serve, its Ray
+    and Ray's agents are gone, none orphaned."""
+    from .conftest import copy_store
+
+    store = copy_store(served[1], tmp_path / "store")
+    port = free_port()
+    process = _curate_serve(spawn, store, port)
+    output = _stop_and_check(spawn, process, signal.SIGTERM)
+    assert "stopping" in output
+    assert process.returncode == 0 or (process.returncode == 143 and "killed" in output), \
+        output
+
+
+STUCK = """
+import subprocess, sys, time
+from curate import stopping
+
+CHILD = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+         "signal.signal(signal.SIGINT, signal.SIG_IGN); print(flush=True); time.sleep(600)")
+with stopping.on_signals():
+    try:
+        child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE)
+        child.stdout.readline()  # its handlers are set
+        print(child.pid, flush=True)
+        time.sleep(600)
+    except KeyboardInterrupt:
+        if sys.argv[1] == "stuck":
+            time.sleep(600)  # a shutdown that never ends
+"""
+
+
+@pytest.mark.parametrize("how", ["stuck", "leaves"])
+def test_a_stop_kills_what_outlives_it_and_says_so(spawn, how):
+    """Past the deadline (a shutdown stuck) or after the shutdown (a process that ignores
+    SIGTERM), what the command started is killed, and one line says so."""
+    import psutil
+
+    env = {**os.environ, "CURATE_STOP_TIMEOUT": "1"}
+    process = spawn([sys.executable, "-c", STUCK, how], stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, text=True, env=env,
+                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    child = psutil.Process(int(process.stdout.readline()))
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if line.startswith("curate: ")]
+    assert len(lines) == 1 and "killed 1 processes" in lines[0], err
+    if how == "stuck":
+        assert "took over 1 s (CURATE_STOP_TIMEOUT)" in lines[0]
+        assert process.returncode == 130
+    child.wait(timeout=10)  # killed: gone, not merely signalled
 
 
 def test_bad_serve_config_fails_before_starting(tmp_path):
