@@ -45,7 +45,7 @@ $(CHROMIUM):
 		chromium > /dev/null
 
 test: $(STAMP) $(MODELS) $(CHROMIUM)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-all: $(STAMP) $(MODELS) $(CHROMIUM)
 	$(PY) -m pytest -q -m 'not gpu'
