@@ -338,8 +338,8 @@ def _repairs(data: bytes):
     """Rebuilt copies of a JPEG or PNG without its structural oddities, each with notes
     that say what was odd, mildest first. The coded image data is copied untouched: a
     copy decodes only if every pixel was there to decode."""
-    start = 0 if data.startswith(b"\xff\xd8") else data.find(_SOI, 0, 65536)
-    if start >= 0 and not data.startswith(b"\x89PNG"):
+    start = _jpeg_start(data)
+    if start >= 0:
         notes = [f"{start} bytes of junk before the JPEG's start"] if start else []
         for drop_metadata in (False, True):
             repaired = _rebuild_jpeg(data, start, drop_metadata)
@@ -349,6 +349,26 @@ def _repairs(data: bytes):
         repaired = _rebuild_png(data)
         if repaired is not None:
             yield repaired
+
+
+#: The most junk taken for junk before a JPEG's start, and after its end marker when there
+#: was junk before it.
+MAX_JUNK = 1024
+
+
+def _jpeg_start(data: bytes) -> int:
+    """Where the file's JPEG starts, or -1. Junk before the start is accepted only when the
+    JPEG found after it runs to the file's end: a JPEG further in that something else
+    follows is an embedded one (an EXIF thumbnail of a damaged photo, an audio file's
+    cover), never the file's own image."""
+    if data.startswith(b"\xff\xd8"):
+        return 0
+    start = data.find(_SOI, 0, MAX_JUNK + len(_SOI))
+    if start < 0:
+        return -1
+    scan = data.find(b"\xff\xda", start)
+    end = data.find(b"\xff\xd9", scan) if scan >= 0 else -1
+    return start if end >= 0 and len(data) - (end + 2) <= MAX_JUNK else -1
 
 
 def _rebuild_jpeg(data: bytes, start: int, drop_metadata: bool):

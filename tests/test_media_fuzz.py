@@ -243,5 +243,17 @@ def test_a_tiff_without_its_dimensions_is_one_refusal_not_an_exception(photo):
         entry = ifd + 2 + 12 * k
         if struct.unpack_from("<H", data, entry)[0] in (256, 257):  # width, length
             struct.pack_into("<H", data, entry, 65000)
-    with pytest.raises(MediaError, match="^corrupt"):
+    with pytest.raises(MediaError, match=r"^corrupt"):
         decode_image(bytes(data), BIG)
+
+
+def test_a_damaged_photo_is_never_taken_for_the_thumbnail_inside_it(photo):
+    thumb = encode(photo.resize((96, 64)), "JPEG")
+    exif = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08" + bytes(18) + thumb
+    data = encode(photo, "JPEG")
+    with_thumb = data[:2] + b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif + data[2:]
+    assert decode_image(with_thumb, BIG).image.size == photo.size
+    for damaged in (b"\x00" + with_thumb[1:], b"\x00" + with_thumb[1:len(with_thumb) // 2],
+                    b"ID3\x04\x00" + bytes(40) + thumb + bytes(5000)):  # audio with a cover
+        with pytest.raises(MediaError):
+            decode_image(damaged, BIG)
