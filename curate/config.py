@@ -6,10 +6,17 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    StringConstraints,
+    ValidationError,
+)
 
 from curate.errors import ConfigError
 from curate.registry import stage_types
@@ -48,6 +55,11 @@ class RunConfig(BaseModel):
         "left to read; else ray")
     local_max_inputs: int = Field(
         20_000, ge=0, description="executor auto: the most inputs a run reads without Ray")
+    retry_errors: list[Annotated[str, StringConstraints(pattern=r"^[a-z_]+$")]] = Field(
+        default_factory=list,
+        description="error codes (e.g. corrupt, truncated) whose rows this run reads again, "
+        "as every run does for http_timeout and http_error: files fixed at their source, or "
+        "refused by an earlier release")
 
 
 class Config(BaseModel):

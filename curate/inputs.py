@@ -34,10 +34,10 @@ class Pending:
         return sum(self.counts)
 
 
-def done_filter(row_stages_hash: str) -> str:
+def done_filter(row_stages_hash: str, retry: tuple[str, ...] = ()) -> str:
     """Lance filter of the rows that are finished: read by these row stages, and not failed
-    in a way worth retrying."""
-    transient = " OR ".join(f"error LIKE '{code}:%'" for code in TRANSIENT_CODES)
+    in a way worth retrying (a transient error, or one of the codes in `retry`)."""
+    transient = " OR ".join(f"error LIKE '{code}:%'" for code in (*TRANSIENT_CODES, *retry))
     return (f"row_stages_hash = '{row_stages_hash}' AND "
             f"(error IS NULL OR NOT ({transient}))")
 
@@ -91,8 +91,10 @@ def _list_unit(source: Source, unit: dict) -> pa.Table:
     return source.list_entry(unit)
 
 
-def pending_inputs(source: Source, store, row_stages_hash: str) -> Pending:
-    """List the inputs in tasks and find those with no finished rows in the table."""
+def pending_inputs(source: Source, store, row_stages_hash: str,
+                   retry: tuple[str, ...] = ()) -> Pending:
+    """List the inputs in tasks and find those with no finished rows in the table (rows
+    with an error whose code is in `retry` are not finished)."""
     units = source.list_entries()  # unusable entries fail here, before any work
     listed = [run_task(_list_unit, source, unit) for unit in units]
     entries = len(source.params.paths) if hasattr(source.params, "paths") else len(units)
@@ -104,7 +106,7 @@ def pending_inputs(source: Source, store, row_stages_hash: str) -> Pending:
             raise RunError(source.empty_entry(index))
     parts = list(listed)
     if store.dataset() is not None and store.dataset().count_rows():
-        finished = done_filter(row_stages_hash)
+        finished = done_filter(row_stages_hash, retry)
         parts += scan(store, ["input_id", "input_rows"], finished, _tag, ("done",))
         parts += scan(store, ["input_id"], f"NOT ({finished}) OR row_stages_hash IS NULL",
                       _tag, ("stale",))

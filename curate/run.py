@@ -167,8 +167,9 @@ class _Execution:
         if self.on_ray:
             connect(run_cfg.ray_address, run_cfg.num_cpus)
         version_before = self.store.version()
+        retry = tuple(run_cfg.retry_errors)
         # bad paths fail here, before any work
-        pending = unwrap(lambda: pending_inputs(self.source, self.store, self.hash))
+        pending = unwrap(lambda: pending_inputs(self.source, self.store, self.hash, retry))
         if (not self.on_ray and run_cfg.executor == "auto"
                 and pending.rows > run_cfg.local_max_inputs):
             pending = self._to_ray(pending)
@@ -181,7 +182,7 @@ class _Execution:
         # have left a sample twice: one copy of each is kept
         if (last is not None and last["status"] != "finished"
                 and remove_duplicate_rows(self.store)):
-            pending = unwrap(lambda: pending_inputs(self.source, self.store, self.hash))
+            pending = unwrap(lambda: pending_inputs(self.source, self.store, self.hash, retry))
         set_aside = {k: v for run in previous
                      for k, v in json.loads(run.get("set_aside_json") or "{}").items()}
         if set_aside and pending.rows:  # they become error rows, not read again

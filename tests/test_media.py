@@ -178,14 +178,19 @@ def test_a_run_over_real_world_damage_keeps_one_row_per_file_and_exits_0(tmp_pat
                          {"type": "image_quality", "min_side": 16}]}
     path = tmp_path / "quirks.yaml"
     path.write_text(yaml.safe_dump(config))
-    done = subprocess.run([sys.executable, "-m", "curate", "run", str(path), "--no-progress",
-                           "--json", str(tmp_path / "out.json")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "out.json").read_text())["rows_processed"] == len(
-        quirky) + len(broken) + 1
-    rows = {r["uri"].rsplit("/", 1)[1]: r for r in lance.dataset(
-        str(tmp_path / "store" / "samples.lance")).to_table().to_pylist()}
+
+    def run(*args: str) -> dict:
+        done = subprocess.run([sys.executable, "-m", "curate", "run", str(path), "--no-progress",
+                               "--json", str(tmp_path / "out.json"), *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr
+        return json.loads((tmp_path / "out.json").read_text())
+
+    def table():
+        return lance.dataset(str(tmp_path / "store" / "samples.lance")).to_table()
+
+    assert run()["rows_processed"] == len(quirky) + len(broken) + 1
+    rows = {r["uri"].rsplit("/", 1)[1]: r for r in table().to_pylist()}
     assert sorted(rows) == sorted([*quirky, *broken, "good.jpg"])
     for name in broken:
         assert rows[name]["error"], name
@@ -196,3 +201,11 @@ def test_a_run_over_real_world_damage_keeps_one_row_per_file_and_exits_0(tmp_pat
     assert rows["good.jpg"]["decode_warning"] is None
     assert "end-of-image" in rows["q_missing_eoi.jpg"]["decode_warning"]
     assert sum(rows[n]["decode_warning"] is not None for n in quirky) >= 14
+    # rows refused for a code named in run.retry_errors are read again, and only they
+    first = table().sort_by("sample_id")
+    assert run()["rows_processed"] == 0
+    corrupt = sum(1 for r in rows.values() if (r["error"] or "").startswith("corrupt:"))
+    assert corrupt >= 2
+    assert run("--set", "run.retry_errors=[corrupt]")["rows_processed"] == corrupt
+    kept = ["sample_id", "uri", "width", "height", "content_hash", "decode_warning", "error"]
+    assert table().sort_by("sample_id").select(kept).equals(first.select(kept))

@@ -113,10 +113,6 @@ class IngestImages(Source):
             mode="json", exclude={"resources", "name", "paths", "http_timeout_s", "http_retries"}
         )
 
-    def row_fingerprint(self) -> dict[str, Any]:
-        # Files refused for metadata damage by earlier releases are read again.
-        return {**self.fingerprint(), "decode": "metadata-damage-kept"}
-
     def load(self, items: pa.Table) -> tuple[pa.Table, list]:
         """Worker side: read and decode each listed input into its one row."""
         columns, images = load_inputs(self, items)
