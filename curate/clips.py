@@ -18,7 +18,7 @@ from fractions import Fraction
 import numpy as np
 from PIL import Image
 
-from curate.media import MediaError
+from curate.media import MediaError, is_out_of_memory
 from curate.video import Frame, VideoSource, frames
 
 #: Size of the grey frames the motion measure compares (width; height follows the aspect).
@@ -86,7 +86,8 @@ class NoCuts(Detector):
 def _failed(name: str, frame: Frame | None, exc: Exception) -> MediaError:
     where = f" at frame {frame.index} ({frame.time_s:.3f} s)" if frame is not None else \
         " at the end of the video"
-    return MediaError("detection_failed", f"{name} failed{where}: "
+    code = "out_of_memory" if is_out_of_memory(exc) else "detection_failed"
+    return MediaError(code, f"{name} failed{where}: "
                       f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
 
 

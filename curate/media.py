@@ -24,8 +24,14 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 # Decoding must never silently accept a cut-off file.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-#: Errors worth retrying on a later run (the file may be fine next time).
-TRANSIENT_CODES = ("http_timeout", "http_error")
+#: Errors worth retrying on a later run (the file may be fine next time; a worker short of
+#: memory says nothing about the file).
+TRANSIENT_CODES = ("http_timeout", "http_error", "out_of_memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A MemoryError, or a GPU library's out-of-memory error (torch.OutOfMemoryError)."""
+    return isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__
 
 _ORIENTATION_TAG = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}
@@ -198,7 +204,8 @@ def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> D
     except MediaError:
         raise
     except MemoryError:
-        raise MediaError("too_large", "out of memory while decoding") from None
+        raise MediaError("out_of_memory", "the worker ran out of memory while decoding; "
+                         "the next run reads it again") from None
     except Exception as exc:  # any decoder failure on these bytes is the file's fault
         raise MediaError("corrupt", f"the decoder failed: {type(exc).__name__}: {exc}") from None
 

@@ -209,3 +209,17 @@ def test_a_run_over_real_world_damage_keeps_one_row_per_file_and_exits_0(tmp_pat
     assert run("--set", "run.retry_errors=[corrupt]")["rows_processed"] == corrupt
     kept = ["sample_id", "uri", "width", "height", "content_hash", "decode_warning", "error"]
     assert table().sort_by("sample_id").select(kept).equals(first.select(kept))
+
+
+def test_running_out_of_memory_is_the_rows_error_and_retried_next_run(photo, monkeypatch):
+    from curate import media
+    from curate.inputs import done_filter
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(media.Image, "open", exhausted)
+    with pytest.raises(MediaError) as info:
+        decode_image(encode(photo, "PNG"), BIG)
+    assert info.value.code == "out_of_memory"
+    assert "error LIKE 'out_of_memory:%'" in done_filter("h")
