@@ -228,6 +228,8 @@ def _decode(data: bytes, max_pixels: int, max_side: int | None) -> DecodedImage:
             raise MediaError("not_an_image", "content is not a recognised image format") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise MediaError("too_large", f"decompression bomb refused: {exc}") from None
+        except MemoryError:
+            raise  # the worker's, not the file's: decode_image says so
         except Exception as exc:  # any decoder failure here is the file's fault
             raise MediaError("corrupt", f"cannot open: {exc}") from None
         fmt = img.format or "unknown"
@@ -243,7 +245,7 @@ def _decode(data: bytes, max_pixels: int, max_side: int | None) -> DecodedImage:
         # after its image data, and a decoder error met there would otherwise be lost.
         try:
             pixels = _load_pixels(img, data, max_side)
-        except MediaError:
+        except (MediaError, MemoryError):
             raise
         except OSError as exc:
             text = str(exc)
