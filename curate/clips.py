@@ -500,6 +500,10 @@ class _FixedSpans:
 
     def push(self, index: int, time_s: float) -> list[tuple[int, int]]:
         """Windows that start by frame `index` open; those that end by it close."""
+        # windows that would open and close at this frame hold no frame: skipped at once,
+        # so a jump in the timestamps (a damaged one of 10^12 s) costs nothing
+        past = math.floor((time_s + _EPS - self.clip_s) / self.stride_s) + 1
+        self.next = max(self.next, past)
         while self.next * self.stride_s <= time_s + _EPS:
             self.open.append((self.next * self.stride_s, index))
             self.next += 1

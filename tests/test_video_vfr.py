@@ -259,3 +259,31 @@ def test_whatever_pyav_or_transnetv2_raises_becomes_the_rows_error(vfr_videos, m
     assert [r["media_type"] for r in rows] == ["video"]
     assert rows[0]["error"] == ("detection_failed: TransNetV2 failed at the end of the "
                                 "video: RuntimeError: CUDA error: out of memory")
+
+
+def test_fixed_windows_skip_a_jump_in_the_timestamps_and_match_a_plain_reference():
+    """Windows by frame times: the same spans as opening every window in turn (a plain
+    reference), and a damaged timestamp far ahead costs no window per stride."""
+    from curate.clips import _FixedSpans
+
+    def reference(times, clip_s, stride_s):
+        spans, k = [], 0
+        while k * stride_s <= times[-1]:
+            start, end = k * stride_s, k * stride_s + clip_s
+            inside = [i for i, t in enumerate(times) if start - 1e-9 <= t < end - 1e-9]
+            if inside:
+                after = next((i for i, t in enumerate(times) if t >= end - 1e-9), None)
+                spans.append((inside[0], after if after is not None else len(times)))
+            k += 1
+        return spans
+
+    rng = np.random.default_rng(3)
+    times = np.cumsum(rng.choice([0.02, 0.1, 0.7, 3.1], size=200)).round(3).tolist()
+    for clip_s, stride_s in ((2.0, None), (2.0, 0.5), (1.0, 3.0)):
+        windows = _FixedSpans(SplitOptions(method="fixed", clip_s=clip_s, stride_s=stride_s))
+        got = [s for i, t in enumerate(times) for s in windows.push(i, t)]
+        got += windows.finish(len(times))
+        assert sorted(got) == reference(times, clip_s, stride_s or clip_s)
+    windows = _FixedSpans(SplitOptions(method="fixed", clip_s=2.0))
+    assert windows.push(0, 0.0) == [] and windows.push(1, 1e12) == [(0, 1)]
+    assert windows.finish(2) == [(1, 2)]
