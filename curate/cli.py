@@ -152,8 +152,8 @@ def run(
                           "the same command again to resume.")
                 raise typer.Exit(stopping.exit_code()) from None
         print_summary(summary, console)
-    if json_out:
-        json_out.write_text(json.dumps(summary.to_dict(), indent=2, default=str))
+        if json_out:  # before the shutdown, which a deadline may end with the process
+            json_out.write_text(json.dumps(summary.to_dict(), indent=2, default=str))
 
 
 @app.command()

@@ -218,7 +218,11 @@ class _Stop:
                             f"stopping took over {self.deadline:g} s ({DEADLINE_ENV})")
 
     def _heard(self, byte: int) -> bool:
-        """A signal (or the shutdown's start, 0) reached the watcher; True: stop now."""
+        """A signal (or the shutdown's start, 0) reached the watcher; True: stop now.
+        Other signals with a Python handler (a stage's SIGALRM, SIGCHLD) write to the same
+        wakeup socket: they are not a stop."""
+        if byte and byte not in SIGNALS:
+            return False
         with self.lock:
             if byte and self.signum is None:
                 self.signum = byte

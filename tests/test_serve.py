@@ -510,7 +510,9 @@ def test_a_stop_kills_what_outlives_it_and_says_so(spawn, how):
     SIGTERM), what the command started is killed, and one line says so."""
     import psutil
 
-    env = {**os.environ, "CURATE_STOP_TIMEOUT": "1"}
+    # a deadline shorter than the grace after a shutdown for the stuck one, longer for the
+    # other, so each takes its own path
+    env = {**os.environ, "CURATE_STOP_TIMEOUT": "1" if how == "stuck" else "60"}
     process = spawn([sys.executable, "-c", STUCK, how], stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE, text=True, env=env,
                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
@@ -522,6 +524,8 @@ def test_a_stop_kills_what_outlives_it_and_says_so(spawn, how):
     if how == "stuck":
         assert "took over 1 s (CURATE_STOP_TIMEOUT)" in lines[0]
         assert process.returncode == 130
+    else:
+        assert "still running after the shutdown" in lines[0], lines[0]
     child.wait(timeout=10)  # killed: gone, not merely signalled
 
 
