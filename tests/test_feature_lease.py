@@ -134,3 +134,31 @@ def test_a_run_starting_during_a_cache_write_waits_for_it_and_is_not_refused(tmp
     after = RunLease(store, CACHE_RUN + "c")
     assert after.try_acquire()
     after.release()
+
+
+def test_kept_values_reach_the_table_in_steps_under_one_hold(demo_store, tmp_path,
+                                                              monkeypatch):
+    """Values kept aside while runs held the lease are merged a bounded step at a time:
+    every one reaches its row, and the side table is left without them."""
+    import pyarrow as pa
+
+    from curate.serve import features
+    from curate.serve.features import FeatureCache
+
+    store = copy_store(demo_store, tmp_path / "store")
+    samples = lancedb.connect(str(store)).open_table("samples")
+    ids = sorted(samples.to_arrow()["sample_id"].to_pylist())[:5]
+    quoted = ", ".join(f"'{i}'" for i in ids)
+    samples.update(where=f"sample_id IN ({quoted})", values={"blur": None})
+    cache = FeatureCache(store_at(store), {"blur": pa.float32()})
+    kept = {i: float(n) + 0.5 for n, i in enumerate(ids)}
+    blur = pa.array([kept[i] for i in ids], pa.float32())
+    cache._side_put(pa.table({"sample_id": ids, "blur": blur, "uri": ["u"] * 5,
+                              features.FOR_TABLE: [True] * 5}))
+    monkeypatch.setattr(features, "MERGE_BATCH", 2)
+    assert cache.pending().num_rows == 2  # one step's worth at a time
+    assert cache.flush()
+    got = lance.dataset(store / "samples.lance").to_table(
+        columns=["sample_id", "blur"], filter=f"sample_id IN ({quoted})").to_pylist()
+    assert {r["sample_id"]: r["blur"] for r in got} == kept
+    assert cache.pending() is None

@@ -37,6 +37,9 @@ UPLOAD_PREFIX = "upload:sha256:"
 FOR_TABLE = "for_table"
 #: How often values kept while a run held the lease try to reach the table again.
 RETRY_S = 30.0
+#: Kept values merged into the table per step, all steps under one hold of the lease: the
+#: feature service holds one step's rows at a time, never the whole side table.
+MERGE_BATCH = 1000
 
 
 def pipeline_config(pipeline: str | None, last_run_yaml: str | None) -> Config | None:
@@ -215,18 +218,20 @@ class FeatureCache:
                        .append_column(FOR_TABLE, flag))
         return "pending" if known else "side_table"
 
-    def pending(self) -> pa.Table | None:
-        """Values of rows of the table waiting for the lease (None: none)."""
+    def pending(self, limit: int | None = None) -> pa.Table | None:
+        """Up to `limit` (default MERGE_BATCH) values of rows of the table waiting for the
+        lease (None: none)."""
         side = self.side()
         if side is None or FOR_TABLE not in side.schema.names:
             return None
-        rows = side.to_lance().to_table(filter=f"{FOR_TABLE} = true")
+        rows = side.to_lance().to_table(filter=f"{FOR_TABLE} = true",
+                                        limit=limit or MERGE_BATCH)
         return rows.drop_columns(["uri", FOR_TABLE]) if rows.num_rows else None
 
     def flush(self) -> bool:
         """Merge the pending values into the table under the lease; False while someone
         holds it (they stay pending)."""
-        return self.pending() is None or self._merge(None)
+        return self.pending(limit=1) is None or self._merge(None)
 
     # --- writes ---------------------------------------------------------------------------
     def _side_put(self, row: pa.Table) -> None:
@@ -247,16 +252,23 @@ class FeatureCache:
         if not lease.try_acquire():
             return False
         try:
-            pending = self.pending()
-            parts = [t for t in (pending, row) if t is not None]
-            if not lease.held():  # taken over since (a hold that lasted too long)
-                return False
-            self._into_table(pa.concat_tables(parts, promote_options="permissive"))
-            if pending is not None:
+            while True:  # a step of at most MERGE_BATCH kept values (and `row`) at a time
+                pending = self.pending()
+                parts = [t for t in (pending, row) if t is not None]
+                if not parts:
+                    break
+                if not lease.held():  # taken over since (a hold that lasted too long)
+                    return False
+                self._into_table(pa.concat_tables(parts, promote_options="permissive"))
+                row = None
+                if pending is None:
+                    break
                 self.side().delete(f"{FOR_TABLE} = true AND "
                                    + _in(pending["sample_id"].to_pylist()))
                 log.info("features of %d rows, kept while a run held the lease, are in "
                          "table %s now", pending.num_rows, self.store.name)
+                if pending.num_rows < MERGE_BATCH:
+                    break
         finally:
             lease.release()
         return True
