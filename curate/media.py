@@ -386,11 +386,12 @@ def _rebuild_jpeg(data: bytes, start: int, drop_metadata: bool):
     out, notes, pos, n = [b"\xff\xd8"], [], start + 2, len(data)
     while True:
         junk_at = pos
-        while pos + 1 < n and not (data[pos] == 0xFF and data[pos + 1] not in (0x00, 0xFF)):
-            pos += 1
-        if pos + 1 >= n:
+        while (pos := data.find(b"\xff", pos)) >= 0 and pos + 1 < n \
+                and data[pos + 1] in (0x00, 0xFF):
+            pos += 1  # not a marker: 0xFF 0x00 is junk here, a run of 0xFF is fill
+        if pos < 0 or pos + 1 >= n:
             return None  # no scan: nothing to decode
-        junk = sum(1 for b in data[junk_at:pos] if b != 0xFF)  # 0xFF runs are legal fill
+        junk = pos - junk_at - data.count(b"\xff", junk_at, pos)  # 0xFF runs: legal fill
         marker = data[pos + 1]
         if junk:
             notes.append(f"{junk} bytes of junk before marker 0x{marker:02x} at byte {junk_at}")
