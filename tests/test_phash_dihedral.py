@@ -16,10 +16,8 @@ from curate import load_config
 from curate.errors import ConfigError
 from curate.executor import LocalExecutor
 from curate.stages.dedup import (
-    DIHEDRAL,
     PHASH_FLIPS,
     PhashDedup,
-    dihedral_distance,
     dihedral_hashes,
     flip_hashes,
     hamming_groups,
@@ -33,7 +31,21 @@ from curate.tasks import concat
 
 from .conftest import DEMO_MEDIA
 
+#: The PIL transposes of an image whose pHashes `dihedral_hashes` returns, in its order.
+DIHEDRAL = ("identity", "FLIP_LEFT_RIGHT", "FLIP_TOP_BOTTOM", "ROTATE_180",
+            "TRANSPOSE", "ROTATE_90", "ROTATE_270", "TRANSVERSE")
 TURNS = [None if name == "identity" else Image.Transpose[name] for name in DIHEDRAL]
+
+
+def dihedral_distance(a: int, a_flips, b: int, b_flips) -> int:
+    """Least Hamming distance between one image's pHash and the other's in any of the 8
+    orientations, either way round (the distance `invariance: dihedral` groups by)."""
+    va = dihedral_hashes(np.array([a], np.uint64), np.array([a_flips], np.uint64))[0]
+    vb = dihedral_hashes(np.array([b], np.uint64), np.array([b_flips], np.uint64))[0]
+    return int(min(np.bitwise_count(va ^ np.uint64(b)).min(),
+                   np.bitwise_count(vb ^ np.uint64(a)).min()))
+
+
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
 #: Real photos unrelated to PHOTOS and to each other.
 UNRELATED = ("horse", "moon", "page", "text", "coins", "brick", "gravel", "grass")

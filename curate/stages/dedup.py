@@ -198,9 +198,6 @@ _FREQ = np.arange(8)
 FLIP_SIGNS = np.array([np.where(_FREQ[None, :] % 2, -1.0, 1.0) * np.ones((8, 1)),
                        np.where(_FREQ[:, None] % 2, -1.0, 1.0) * np.ones((1, 8)),
                        np.where((_FREQ[:, None] + _FREQ[None, :]) % 2, -1.0, 1.0)])
-#: The PIL transposes of an image whose pHashes `dihedral_hashes` returns, in its order.
-DIHEDRAL = ("identity", "FLIP_LEFT_RIGHT", "FLIP_TOP_BOTTOM", "ROTATE_180",
-            "TRANSPOSE", "ROTATE_90", "ROTATE_270", "TRANSVERSE")
 PHASH_FLIPS = "phash_flips"
 
 
@@ -224,26 +221,19 @@ def transpose_bits(h: np.ndarray) -> np.ndarray:
 
 
 def dihedral_hashes(phash: np.ndarray, flips: np.ndarray) -> np.ndarray:
-    """(n, 8) pHashes of the images turned and mirrored in the 8 ways of `DIHEDRAL`, from
-    their pHashes (n,) and `flip_hashes` (n, 3)."""
+    """(n, 8) pHashes of the images as they are, mirrored left-right, top-bottom, turned
+    180 degrees, then transposed, turned 90 and 270 degrees (PIL's ROTATE_90, ROTATE_270)
+    and transversed, from their pHashes (n,) and `flip_hashes` (n, 3)."""
     plain = np.column_stack([np.asarray(phash, np.uint64), np.asarray(flips, np.uint64)])
     return np.column_stack([plain, transpose_bits(plain)])
-
-
-def dihedral_distance(a: int, a_flips, b: int, b_flips) -> int:
-    """Least Hamming distance between one image's pHash and the other's in any of the 8
-    orientations, either way round (the distance `invariance: dihedral` groups by)."""
-    va = dihedral_hashes(np.array([a], np.uint64), np.array([a_flips], np.uint64))[0]
-    vb = dihedral_hashes(np.array([b], np.uint64), np.array([b_flips], np.uint64))[0]
-    return int(min(np.bitwise_count(va ^ np.uint64(b)).min(),
-                   np.bitwise_count(vb ^ np.uint64(a)).min()))
 
 
 def hamming_groups(hashes: np.ndarray, max_distance: int,
                    flips: np.ndarray | None = None) -> np.ndarray:
     """Connected components of the graph 'Hamming distance <= max_distance' over uint64
     hashes, in this process: a label per hash. With `flips` ((n, 3) `flip_hashes` of the
-    same images), the distance is `dihedral_distance`. The path PhashDedup takes on the
+    same images), the distance is the least Hamming distance between one image's pHash
+    and the other's 8 orientations, either way round. The path PhashDedup takes on the
     cluster (band buckets, then large-star / small-star), on one partition."""
     from curate.components import connected_components
     from curate.executor import LocalExecutor
