@@ -57,6 +57,8 @@ def deadline_s() -> float:
 
 
 # --- processes (stdlib: /proc on Linux, `ps` elsewhere) ---------------------------------
+# psutil would list them too, but it is only a test dependency; reading /proc is all this
+# needs (parents, start times, names), so the package does not gain a dependency for it.
 
 
 def _table() -> dict[int, tuple[int, str, str]]:

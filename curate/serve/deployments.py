@@ -127,14 +127,14 @@ class FeatureService:
         upload = request.get("upload")
         if upload is not None:
             sample_id, uri = upload_id(hashlib.sha256(upload).hexdigest())
-            return sample_id, uri, text, False, self._side_values(sample_id, wanted)
+            return sample_id, uri, text, False, self.cache.side_values(sample_id, wanted)
         sample_id = request.get("sample_id")
         uri = request.get("uri")
         if sample_id is None and uri:
             sample_id = self.catalog.known_uri(uri)
             if sample_id is None and uri.startswith(("http://", "https://")):
                 sample_id = sample_id_for(uri)
-                return sample_id, uri, text, False, self._side_values(sample_id, wanted)
+                return sample_id, uri, text, False, self.cache.side_values(sample_id, wanted)
             if sample_id is None:
                 raise CatalogError(400, f"uri {uri!r} is not a row of the table; give an "
                                    "http(s) URL, a sample_id, or upload the image")
@@ -144,12 +144,9 @@ class FeatureService:
         row = self.catalog.row(sample_id, ["uri", "alt_text", *present])
         values = {c: row[c] for c in present if row[c] is not None}
         if len(values) < len(wanted):  # computed while a run held the lease: kept aside
-            values = {**self._side_values(sample_id, wanted), **values}
+            values = {**self.cache.side_values(sample_id, wanted), **values}
         return (sample_id, row["uri"], text if text is not None else row["alt_text"], True,
                 values)
-
-    def _side_values(self, sample_id: str, wanted: list[str]) -> dict[str, Any]:
-        return self.cache.side_values(sample_id, wanted)
 
     async def _run(self, sample_id: str, uri: str, text: str | None, missing: list[str],
                    upload: bytes | None) -> dict[str, Any]:
