@@ -382,13 +382,13 @@ def _detector(options: SplitOptions, fps: float, timeline: _Timeline) -> Detecto
                        options.min_clip_s / 2, index_at)
 
 
-def split(source: VideoSource, fps: float, num_frames: int, options: SplitOptions,
+def split(source: VideoSource, fps: float, options: SplitOptions,
           decoded: Decoded | None = None) -> Iterator[Clip]:
     """The clips of a video in order, each as soon as it is complete. Frames are numbered
     in decoding order and timed by their own timestamps (`curate.video.frames`), so clip
     times are right on variable-frame-rate and edit-listed videos; `fps` (nominal) only
-    sizes the sampling stride. `num_frames` (from the header) is not relied on. `decoded`,
-    when given, counts what was read."""
+    sizes the sampling stride. `decoded`, when given, counts what was read: the caller
+    compares it with the header."""
     timeline = _Timeline()
     detector = _detector(options, fps, timeline)
     decoded = decoded if decoded is not None else Decoded()

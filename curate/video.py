@@ -201,13 +201,17 @@ class Frame:
     #: frame at the nominal rate).
     end_s: float = 0.0
 
-    def array(self, width: int, height: int, format: str = "rgb24") -> np.ndarray:
-        """The frame scaled by FFmpeg (swscale) to width x height, as uint8 pixels."""
+    def reformat(self, width: int, height: int, format: str):
+        """The frame scaled and converted by FFmpeg (swscale), as a PyAV frame."""
         try:
-            return self.raw.reformat(width=width, height=height, format=format).to_ndarray()
+            return self.raw.reformat(width=width, height=height, format=format)
         except Exception as exc:  # whatever PyAV raises on this frame's data
             raise MediaError("undecodable", f"frame {self.index} ({self.time_s:.3f} s) cannot "
                              f"be converted to {format} pixels: {_why(exc)}") from None
+
+    def array(self, width: int, height: int, format: str = "rgb24") -> np.ndarray:
+        """The frame scaled by FFmpeg (swscale) to width x height, as uint8 pixels."""
+        return self.reformat(width, height, format).to_ndarray()
 
     def image(self, max_side: int | None) -> Image.Image:
         w, h = self.raw.width, self.raw.height
@@ -311,12 +315,7 @@ def cut(source: VideoSource, start_s: float, end_s: float, out, codec: str = "h2
                     stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "32",
                                       "b": "0"}
                 first_s = frame.time_s
-            try:
-                image = frame.raw.reformat(width=stream.width, height=stream.height,
-                                           format=pix)
-            except Exception as exc:  # whatever PyAV raises on this frame's data
-                raise MediaError("undecodable", f"frame at {frame.time_s:.3f} s cannot be "
-                                 f"converted: {_why(exc)}") from None
+            image = frame.reformat(stream.width, stream.height, pix)
             # the frame's own time from the clip's first frame; strictly increasing
             last_pts = max(last_pts + 1, round((frame.time_s - first_s) / time_base))
             image.pts, image.time_base = last_pts, time_base

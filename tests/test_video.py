@@ -42,8 +42,7 @@ def cut_video(tmp_path_factory):
 
 def _clips(path, **options) -> list[Clip]:
     info = probe(VideoSource(str(path)))
-    return list(split(VideoSource(str(path)), info.fps, info.num_frames,
-                      SplitOptions(**options)))
+    return list(split(VideoSource(str(path)), info.fps, SplitOptions(**options)))
 
 
 def test_probe_reads_the_stream_facts(cut_video):
@@ -186,8 +185,7 @@ def test_containers_are_closed_on_every_path(cut_video):
     before = open_files()
     for _ in range(5):
         _clips(cut_video[0], method="fixed", clip_s=2.0)
-        abandoned = split(VideoSource(str(cut_video[0])), FPS, 288,
-                          SplitOptions(method="scenes"))
+        abandoned = split(VideoSource(str(cut_video[0])), FPS, SplitOptions(method="scenes"))
         next(abandoned)
         abandoned.close()  # a consumer that stops early
         for broken in ("truncated.mp4", "notes.mp4", "empty.mp4"):
@@ -215,8 +213,7 @@ def test_splitting_memory_does_not_grow_with_the_video_length(tmp_path):
         from curate.video import VideoSource, probe
         src = VideoSource(sys.argv[1]); info = probe(src)
         clips = 0
-        for clip in split(src, info.fps, info.num_frames,
-                          SplitOptions(method="scenes", max_clip_s=None)):
+        for clip in split(src, info.fps, SplitOptions(method="scenes", max_clip_s=None)):
             clips += 1
         print(clips, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     """)

@@ -97,9 +97,8 @@ def vfr_videos(tmp_path_factory):
 
 def _split(path, method: str, **options):
     info = probe(VideoSource(str(path)))
-    return list(split(VideoSource(str(path)), info.fps, info.num_frames,
-                      SplitOptions(method=method, min_clip_s=0.5, max_clip_s=None,
-                                   **options)))
+    options = SplitOptions(method=method, min_clip_s=0.5, max_clip_s=None, **options)
+    return list(split(VideoSource(str(path)), info.fps, options))
 
 
 def test_the_hand_made_videos_are_what_they_claim(vfr_videos):

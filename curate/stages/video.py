@@ -282,8 +282,7 @@ class SplitClips(Stage):
         count = 0
         decoded = Decoded()
         try:
-            for clip in split(item.source, item.info.fps, item.info.num_frames,
-                              self._options(), decoded):
+            for clip in split(item.source, item.info.fps, self._options(), decoded):
                 if held is not None:
                     yield {**held[0], "input_rows": count + 1}, held[1]
                 count += 1
