@@ -198,7 +198,7 @@ def photo_inputs(workdir: Path, count: int, image_size: str, startup_count: int,
     photos (`write(folder, count, size=, seed=)`, curate's write_photos by default), reused
     from an earlier run in the same workdir when they are all there."""
     if write is None:
-        from curate.sample_media import write_photos as write
+        from curate.media.samples import write_photos as write
 
     width, height = (int(x) for x in image_size.split("x"))
     media, small = workdir / name, workdir / f"startup_{name}"
@@ -222,7 +222,7 @@ def write_small_photos(directory: Path, count: int, size: tuple[int, int], seed:
     import numpy as np
     from PIL import Image
 
-    from curate.sample_media import base_photos, photo_like
+    from curate.media.samples import base_photos, photo_like
 
     turns = [None, *Image.Transpose]  # the identity and the 7 other turns and mirrors
     out = Path(directory)

@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--size", default="1024x768", help="WIDTHxHEIGHT of the photos")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    from curate.sample_media import write_photos
+    from curate.media.samples import write_photos
 
     width, height = (int(x) for x in args.size.split("x"))
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="curate-bench-"))

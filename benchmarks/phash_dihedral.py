@@ -161,7 +161,7 @@ def main() -> None:
     args = parser.parse_args()
     import pyarrow as pa
 
-    from curate.media import luma
+    from curate.media.decode import luma
     from curate.stages.dedup import PhashDedup
 
     images, origin, crops = make_images(args.crops, args.copies, args.seed)

@@ -51,8 +51,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--size", default="1024x768")
     args = parser.parse_args()
-    from curate.media import decode_image
-    from curate.sample_media import write_photos
+    from curate.media.decode import decode_image
+    from curate.media.samples import write_photos
     from curate.stages.dedup import phash_value
     from curate.stages.quality import image_scores
 

@@ -136,9 +136,9 @@ def main() -> None:
     curate_s, _, _ = run_curate(config, args.workdir, "serve-bench")
     print(f"table of {args.images} photos curated in {curate_s:.1f} s", file=sys.stderr)
 
+    from curate.catalog import Catalog
     from curate.config import StoreConfig
     from curate.models.embedders import load_embedder
-    from curate.serve.catalog import Catalog
     from curate.serve.config import load_serve_config
     from curate.serve.server import start, stop
 

@@ -35,7 +35,7 @@ SIZES = ((640, 360), (1280, 720))
 
 def make_videos(folder: Path, minutes: float, seed: int = 0) -> list[Path]:
     """Videos of about a minute each, alternating sizes, reused when already there."""
-    from curate.sample_media import write_video_with_cuts
+    from curate.media.samples import write_video_with_cuts
 
     folder.mkdir(parents=True, exist_ok=True)
     count = max(2, round(minutes))

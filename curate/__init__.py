@@ -9,11 +9,11 @@ __all__ = ["Config", "Pipeline", "RunSummary", "__version__", "load_config"]
 
 if TYPE_CHECKING:
     from curate.config import Config, load_config
+    from curate.engine.run import RunSummary
     from curate.pipeline import Pipeline
-    from curate.run import RunSummary
 
 _LAZY = {"Config": "curate.config", "load_config": "curate.config",
-         "Pipeline": "curate.pipeline", "RunSummary": "curate.run"}
+         "Pipeline": "curate.pipeline", "RunSummary": "curate.engine.run"}
 
 
 def __getattr__(name: str):

@@ -348,10 +348,10 @@ def repair(
 ) -> None:
     """Keep one row of each sample_id that a table holds more than once (left by runs that
     shared it), under the table's run lease. The next `curate run` sets the verdicts again."""
-    from curate.lease import RunLease
-    from curate.runner import connect
-    from curate.store import Store
-    from curate.tasks import remove_duplicate_rows
+    from curate.engine.ray_stream import connect
+    from curate.engine.tasks import remove_duplicate_rows
+    from curate.table.lease import RunLease
+    from curate.table.store import Store
 
     store_config = _store_of(config, store, table)
     try:

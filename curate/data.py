@@ -18,7 +18,7 @@ from typing import Any
 
 from curate.errors import CurateError, storage_message
 from curate.filters import FilterError, combine
-from curate.media import MediaError, decode_image
+from curate.media.decode import MediaError, decode_image
 
 try:
     from torch.utils.data import IterableDataset, get_worker_info
@@ -50,7 +50,7 @@ class LanceDataset(IterableDataset):
                  storage_options: dict[str, str] | None = None):
         import lance
 
-        from curate.tables import table_path
+        from curate.table.layout import table_path
 
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size {world_size})")
@@ -133,7 +133,7 @@ class LanceDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         import lance
 
-        from curate.reader import MediaReader
+        from curate.media.reader import MediaReader
 
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)

@@ -83,7 +83,7 @@ def _reduce_numbers(values: pa.Array, owner: np.ndarray, n: int, how: str) -> pa
 
 
 def _mean_vectors(values: pa.Array, owner: np.ndarray, n: int) -> pa.Array:
-    from curate.vectors import from_matrix, to_matrix
+    from curate.algos.vectors import from_matrix, to_matrix
 
     matrix, valid = to_matrix(values)
     dim = values.type.list_size

@@ -188,7 +188,7 @@ class Pipeline:
             force_after_s: float | None = None):
         """Run (or resume) the pipeline; returns a RunSummary. Another run on the same table
         is refused while it lives; `force_after_s` takes over one silent that long."""
-        from curate.run import execute
+        from curate.engine.run import execute
 
         config = self.config
         if address is not None:

@@ -9,8 +9,8 @@ import io
 from pathlib import Path
 from typing import Any
 
+from curate.catalog import Catalog, CatalogError
 from curate.config import StoreConfig
-from curate.serve.catalog import Catalog, CatalogError
 
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#1d2330}

@@ -8,7 +8,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    from curate.executor import GlobalResult
+    from curate.engine.executor import GlobalResult
 
 
 class Resources(BaseModel):
@@ -184,7 +184,7 @@ class Stage:
 
     def global_part(self, ex) -> GlobalResult:
         """Global part: new columns, computed over the rows no earlier stage dropped (those
-        `ex.scan` returns) with the executor's scans, maps and shuffles (curate.executor).
+        `ex.scan` returns) with the executor's scans, maps and shuffles (curate.engine.executor).
         Rows left out of the result get the defaults or null (an earlier stage's reason
         stands for the rows it dropped)."""
         raise NotImplementedError
@@ -192,7 +192,7 @@ class Stage:
     def run_global(self, table: pa.Table, alive: pa.Array) -> dict[str, pa.Array]:
         """The global part in this process over `table` (`alive` marks the rows no earlier
         stage dropped): new columns for every row."""
-        from curate.executor import LocalExecutor
+        from curate.engine.executor import LocalExecutor
 
         ex = LocalExecutor(table, alive)
         return ex.columns(self.global_part(ex))

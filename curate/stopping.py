@@ -3,7 +3,7 @@ started.
 
 A command wrapped in `on_signals()` takes SIGINT (Ctrl-C) and SIGTERM itself, whatever the
 process inherited: a shell starts background jobs with SIGINT ignored, and `ray.init`
-installs its own SIGTERM handlers (`connect` in curate.runner hands them back here).
+installs its own SIGTERM handlers (`connect` in curate.engine.ray_stream hands them back here).
 
 - The first signal raises KeyboardInterrupt in the main thread: a run records itself as
   interrupted and keeps what it committed, `curate serve` shuts Serve down.
@@ -321,7 +321,7 @@ def received() -> int | None:
 
 
 def heard(signum: int) -> None:
-    """A handler that stands in for this module's for a while (see curate.run) got
+    """A handler that stands in for this module's for a while (see curate.engine.run) got
     `signum`: the command was interrupted by it."""
     if _current is not None:
         with _current.lock:

@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from curate.engine.run import RunSummary
 from curate.registry import stage_types
-from curate.run import RunSummary
 from curate.stage import Stage, StageParams
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.media import error_code
+from curate.media.decode import error_code
 from curate.stage import Stage
 
 _NULL = pa.scalar(None, pa.string())

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from curate.sample_media import write_video_with_cuts
-from curate.video import write_video
+from curate.media.samples import write_video_with_cuts
+from curate.media.video import write_video
 
 OUT = Path(__file__).resolve().parent / "videos"
 

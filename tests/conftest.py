@@ -17,7 +17,7 @@ def ray_session():
     """One local Ray instance shared by every test that runs a pipeline."""
     import ray
 
-    from curate.runner import connect
+    from curate.engine.ray_stream import connect
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     connect(num_cpus=2)
@@ -28,7 +28,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def photo_dir(tmp_path_factory) -> Path:
     """24 photo-like 640x480 JPEGs made from real photos."""
-    from curate.sample_media import write_photos
+    from curate.media.samples import write_photos
 
     directory = tmp_path_factory.mktemp("photos")
     write_photos(directory, 24, size=(640, 480), seed=1)

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from curate.catalog import Catalog, CatalogError
 from curate.config import StoreConfig
-from curate.serve.catalog import Catalog, CatalogError
 
 from .conftest import copy_store
 

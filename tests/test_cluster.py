@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from curate.cluster import (
+from curate.algos.kmeans import (
     balanced_choice,
     balanced_quota,
     balanced_sample,

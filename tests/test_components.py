@@ -9,11 +9,11 @@ import pytest
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components as scipy_components
 
-from curate.components import connected_components
-from curate.executor import ClusterExecutor, GlobalResult, LocalExecutor
+from curate.algos.components import connected_components
+from curate.engine.executor import ClusterExecutor, GlobalResult, LocalExecutor
+from curate.engine.tasks import concat
 from curate.stages import PhashDedup
 from curate.stages.dedup import _close_pairs, duplicate_column, near_pairs
-from curate.tasks import concat
 
 # --- graphs -------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from curate.config import StoreConfig
 from curate.export import ExportError, export
 from curate.export.buckets import SDXL, assign, parse_buckets
 from curate.export.sharding import KEY, Order, histogram, plan, ranked, split
-from curate.reader import MediaReader
+from curate.media.reader import MediaReader
 
 from .conftest import copy_store
 
@@ -201,7 +201,7 @@ def test_reencoding_and_buckets_grouped_into_shards(store, tmp_path):
 
 
 def test_changed_and_vanished_files_are_left_out_and_counted(ray_session, tmp_path):
-    from curate.sample_media import write_photos
+    from curate.media.samples import write_photos
 
     paths = write_photos(tmp_path / "photos", 6, size=(320, 240), seed=3)
     config = {"name": "small", "store": {"uri": str(tmp_path / "store")},
@@ -221,8 +221,8 @@ def test_changed_and_vanished_files_are_left_out_and_counted(ray_session, tmp_pa
 
 
 def test_clips_are_exported_as_mp4_cut_from_their_source(ray_session, tmp_path):
-    from curate.sample_media import write_video_with_cuts
-    from curate.video import VideoSource, probe
+    from curate.media.samples import write_video_with_cuts
+    from curate.media.video import VideoSource, probe
 
     (tmp_path / "videos").mkdir()
     write_video_with_cuts(tmp_path / "videos" / "v.mp4", [1.5, 1.5], (320, 180), fps=24,
@@ -371,7 +371,7 @@ def test_lance_dataset_decodes_filters_and_reads_a_version(store):
 
 def test_lance_dataset_skips_rows_whose_file_changed(ray_session, tmp_path):
     from curate.data import LanceDataset
-    from curate.sample_media import write_photos
+    from curate.media.samples import write_photos
 
     paths = write_photos(tmp_path / "photos", 4, size=(200, 150), seed=5)
     config = {"name": "small", "store": {"uri": str(tmp_path / "store")},

@@ -21,8 +21,8 @@ import yaml
 from curate import Pipeline, load_config
 from curate.config import StoreConfig
 from curate.errors import RunError
-from curate.lease import RunLease
-from curate.store import Store
+from curate.table.lease import RunLease
+from curate.table.store import Store
 
 from .conftest import ROOT
 
@@ -51,8 +51,8 @@ LEASE_SCRIPT = """
 import json, sys, time
 from curate.config import StoreConfig
 from curate.errors import RunError
-from curate.lease import RunLease
-from curate.store import Store
+from curate.table.lease import RunLease
+from curate.table.store import Store
 start = float(sys.argv[3])
 options = json.loads(sys.argv[5])
 store = Store(StoreConfig(uri=sys.argv[1], table="samples", storage_options=options))
@@ -277,7 +277,7 @@ def test_killed_pool_workers_are_replaced_and_the_run_ends_as_an_undisturbed_one
         ray_session, tmp_path):
     import threading
 
-    from curate.sample_media import write_photos
+    from curate.media.samples import write_photos
 
     media = tmp_path / "media"
     write_photos(media, 96, size=(640, 480), seed=5)

@@ -14,8 +14,8 @@ import lancedb
 import pytest
 
 from curate.config import StoreConfig
-from curate.lease import CACHE_RUN, RunLease
-from curate.store import Store
+from curate.table.lease import CACHE_RUN, RunLease
+from curate.table.store import Store
 
 from .conftest import ROOT, copy_store, serve_settings
 
@@ -23,8 +23,8 @@ from .conftest import ROOT, copy_store, serve_settings
 HOLD = """
 import sys
 from curate.config import StoreConfig
-from curate.lease import RunLease
-from curate.store import Store
+from curate.table.lease import RunLease
+from curate.table.store import Store
 lease = RunLease(Store(StoreConfig(uri=sys.argv[1], table="samples")), "run-holding")
 lease.acquire()
 print("holds", flush=True)

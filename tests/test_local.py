@@ -12,8 +12,8 @@ import lance
 import pytest
 import yaml
 
-from curate import local
 from curate.config import load_config
+from curate.engine import local_stream as local
 from curate.pipeline import build_stages
 from curate.stages.quality import QualityParams  # noqa: F401  (registers the stages)
 
@@ -45,8 +45,7 @@ def test_auto_with_ray_joined_in_this_process_stays_on_it(ray_session, monkeypat
 
 
 def test_inline_tasks_give_values_where_ray_gives_references():
-    from curate import tasks
-
+    from curate.engine import tasks
     table = __import__("pyarrow").table({"k": [3, 1, 3, 2], "v": [1, 2, 3, 4]})
     with local.inline():
         assert local.active()

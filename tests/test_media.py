@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curate.media import MediaError, decode_image, error_code, read_local
+from curate.media.decode import MediaError, decode_image, error_code, read_local
 
 BIG = 64_000_000
 
@@ -212,8 +212,8 @@ def test_a_run_over_real_world_damage_keeps_one_row_per_file_and_exits_0(tmp_pat
 
 
 def test_running_out_of_memory_is_the_rows_error_and_retried_next_run(photo, monkeypatch):
-    from curate import media
-    from curate.inputs import done_filter
+    from curate.engine.inputs import done_filter
+    from curate.media import decode as media
 
     def exhausted(*args, **kwargs):
         raise MemoryError

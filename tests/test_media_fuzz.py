@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curate.media import MediaError, decode_image
+from curate.media.decode import MediaError, decode_image
 
 BIG = 64_000_000
 FORMATS = {"JPEG": {"quality": 90}, "PNG": {}, "WEBP": {"lossless": True}, "GIF": {},

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from curate.algos.vectors import from_matrix, to_matrix
 from curate.config import load_config
 from curate.errors import ConfigError
 from curate.models import ModelError, model_revision, stand_in_notice
@@ -19,7 +20,6 @@ from curate.models.heads import LinearHead, fetch_weights, load_linear_layers
 from curate.pipeline import check_stage_columns
 from curate.stages.embed import ClipEmbed, ClipScore
 from curate.stages.scores import AestheticScore, NsfwScore
-from curate.vectors import from_matrix, to_matrix
 
 from .conftest import tiny_models
 

@@ -67,7 +67,7 @@ def s3_config(media, options: dict, prefix: str = "store") -> dict:
 def test_run_rerun_and_serve_on_an_object_store(ray_session, s3, photo_dir, tmp_path):
     from curate.serve.config import load_serve_config
     from curate.serve.server import start, stop
-    from curate.store import Store
+    from curate.table.store import Store
 
     media = tmp_path / "media"
     shutil.copytree(photo_dir, media)

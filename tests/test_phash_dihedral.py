@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from curate import load_config
+from curate.engine.executor import LocalExecutor
+from curate.engine.tasks import concat
 from curate.errors import ConfigError
-from curate.executor import LocalExecutor
 from curate.stages.dedup import (
     PHASH_FLIPS,
     PhashDedup,
@@ -27,7 +28,6 @@ from curate.stages.dedup import (
     phash_value,
     transpose_bits,
 )
-from curate.tasks import concat
 
 from .conftest import DEMO_MEDIA
 

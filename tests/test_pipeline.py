@@ -82,7 +82,7 @@ def test_demo_model_columns(demo_run):
     """Model stages wrote real vectors and scores for decoded rows, nothing for the rest."""
     import numpy as np
 
-    from curate.vectors import to_matrix
+    from curate.algos.vectors import to_matrix
 
     _, _, store, summary = demo_run
     table = read_table(store)

@@ -20,7 +20,7 @@ from .conftest import ROOT, kill_family, still_running, tiny_models
 
 @pytest.fixture(scope="module")
 def many_photos(tmp_path_factory):
-    from curate.sample_media import write_photos
+    from curate.media.samples import write_photos
 
     directory = tmp_path_factory.mktemp("many")
     write_photos(directory, 120, size=(1024, 768), seed=7)

@@ -160,8 +160,8 @@ def test_scan_and_write_columns_round_trip(ray_session, tmp_path, parts):
     import lance
 
     from curate.config import StoreConfig
-    from curate.store import Store
-    from curate.tasks import ROWADDR, gather, map_parts, scan, write_columns
+    from curate.engine.tasks import ROWADDR, gather, map_parts, scan, write_columns
+    from curate.table.store import Store
 
     store = Store(StoreConfig(uri=str(tmp_path / "db")))
     schema = pa.schema([("sample_id", pa.string()), ("n", pa.int64()), ("tag", pa.string())])
@@ -212,7 +212,7 @@ class Repeat(Stage):
 def test_a_fan_out_stage_reshapes_rows_in_the_worker(demo_media):
     """SegmentWorker (no Ray) after a fan-out stage: more rows, input_rows counts them per
     input, and the stages after it see the new rows."""
-    from curate.runner import FanOutWorker
+    from curate.engine.ray_stream import FanOutWorker
     from curate.stages import ImageQuality
 
     source = IngestImages(paths=[str(demo_media / "photos")])

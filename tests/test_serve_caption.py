@@ -10,7 +10,7 @@ import pytest
 import requests
 import yaml
 
-from curate.media import decode_image
+from curate.media.decode import decode_image
 from curate.stages.vlm import Caption
 
 from .conftest import copy_store, serve_settings, tiny_models

@@ -97,8 +97,8 @@ def test_fast_quality_scores_and_phash_agree_with_their_definitions():
     under 128 px, and on average under one bit off over photos."""
     import imagehash
 
-    from curate.media import luma
-    from curate.sample_media import base_photos, photo_like
+    from curate.media.decode import luma
+    from curate.media.samples import base_photos, photo_like
     from curate.stages.dedup import phash_value
     from curate.stages.quality import SAMPLE_FROM, image_scores
 

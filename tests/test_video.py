@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from curate import Pipeline, load_config
-from curate.clips import Clip, SplitOptions, split
-from curate.media import MediaError
-from curate.video import VideoSource, probe, write_video
+from curate.media.clips import Clip, SplitOptions, split
+from curate.media.decode import MediaError
+from curate.media.video import VideoSource, probe, write_video
 
 from .conftest import ROOT, tiny_models
 
@@ -33,7 +33,7 @@ FPS = 24
 @pytest.fixture(scope="module")
 def cut_video(tmp_path_factory):
     """A 12 s video of five shots (pans over different photos) and its true cuts."""
-    from curate.sample_media import write_video_with_cuts
+    from curate.media.samples import write_video_with_cuts
 
     path = tmp_path_factory.mktemp("cuts") / "cuts.mp4"
     cuts = write_video_with_cuts(path, SHOTS, (640, 360), fps=FPS, seed=4)
@@ -88,7 +88,7 @@ def test_long_shots_are_cut_into_pieces_and_short_ones_left_out(cut_video):
 
 
 def test_motion_tells_a_slideshow_from_a_pan(tmp_path):
-    from curate.sample_media import write_video_with_cuts
+    from curate.media.samples import write_video_with_cuts
 
     write_video_with_cuts(tmp_path / "still.mp4", [2.0], (320, 180), fps=FPS, still=True)
     write_video_with_cuts(tmp_path / "pan.mp4", [2.0], (320, 180), fps=FPS)
@@ -209,8 +209,8 @@ def test_splitting_memory_does_not_grow_with_the_video_length(tmp_path):
 
     script = textwrap.dedent("""
         import resource, sys
-        from curate.clips import SplitOptions, split
-        from curate.video import VideoSource, probe
+        from curate.media.clips import SplitOptions, split
+        from curate.media.video import VideoSource, probe
         src = VideoSource(sys.argv[1]); info = probe(src)
         clips = 0
         for clip in split(src, info.fps, SplitOptions(method="scenes", max_clip_s=None)):
@@ -230,9 +230,9 @@ def test_splitting_memory_does_not_grow_with_the_video_length(tmp_path):
 
 def test_frame_columns_reduce_per_clip():
     from curate import frames
+    from curate.algos.vectors import from_matrix, to_matrix
     from curate.stages.quality import ImageQuality
     from curate.stages.scores import AestheticScore
-    from curate.vectors import from_matrix, to_matrix
 
     counts = np.array([3, 0, 1])
     quality = ImageQuality(min_blur=10)
@@ -294,7 +294,7 @@ def test_clip_captions_see_every_frame_through_the_tiny_vlm(cut_video):
 @pytest.fixture(scope="module")
 def video_corpus(tmp_path_factory, cut_video):
     """A cut video, an exact copy, a slideshow, a WebDataset shard and the broken files."""
-    from curate.sample_media import write_video_with_cuts
+    from curate.media.samples import write_video_with_cuts
 
     root = tmp_path_factory.mktemp("videos")
     shutil.copy(cut_video[0], root / "cuts.mp4")
@@ -387,7 +387,7 @@ def test_a_pixel_stage_before_split_clips_is_a_config_error(tmp_path):
 @pytest.fixture(scope="module")
 def many_videos(tmp_path_factory):
     """24 short videos of two shots each, and the broken files."""
-    from curate.sample_media import write_video_with_cuts
+    from curate.media.samples import write_video_with_cuts
 
     root = tmp_path_factory.mktemp("many-videos")
     for k in range(24):

@@ -13,7 +13,7 @@ import requests
 from PIL import Image
 
 from curate import Pipeline, load_config
-from curate.video import VideoSource, probe
+from curate.media.video import VideoSource, probe
 
 from .conftest import ROOT, serve_settings
 from .test_gallery import CHROMIUM, FLAGS, screenshot
@@ -23,7 +23,7 @@ FPS = 24
 
 @pytest.fixture(scope="module")
 def clip_store(ray_session, tmp_path_factory):
-    from curate.sample_media import write_video_with_cuts
+    from curate.media.samples import write_video_with_cuts
 
     root = tmp_path_factory.mktemp("clip-store")
     media = root / "media"

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curate.clips import SplitOptions, split
-from curate.video import VideoSource, frames, probe, write_video
+from curate.media.clips import SplitOptions, split
+from curate.media.video import VideoSource, frames, probe, write_video
 
 SIZE = (160, 90)
 CUT_S = 2.0  # the shot change, in the times written
@@ -142,7 +142,7 @@ def test_transnetv2_matches_its_reference_inference_on_the_same_frames(vfr_video
     import av
     import torch
 
-    from curate.clips import transnet_model
+    from curate.media.clips import transnet_model
 
     path, times, cut = vfr_videos[kind]
     clips = _split(path, "transnetv2")
@@ -234,7 +234,7 @@ class _Broken:
 def test_whatever_pyav_or_transnetv2_raises_becomes_the_rows_error(vfr_videos, monkeypatch):
     import av
 
-    import curate.clips
+    import curate.media.clips
 
     path = vfr_videos["vfr"][0]
     real_open = av.open
@@ -253,7 +253,7 @@ def test_whatever_pyav_or_transnetv2_raises_becomes_the_rows_error(vfr_videos, m
         def predict_raw(self, batch):
             raise RuntimeError("CUDA error: out of memory\nmore lines")
 
-    monkeypatch.setattr(curate.clips, "transnet_model", lambda device="cpu": Failing())
+    monkeypatch.setattr(curate.media.clips, "transnet_model", lambda device="cpu": Failing())
     rows = _rows(path, method="transnetv2")
     assert [r["media_type"] for r in rows] == ["video"]
     assert rows[0]["error"] == ("detection_failed: TransNetV2 failed at the end of the "
@@ -263,7 +263,7 @@ def test_whatever_pyav_or_transnetv2_raises_becomes_the_rows_error(vfr_videos, m
 def test_fixed_windows_skip_a_jump_in_the_timestamps_and_match_a_plain_reference():
     """Windows by frame times: the same spans as opening every window in turn (a plain
     reference), and a damaged timestamp far ahead costs no window per stride."""
-    from curate.clips import _FixedSpans
+    from curate.media.clips import _FixedSpans
 
     def reference(times, clip_s, stride_s):
         spans, k = [], 0

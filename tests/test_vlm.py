@@ -178,7 +178,7 @@ def test_a_failing_batch_is_retried_row_by_row():
 
 
 def test_two_stages_on_one_model_share_one_pool_and_engine():
-    from curate.runner import SegmentWorker, segments
+    from curate.engine.ray_stream import SegmentWorker, segments
     from curate.stages.ingest import IngestImages
 
     caption = Caption(model=llava(), device="cpu")
@@ -237,7 +237,7 @@ def test_caption_and_score_in_a_real_pipeline(ray_session, photo_dir, tmp_path):
 
 def test_rows_dropped_earlier_never_reach_the_model(demo_media):
     """Caption after image_quality: the engine sees only rows that are still in."""
-    from curate.runner import SegmentWorker
+    from curate.engine.ray_stream import SegmentWorker
     from curate.stages.ingest import IngestImages
     from curate.stages.quality import ImageQuality
 

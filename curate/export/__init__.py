@@ -32,7 +32,7 @@ from curate.export.writers import (
     write_webdataset,
 )
 from curate.filters import FilterError, combine
-from curate.tables import now
+from curate.table.layout import now
 
 __all__ = ["ExportError", "ExportOptions", "ExportSummary", "export"]
 
@@ -148,7 +148,7 @@ def _split_task(part: pa.Table, order: Order, tasks: list[WriterTask]):
 
 def _write_task(options: ExportOptions, task: WriterTask, columns: list[str], out: str,
                 *pieces: pa.Table) -> Written:
-    from curate.tasks import concat
+    from curate.engine.tasks import concat
 
     rows = with_buckets(concat(pieces), options.bucket_list())
     media = MediaOptions(options.image_format, options.max_side, options.quality)
@@ -167,9 +167,8 @@ LOCAL_ROWS = 20_000
 
 
 def _use_ray(executor: str, address: str | None, dataset) -> bool:
-    """Where a run would start (curate.local.use_ray), then by the table's size."""
-    from curate import local
-
+    """Where a run would start (curate.engine.local_stream.use_ray), then by the table's size."""
+    from curate.engine import local_stream as local
     if local.use_ray(executor, address, []):
         return True
     return executor == "auto" and dataset.count_rows() > LOCAL_ROWS  # the manifest's count
@@ -180,13 +179,13 @@ class _RayWriters:
     driver."""
 
     def __init__(self, store, dataset, address: str | None):
-        from curate.runner import connect
+        from curate.engine.ray_stream import connect
 
         connect(address)
         self.store, self.dataset = store, dataset
 
     def histogram(self, read: list[str], where: str | None, order: Order) -> np.ndarray:
-        from curate.tasks import gather, map_parts, scan
+        from curate.engine.tasks import gather, map_parts, scan
 
         self.parts = scan(self.store, read, where, dataset=self.dataset)
         return sum(gather(map_parts(self.parts, histogram, (order,))),
@@ -195,7 +194,7 @@ class _RayWriters:
     def write(self, tasks, options, columns, out, order):
         import ray
 
-        from curate.tasks import _remote
+        from curate.engine.tasks import _remote
 
         if not tasks:
             return
@@ -232,7 +231,7 @@ class _LocalWriters:
         if not tasks:
             return
         pieces = split(self.rows, order, tasks)
-        from curate.local import cpus
+        from curate.engine.local_stream import cpus
 
         with ThreadPoolExecutor(max_workers=cpus()) as pool:
             futures = {pool.submit(_write_task, options, task, columns, out, pieces[i]): i
@@ -326,7 +325,7 @@ def export(store_config: StoreConfig, options: ExportOptions | dict[str, Any],
     if isinstance(options, dict):
         options = parse_options(options)
     started, clock = now(), time.perf_counter()
-    from curate.store import Store
+    from curate.table.store import Store
 
     store = Store(store_config)
     dataset = _open(store, options.version)

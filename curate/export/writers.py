@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.export.sharding import WriterTask, ranked
-from curate.media import MediaError, decode_image
-from curate.reader import MediaReader
+from curate.media.decode import MediaError, decode_image
+from curate.media.reader import MediaReader
 
 #: Extension of each format sniffed at ingest (the `format` column).
 EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif",
@@ -88,7 +88,7 @@ class MediaFetcher:
         return out.getvalue(), target
 
     def _clip(self, row: dict[str, Any]) -> bytes:
-        from curate.video import cut
+        from curate.media.video import cut
 
         source = self.reader.video_source(row["uri"], row["source_hash"])
         # a file, not memory: the MP4 muxer rewrites its start to put the index first

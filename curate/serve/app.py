@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
-from curate.serve.catalog import Catalog, CatalogError
+from curate.catalog import Catalog, CatalogError
 from curate.serve.config import ServeConfig
 
 log = logging.getLogger(__name__)

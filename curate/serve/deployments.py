@@ -15,9 +15,9 @@ from typing import Any
 import pyarrow as pa
 from ray import serve
 
-from curate.media import MediaError
-from curate.runner import SegmentWorker
-from curate.serve.catalog import Catalog, CatalogError
+from curate.catalog import Catalog, CatalogError
+from curate.engine.ray_stream import SegmentWorker
+from curate.media.decode import MediaError
 from curate.serve.config import ServeConfig
 from curate.serve.features import (
     RETRY_S,

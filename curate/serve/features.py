@@ -7,7 +7,7 @@ arrives and each model segment is a Serve deployment, so a feature computed on d
 through the same code, with the same model and weights, as the column in the table.
 
 Computed features are kept by sample_id (`FeatureCache`), and nothing writes the samples
-table outside the run lease (curate.lease).
+table outside the run lease (curate.table.lease).
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import pyarrow as pa
 import yaml
 
 from curate.config import Config, load_config
+from curate.engine.ray_stream import TIMING_PREFIX, SegmentWorker, segments
 from curate.errors import ConfigError
-from curate.lease import CACHE_RUN, RunLease
 from curate.pipeline import build_stages
-from curate.runner import TIMING_PREFIX, SegmentWorker, segments
 from curate.stage import Stage
 from curate.stages.ingest import sample_id_for
-from curate.store import NULL_VECTORS
+from curate.table.lease import CACHE_RUN, RunLease
+from curate.table.store import NULL_VECTORS
 
 log = logging.getLogger(__name__)
 

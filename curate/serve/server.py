@@ -49,8 +49,8 @@ def build_app(cfg: ServeConfig):
     segment of the pipeline (none when no pipeline config is known)."""
     from ray import serve
 
+    from curate.catalog import Catalog
     from curate.serve.app import Api
-    from curate.serve.catalog import Catalog
     from curate.serve.deployments import FeatureService, ModelSegment
     from curate.serve.features import FeaturePlan, pipeline_config
 
@@ -89,7 +89,7 @@ def start(cfg: ServeConfig, address: str | None = None, route_prefix: str = "/")
     import ray
     from ray import serve
 
-    from curate.runner import connect
+    from curate.engine.ray_stream import connect
 
     if cfg.ingress.mode == "haproxy" and not ray.is_initialized():
         # read by Serve's controller and replicas, which inherit the environment of the

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from curate.executor import GlobalResult
+from curate.engine.executor import GlobalResult
+from curate.engine.tasks import ROWADDR, concat
 from curate.registry import register
 from curate.stage import Stage, StageParams
-from curate.tasks import ROWADDR, concat
 
 KeepPolicy = Literal["largest", "smallest", "first", "highest", "lowest"]
 
@@ -175,7 +175,7 @@ def phash_block(img) -> np.ndarray:
     import scipy.fftpack
     from PIL import Image
 
-    from curate.media import luma
+    from curate.media.decode import luma
 
     small = luma(img).resize((PHASH_SIDE, PHASH_SIDE), Image.Resampling.LANCZOS,
                              reducing_gap=PHASH_REDUCING_GAP)
@@ -235,8 +235,8 @@ def hamming_groups(hashes: np.ndarray, max_distance: int,
     same images), the distance is the least Hamming distance between one image's pHash
     and the other's 8 orientations, either way round. The path PhashDedup takes on the
     cluster (band buckets, then large-star / small-star), on one partition."""
-    from curate.components import connected_components
-    from curate.executor import LocalExecutor
+    from curate.algos.components import connected_components
+    from curate.engine.executor import LocalExecutor
 
     hashes = np.asarray(hashes, dtype=np.uint64)
     unique, inverse = np.unique(hashes, return_inverse=True)
@@ -671,7 +671,7 @@ class PhashDedup(Stage):
         in band buckets; with dihedral invariance, also a hash and another's orientations
         within max_distance of it); a group is a connected component (large-star /
         small-star rounds), and the keep policy picks one row per group."""
-        from curate.components import connected_components
+        from curate.algos.components import connected_components
 
         distance = self.params.max_distance
         flips = [PHASH_FLIPS] if self.dihedral else []

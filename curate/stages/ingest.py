@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from curate.errors import RunError
-from curate.media import (
+from curate.media.decode import (
     HttpOptions,
     MediaError,
     content_hash,

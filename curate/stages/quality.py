@@ -10,7 +10,7 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import Field, model_validator
 
-from curate.media import luma
+from curate.media.decode import luma
 from curate.registry import register
 from curate.stage import FrameScoreParams, Stage
 

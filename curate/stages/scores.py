@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
+from curate.algos.vectors import column_pixels, prepared_pixels, to_matrix
 from curate.models import ModelError, in_fixed_batches, stand_in_notice
 from curate.registry import register
 from curate.stage import FrameScoreParams, Resources, Stage
-from curate.vectors import column_pixels, prepared_pixels, to_matrix
 
 
 def threshold_verdicts(label: str, scores: np.ndarray, valid: np.ndarray,

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
-from curate.cluster import (
+from curate.algos.kmeans import (
     assign,
     choose_by_quota,
     cluster_quotas,
@@ -27,12 +27,12 @@ from curate.cluster import (
     kmeans,
     semantic_duplicates,
 )
-from curate.executor import GlobalResult
+from curate.algos.vectors import from_matrix, list_values, to_matrix
+from curate.engine.executor import GlobalResult
+from curate.engine.tasks import ROWADDR
 from curate.registry import register
 from curate.stage import Stage, StageParams
 from curate.stages.dedup import check_score_column
-from curate.tasks import ROWADDR
-from curate.vectors import from_matrix, list_values, to_matrix
 
 #: upper bound of the automatic cluster count
 MAX_AUTO_CLUSTERS = 10_000

@@ -12,13 +12,13 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from curate.clips import Clip, Decoded, SplitOptions, split
-from curate.media import HttpOptions, MediaError, read_http
+from curate.media.clips import Clip, Decoded, SplitOptions, split
+from curate.media.decode import HttpOptions, MediaError, read_http
+from curate.media.video import VIDEO_SUFFIXES, VideoInfo, VideoSource, file_hash, probe
 from curate.registry import register
 from curate.stage import Resources, Stage, StageParams
 from curate.stages.ingest import CAPTION_COLUMNS, IngestImages, _is_url
 from curate.stages.scores import threshold_verdicts
-from curate.video import VIDEO_SUFFIXES, VideoInfo, VideoSource, file_hash, probe
 
 
 class IngestVideosParams(StageParams):
@@ -395,7 +395,7 @@ class Transcode(Stage):
         return True  # it works on the clips in the pool that cuts them
 
     def process(self, batch: pa.Table, images: list) -> dict[str, pa.Array]:
-        from curate.video import cut
+        from curate.media.video import cut
 
         p = self.params
         suffix = {"h264": ".mp4", "vp9": ".webm"}[p.codec]

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from curate.config import StoreConfig
 from curate.errors import DISK_FULL, NO_WRITE, RunError, says, storage_message
-from curate.tables import RUN_SCHEMA, resolve_uri, run_row, table_path
+from curate.table.layout import RUN_SCHEMA, resolve_uri, run_row, table_path
 
 #: A row with no embedding (its image failed) has a null vector; LanceDB counts null
 #: vectors as bad and would refuse the write unless told to keep them null.
@@ -239,7 +239,7 @@ class Store:
         """Compact the many small fragments that incremental commits leave behind (in
         tasks on the cluster), bring the indexes up to date and remove versions older than
         a week that no tag holds (what LanceDB's optimize does)."""
-        from curate.tasks import compact
+        from curate.engine.tasks import compact
 
         compact(self)
         dataset = self._lance(self.name)

@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.inflight import WORKER_RETRIES
+from curate.engine.inflight import WORKER_RETRIES
+from curate.engine.tasks import blocks
 from curate.stage import Stage
-from curate.tasks import blocks
 from curate.verdicts import alive_mask
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class SegmentWorker:
                  earlier_verdicts: dict[str, list[str]] | None = None, clips: bool = False,
                  frame_columns: tuple[str, ...] = (), inflight=None):
         self.stages = stages
-        #: The run's registry of batches in flight (curate.inflight); None outside runs.
+        #: The run's registry of batches in flight (curate.engine.inflight); None outside runs.
         self.inflight = inflight
         #: True where rows may be clips (in a pipeline that cuts videos, from the stage that
         #: cuts them on): image stages then see each sampled frame as a row.
@@ -139,10 +139,10 @@ class SegmentWorker:
         return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
     def _starting(self, batch: pa.Table) -> str | None:
-        """Tell the run's registry this batch is being worked on (see curate.inflight)."""
+        """Tell the run's registry this batch is being worked on (see curate.engine.inflight)."""
         if self.inflight is None:
             return None
-        from curate.inflight import batch_inputs, batch_key
+        from curate.engine.inflight import batch_inputs, batch_key
 
         names = [s.name for s in self.stages]
         key = batch_key(",".join(names), batch)
@@ -456,7 +456,7 @@ def stream_fragments(
             num_cpus=size.cpus,
             num_gpus=size.gpus or None,
             # a dead worker is replaced and its batch tried again, a few times: a batch
-            # that kills every worker it meets must end the run, not loop (curate.inflight)
+            # that kills every worker it meets must end the run, not loop (curate.engine.inflight)
             max_task_retries=WORKER_RETRIES,
         )
     # Tasks, not an actor pool: the writer holds no state worth keeping, and an actor pool

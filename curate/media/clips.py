@@ -18,8 +18,8 @@ from fractions import Fraction
 import numpy as np
 from PIL import Image
 
-from curate.media import MediaError, is_out_of_memory
-from curate.video import Frame, VideoSource, frames
+from curate.media.decode import MediaError, is_out_of_memory
+from curate.media.video import Frame, VideoSource, frames
 
 #: Size of the grey frames the motion measure compares (width; height follows the aspect).
 MOTION_WIDTH = 64
@@ -385,7 +385,7 @@ def _detector(options: SplitOptions, fps: float, timeline: _Timeline) -> Detecto
 def split(source: VideoSource, fps: float, options: SplitOptions,
           decoded: Decoded | None = None) -> Iterator[Clip]:
     """The clips of a video in order, each as soon as it is complete. Frames are numbered
-    in decoding order and timed by their own timestamps (`curate.video.frames`), so clip
+    in decoding order and timed by their own timestamps (`curate.media.video.frames`), so clip
     times are right on variable-frame-rate and edit-listed videos; `fps` (nominal) only
     sizes the sampling stride. `decoded`, when given, counts what was read: the caller
     compares it with the header."""

@@ -16,7 +16,7 @@ from fractions import Fraction
 import numpy as np
 from PIL import Image
 
-from curate.media import MediaError
+from curate.media.decode import MediaError
 
 #: WebDataset members and file suffixes that hold a video.
 VIDEO_SUFFIXES = ("mp4", "webm", "mkv", "mov", "avi", "m4v")

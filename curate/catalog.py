@@ -21,9 +21,9 @@ import pyarrow.compute as pc
 from curate.config import StoreConfig
 from curate.errors import CurateError
 from curate.filters import FilterError, check_where, combine, lance_message
-from curate.media import MediaError, content_hash, decode_image, error_code
-from curate.reader import MediaReader
-from curate.store import Store
+from curate.media.decode import MediaError, content_hash, decode_image, error_code
+from curate.media.reader import MediaReader
+from curate.table.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ class Catalog:
         return self.sample(sample_id, ["media_type"]).get("media_type") == "video_clip"
 
     def _clip_cache(self):
-        from curate.serve.clipcache import ClipCache
+        from curate.media.clipcache import ClipCache
 
         with self._lock:
             if self._clips is None:
@@ -270,7 +270,7 @@ class Catalog:
 
     def clip_frame(self, sample_id: str, at: float, size: int) -> bytes:
         """A JPEG of a clip's frame at fraction `at` (0-1) of its span."""
-        from curate.serve.clipcache import poster
+        from curate.media.clipcache import poster
 
         row, source = self._clip_source(sample_id)
         start, end = row["clip_start_s"], row["clip_end_s"]

@@ -28,9 +28,8 @@ SCAN_ROWS = 262_144
 
 
 def _remote(fn, **options):
-    from curate import local
-
-    if local.active():  # a run without Ray: the task is called here (curate.local)
+    from curate.engine import local_stream as local
+    if local.active():  # a run without Ray: the task is called here (curate.engine.local_stream)
         return local.InlineTask(fn, options.get("num_returns", 1))
     import ray
 
@@ -39,8 +38,7 @@ def _remote(fn, **options):
 
 def partitions() -> int:
     """Shuffle partitions: about two per CPU of the cluster (one when tasks run inline)."""
-    from curate import local
-
+    from curate.engine import local_stream as local
     if local.active():
         return 1
     import ray
@@ -185,8 +183,7 @@ def num_rows(part: pa.Table) -> int:
 
 def gather(refs: list[Part]) -> list:
     """The results of small tasks (counts, centroids), on the driver."""
-    from curate import local
-
+    from curate.engine import local_stream as local
     if local.active():
         return list(refs)
     import ray
@@ -195,8 +192,7 @@ def gather(refs: list[Part]) -> list:
 
 
 def put(value):
-    from curate import local
-
+    from curate.engine import local_stream as local
     if local.active():
         return value
     import ray

@@ -1,5 +1,5 @@
 """Connected components of a graph too big for one process, on an executor
-(curate.executor): the alternating large-star / small-star algorithm of Kiveris et al.,
+(curate.engine.executor): the alternating large-star / small-star algorithm of Kiveris et al.,
 "Connected Components in MapReduce and Beyond" (SoCC 2014).
 
 Vertices are uint64 values; the component of a vertex is the smallest vertex in it. Each
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from curate.tasks import Part
+from curate.engine.tasks import Part
 
 #: Rounds (a large-star and a small-star shuffle each) before giving up; the algorithm
 #: needs O(log^2 n) rounds at most, and a handful in practice.
@@ -35,7 +35,7 @@ MAX_ROUNDS = 64
 
 NODE = "_node"
 NBR = "_nbr"
-_SUMMARY = b"curate.components"
+_SUMMARY = b"curate.algos.components"
 
 
 @dataclass

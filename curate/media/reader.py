@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import threading
 
-from curate.media import (
+from curate.media.decode import (
     HttpOptions,
     MediaError,
     content_hash,
@@ -82,7 +82,7 @@ class MediaReader:
 
     def file_hash(self, path: str) -> str:
         """The sha256 of a local file, computed once per (path, mtime, size)."""
-        from curate.video import file_hash
+        from curate.media.video import file_hash
 
         key = self._stat_key(path)
         with self._lock:
@@ -96,7 +96,7 @@ class MediaReader:
     def video_source(self, uri: str, expected_hash: str):
         """A clip's source video as a `VideoSource`, refused (MediaError `changed`) unless
         it is the video hashed at ingest. Local files stream from disk."""
-        from curate.video import VideoSource
+        from curate.media.video import VideoSource
 
         path, sep, _ = uri.partition("#")
         if uri.startswith(("http://", "https://")) or (sep and path.lower().endswith(".tar")):

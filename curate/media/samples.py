@@ -80,7 +80,7 @@ def write_video_with_cuts(path: str | Path, shots: list[float], size: tuple[int,
                           fps: int = 24, seed: int = 0, still: bool = False) -> list[int]:
     """A video of shots of the given lengths (seconds), each a pan over another real photo;
     returns the frame index where each shot after the first starts (the true cuts)."""
-    from curate.video import write_video
+    from curate.media.video import write_video
 
     rng = np.random.default_rng(seed)
     bases = base_photos()

@@ -4,9 +4,9 @@ Starting a local Ray (its GCS, raylet and worker processes) and Ray Data's actor
 seconds that a small run never wins back, so `run.executor: auto` uses this path for a small
 run when no cluster is given (see `use_ray`). Nothing else changes: the row stages run in
 the same `SegmentWorker`s, rows are written as Lance fragments that the driver commits in
-increments, and global stages run the same task functions (curate.tasks) called inline.
+increments, and global stages run the same task functions (curate.engine.tasks) called inline.
 
-- **Tasks inline** (`inline()`): while active, `curate.tasks` calls each task function
+- **Tasks inline** (`inline()`): while active, `curate.engine.tasks` calls each task function
   right here and hands back its value where Ray would hand back a reference.
 - **The stream** (`stream_fragments`): the decoding segment on threads, one per CPU, each
   with its own copy of the stages; each model segment, loaded once, runs in the calling
@@ -39,7 +39,7 @@ def active() -> bool:
 
 @contextlib.contextmanager
 def inline():
-    """Run `curate.tasks`' work in this process while the block runs."""
+    """Run `curate.engine.tasks`' work in this process while the block runs."""
     before = active()
     _inline.on = True
     try:
@@ -99,11 +99,11 @@ def use_ray(executor: str, address: str | None, stages: list[Stage]) -> bool:
 def stream_fragments(parts: list[pa.Table], counts: list[int], stages: list[Stage],
                      row_stages_hash: str, writer, write_rows: int,
                      num_cpus: int | None = None) -> Iterator[pa.Table]:
-    """`curate.runner.stream_fragments` in this process: the decoding segment on threads,
+    """`curate.engine.ray_stream.stream_fragments` in this process: the decoding segment on threads,
     each model segment here in the calling thread on batches of its own size (as a Ray
     Data pool gets them: a model pads a short batch to its size), and the rows written as
     fragments of `write_rows` rows; yields each fragment's metadata."""
-    from curate.runner import FanOutWorker, SegmentWorker, segments, worker_options
+    from curate.engine.ray_stream import FanOutWorker, SegmentWorker, segments, worker_options
 
     pools = segments(stages)
     n = cpus(num_cpus)

@@ -9,8 +9,8 @@ import io
 import os
 import tempfile
 
-from curate.media import MediaError
-from curate.video import VideoSource, cut, frames
+from curate.media.decode import MediaError
+from curate.media.video import VideoSource, cut, frames
 
 #: Longest side of a clip cut for the browser.
 MAX_SIDE = 720

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from curate import __version__, local
+from curate import __version__
 from curate.config import Config
+from curate.engine import local_stream as local
+from curate.engine.inflight import NAMED, WORKER_RETRIES, mark_set_aside, set_aside_reason
 from curate.errors import (
     ConfigError,
     CurateError,
@@ -26,12 +28,11 @@ from curate.errors import (
     is_storage_failure,
     root_cause,
 )
-from curate.inflight import NAMED, WORKER_RETRIES, mark_set_aside, set_aside_reason
 from curate.logs import progress_bar
 from curate.pipeline import FINAL_COLUMNS, build_stages, table_schema
 from curate.stage import Stage
-from curate.store import Store
-from curate.tables import now
+from curate.table.layout import now
+from curate.table.store import Store
 from curate.verdicts import StageCount, final_columns, funnel
 
 
@@ -112,7 +113,7 @@ class _Execution:
         self.config = config
         self.progress = progress
         self.force_after_s = force_after_s
-        #: input_id -> why: inputs whose batch killed its workers (curate.inflight)
+        #: input_id -> why: inputs whose batch killed its workers (curate.engine.inflight)
         self.set_aside: dict[str, str] = {}
         self.stages = build_stages(config)
         self.source = self.stages[0]
@@ -136,7 +137,7 @@ class _Execution:
         self.models = [m for stage in self.stages for m in stage.models()]
 
     def run(self) -> RunSummary:
-        from curate.lease import RunLease
+        from curate.table.lease import RunLease
 
         started = time.perf_counter()
         self.preflight()
@@ -158,9 +159,9 @@ class _Execution:
                 self.store.before_commit = None
 
     def _run(self, started: float, run_id: str, lease) -> RunSummary:
-        from curate.inputs import pending_inputs, unwrap
-        from curate.runner import connect
-        from curate.tasks import map_parts, remove_duplicate_rows
+        from curate.engine.inputs import pending_inputs, unwrap
+        from curate.engine.ray_stream import connect
+        from curate.engine.tasks import map_parts, remove_duplicate_rows
 
         run_cfg = self.config.run
         self.store.ensure_table(table_schema(self.stages))
@@ -255,7 +256,7 @@ class _Execution:
         """Many inputs: the rest of the run goes to a local Ray, the listing with it."""
         import ray
 
-        from curate.runner import connect
+        from curate.engine.ray_stream import connect
 
         local.leave()
         connect(self.config.run.ray_address, self.config.run.num_cpus)
@@ -278,9 +279,9 @@ class _Execution:
     def _stream(self, pending) -> None:
         """Workers read, compute and write fragments; here only their metadata arrives and
         is committed every `commit_every` rows."""
-        from curate.inflight import registry
-        from curate.runner import FragmentWriter, stream_fragments
-        from curate.tasks import delete_rows
+        from curate.engine.inflight import registry
+        from curate.engine.ray_stream import FragmentWriter, stream_fragments
+        from curate.engine.tasks import delete_rows
 
         # an input whose rows are redone loses its old rows first: a kill after this
         # leaves it unread, so a rerun reads it again
@@ -347,7 +348,7 @@ class _Execution:
 
     def _killer_batches(self, inflight) -> str | None:
         """After the stream failed: the batches that killed their workers on every try, set
-        aside for the next run (see curate.inflight), and the message saying so."""
+        aside for the next run (see curate.engine.inflight), and the message saying so."""
         import ray
 
         try:
@@ -370,7 +371,7 @@ class _Execution:
     def _global_and_verdicts(self) -> list[StageCount]:
         """Each global stage as tasks over the table, one commit each; then the verdicts
         and the funnel, fragment by fragment."""
-        from curate.executor import ClusterExecutor
+        from curate.engine.executor import ClusterExecutor
 
         for i, stage in enumerate(self.stages):
             if not stage.has_global_part:
@@ -392,7 +393,7 @@ class _Execution:
 
     def _counts(self, write: bool = False) -> list[StageCount]:
         """The funnel, summed over fragments; with `write`, also set the final columns."""
-        from curate.tasks import gather, map_parts, scan, write_columns
+        from curate.engine.tasks import gather, map_parts, scan, write_columns
 
         have = set(self.store.schema().names)
         verdicts = [s.verdict_column for s in self.stages
@@ -432,7 +433,7 @@ class _Execution:
 
 
 def _final_part(part: pa.Table, stages: list[Stage]) -> pa.Table:
-    from curate.tasks import ROWADDR
+    from curate.engine.tasks import ROWADDR
 
     return pa.table({ROWADDR: part[ROWADDR], **final_columns(part, stages)})
 
@@ -476,5 +477,5 @@ def execute(config: Config, progress: bool = True,
             force_after_s: float | None = None) -> RunSummary:
     """Run or resume `config`; raises RunError when inputs or the store are unusable, or
     when another run holds the table (`force_after_s`: take over a lease silent for
-    longer, see curate.lease)."""
+    longer, see curate.table.lease)."""
     return _Execution(config, progress, force_after_s).run()

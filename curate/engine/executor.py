@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.tasks import ROWADDR, Part, aligned_columns, concat
+from curate.engine.tasks import ROWADDR, Part, aligned_columns, concat
 
 
 @dataclass
@@ -77,39 +77,39 @@ class ClusterExecutor:
         self.alive_filter = alive_filter
 
     def scan(self, columns: list[str], fn: Callable | None = None, *args) -> list[Part]:
-        from curate.tasks import scan
+        from curate.engine.tasks import scan
 
         have = set(self.store.dataset().schema.names)
         return scan(self.store, [c for c in columns if c in have], self.alive_filter, fn, args)
 
     def map(self, parts: list[Part], fn: Callable, *args) -> list[Part]:
-        from curate.tasks import map_parts
+        from curate.engine.tasks import map_parts
 
         return map_parts(parts, fn, args)
 
     def shuffle(self, parts: list[Part], key, fn: Callable, *args) -> list[Part]:
-        from curate.tasks import shuffle
+        from curate.engine.tasks import shuffle
 
         return shuffle(parts, key, fn, args)
 
     def gather(self, parts: list[Part]) -> list:
-        from curate.tasks import gather
+        from curate.engine.tasks import gather
 
         return gather(parts)
 
     def task(self, fn: Callable, *args) -> Part:
-        from curate.tasks import run_task
+        from curate.engine.tasks import run_task
 
         return run_task(fn, *args)
 
     def put(self, value):
-        from curate.tasks import put
+        from curate.engine.tasks import put
 
         return put(value)
 
     def write(self, result: GlobalResult) -> int:
         """Commit the result's columns, one commit; returns the new table version."""
-        from curate.tasks import write_columns
+        from curate.engine.tasks import write_columns
 
         return write_columns(self.store, result.parts, result.schema, result.defaults)
 
