@@ -8,7 +8,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    from curate.engine.executor import GlobalResult
+    from curate.parts import GlobalResult
 
 
 class Resources(BaseModel):
@@ -192,9 +192,9 @@ class Stage:
     def run_global(self, table: pa.Table, alive: pa.Array) -> dict[str, pa.Array]:
         """The global part in this process over `table` (`alive` marks the rows no earlier
         stage dropped): new columns for every row."""
-        from curate.engine.executor import LocalExecutor
+        from curate.parts import MemoryExecutor
 
-        ex = LocalExecutor(table, alive)
+        ex = MemoryExecutor(table, alive)
         return ex.columns(self.global_part(ex))
 
     def expand(self, rows: pa.Table, media: list | None) -> tuple[pa.Table, list | None]:

@@ -1,5 +1,5 @@
 """Connected components (large-star / small-star) and phash_dedup's distributed path, in
-this process (LocalExecutor, one partition) and as Ray tasks over several partitions."""
+this process (MemoryExecutor, one partition) and as Ray tasks over several partitions."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components as scipy_components
 
 from curate.algos.components import connected_components
-from curate.engine.executor import ClusterExecutor, GlobalResult, LocalExecutor
+from curate.engine.executor import ClusterExecutor, GlobalResult, MemoryExecutor
 from curate.engine.tasks import concat
 from curate.stages import PhashDedup
 from curate.stages.dedup import _close_pairs, duplicate_column, near_pairs
@@ -88,8 +88,8 @@ def as_dict(ex, labels) -> dict[int, int]:
     return dict(zip(vertex, table["component"].to_pylist()))
 
 
-def local() -> LocalExecutor:
-    return LocalExecutor(pa.table({}), pa.array([], pa.bool_()))
+def local() -> MemoryExecutor:
+    return MemoryExecutor(pa.table({}), pa.array([], pa.bool_()))
 
 
 # --- components in one process -------------------------------------------------------------
@@ -234,7 +234,7 @@ class TableExecutor(ClusterExecutor):
 
     def __init__(self, table: pa.Table, alive: pa.Array, parts: int):
         super().__init__(None, None)
-        self.local = LocalExecutor(table, alive)
+        self.local = MemoryExecutor(table, alive)
         self.parts = parts
 
     def scan(self, columns, fn=None, *args):
@@ -265,6 +265,6 @@ def test_phash_dedup_on_ray_matches_previous(ray_session, params):
     result = stage.global_part(ex)
     assert len(result.parts) > 4  # several partitions of verdicts
     gathered = GlobalResult(ex.gather(result.parts), result.schema, result.defaults)
-    verdicts = LocalExecutor(table, alive).columns(gathered)["phash_duplicate_of"]
+    verdicts = MemoryExecutor(table, alive).columns(gathered)["phash_duplicate_of"]
     assert verdicts.to_pylist() == previous_verdicts(stage, table, alive)
     assert stage.report["rounds"] >= 1

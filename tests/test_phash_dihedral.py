@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from curate import load_config
-from curate.engine.executor import LocalExecutor
 from curate.engine.tasks import concat
 from curate.errors import ConfigError
+from curate.parts import MemoryExecutor
 from curate.stages.dedup import (
     PHASH_FLIPS,
     PhashDedup,
@@ -228,7 +228,7 @@ def test_near_pairs_from_several_parts_find_every_turned_pair():
     rows = [pa.table({"phash": pa.array(h[i], pa.uint64()), PHASH_FLIPS:
                       pa.FixedSizeListArray.from_arrays(pa.array(flips[i].ravel()), 3)})
             for i in np.array_split(np.random.default_rng(1).permutation(h.size), 3)]
-    ex = LocalExecutor(pa.table({}), pa.array([], pa.bool_()))
+    ex = MemoryExecutor(pa.table({}), pa.array([], pa.bool_()))
     edges = concat(near_pairs(ex, rows, d))
     found = {tuple(sorted(e)) for e in zip(edges["u"].to_pylist(), edges["v"].to_pylist())}
     i, j = np.nonzero((brute_distances(h, flips) <= d) & (h[:, None] != h[None, :]))

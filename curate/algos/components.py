@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from curate.engine.tasks import Part
+from curate.parts import Part
 
 #: Rounds (a large-star and a small-star shuffle each) before giving up; the algorithm
 #: needs O(log^2 n) rounds at most, and a handful in practice.

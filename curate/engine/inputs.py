@@ -11,9 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.engine.tasks import ROWADDR, Part, gather, map_parts, num_rows, run_task, scan, shuffle
+from curate.engine.tasks import gather, map_parts, num_rows, run_task, scan, shuffle
 from curate.errors import CurateError, RunError
 from curate.media.decode import TRANSIENT_CODES
+from curate.parts import ROWADDR, Part
 from curate.stage import Source
 
 #: Tag of the table's rows in the shuffle that meets them with the listing.

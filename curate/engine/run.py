@@ -433,7 +433,7 @@ class _Execution:
 
 
 def _final_part(part: pa.Table, stages: list[Stage]) -> pa.Table:
-    from curate.engine.tasks import ROWADDR
+    from curate.parts import ROWADDR
 
     return pa.table({ROWADDR: part[ROWADDR], **final_columns(part, stages)})
 

@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-#: A reference to a pa.Table in Ray's object store.
-Part = Any
+from curate.parts import ROWADDR, Part, aligned_columns, concat, num_rows
 
-#: Row address column added by `scan`: fragment id in the high 32 bits, offset below.
-ROWADDR = "_rowaddr"
 #: Rows a scan task reads at most (several fragments may go to one task).
 SCAN_ROWS = 262_144
 
@@ -56,14 +52,6 @@ def partition_of(values: pa.Array | pa.ChunkedArray, n: int) -> np.ndarray:
         return (mixed % np.uint64(n)).astype(np.int64)
     text = pc.cast(values, pa.string()).to_pylist()
     return np.array([zlib.crc32((t or "").encode()) % n for t in text], dtype=np.int64)
-
-
-def concat(tables: Sequence[pa.Table]) -> pa.Table:
-    tables = [t for t in tables if t is not None]
-    if not tables:
-        return pa.table({})
-    nonempty = [t for t in tables if t.num_rows] or tables[:1]
-    return pa.concat_tables(nonempty, promote_options="default")
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -177,10 +165,6 @@ def blocks(parts: list[Part], counts: list[int], rows: int) -> list[Part]:
     return out
 
 
-def num_rows(part: pa.Table) -> int:
-    return part.num_rows
-
-
 def gather(refs: list[Part]) -> list:
     """The results of small tasks (counts, centroids), on the driver."""
     from curate.engine import local_stream as local
@@ -206,25 +190,6 @@ def run_task(fn: Callable, *args, **options):
 
 
 # --- writing columns back -----------------------------------------------------------------
-
-
-def aligned_columns(values: pa.Table, addresses: pa.Array | pa.ChunkedArray,
-                    schema: pa.Schema, defaults: dict) -> dict[str, pa.Array]:
-    """`schema`'s columns for the rows at `addresses`, taken from `values` (rows with
-    `_rowaddr`); rows missing from `values` get the default or null."""
-    position = pc.index_in(addresses, value_set=values[ROWADDR]) if values.num_rows else None
-    out = {}
-    for field in schema:
-        if position is not None and field.name in values.column_names:
-            column = pc.take(values[field.name], position)
-        else:
-            column = pa.nulls(len(addresses), field.type)
-        if field.name in defaults:
-            column = pc.fill_null(column, defaults[field.name])
-        if isinstance(column, pa.ChunkedArray):
-            column = column.combine_chunks()
-        out[field.name] = column.cast(field.type)
-    return out
 
 
 def _write_task(uri: str, version: int, storage_options: dict | None,

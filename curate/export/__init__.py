@@ -148,7 +148,7 @@ def _split_task(part: pa.Table, order: Order, tasks: list[WriterTask]):
 
 def _write_task(options: ExportOptions, task: WriterTask, columns: list[str], out: str,
                 *pieces: pa.Table) -> Written:
-    from curate.engine.tasks import concat
+    from curate.parts import concat
 
     rows = with_buckets(concat(pieces), options.bucket_list())
     media = MediaOptions(options.image_format, options.max_side, options.quality)

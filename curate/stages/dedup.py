@@ -10,8 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from curate.engine.executor import GlobalResult
-from curate.engine.tasks import ROWADDR, concat
+from curate.parts import ROWADDR, GlobalResult, concat
 from curate.registry import register
 from curate.stage import Stage, StageParams
 
@@ -236,13 +235,13 @@ def hamming_groups(hashes: np.ndarray, max_distance: int,
     and the other's 8 orientations, either way round. The path PhashDedup takes on the
     cluster (band buckets, then large-star / small-star), on one partition."""
     from curate.algos.components import connected_components
-    from curate.engine.executor import LocalExecutor
+    from curate.parts import MemoryExecutor
 
     hashes = np.asarray(hashes, dtype=np.uint64)
     unique, inverse = np.unique(hashes, return_inverse=True)
     if unique.size <= 1 or (max_distance == 0 and flips is None):
         return inverse.astype(np.int64)
-    ex = LocalExecutor(pa.table({}), pa.array([], pa.bool_()))
+    ex = MemoryExecutor(pa.table({}), pa.array([], pa.bool_()))
     if flips is None:
         parts = [pa.table({PHASH: pa.array(unique, pa.uint64())})]
     else:

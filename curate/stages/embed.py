@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from curate.algos.quantile import kth_largest
 from curate.algos.vectors import column_pixels, from_matrix, prepared_pixels, to_matrix, vector_type
-from curate.engine.executor import GlobalResult, kth_largest
-from curate.engine.tasks import ROWADDR, num_rows
 from curate.models import in_fixed_batches
+from curate.parts import ROWADDR, GlobalResult, num_rows
 from curate.registry import register
 from curate.stage import Resources, Stage, StageParams
 from curate.stages.model_stage import ModelStage

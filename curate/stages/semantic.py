@@ -28,8 +28,7 @@ from curate.algos.kmeans import (
     semantic_duplicates,
 )
 from curate.algos.vectors import from_matrix, list_values, to_matrix
-from curate.engine.executor import GlobalResult
-from curate.engine.tasks import ROWADDR
+from curate.parts import ROWADDR, GlobalResult
 from curate.registry import register
 from curate.stage import Stage, StageParams
 from curate.stages.dedup import check_score_column
