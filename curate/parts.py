@@ -36,16 +36,16 @@ def aligned_columns(values: pa.Table, addresses: pa.Array | pa.ChunkedArray,
     `_rowaddr`); rows missing from `values` get the default or null."""
     position = pc.index_in(addresses, value_set=values[ROWADDR]) if values.num_rows else None
     out = {}
-    for field in schema:
-        if position is not None and field.name in values.column_names:
-            column = pc.take(values[field.name], position)
+    for column_field in schema:
+        if position is not None and column_field.name in values.column_names:
+            column = pc.take(values[column_field.name], position)
         else:
-            column = pa.nulls(len(addresses), field.type)
-        if field.name in defaults:
-            column = pc.fill_null(column, defaults[field.name])
+            column = pa.nulls(len(addresses), column_field.type)
+        if column_field.name in defaults:
+            column = pc.fill_null(column, defaults[column_field.name])
         if isinstance(column, pa.ChunkedArray):
             column = column.combine_chunks()
-        out[field.name] = column.cast(field.type)
+        out[column_field.name] = column.cast(column_field.type)
     return out
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from curate.engine.tasks import Part
+from curate.parts import GlobalResult, Part
 
 
 class ClusterExecutor:
