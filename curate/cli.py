@@ -348,7 +348,7 @@ def repair(
 ) -> None:
     """Keep one row of each sample_id that a table holds more than once (left by runs that
     shared it), under the table's run lease. The next `curate run` sets the verdicts again."""
-    from curate.engine.ray_stream import connect
+    from curate.engine.backend import choose
     from curate.engine.tasks import remove_duplicate_rows
     from curate.table.lease import RunLease
     from curate.table.store import Store
@@ -359,8 +359,7 @@ def repair(
         if target.table() is None:
             raise CurateError(f"no table {target.name} at {target.uri}")
         with RunLease(target, "repair"):
-            connect(address, None)
-            removed = remove_duplicate_rows(target)
+            removed = remove_duplicate_rows(choose("auto", address), target)
     except CurateError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None

@@ -174,7 +174,7 @@ def parse_config(raw: dict[str, Any], where: str | None = None) -> Config:
         raise ConfigError(problems, where)
     assert base is not None
     config = base.model_copy(update={"stages": parsed_stages})
-    from curate.pipeline import check_stage_columns
+    from curate.plan import check_stage_columns
 
     check_stage_columns(config, where)
     return config

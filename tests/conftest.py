@@ -17,7 +17,7 @@ def ray_session():
     """One local Ray instance shared by every test that runs a pipeline."""
     import ray
 
-    from curate.engine.ray_stream import connect
+    from curate.engine.backend import connect
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     connect(num_cpus=2)

@@ -10,10 +10,13 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components as scipy_components
 
 from curate.algos.components import connected_components
-from curate.engine.executor import ClusterExecutor, GlobalResult, MemoryExecutor
+from curate.engine.backend import RayBackend
+from curate.engine.executor import StoreExecutor
 from curate.engine.tasks import concat
+from curate.parts import GlobalResult, MemoryExecutor
 from curate.stages import PhashDedup
-from curate.stages.dedup import _close_pairs, duplicate_column, near_pairs
+from curate.stages.table._dedup import duplicate_column
+from curate.stages.table.phash_dedup import _close_pairs, near_pairs
 
 # --- graphs -------------------------------------------------------------------------------
 
@@ -144,7 +147,7 @@ def planted(n_centres: int, rng, max_flips: int, walk: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("d", [1, 3, 6, 10, 16])
 @pytest.mark.parametrize("small_bucket", [1024, 2])  # 2: every bucket through faiss
 def test_near_pairs_are_every_close_pair_once(d, small_bucket, monkeypatch):
-    import curate.stages.dedup as dedup
+    import curate.stages.table.phash_dedup as dedup
 
     monkeypatch.setattr(dedup, "SMALL_BUCKET", small_bucket)
     rng = np.random.default_rng(d)
@@ -229,11 +232,12 @@ def test_phash_dedup_locally_matches_previous(params):
 # --- on Ray, several partitions ------------------------------------------------------------
 
 
-class TableExecutor(ClusterExecutor):
-    """ClusterExecutor whose scan reads an Arrow table in several parts instead of Lance."""
+class TableExecutor(StoreExecutor):
+    """StoreExecutor on Ray whose scan reads an Arrow table in several parts instead of
+    Lance."""
 
     def __init__(self, table: pa.Table, alive: pa.Array, parts: int):
-        super().__init__(None, None)
+        super().__init__(RayBackend(), None, None)
         self.local = MemoryExecutor(table, alive)
         self.parts = parts
 
@@ -247,7 +251,7 @@ class TableExecutor(ClusterExecutor):
 
 
 def test_components_on_ray_match_scipy(ray_session):
-    ex = ClusterExecutor(None, None)
+    ex = StoreExecutor(RayBackend(), None, None)
     for name in ("chain", "sparse", "mixed"):  # the longest, the most components, all kinds
         edges = graphs()[name]
         parts = [ray_session.put(t) for t in edge_parts(edges, 5)]

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from curate.config import load_config
-from curate.engine import local_stream as local
-from curate.pipeline import build_stages
-from curate.stages.quality import QualityParams  # noqa: F401  (registers the stages)
+from curate.engine import backend as local
+from curate.plan import build_stages
+from curate.stages.image.image_quality import QualityParams  # noqa: F401  (registers the stages)
 
 from .conftest import ROOT
 
@@ -25,35 +25,37 @@ def stages_of(*extra: dict):
         "name": "t", "stages": [{"type": "ingest_images", "paths": ["x"]}, *extra]}))
 
 
+def gpus(stages) -> bool:
+    return any(s.resources.gpus for s in stages)
+
+
 def test_auto_runs_here_unless_a_cluster_a_gpu_or_a_joined_ray_says_otherwise(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setitem(sys.modules, "ray", None)  # as in a process that never imported it
     cpu = stages_of({"type": "image_quality"})
-    assert local.use_ray("auto", None, cpu) is False
-    assert local.use_ray("auto", "ray://head:10001", cpu) is True
+    assert local.wants_ray("auto", None, gpus(cpu)) is False
+    assert local.wants_ray("auto", "ray://head:10001", gpus(cpu)) is True
     gpu = stages_of({"type": "image_quality", "resources": {"gpus": 1}})
-    assert local.use_ray("auto", None, gpu) is True
-    assert local.use_ray("local", None, gpu) is False  # told: no Ray, even so
-    assert local.use_ray("ray", None, cpu) is True
+    assert local.wants_ray("auto", None, gpus(gpu)) is True
+    assert local.wants_ray("local", None, gpus(gpu)) is False  # told: no Ray, even so
+    assert local.wants_ray("ray", None, gpus(cpu)) is True
     monkeypatch.setenv("RAY_ADDRESS", "head:6379")  # inside a Ray job
-    assert local.use_ray("auto", None, cpu) is True
+    assert local.wants_ray("auto", None, gpus(cpu)) is True
 
 
 def test_auto_with_ray_joined_in_this_process_stays_on_it(ray_session, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert local.use_ray("auto", None, stages_of()) is True
+    assert local.wants_ray("auto", None) is True
 
 
 def test_inline_tasks_give_values_where_ray_gives_references():
     from curate.engine import tasks
     table = __import__("pyarrow").table({"k": [3, 1, 3, 2], "v": [1, 2, 3, 4]})
-    with local.inline():
-        assert local.active()
-        parts = tasks.map_parts([table, table], lambda t: t.slice(1))
-        assert [p.num_rows for p in tasks.gather(parts)] == [3, 3]
-        met = tasks.shuffle([table], "k", lambda t: (t, t.slice(0, 1)), returns=2)
-        assert len(met) == 1 and met[0][0].num_rows == 4 and met[0][1].num_rows == 1
-    assert not local.active()
+    inline = local.InlineBackend()
+    parts = tasks.map_parts(inline, [table, table], lambda t: t.slice(1))
+    assert [p.num_rows for p in inline.gather(parts)] == [3, 3]
+    met = tasks.shuffle(inline, [table], "k", lambda t: (t, t.slice(0, 1)), returns=2)
+    assert len(met) == 1 and met[0][0].num_rows == 4 and met[0][1].num_rows == 1
 
 
 def cli_run(tmp_path, media, store, name: str, **run) -> dict:

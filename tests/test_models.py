@@ -17,9 +17,8 @@ from curate.config import load_config
 from curate.errors import ConfigError
 from curate.models import ModelError, model_revision, stand_in_notice
 from curate.models.heads import LinearHead, fetch_weights, load_linear_layers
-from curate.pipeline import check_stage_columns
-from curate.stages.embed import ClipEmbed, ClipScore
-from curate.stages.scores import AestheticScore, NsfwScore
+from curate.plan import check_stage_columns
+from curate.stages import AestheticScore, ClipEmbed, ClipScore, NsfwScore
 
 from .conftest import tiny_models
 
@@ -33,6 +32,11 @@ def photos(count: int = 4, size: tuple[int, int] = (640, 480)) -> list[Image.Ima
         image = Image.fromarray(getattr(data, name)()).convert("RGB")
         images.append(image.resize(size))
     return images
+
+
+def embed_images(embedder, images: list[Image.Image]) -> np.ndarray:
+    """float32 (n, d) L2-normalised image embeddings: `prepare`, then `embed_pixels`."""
+    return embedder.embed_pixels(embedder.prepare(images))
 
 
 @pytest.mark.parametrize("name", ["tiny-clip", "tiny-siglip"])
@@ -71,7 +75,7 @@ def test_open_clip_missing_names_the_extra():
             load_embedder("open_clip", "ViT-B-32")
     else:  # where open_clip imports, a random-weight model loads through the same path
         embedder = load_embedder("open_clip", "ViT-B-32", device="cpu")
-        vectors = embedder.embed_images(photos(2))
+        vectors = embed_images(embedder, photos(2))
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
 
 
@@ -281,9 +285,9 @@ def test_clip_embed_on_gpu_in_half_precision_matches_cpu():
 
     path = str(tiny_models() / "tiny-clip")
     images = photos()
-    cpu = load_embedder("transformers", path, device="cpu").embed_images(images)
-    gpu = load_embedder("transformers", path, device="cuda", dtype="float16").embed_images(
-        images)
+    cpu = embed_images(load_embedder("transformers", path, device="cpu"), images)
+    gpu = embed_images(load_embedder("transformers", path, device="cuda", dtype="float16"),
+                       images)
     assert (np.sum(cpu * gpu, axis=1) > 0.99).all()
 
 

@@ -144,8 +144,7 @@ def test_local_paths_are_resolved_for_the_run_not_in_the_config(tmp_path, monkey
     """Stages get absolute paths (workers elsewhere must find the same files); the config,
     its YAML and hash, and the row fingerprints keep what the file says."""
     from curate.config import load_config
-    from curate.engine.run import row_stages_hash
-    from curate.pipeline import build_stages, local_path
+    from curate.plan import build_stages, local_path, row_stages_hash
 
     tiny_models()
     monkeypatch.chdir(ROOT)

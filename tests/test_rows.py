@@ -17,7 +17,7 @@ import pytest
 from curate import Pipeline, load_config
 from curate.registry import get_stage_class, register
 from curate.stage import Stage, StageParams
-from curate.stages.ingest import IngestImages
+from curate.stages.image.ingest_images import IngestImages
 from curate.verdicts import alive_before
 
 # Ray workers unpickle the test source by value: this module is not on their path.
@@ -160,8 +160,13 @@ def test_scan_and_write_columns_round_trip(ray_session, tmp_path, parts):
     import lance
 
     from curate.config import StoreConfig
-    from curate.engine.tasks import ROWADDR, gather, map_parts, scan, write_columns
+    from curate.engine.backend import InlineBackend, RayBackend
+    from curate.engine.tasks import map_parts, scan, write_columns
+    from curate.parts import ROWADDR
     from curate.table.store import Store
+
+    # one partition in this process, and three on Ray
+    backend = RayBackend() if parts > 1 else InlineBackend()
 
     store = Store(StoreConfig(uri=str(tmp_path / "db")))
     schema = pa.schema([("sample_id", pa.string()), ("n", pa.int64()), ("tag", pa.string())])
@@ -171,16 +176,16 @@ def test_scan_and_write_columns_round_trip(ray_session, tmp_path, parts):
                                       "n": list(range(lo, lo + 10)), "tag": [None] * 10},
                                      schema=schema), store.uri_of_table, mode="append")
     before = store.version()
-    found = scan(store, ["sample_id", "n"], "n % 3 = 0")
-    assert sum(gather(map_parts(found, _rows))) == 10
+    found = scan(backend, store, ["sample_id", "n"], "n % 3 = 0")
+    assert sum(backend.gather(map_parts(backend, found, _rows))) == 10
 
     def tagged(part: pa.Table) -> pa.Table:
         return pa.table({ROWADDR: part[ROWADDR],
                          "tag": pc.binary_join_element_wise("t", pc.cast(part["n"], pa.string()),
                                                             "")})
 
-    version = write_columns(store, map_parts(found, tagged), pa.schema([("tag", pa.string())]),
-                            n=parts)
+    version = write_columns(backend, store, map_parts(backend, found, tagged),
+                            pa.schema([("tag", pa.string())]), n=parts)
     assert version == before + 1
     out = store.read(["sample_id", "n", "tag"]).sort_by("sample_id").to_pylist()
     assert [r["tag"] for r in out] == [f"t{r['n']}" if r["n"] % 3 == 0 else None for r in out]
@@ -212,7 +217,7 @@ class Repeat(Stage):
 def test_a_fan_out_stage_reshapes_rows_in_the_worker(demo_media):
     """SegmentWorker (no Ray) after a fan-out stage: more rows, input_rows counts them per
     input, and the stages after it see the new rows."""
-    from curate.engine.ray_stream import FanOutWorker
+    from curate.engine.workers import FanOutWorker
     from curate.stages import ImageQuality
 
     source = IngestImages(paths=[str(demo_media / "photos")])

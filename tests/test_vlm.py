@@ -22,7 +22,7 @@ from curate.models.vlm import (
     shrink,
     unpack_image,
 )
-from curate.stages.vlm import Caption, VlmScore
+from curate.stages import Caption, VlmScore
 
 from .conftest import tiny_models
 from .test_models import photos
@@ -178,8 +178,8 @@ def test_a_failing_batch_is_retried_row_by_row():
 
 
 def test_two_stages_on_one_model_share_one_pool_and_engine():
-    from curate.engine.ray_stream import SegmentWorker, segments
-    from curate.stages.ingest import IngestImages
+    from curate.engine.workers import SegmentWorker, segments
+    from curate.stages.image.ingest_images import IngestImages
 
     caption = Caption(model=llava(), device="cpu")
     score = VlmScore(model=llava(), device="cpu", criteria=CRITERIA)
@@ -237,9 +237,9 @@ def test_caption_and_score_in_a_real_pipeline(ray_session, photo_dir, tmp_path):
 
 def test_rows_dropped_earlier_never_reach_the_model(demo_media):
     """Caption after image_quality: the engine sees only rows that are still in."""
-    from curate.engine.ray_stream import SegmentWorker
-    from curate.stages.ingest import IngestImages
-    from curate.stages.quality import ImageQuality
+    from curate.engine.workers import SegmentWorker
+    from curate.stages.image.image_quality import ImageQuality
+    from curate.stages.image.ingest_images import IngestImages
 
     source = IngestImages(paths=[str(demo_media / "low_quality"), str(demo_media / "photos")])
     quality = ImageQuality(min_side=128, min_blur=10)

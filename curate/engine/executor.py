@@ -1,6 +1,6 @@
-"""Where a global stage's work runs: in tasks on the cluster over the table's fragments
-(`ClusterExecutor`), or in this process over one Arrow table (`MemoryExecutor`, for unit
-tests and single calls). A global stage is written once against this small interface:
+"""Where a run's global stages work: tasks of the run's backend over the table's fragments.
+A global stage is written once against this small interface (`MemoryExecutor` in
+curate.parts offers the same over one in-memory table, for unit tests and single calls):
 
     parts = ex.scan(columns, fn)          # the alive rows, in parts, each with `_rowaddr`
     parts = ex.map(parts, fn, *args)      # fn(part, *args) per part
@@ -16,51 +16,41 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from curate.engine import tasks
+from curate.engine.backend import Backend
 from curate.parts import GlobalResult, Part
 
 
-class ClusterExecutor:
-    """Tasks on the Ray cluster over the table's fragments; `alive` is a Lance filter."""
+class StoreExecutor:
+    """The rows of `store` that match `alive_filter` (a Lance filter), in tasks of
+    `backend`."""
 
-    def __init__(self, store, alive_filter: str | None):
+    def __init__(self, backend: Backend, store, alive_filter: str | None):
+        self.backend = backend
         self.store = store
         self.alive_filter = alive_filter
 
     def scan(self, columns: list[str], fn: Callable | None = None, *args) -> list[Part]:
-        from curate.engine.tasks import scan
-
         have = set(self.store.dataset().schema.names)
-        return scan(self.store, [c for c in columns if c in have], self.alive_filter, fn, args)
+        return tasks.scan(self.backend, self.store, [c for c in columns if c in have],
+                          self.alive_filter, fn, args)
 
     def map(self, parts: list[Part], fn: Callable, *args) -> list[Part]:
-        from curate.engine.tasks import map_parts
-
-        return map_parts(parts, fn, args)
+        return tasks.map_parts(self.backend, parts, fn, args)
 
     def shuffle(self, parts: list[Part], key, fn: Callable, *args) -> list[Part]:
-        from curate.engine.tasks import shuffle
-
-        return shuffle(parts, key, fn, args)
+        return tasks.shuffle(self.backend, parts, key, fn, args)
 
     def gather(self, parts: list[Part]) -> list:
-        from curate.engine.tasks import gather
-
-        return gather(parts)
+        return self.backend.gather(parts)
 
     def task(self, fn: Callable, *args) -> Part:
-        from curate.engine.tasks import run_task
-
-        return run_task(fn, *args)
+        return tasks.run_task(self.backend, fn, *args)
 
     def put(self, value):
-        from curate.engine.tasks import put
-
-        return put(value)
+        return self.backend.put(value)
 
     def write(self, result: GlobalResult) -> int:
         """Commit the result's columns, one commit; returns the new table version."""
-        from curate.engine.tasks import write_columns
-
-        return write_columns(self.store, result.parts, result.schema, result.defaults)
-
-
+        return tasks.write_columns(self.backend, self.store, result.parts, result.schema,
+                                   result.defaults)

@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.engine.tasks import gather, map_parts, num_rows, run_task, scan, shuffle
+from curate.engine.tasks import map_parts, run_task, scan, shuffle
 from curate.errors import CurateError, RunError
 from curate.media.decode import TRANSIENT_CODES
-from curate.parts import ROWADDR, Part
+from curate.parts import ROWADDR, Part, num_rows
 from curate.stage import Source
 
 #: Tag of the table's rows in the shuffle that meets them with the listing.
@@ -53,7 +53,7 @@ def _meet(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     """One partition: (inputs to read, `_rowaddr` of the old rows of those inputs)."""
     if table.num_rows == 0 or "_order" not in table.column_names:
         return pa.table({}), pa.table({ROWADDR: pa.array([], pa.uint64())})
-    from curate.stages.ingest import first_of_each_input
+    from curate.stages.image.ingest_images import first_of_each_input
 
     state = table[_STATE] if _STATE in table.column_names else pa.nulls(table.num_rows)
     listed_mask = pc.is_null(state)
@@ -92,15 +92,15 @@ def _list_unit(source: Source, unit: dict) -> pa.Table:
     return source.list_entry(unit)
 
 
-def pending_inputs(source: Source, store, row_stages_hash: str,
+def pending_inputs(backend, source: Source, store, row_stages_hash: str,
                    retry: tuple[str, ...] = ()) -> Pending:
     """List the inputs in tasks and find those with no finished rows in the table (rows
     with an error whose code is in `retry` are not finished)."""
     units = source.list_entries()  # unusable entries fail here, before any work
-    listed = [run_task(_list_unit, source, unit) for unit in units]
+    listed = [run_task(backend, _list_unit, source, unit) for unit in units]
     entries = len(source.params.paths) if hasattr(source.params, "paths") else len(units)
-    counts = sum(unwrap(lambda: gather(map_parts(listed, _listed_count, (entries,)))),
-                 np.zeros(entries, dtype=np.int64))
+    counted = map_parts(backend, listed, _listed_count, (entries,))
+    counts = sum(unwrap(lambda: backend.gather(counted)), np.zeros(entries, dtype=np.int64))
     listed_entries = {unit["index"] for unit in units}
     for index in sorted(listed_entries):
         if counts[index] == 0:
@@ -108,13 +108,13 @@ def pending_inputs(source: Source, store, row_stages_hash: str,
     parts = list(listed)
     if store.dataset() is not None and store.dataset().count_rows():
         finished = done_filter(row_stages_hash, retry)
-        parts += scan(store, ["input_id", "input_rows"], finished, _tag, ("done",))
-        parts += scan(store, ["input_id"], f"NOT ({finished}) OR row_stages_hash IS NULL",
+        parts += scan(backend, store, ["input_id", "input_rows"], finished, _tag, ("done",))
+        parts += scan(backend, store, ["input_id"], f"NOT ({finished}) OR row_stages_hash IS NULL",
                       _tag, ("stale",))
-    met = shuffle(parts, "input_id", _meet, returns=2)
+    met = shuffle(backend, parts, "input_id", _meet, returns=2)
     todo = [pair[0] for pair in met]
     stale = [pair[1] for pair in met]
-    return Pending(todo, gather(map_parts(todo, num_rows)), stale)
+    return Pending(todo, backend.gather(map_parts(backend, todo, num_rows)), stale)
 
 
 def unwrap(call):

@@ -1,99 +1,29 @@
-"""A run on one machine without Ray: the same stages, tasks and commits, in this process.
+"""The row stream of a run without Ray (the inline backend, curate.engine.backend).
 
 Starting a local Ray (its GCS, raylet and worker processes) and Ray Data's actor pools costs
-seconds that a small run never wins back, so `run.executor: auto` uses this path for a small
-run when no cluster is given (see `use_ray`). Nothing else changes: the row stages run in
-the same `SegmentWorker`s, rows are written as Lance fragments that the driver commits in
-increments, and global stages run the same task functions (curate.engine.tasks) called inline.
-
-- **Tasks inline** (`inline()`): while active, `curate.engine.tasks` calls each task function
-  right here and hands back its value where Ray would hand back a reference.
-- **The stream** (`stream_fragments`): the decoding segment on threads, one per CPU, each
-  with its own copy of the stages; each model segment, loaded once, runs in the calling
-  thread on batches of its own size while the threads decode the next blocks. Decoding
-  (PIL, simplejpeg, PyAV, hashlib), NumPy and torch release the GIL for the heavy parts.
+seconds that a small run never wins back, so `run.executor: auto` runs a small run with no
+cluster in this process. Nothing else changes: the row stages run in the same
+`SegmentWorker`s and rows are written as Lance fragments that the driver commits in
+increments. The decoding segment runs on threads, one per CPU, each with its own copy of
+the stages; each model segment, loaded once, runs in the calling thread on batches of its
+own size while the threads decode the next blocks. Decoding (PIL, simplejpeg, PyAV,
+hashlib), NumPy and torch release the GIL for the heavy parts.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
 import os
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pyarrow as pa
 
+from curate.engine.backend import cpus
+from curate.engine.workers import FanOutWorker, SegmentWorker, segments, worker_options
 from curate.stage import Stage
-
-_inline = threading.local()
-
-
-def active() -> bool:
-    """True while tasks run inline in this thread (see `inline`)."""
-    return getattr(_inline, "on", False)
-
-
-@contextlib.contextmanager
-def inline():
-    """Run `curate.engine.tasks`' work in this process while the block runs."""
-    before = active()
-    _inline.on = True
-    try:
-        yield
-    finally:
-        _inline.on = before
-
-
-def leave() -> None:
-    """From here on this thread's tasks go to Ray (a run that found many inputs)."""
-    _inline.on = False
-
-
-class InlineTask:
-    """What `ray.remote(fn)` is to Ray, called at once: `.remote(*args)` gives fn's value
-    (a tuple of `num_returns` values where Ray would give that many references)."""
-
-    def __init__(self, fn, num_returns: int = 1):
-        self.fn = fn
-        self.num_returns = num_returns
-
-    def options(self, num_returns: int = 1, **_scheduling) -> InlineTask:
-        return InlineTask(self.fn, num_returns)
-
-    def remote(self, *args):
-        out = self.fn(*args)
-        if self.num_returns > 1 and len(out) != self.num_returns:
-            raise ValueError(f"{self.fn.__name__} gave {len(out)} values, not "
-                             f"{self.num_returns}")
-        return out
-
-
-def cpus(num_cpus: int | None = None) -> int:
-    """CPUs this process may use (`num_cpus` when set)."""
-    if num_cpus:
-        return num_cpus
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def use_ray(executor: str, address: str | None, stages: list[Stage]) -> bool:
-    """Where a run starts: on Ray when told so, when a cluster is given or already joined
-    in this process, or when a stage asks for GPUs (Ray schedules them); else here, and
-    `run` moves to Ray after listing when the inputs are many (`run.local_max_inputs`:
-    past it, a local Ray's processes, which share no GIL, win back their start-up)."""
-    if executor != "auto":
-        return executor == "ray"
-    if address or os.environ.get("RAY_ADDRESS"):
-        return True
-    ray = sys.modules.get("ray")  # not imported: no connection to reuse
-    if ray is not None and ray.is_initialized():
-        return True
-    return any(s.resources.gpus for s in stages)
 
 
 def stream_fragments(parts: list[pa.Table], counts: list[int], stages: list[Stage],
@@ -103,8 +33,6 @@ def stream_fragments(parts: list[pa.Table], counts: list[int], stages: list[Stag
     each model segment here in the calling thread on batches of its own size (as a Ray
     Data pool gets them: a model pads a short batch to its size), and the rows written as
     fragments of `write_rows` rows; yields each fragment's metadata."""
-    from curate.engine.ray_stream import FanOutWorker, SegmentWorker, segments, worker_options
-
     pools = segments(stages)
     n = cpus(num_cpus)
     if len(pools) > 1:

@@ -6,7 +6,6 @@ tasks over fragments, set the verdicts, record and tag the run. No row data pass
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import secrets
 import signal
@@ -18,8 +17,9 @@ import pyarrow as pa
 
 from curate import __version__
 from curate.config import Config
-from curate.engine import local_stream as local
+from curate.engine.backend import InlineBackend, RayBackend, wants_ray
 from curate.engine.inflight import NAMED, WORKER_RETRIES, mark_set_aside, set_aside_reason
+from curate.engine.tasks import compact
 from curate.errors import (
     ConfigError,
     CurateError,
@@ -29,7 +29,7 @@ from curate.errors import (
     root_cause,
 )
 from curate.logs import progress_bar
-from curate.pipeline import FINAL_COLUMNS, build_stages, table_schema
+from curate.plan import FINAL_COLUMNS, build_stages, row_stages_hash, table_schema
 from curate.stage import Stage
 from curate.table.layout import now
 from curate.table.store import Store
@@ -64,11 +64,6 @@ class RunSummary:
         body = self.__dict__.copy()
         body["stages"] = [s.to_dict() for s in self.stages]
         return body
-
-
-def row_stages_hash(source: Stage, row_stages: list[Stage]) -> str:
-    body = [{"type": s.type, **s.row_fingerprint()} for s in [source, *row_stages]]
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _release(actor) -> None:
@@ -144,9 +139,11 @@ class _Execution:
         run_id = now().strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
         self.run_id = run_id
         run_cfg = self.config.run
-        self.on_ray = local.use_ray(run_cfg.executor, run_cfg.ray_address, self.stages)
-        with RunLease(self.store, run_id, self.force_after_s) as lease, \
-                contextlib.nullcontext() if self.on_ray else local.inline():
+        # decided once, here; the backend is made after the lease is held (joining Ray
+        # takes seconds that a refused run should not spend)
+        self.on_ray = wants_ray(run_cfg.executor, run_cfg.ray_address,
+                                any(s.resources.gpus for s in self.stages))
+        with RunLease(self.store, run_id, self.force_after_s) as lease:
             self.store.before_commit = lease.check
             try:
                 return self._run(started, run_id, lease)
@@ -160,17 +157,17 @@ class _Execution:
 
     def _run(self, started: float, run_id: str, lease) -> RunSummary:
         from curate.engine.inputs import pending_inputs, unwrap
-        from curate.engine.ray_stream import connect
         from curate.engine.tasks import map_parts, remove_duplicate_rows
 
         run_cfg = self.config.run
         self.store.ensure_table(table_schema(self.stages))
-        if self.on_ray:
-            connect(run_cfg.ray_address, run_cfg.num_cpus)
+        self.backend = (RayBackend(run_cfg.ray_address, run_cfg.num_cpus) if self.on_ray
+                        else InlineBackend(run_cfg.num_cpus))
         version_before = self.store.version()
         retry = tuple(run_cfg.retry_errors)
         # bad paths fail here, before any work
-        pending = unwrap(lambda: pending_inputs(self.source, self.store, self.hash, retry))
+        pending = unwrap(lambda: pending_inputs(self.backend, self.source, self.store,
+                                                 self.hash, retry))
         if (not self.on_ray and run_cfg.executor == "auto"
                 and pending.rows > run_cfg.local_max_inputs):
             pending = self._to_ray(pending)
@@ -182,12 +179,14 @@ class _Execution:
         # a run that died, failed or (before run leases) shared the table with another may
         # have left a sample twice: one copy of each is kept
         if (last is not None and last["status"] != "finished"
-                and remove_duplicate_rows(self.store)):
-            pending = unwrap(lambda: pending_inputs(self.source, self.store, self.hash, retry))
+                and remove_duplicate_rows(self.backend, self.store)):
+            pending = unwrap(lambda: pending_inputs(self.backend, self.source, self.store,
+                                                     self.hash, retry))
         set_aside = {k: v for run in previous
                      for k, v in json.loads(run.get("set_aside_json") or "{}").items()}
         if set_aside and pending.rows:  # they become error rows, not read again
-            pending.parts = map_parts(pending.parts, mark_set_aside, (set_aside,))
+            pending.parts = map_parts(self.backend, pending.parts, mark_set_aside,
+                                      (set_aside,))
         if (
             pending.rows == 0
             and last is not None
@@ -214,6 +213,7 @@ class _Execution:
             if pending.rows:
                 self._stream(pending)
             counts = self._global_and_verdicts()
+            compact(self.backend, self.store)
             self.store.optimize()
             self.store.ensure_sample_index()
             version_after = self.store.version()
@@ -254,15 +254,10 @@ class _Execution:
 
     def _to_ray(self, pending):
         """Many inputs: the rest of the run goes to a local Ray, the listing with it."""
-        import ray
-
-        from curate.engine.ray_stream import connect
-
-        local.leave()
-        connect(self.config.run.ray_address, self.config.run.num_cpus)
+        self.backend = RayBackend(self.config.run.ray_address, self.config.run.num_cpus)
         self.on_ray = True
-        pending.parts = [ray.put(part) for part in pending.parts]
-        pending.stale = [ray.put(part) for part in pending.stale]
+        pending.parts = [self.backend.put(part) for part in pending.parts]
+        pending.stale = [self.backend.put(part) for part in pending.stale]
         return pending
 
     def _mark_dead(self, previous: list[dict], lease) -> None:
@@ -279,13 +274,14 @@ class _Execution:
     def _stream(self, pending) -> None:
         """Workers read, compute and write fragments; here only their metadata arrives and
         is committed every `commit_every` rows."""
+        from curate.engine import local_stream, ray_stream
         from curate.engine.inflight import registry
-        from curate.engine.ray_stream import FragmentWriter, stream_fragments
         from curate.engine.tasks import delete_rows
+        from curate.table.fragments import FragmentWriter
 
         # an input whose rows are redone loses its old rows first: a kill after this
         # leaves it unread, so a rerun reads it again
-        delete_rows(self.store, pending.stale, "rows of inputs read again")
+        delete_rows(self.backend, self.store, pending.stale, "rows of inputs read again")
         chain = [self.source, *self.row_stages]
         label = " + ".join(s.name for s in chain)
         writer = FragmentWriter(self.store.uri_of_table, self.store.dataset().schema,
@@ -307,11 +303,11 @@ class _Execution:
         start = time.perf_counter()
         if self.on_ray:
             inflight = registry()
-            stream = stream_fragments(pending.parts, pending.counts, chain, self.hash, writer,
-                                      every, inflight)
+            stream = ray_stream.stream_fragments(self.backend, pending.parts, pending.counts,
+                                                 chain, self.hash, writer, every, inflight)
         else:  # no worker of its own can die here: a crash ends the run, which resumes
             inflight = None
-            stream = local.stream_fragments(pending.parts, pending.counts, chain, self.hash,
+            stream = local_stream.stream_fragments(pending.parts, pending.counts, chain, self.hash,
                                             writer, every, self.config.run.num_cpus)
         with progress_bar(self.progress) as bar, _sigint_flag() as interrupted:
             task = bar.add_task(label, total=pending.rows, rate="")
@@ -371,13 +367,13 @@ class _Execution:
     def _global_and_verdicts(self) -> list[StageCount]:
         """Each global stage as tasks over the table, one commit each; then the verdicts
         and the funnel, fragment by fragment."""
-        from curate.engine.executor import ClusterExecutor
+        from curate.engine.executor import StoreExecutor
 
         for i, stage in enumerate(self.stages):
             if not stage.has_global_part:
                 continue
             started = time.perf_counter()
-            ex = ClusterExecutor(self.store, self._alive_filter(i))
+            ex = StoreExecutor(self.backend, self.store, self._alive_filter(i))
             ex.write(stage.global_part(ex))
             self.seconds[stage.name] += time.perf_counter() - started
             if not stage.has_row_part:
@@ -393,18 +389,19 @@ class _Execution:
 
     def _counts(self, write: bool = False) -> list[StageCount]:
         """The funnel, summed over fragments; with `write`, also set the final columns."""
-        from curate.engine.tasks import gather, map_parts, scan, write_columns
+        from curate.engine.tasks import map_parts, scan, write_columns
 
         have = set(self.store.schema().names)
         verdicts = [s.verdict_column for s in self.stages
                     if s.verdict_column and s.verdict_column in have]
-        parts = scan(self.store, verdicts or ["sample_id"])
+        parts = scan(self.backend, self.store, verdicts or ["sample_id"])
         if write:
-            finals = map_parts(parts, _final_part, (self.stages,))
-            write_columns(self.store, finals, pa.schema(
+            finals = map_parts(self.backend, parts, _final_part, (self.stages,))
+            write_columns(self.backend, self.store, finals, pa.schema(
                 [(name, FINAL_COLUMNS[name]) for name in ("selected", "reject_reason",
                                                           "duplicate_of")]))
-        return sum_counts(gather(map_parts(parts, _funnel_part, (self.stages,))))
+        return sum_counts(self.backend.gather(map_parts(self.backend, parts, _funnel_part,
+                                                        (self.stages,))))
 
     def _summary(self, run_id, status, started, version_before, version_after, tag, counts):
         for count, stage in zip(counts, self.stages):

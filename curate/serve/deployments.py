@@ -16,7 +16,7 @@ import pyarrow as pa
 from ray import serve
 
 from curate.catalog import Catalog, CatalogError
-from curate.engine.ray_stream import SegmentWorker
+from curate.engine.workers import SegmentWorker
 from curate.media.decode import MediaError
 from curate.serve.config import ServeConfig
 from curate.serve.features import (
@@ -31,7 +31,7 @@ from curate.serve.features import (
     text_embedder,
     upload_id,
 )
-from curate.stages.ingest import sample_id_for
+from curate.stages.image.ingest_images import sample_id_for
 
 log = logging.getLogger(__name__)
 

@@ -89,7 +89,7 @@ def start(cfg: ServeConfig, address: str | None = None, route_prefix: str = "/")
     import ray
     from ray import serve
 
-    from curate.engine.ray_stream import connect
+    from curate.engine.backend import connect
 
     if cfg.ingress.mode == "haproxy" and not ray.is_initialized():
         # read by Serve's controller and replicas, which inherit the environment of the

@@ -236,12 +236,9 @@ class Store:
         self._lance(self.name).tags.create(name, version)
 
     def optimize(self) -> None:
-        """Compact the many small fragments that incremental commits leave behind (in
-        tasks on the cluster), bring the indexes up to date and remove versions older than
-        a week that no tag holds (what LanceDB's optimize does)."""
-        from curate.engine.tasks import compact
-
-        compact(self)
+        """Bring the indexes up to date and remove versions older than a week that no tag
+        holds (what LanceDB's optimize does after compaction, which runs in tasks first:
+        curate.engine.tasks.compact)."""
         dataset = self._lance(self.name)
         if dataset.describe_indices():
             dataset.optimize.optimize_indices()

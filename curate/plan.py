@@ -1,0 +1,149 @@
+"""The pure plan of a run, from its config: the stages built (local paths made absolute),
+checked to fit together, the table's schema, and the fingerprint of the row stages. No
+engine, no table, no config import: `curate.config` checks configs with it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import pyarrow as pa
+
+from curate.errors import ConfigError
+from curate.registry import get_stage_class
+from curate.stage import Stage
+
+#: Columns the pipeline itself writes, derived from the stages' verdicts.
+FINAL_COLUMNS: dict[str, pa.DataType] = {
+    "selected": pa.bool_(),
+    "reject_reason": pa.string(),
+    "duplicate_of": pa.string(),
+    "row_stages_hash": pa.string(),
+    "input_rows": pa.int32(),
+}
+
+
+def build_stages(config) -> list[Stage]:
+    """The stages of `config` (a curate.config.Config), with the local paths they name
+    made absolute here (see `resolve_local_paths`); `config` itself (its YAML, its hash)
+    is left as written."""
+    stages = [resolve_local_paths(get_stage_class(p.type)(p)) for p in config.stages]
+    for i, stage in enumerate(stages):
+        if stage.makes_clips:
+            # no stage after it looks at frames: the cutter need not keep any
+            stage.hands_frames = any(s.needs_pixels() or s.has_prepare_part
+                                     for s in stages[i + 1:])
+    return stages
+
+
+def local_path(value: str, base: str | None = None) -> str:
+    """`value` made absolute against `base` (default: the working directory) when it names
+    a file or directory that exists here, or is a glob; else as written: a URL, a hub id
+    (org/name), or a missing path that the run reports as it is."""
+    if "://" in value:
+        return value
+    path = os.path.expanduser(value)
+    if os.path.isabs(path):
+        return path
+    full = os.path.join(base or os.getcwd(), path)
+    if os.path.exists(full) or any(c in path for c in "*?["):
+        return os.path.abspath(full)
+    return value
+
+
+def resolve_local_paths(stage: Stage, base: str | None = None) -> Stage:
+    """Make the local paths in `stage.local_path_params` absolute, as this process (the
+    driver) sees them. Stages travel to workers on other nodes, whose working directory
+    is another one: a relative `examples/models/tiny-clip` must not be looked up there.
+    The params are replaced by a copy, never changed in place: they belong to the config
+    (`configured_params` keeps them, and with them the fingerprints)."""
+    updates: dict[str, Any] = {}
+    for key in stage.local_path_params:
+        value = getattr(stage.params, key)
+        if isinstance(value, str):
+            resolved: Any = local_path(value, base)
+        elif isinstance(value, list):
+            resolved = [local_path(v, base) if isinstance(v, str) else v for v in value]
+        else:
+            continue
+        if resolved != value:
+            updates[key] = resolved
+    if updates:
+        stage.params = stage.params.model_copy(update=updates)
+    return stage
+
+
+def check_stage_columns(config, where: str | None = None) -> None:
+    """Raise ConfigError unless the stages fit together: a source first, every column a
+    stage reads written by an earlier stage, no column written twice, names unique."""
+    stages = build_stages(config)
+    problems: list[tuple[str, str]] = []
+    if not stages[0].is_source:
+        problems.append(("stages.0.type", f"the first stage must read the inputs (a source "
+                         f"such as ingest_images), not {stages[0].type!r}"))
+    written: dict[str, int] = {}
+    names: dict[str, int] = {}
+    model_stage: Stage | None = None
+    videos = getattr(stages[0], "media_kind", None) == "video"
+    cut: int | None = None
+    for i, stage in enumerate(stages):
+        if stage.makes_clips:
+            cut = i
+            if not videos:
+                problems.append((f"stages.{i}.type", f"{stage.type} cuts videos; the first "
+                                 "stage must be ingest_videos"))
+        needs_frames = stage.needs_pixels() or stage.has_prepare_part
+        if videos and cut is None and needs_frames and i:
+            problems.append((f"stages.{i}", f"{stage.type} works on frames; put split_clips "
+                             "before it (it hands each clip's frames to the stages after)"))
+        if stage.needs_pixels() and not stage.own_pool and model_stage is not None:
+            problems.append((f"stages.{i}", f"{stage.type} works on decoded pixels, which "
+                             f"stay in the decoding pool; move it before {model_stage.name} "
+                             "(model stages run on pools of their own)"))
+        if stage.own_pool and model_stage is None:
+            model_stage = stage
+        if i and stage.is_source:
+            problems.append((f"stages.{i}.type", "only the first stage may be a source"))
+        if stage.name in names:
+            problems.append((f"stages.{i}.name", f"name {stage.name!r} is already used by "
+                             f"stages.{names[stage.name]}; give one of them another name"))
+        names[stage.name] = i
+        for column in stage.reads():
+            if column not in written:
+                key = _param_naming(stage, column)
+                path = f"stages.{i}.{key}" if key else f"stages.{i}"
+                known = ", ".join(sorted(written)) or "nothing"
+                problems.append((path, f"{stage.type} reads column {column!r}, which no "
+                                 f"earlier stage writes (earlier stages write: {known})"))
+        for column in stage.written_names():
+            if column in written and written[column] != i:
+                problems.append((f"stages.{i}", f"column {column!r} is also written by "
+                                 f"stages.{written[column]}"))
+            written[column] = i
+    for column in FINAL_COLUMNS:
+        if column in written:
+            problems.append((f"stages.{written[column]}", f"column {column!r} is reserved"))
+    if problems:
+        raise ConfigError(problems, where)
+
+
+def _param_naming(stage: Stage, column: str) -> str | None:
+    for key, value in stage.params:
+        if value == column:
+            return key
+    return None
+
+
+def table_schema(stages: list[Stage]) -> pa.Schema:
+    fields: dict[str, pa.DataType] = {}
+    for stage in stages:
+        fields.update(stage.writes())
+    fields.update(FINAL_COLUMNS)
+    return pa.schema(list(fields.items()))
+
+
+def row_stages_hash(source: Stage, row_stages: list[Stage]) -> str:
+    body = [{"type": s.type, **s.row_fingerprint()} for s in [source, *row_stages]]
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
