@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from curate.config import StoreConfig
 from curate.errors import CurateError
-from curate.filters import FilterError, check_where, combine, lance_message
+from curate.filters import FilterError, combine, lance_message
 from curate.media.decode import MediaError, content_hash, decode_image, error_code
 from curate.media.reader import MediaReader
 from curate.table.store import Store
@@ -112,13 +112,6 @@ class Catalog:
 
     def scalar_columns(self) -> list[str]:
         return [f.name for f in self.schema() if not is_vector(f.type)]
-
-    def check_filter(self, where: str) -> str:
-        """`where` if it only names columns of the table, else CatalogError(400)."""
-        try:
-            return check_where(where, self.schema().names, self.max_filter_chars)
-        except FilterError as exc:
-            raise CatalogError(400, str(exc)) from None
 
     def _filter(self, where: str | None, selected: bool | None) -> str | None:
         try:
@@ -378,29 +371,9 @@ class Catalog:
         return [clean_row(r) for r in rows]
 
     def ensure_vector_index(self, min_rows: int) -> str:
-        """Build the ANN index once enough rows have vectors; bring it up to date with rows
-        added since. Returns what was done (for logs). Search is exact on rows that are not
-        indexed yet, so results never miss new rows; the index only makes them faster."""
-        from lancedb.index import HnswSq
-
-        column = self.search_column
-        table = self.store.table()  # fresh: the index is built on the latest version
-        if column not in table.schema.names:
-            return "no vector column"
-        index = next((ix for ix in table.list_indices() if column in (ix.columns or [])), None)
-        if index is None:
-            with_vectors = table.count_rows(f"{column} IS NOT NULL")
-            if with_vectors < min_rows:
-                return f"exact search ({with_vectors} vectors < index_min_rows {min_rows})"
-            partitions = max(1, int(math.sqrt(with_vectors) / 4))
-            table.create_index(column, config=HnswSq(distance_type="cosine",
-                                                     num_partitions=partitions))
-            return f"index built over {with_vectors} vectors"
-        stats = table.index_stats(index.name)
-        if stats is not None and stats.num_unindexed_rows:
-            table.optimize()  # indexes the new rows incrementally
-            return f"index updated with {stats.num_unindexed_rows} new rows"
-        return "index up to date"
+        """The search column's ANN index, built or brought up to date (see
+        Store.ensure_vector_index); returns what was done (for logs)."""
+        return self.store.ensure_vector_index(self.search_column, min_rows)
 
     # --- stats -------------------------------------------------------------------------------
     def stats(self, bins: int = 20) -> dict[str, Any]:

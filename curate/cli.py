@@ -18,7 +18,7 @@ from rich.console import Console
 from curate.errors import ConfigError, CurateError
 
 app = typer.Typer(
-    help="Curate image datasets with Ray Data into one LanceDB table.",
+    help="Curate image and video datasets with Ray into one LanceDB table.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -47,10 +47,6 @@ class Pipeline:
         self.stages = build_stages(config)
         return self
 
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
-        return cls.from_config(load_config(path, overrides))
-
     @property
     def name(self) -> str:
         return self.config.name

@@ -142,8 +142,8 @@ def test_kept_values_reach_the_table_in_steps_under_one_hold(demo_store, tmp_pat
     every one reaches its row, and the side table is left without them."""
     import pyarrow as pa
 
-    from curate.serve import features
-    from curate.serve.features import FeatureCache
+    from curate.table import features
+    from curate.table.features import FeatureCache
 
     store = copy_store(demo_store, tmp_path / "store")
     samples = lancedb.connect(str(store)).open_table("samples")

@@ -1,6 +1,6 @@
 """The Serve deployments behind the API: one per model segment of the pipeline, and the
 feature service (the queue in front of them, which also keeps results: see
-`curate.serve.features.FeatureCache`)."""
+`curate.table.features.FeatureCache`)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from curate.serve.config import ServeConfig
 from curate.serve.features import (
     RETRY_S,
     Decoder,
-    FeatureCache,
     FeaturePlan,
     listing,
     pipeline_config,
@@ -32,6 +31,7 @@ from curate.serve.features import (
     upload_id,
 )
 from curate.stages.image.ingest_images import sample_id_for
+from curate.table.features import FeatureCache
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@ command's start-up, is loaded only for what needs it (vector search, the API's t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -253,6 +254,30 @@ class Store:
             if column not in have and column in dataset.schema.names:
                 dataset.create_scalar_index(column, "BTREE")
                 dataset = self._lance(self.name)
+
+    def ensure_vector_index(self, column: str, min_rows: int) -> str:
+        """Build the ANN index once enough rows have vectors; bring it up to date with rows
+        added since. Returns what was done (for logs). Search is exact on rows that are not
+        indexed yet, so results never miss new rows; the index only makes them faster."""
+        from lancedb.index import HnswSq
+
+        table = self.table()  # fresh: the index is built on the latest version
+        if column not in table.schema.names:
+            return "no vector column"
+        index = next((ix for ix in table.list_indices() if column in (ix.columns or [])), None)
+        if index is None:
+            with_vectors = table.count_rows(f"{column} IS NOT NULL")
+            if with_vectors < min_rows:
+                return f"exact search ({with_vectors} vectors < index_min_rows {min_rows})"
+            partitions = max(1, int(math.sqrt(with_vectors) / 4))
+            table.create_index(column, config=HnswSq(distance_type="cosine",
+                                                     num_partitions=partitions))
+            return f"index built over {with_vectors} vectors"
+        stats = table.index_stats(index.name)
+        if stats is not None and stats.num_unindexed_rows:
+            table.optimize()  # indexes the new rows incrementally
+            return f"index updated with {stats.num_unindexed_rows} new rows"
+        return "index up to date"
 
     # --- runs ---------------------------------------------------------------------------
     def runs_table(self):
