@@ -162,7 +162,7 @@ def main() -> None:
     import pyarrow as pa
 
     from curate.media.decode import luma
-    from curate.stages.dedup import PhashDedup
+    from curate.stages.table.phash_dedup import PhashDedup
 
     images, origin, crops = make_images(args.crops, args.copies, args.seed)
     for img in images:

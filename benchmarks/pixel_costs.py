@@ -53,8 +53,8 @@ def main() -> None:
     args = parser.parse_args()
     from curate.media.decode import decode_image
     from curate.media.samples import write_photos
-    from curate.stages.dedup import phash_value
-    from curate.stages.quality import image_scores
+    from curate.stages.image.image_quality import image_scores
+    from curate.stages.table.phash_dedup import phash_value
 
     width, height = (int(x) for x in args.size.split("x"))
     folder = Path(tempfile.mkdtemp(prefix="curate-pixels-"))

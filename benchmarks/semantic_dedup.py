@@ -173,7 +173,7 @@ def run_curate(npy: Path, out: Path, eps: float, clusters: int, seed: int) -> No
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from curate.stages.semantic import SemanticDedup
+    from curate.stages.table.semantic_dedup import SemanticDedup
 
     x = np.load(npy, mmap_mode="r")
     n, dim = x.shape
@@ -286,7 +286,7 @@ def main() -> None:
                      args.baseline_max_gb)
         return
 
-    from curate.stages.semantic import auto_clusters
+    from curate.stages.table._embedding import auto_clusters
 
     if args.clusters is None:
         args.clusters = auto_clusters(args.n)

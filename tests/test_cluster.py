@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
 from curate.algos.kmeans import (
+    _as_matrix,
     balanced_choice,
     balanced_quota,
-    balanced_sample,
     hierarchical_clusters,
     kmeans,
     normalize_rows,
     semantic_duplicates,
 )
-from curate.stages.semantic import DiversitySample, SemanticDedup
+from curate.stages import DiversitySample, SemanticDedup
 
 # --- data -------------------------------------------------------------------------------------
 
@@ -265,6 +267,32 @@ def test_balanced_choice_hand_made_hierarchy():
     # flat: 5 each, the two small ones saturate, 13 left: 7 to the largest, 6 to the next
     flat = balanced_choice([fine], 20, priority)
     np.testing.assert_array_equal(np.bincount(fine[flat], minlength=4), [7, 5, 6, 2])
+
+
+def balanced_sample(
+    x: np.ndarray,
+    target: int,
+    levels: Sequence[int],
+    priority: np.ndarray,
+    seed: int = 0,
+    *,
+    iterations: int = 20,
+    max_train: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen (n,) bool, finest cluster id (n,) int32): cluster-balanced selection of
+    `target` rows over a hierarchical k-means with cluster counts `levels` (finest first).
+
+    With one level this is plain cluster-balanced sampling.
+    """
+    x = _as_matrix(x)
+    priority = np.asarray(priority, dtype=np.float64)
+    if len(priority) != len(x):
+        raise ValueError("x and priority must have the same number of rows")
+    if len(x) == 0:
+        return np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int32)
+    assignments = hierarchical_clusters(x, levels, seed=seed, iterations=iterations,
+                                        max_train=max_train)
+    return balanced_choice(assignments, target, priority), assignments[0]
 
 
 @pytest.mark.parametrize("levels,target", [([9], 40), ([12, 4], 70), ([15, 6, 2], 33)])

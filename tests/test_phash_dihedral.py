@@ -16,12 +16,11 @@ from curate import load_config
 from curate.engine.tasks import concat
 from curate.errors import ConfigError
 from curate.parts import MemoryExecutor
-from curate.stages.dedup import (
+from curate.stages.table.phash_dedup import (
     PHASH_FLIPS,
     PhashDedup,
     dihedral_hashes,
     flip_hashes,
-    hamming_groups,
     hash_bits,
     near_pairs,
     phash_block,
@@ -30,6 +29,7 @@ from curate.stages.dedup import (
 )
 
 from .conftest import DEMO_MEDIA
+from .helpers import hamming_groups
 
 #: The PIL transposes of an image whose pHashes `dihedral_hashes` returns, in its order.
 DIHEDRAL = ("identity", "FLIP_LEFT_RIGHT", "FLIP_TOP_BOTTOM", "ROTATE_180",
@@ -193,7 +193,7 @@ def partition(labels) -> list[set[int]]:
     (6, 2, 1 << 22), (6, 1024, 7), (12, 2, 7)])
 def test_groups_are_the_components_of_the_dihedral_distance(d, small_bucket, cells,
                                                             monkeypatch):
-    import curate.stages.dedup as dedup
+    import curate.stages.table.phash_dedup as dedup
 
     monkeypatch.setattr(dedup, "SMALL_BUCKET", small_bucket)  # 2: large buckets via faiss
     monkeypatch.setattr(dedup, "PAIR_CELLS", cells)  # 7: a few pairs at a time
@@ -205,7 +205,7 @@ def test_groups_are_the_components_of_the_dihedral_distance(d, small_bucket, cel
 
 @pytest.mark.parametrize("cells", [1, 50, 1 << 22])
 def test_cross_pairs_in_runs_of_any_sizes(cells):
-    from curate.stages.dedup import _cross_pairs
+    from curate.stages.table.phash_dedup import _cross_pairs
 
     rng = np.random.default_rng(cells)
     q_sizes, b_sizes = np.array([1, 3, 9, 70, 2, 5]), np.array([2, 1, 9, 3, 66, 5])

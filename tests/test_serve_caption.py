@@ -11,7 +11,7 @@ import requests
 import yaml
 
 from curate.media.decode import decode_image
-from curate.stages.vlm import Caption
+from curate.stages.image.caption import Caption
 
 from .conftest import copy_store, serve_settings, tiny_models
 

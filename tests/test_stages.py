@@ -17,8 +17,9 @@ from PIL import Image, ImageFilter
 
 from curate.errors import RunError
 from curate.stages import ExactDedup, ImageQuality, IngestImages, PhashDedup
-from curate.stages.dedup import hamming_groups
-from curate.stages.ingest import sample_id_for
+from curate.stages.image.ingest_images import sample_id_for
+
+from .helpers import hamming_groups
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +100,8 @@ def test_fast_quality_scores_and_phash_agree_with_their_definitions():
 
     from curate.media.decode import luma
     from curate.media.samples import base_photos, photo_like
-    from curate.stages.dedup import phash_value
-    from curate.stages.quality import SAMPLE_FROM, image_scores
+    from curate.stages.image.image_quality import SAMPLE_FROM, image_scores
+    from curate.stages.table.phash_dedup import phash_value
 
     rng = np.random.default_rng(0)
     bases = base_photos()

@@ -98,7 +98,7 @@ def test_motion_tells_a_slideshow_from_a_pan(tmp_path):
 
 
 def _codes(stage_params: dict, paths) -> dict[str, str | None]:
-    from curate.stages.video import IngestVideos
+    from curate.stages.video.ingest_videos import IngestVideos
 
     stage = IngestVideos(paths=[str(p) for p in paths], **stage_params)
     rows, media = stage.load(stage.list_inputs())
@@ -141,7 +141,7 @@ def test_videos_from_a_manifest_of_urls_are_fetched_and_probed(tmp_path, cut_vid
         {"uri": f"{base}/cuts.mp4", "caption": "five shots"},
         {"uri": f"{base}/gone.mp4", "caption": "not there"}]))
     try:
-        from curate.stages.video import IngestVideos, SplitClips
+        from curate.stages import IngestVideos, SplitClips
 
         stage = IngestVideos(paths=[str(manifest)], http_retries=0)
         rows, media = stage.load(stage.list_inputs())
@@ -157,7 +157,7 @@ def test_videos_from_a_manifest_of_urls_are_fetched_and_probed(tmp_path, cut_vid
 
 
 def test_a_video_damaged_midway_keeps_its_clips_and_says_where(tmp_path, cut_video):
-    from curate.stages.video import IngestVideos, SplitClips
+    from curate.stages import IngestVideos, SplitClips
 
     data = bytearray(cut_video[0].read_bytes())
     # a faststart-free MP4 keeps its index at the end: cut the media data, keep the index
@@ -231,8 +231,8 @@ def test_splitting_memory_does_not_grow_with_the_video_length(tmp_path):
 def test_frame_columns_reduce_per_clip():
     from curate import frames
     from curate.algos.vectors import from_matrix, to_matrix
-    from curate.stages.quality import ImageQuality
-    from curate.stages.scores import AestheticScore
+    from curate.stages.image.aesthetic_score import AestheticScore
+    from curate.stages.image.image_quality import ImageQuality
 
     counts = np.array([3, 0, 1])
     quality = ImageQuality(min_blur=10)
@@ -270,7 +270,7 @@ def test_frame_columns_reduce_per_clip():
 
 
 def test_clip_captions_see_every_frame_through_the_tiny_vlm(cut_video):
-    from curate.stages.vlm import Caption
+    from curate.stages.image.caption import Caption
 
     clips = _clips(cut_video[0], method="scenes", frames_per_clip=3)[:2]
     stage = Caption(model=str(tiny_models() / "tiny-llava"), max_new_tokens=6)
@@ -431,7 +431,7 @@ def test_a_video_run_killed_with_sigkill_resumes_to_the_same_table(
 
 
 def test_transcode_writes_each_kept_clip_as_a_file_of_its_own(tmp_path, cut_video):
-    from curate.stages.video import IngestVideos, SplitClips, Transcode
+    from curate.stages import IngestVideos, SplitClips, Transcode
 
     ingest = IngestVideos(paths=[str(cut_video[0])])
     rows, media = ingest.load(ingest.list_inputs())

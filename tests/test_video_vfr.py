@@ -171,7 +171,7 @@ def full_hd(tmp_path_factory):
 
 
 def _rows(path, **params) -> list[dict]:
-    from curate.stages.video import IngestVideos, SplitClips
+    from curate.stages import IngestVideos, SplitClips
 
     ingest = IngestVideos(paths=[str(path)])
     rows, media = ingest.load(ingest.list_inputs())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from curate.models.vlm import Sampling, get_engine, json_schema, parse_answer
-from curate.stages.vlm import VlmScore
+from curate.stages.image.vlm_score import VlmScore
 
 pytestmark = pytest.mark.vllm
 

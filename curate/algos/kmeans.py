@@ -330,29 +330,3 @@ def balanced_choice(
         parent_of[lower] = upper
         tree.append(parent_of)
     return choose_by_quota(finest, priority, cluster_quotas(sizes, tree, target))
-
-
-def balanced_sample(
-    x: np.ndarray,
-    target: int,
-    levels: Sequence[int],
-    priority: np.ndarray,
-    seed: int = 0,
-    *,
-    iterations: int = 20,
-    max_train: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(chosen (n,) bool, finest cluster id (n,) int32): cluster-balanced selection of
-    `target` rows over a hierarchical k-means with cluster counts `levels` (finest first).
-
-    With one level this is plain cluster-balanced sampling.
-    """
-    x = _as_matrix(x)
-    priority = np.asarray(priority, dtype=np.float64)
-    if len(priority) != len(x):
-        raise ValueError("x and priority must have the same number of rows")
-    if len(x) == 0:
-        return np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int32)
-    assignments = hierarchical_clusters(x, levels, seed=seed, iterations=iterations,
-                                        max_train=max_train)
-    return balanced_choice(assignments, target, priority), assignments[0]

@@ -43,9 +43,6 @@ class ImageTextEmbedder:
         """float32 (n, d) L2-normalised text embeddings."""
         raise NotImplementedError
 
-    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
-        return self.embed_pixels(self.prepare(images))
-
 
 def _normalised(features) -> np.ndarray:
     features = features.float()

@@ -11,7 +11,6 @@ from PIL import Image
 from pydantic import Field, model_validator
 
 from curate.media.decode import luma
-from curate.registry import register
 from curate.stage import FrameScoreParams, Stage
 
 
@@ -132,10 +131,10 @@ def _mean_saturation(img: Image.Image) -> float:
     return float(values.sum(dtype=np.uint64)) / max(values.size, 1)
 
 
-@register("image_quality")
 class ImageQuality(Stage):
     """Score size, aspect ratio, file size, blur, brightness, contrast and saturation."""
 
+    type = "image_quality"
     Params = QualityParams
     params: QualityParams
     verdict_column = "quality_reason"

@@ -26,14 +26,13 @@ from curate.media.decode import (
     read_local,
     read_tar_member,
 )
-from curate.registry import register
 from curate.stage import Source, StageParams
+from curate.stages._common import CAPTION_COLUMNS, _is_url
 
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson")
 TAR_SUFFIXES = (".tar",)
 #: WebDataset members that hold the image of a sample, in order of preference.
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "avif")
-CAPTION_COLUMNS = ("caption", "alt_text", "text", "alt", "TEXT")
 MAX_CAPTION_BYTES = 64 * 1024
 
 #: Files per listing unit at the top of a directory (sub-directories are units of their own).
@@ -43,10 +42,6 @@ LIST_CHUNK = 10_000
 def sample_id_for(uri: str) -> str:
     """Stable id of an input: a hash of its URI (so every input file is exactly one row)."""
     return hashlib.blake2b(uri.encode(), digest_size=16).hexdigest()
-
-
-def _is_url(text: str) -> bool:
-    return text.startswith(("http://", "https://"))
 
 
 class IngestParams(StageParams):
@@ -75,10 +70,10 @@ class IngestParams(StageParams):
     http_retries: int = Field(3, ge=0, description="retries of a failed or timed-out request")
 
 
-@register("ingest_images")
 class IngestImages(Source):
     """Read every input image into one row: size, format, bytes, content hash, or an error."""
 
+    type = "ingest_images"
     Params = IngestParams
     params: IngestParams
     verdict_column = "error"

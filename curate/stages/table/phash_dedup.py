@@ -1,4 +1,5 @@
-"""exact_dedup and phash_dedup: group copies, keep one per group, point the rest at it."""
+"""phash_dedup: group near-duplicate images by 64-bit perceptual hash, keep one per group,
+point the rest at it."""
 
 from __future__ import annotations
 
@@ -8,137 +9,16 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from curate.parts import ROWADDR, GlobalResult, concat
-from curate.registry import register
-from curate.stage import Stage, StageParams
-
-KeepPolicy = Literal["largest", "smallest", "first", "highest", "lowest"]
-
-
-class DedupParams(StageParams):
-    keep: KeepPolicy = Field(
-        "largest",
-        description="which copy of a group is kept: largest/smallest (pixels, then bytes), "
-        "first (by uri), highest/lowest (by score_column)",
-    )
-    score_column: str | None = Field(
-        None, description="column ranking copies when keep is highest or lowest"
-    )
-
-    @model_validator(mode="after")
-    def _score_column(self):
-        check_score_column(self.keep, self.score_column)
-        return self
-
-
-def check_score_column(keep: str, score_column: str | None) -> None:
-    """keep: highest/lowest need a score_column; the other policies take none."""
-    needs = keep in ("highest", "lowest")
-    if needs and not score_column:
-        raise ValueError(f"keep={keep!r} needs score_column")
-    if score_column and not needs:
-        raise ValueError("score_column is only used with keep: highest or lowest")
-
-
-def _policy_columns(params: DedupParams) -> tuple[str, ...]:
-    if params.keep in ("largest", "smallest"):
-        return ("width", "height", "num_bytes")
-    if params.keep == "first":
-        return ("uri",)
-    return (params.score_column,)
-
-
-def _rank(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Dense rank of any sortable column (nulls last)."""
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    order = pc.array_sort_indices(values, null_placement="at_end").to_numpy()
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    return rank
-
-
-def choose_keepers(groups: np.ndarray, table: pa.Table, params: DedupParams) -> np.ndarray:
-    """For each row in a group (group id >= 0), the row index of its group's kept copy.
-
-    Ties are broken by sample_id, so the choice never depends on row order.
-    """
-    keeper = np.full(len(groups), -1, dtype=np.int64)
-    member = np.flatnonzero(groups >= 0)
-    if member.size == 0:
-        return keeper
-    sub = table.take(pa.array(member))
-    keys: list[np.ndarray] = [_rank(sub["sample_id"])]
-    if params.keep in ("largest", "smallest"):
-        sign = -1 if params.keep == "largest" else 1
-        pixels = pc.multiply(pc.cast(sub["width"], pa.int64()), pc.cast(sub["height"], pa.int64()))
-        keys.append(sign * pc.fill_null(sub["num_bytes"], 0).to_numpy())
-        keys.append(sign * pc.fill_null(pixels, 0).to_numpy())
-    elif params.keep == "first":
-        keys.append(_rank(sub["uri"]))
-    else:
-        score = pc.cast(sub[params.score_column], pa.float64()).to_numpy(zero_copy_only=False)
-        score = np.where(np.isnan(score), -np.inf if params.keep == "highest" else np.inf, score)
-        keys.append(-score if params.keep == "highest" else score)
-    g = groups[member]
-    order = np.lexsort((*keys, g))
-    sorted_groups = g[order]
-    first = np.r_[True, sorted_groups[1:] != sorted_groups[:-1]]
-    kept_of_group = np.full(int(g.max()) + 1, -1, dtype=np.int64)
-    kept_of_group[sorted_groups[first]] = member[order[first]]
-    keeper[member] = kept_of_group[g]
-    return keeper
-
-
-def duplicate_column(groups: np.ndarray, table: pa.Table, params: DedupParams) -> pa.Array:
-    """sample_id of the kept copy for every duplicate; null for kept and ungrouped rows."""
-    keeper = choose_keepers(groups, table, params)
-    ids = table["sample_id"].to_numpy(zero_copy_only=False)
-    is_dup = (keeper >= 0) & (keeper != np.arange(len(keeper)))
-    values = np.where(is_dup, ids[np.maximum(keeper, 0)], None)
-    return pa.array(values.tolist(), pa.string())
-
-
-@register("exact_dedup")
-class ExactDedup(Stage):
-    """Mark byte-identical files (same content_hash); one copy per group is kept."""
-
-    Params = DedupParams
-    params: DedupParams
-    verdict_column = "exact_duplicate_of"
-    verdict_prefix = "duplicate of "
-    marks_duplicates = True
-
-    def reads(self) -> tuple[str, ...]:
-        return ("sample_id", "content_hash", *_policy_columns(self.params))
-
-    def writes(self) -> dict[str, pa.DataType]:
-        return {"exact_duplicate_of": pa.string()}
-
-    def global_part(self, ex) -> GlobalResult:
-        parts = ex.scan(list(self.reads()))
-        found = ex.shuffle(parts, "content_hash", _exact_duplicates, self.params)
-        return GlobalResult(found, pa.schema([("exact_duplicate_of", pa.string())]))
-
-
-def _exact_duplicates(table: pa.Table, params: DedupParams) -> pa.Table:
-    """The duplicates among rows that share content hashes (all copies of a hash are here)."""
-    if table.num_rows == 0:
-        return duplicates_only(table, pa.array([], pa.string()), "exact_duplicate_of")
-    encoded = pc.dictionary_encode(table["content_hash"]).combine_chunks()
-    groups = pc.fill_null(encoded.indices, -1).to_numpy().astype(np.int64)
-    verdict = duplicate_column(groups, table, params)
-    return duplicates_only(table, verdict, "exact_duplicate_of")
-
-
-def duplicates_only(table: pa.Table, verdict: pa.Array, column: str) -> pa.Table:
-    """`_rowaddr` and `column` of the rows with a verdict."""
-    keep = pc.is_valid(verdict)
-    return pa.table({ROWADDR: pc.filter(table[ROWADDR], keep) if table.num_rows
-                     else pa.array([], pa.uint64()),
-                     column: pc.filter(verdict, keep)})
+from curate.parts import ROWADDR, GlobalResult
+from curate.stage import Stage
+from curate.stages.table._dedup import (
+    DedupParams,
+    _policy_columns,
+    duplicate_column,
+    duplicates_only,
+)
 
 
 class PhashParams(DedupParams):
@@ -225,35 +105,6 @@ def dihedral_hashes(phash: np.ndarray, flips: np.ndarray) -> np.ndarray:
     and transversed, from their pHashes (n,) and `flip_hashes` (n, 3)."""
     plain = np.column_stack([np.asarray(phash, np.uint64), np.asarray(flips, np.uint64)])
     return np.column_stack([plain, transpose_bits(plain)])
-
-
-def hamming_groups(hashes: np.ndarray, max_distance: int,
-                   flips: np.ndarray | None = None) -> np.ndarray:
-    """Connected components of the graph 'Hamming distance <= max_distance' over uint64
-    hashes, in this process: a label per hash. With `flips` ((n, 3) `flip_hashes` of the
-    same images), the distance is the least Hamming distance between one image's pHash
-    and the other's 8 orientations, either way round. The path PhashDedup takes on the
-    cluster (band buckets, then large-star / small-star), on one partition."""
-    from curate.algos.components import connected_components
-    from curate.parts import MemoryExecutor
-
-    hashes = np.asarray(hashes, dtype=np.uint64)
-    unique, inverse = np.unique(hashes, return_inverse=True)
-    if unique.size <= 1 or (max_distance == 0 and flips is None):
-        return inverse.astype(np.int64)
-    ex = MemoryExecutor(pa.table({}), pa.array([], pa.bool_()))
-    if flips is None:
-        parts = [pa.table({PHASH: pa.array(unique, pa.uint64())})]
-    else:
-        flat = pa.array(np.asarray(flips, np.uint64).reshape(-1))
-        parts = [pa.table({PHASH: pa.array(hashes, pa.uint64()),
-                           PHASH_FLIPS: pa.FixedSizeListArray.from_arrays(flat, 3)})]
-    labels = concat(connected_components(ex, near_pairs(ex, parts, max_distance)).labels)
-    component = unique.copy()
-    if labels.num_rows:
-        where = np.searchsorted(unique, labels["vertex"].to_numpy())
-        component[where] = labels["component"].to_numpy()
-    return np.unique(component, return_inverse=True)[1][inverse].astype(np.int64)
 
 
 def _multihash_plan(n: int, max_distance: int) -> tuple[int, int]:
@@ -618,13 +469,13 @@ def _component_duplicates(table: pa.Table, params: DedupParams) -> pa.Table:
     return _duplicates_by(table, COMPONENT, params)
 
 
-@register("phash_dedup")
 class PhashDedup(Stage):
     """Mark near-duplicate images: 64-bit perceptual hashes within max_distance bits.
 
     With `invariance: dihedral`, an image's mirror images and 90/180/270 degree turns are
     its near-duplicates too: the distance is the least over its 8 orientations."""
 
+    type = "phash_dedup"
     Params = PhashParams
     params: PhashParams
     verdict_column = "phash_duplicate_of"

@@ -1,0 +1,138 @@
+"""semantic_dedup: mark rows of one k-means cluster within eps cosine distance of each other
+(see curate.stages.table._embedding for how the stages over embeddings run)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, model_validator
+
+from curate.algos.kmeans import assign, kmeans, semantic_duplicates
+from curate.algos.vectors import to_matrix
+from curate.parts import ROWADDR, GlobalResult
+from curate.stage import StageParams
+from curate.stages._common import check_score_column
+from curate.stages.table._embedding import (
+    _bools,
+    _cluster_sizes,
+    _embedding_field,
+    _EmbeddingStage,
+    _iterations_field,
+    _max_train_field,
+    _priority,
+    _train_candidates,
+    _training_sample,
+    _usable_count,
+    auto_clusters,
+    unit_vectors,
+)
+
+
+def _train_kmeans(k: int, limit: int, iterations: int, seed: int, *candidates) -> np.ndarray:
+    """Centroids of k-means on the training sample (every usable row when there are at
+    most `limit`), in sample_id order so the result never depends on the split."""
+    sample = _training_sample(limit, seed, candidates)
+    centroids, _ = kmeans(sample, k, iterations=iterations, seed=seed, max_train=limit)
+    return centroids
+
+
+class SemanticDedupParams(StageParams):
+    embedding_column: str = _embedding_field()
+    eps: float = Field(
+        0.05, gt=0, lt=1,
+        description="cosine distance under which two rows of a cluster are duplicates "
+        "(similarity > 1 - eps)",
+    )
+    clusters: int | None = Field(
+        None, ge=1, description="k-means clusters (default: about sqrt(rows))"
+    )
+    keep: Literal["closest", "farthest", "highest", "lowest"] = Field(
+        "closest",
+        description="which copy is kept: closest/farthest to its cluster centroid, or "
+        "highest/lowest by score_column",
+    )
+    score_column: str | None = Field(
+        None, description="column ranking copies when keep is highest or lowest"
+    )
+    iterations: int = _iterations_field()
+    max_train: int = _max_train_field()
+    seed: int = Field(0, description="seed of k-means")
+
+    @model_validator(mode="after")
+    def _score_column(self):
+        check_score_column(self.keep, self.score_column)
+        return self
+
+
+class SemanticDedup(_EmbeddingStage):
+    """Mark semantic near-duplicates: rows of one k-means cluster within eps cosine distance."""
+
+    type = "semantic_dedup"
+    Params = SemanticDedupParams
+    params: SemanticDedupParams
+    verdict_column = "semantic_duplicate_of"
+    verdict_prefix = "semantic duplicate of "
+    marks_duplicates = True
+
+    def writes(self) -> dict[str, pa.DataType]:
+        return {"cluster_id": pa.int32(), "semantic_duplicate_of": pa.string()}
+
+    def global_part(self, ex) -> GlobalResult:
+        p = self.params
+        parts = ex.scan(list(self.reads()), unit_vectors, p.embedding_column)
+        m = sum(ex.gather(ex.map(parts, _usable_count)))
+        k = min(p.clusters or auto_clusters(m), max(m, 1))
+        candidates = ex.map(parts, _train_candidates, p.max_train, p.seed)
+        centroids = ex.task(_train_kmeans, k, p.max_train, p.iterations, p.seed, *candidates)
+        assigned = ex.map(parts, _assign_semantic, centroids, p)
+        found = ex.shuffle(assigned, "cluster_id", _semantic_duplicates, p.eps)
+        sizes = sum(ex.gather(ex.map(assigned, _cluster_sizes, "cluster_id", k)),
+                    np.zeros(k, dtype=np.int64))
+        duplicates = sum(ex.gather(ex.map(found, _valid_count, "semantic_duplicate_of")))
+        self.report = {
+            "rows": m,
+            "clusters": int(np.count_nonzero(sizes)),
+            "largest_cluster": int(sizes.max()) if m else 0,
+            "duplicates": int(duplicates),
+        }
+        schema = pa.schema([("cluster_id", pa.int32()), ("semantic_duplicate_of", pa.string())])
+        return GlobalResult(found, schema)
+
+
+def _valid_count(part: pa.Table, column: str) -> int:
+    return int(pc.sum(pc.is_valid(part[column])).as_py() or 0) if part.num_rows else 0
+
+
+def _assign_semantic(part: pa.Table, centroids: np.ndarray,
+                     p: SemanticDedupParams) -> pa.Table:
+    """Usable rows with their cluster and priority (smaller is kept first)."""
+    part = part.filter(pa.array(_bools(part["usable"]))) if part.num_rows else part
+    vectors = to_matrix(part["_vector"])[0] if part.num_rows else np.zeros((0, 1), np.float32)
+    labels = assign(vectors, centroids) if part.num_rows else np.zeros(0, np.int32)
+    if p.keep in ("closest", "farthest"):
+        similarity = np.einsum("ij,ij->i", vectors, centroids[labels]).astype(np.float64)
+        priority = -similarity if p.keep == "closest" else similarity
+    else:
+        priority = _priority(part, p.score_column, p.keep == "highest", p.seed)
+    return pa.table({ROWADDR: part[ROWADDR], "sample_id": part["sample_id"],
+                     "_vector": part["_vector"], "cluster_id": pa.array(labels, pa.int32()),
+                     "_priority": pa.array(priority, pa.float64())})
+
+
+def _semantic_duplicates(part: pa.Table, eps: float) -> pa.Table:
+    """Duplicates inside each cluster of the partition (all of a cluster's rows are here)."""
+    if part.num_rows == 0:
+        return pa.table({ROWADDR: pa.array([], pa.uint64()), "cluster_id": pa.array([], pa.int32()),
+                         "semantic_duplicate_of": pa.array([], pa.string())})
+    part = part.sort_by("sample_id")  # ties go by row index: sample_id order
+    vectors = to_matrix(part["_vector"])[0]
+    labels = part["cluster_id"].to_numpy()
+    duplicate_of = semantic_duplicates(vectors, labels, eps, part["_priority"].to_numpy())
+    is_dup = duplicate_of >= 0
+    keeper = pa.array(np.maximum(duplicate_of, 0), pa.int64(), mask=~is_dup)
+    verdict = pc.take(part["sample_id"], keeper)
+    return pa.table({ROWADDR: part[ROWADDR], "cluster_id": part["cluster_id"],
+                     "semantic_duplicate_of": verdict.cast(pa.string())})

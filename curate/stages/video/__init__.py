@@ -1,0 +1,1 @@
+"""Stages over videos and their clips: one file per stage type."""

@@ -1,0 +1,141 @@
+"""ingest_videos: one row per input video, probed (duration, fps, frames, codec, ...)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import pyarrow as pa
+from pydantic import Field
+
+from curate.media.decode import HttpOptions, MediaError, read_http
+from curate.media.video import VIDEO_SUFFIXES, VideoInfo, VideoSource, file_hash, probe
+from curate.stage import Resources, StageParams
+from curate.stages._common import CAPTION_COLUMNS, _is_url
+from curate.stages.image.ingest_images import IngestImages
+
+
+class IngestVideosParams(StageParams):
+    paths: list[str] = Field(
+        min_length=1,
+        description="files, directories (recursive), globs, manifests (.parquet/.csv/.jsonl "
+        "with a uri column), WebDataset .tar shards (.mp4/.webm/.mkv/.mov members), or "
+        "http(s) URLs",
+    )
+    uri_column: str = Field("uri", description="manifest column holding each file's path or URL")
+    caption_column: str | None = Field(
+        None,
+        description="manifest column kept as alt_text (default: the first of "
+        + ", ".join(CAPTION_COLUMNS) + " that exists)",
+    )
+    max_bytes: int = Field(4_000_000_000, ge=1, description="larger files are refused unread")
+    max_duration_s: float | None = Field(
+        None, gt=0, description="longer videos are refused (one row with the reason)")
+    http_timeout_s: float = Field(60.0, gt=0, description="per-request timeout for URLs")
+    http_retries: int = Field(3, ge=0, description="retries of a failed or timed-out request")
+    # one video per batch: a video is much work, and its clips leave in blocks of their own
+    resources: Resources = Field(default_factory=lambda: Resources(batch_size=1))
+
+
+@dataclass(frozen=True)
+class VideoMedia:
+    """A probed video handed from ingest_videos to split_clips."""
+
+    source: VideoSource
+    info: VideoInfo
+
+
+class IngestVideos(IngestImages):
+    """Probe every input video into one row: duration, fps, frames, codec, size, bitrate,
+    audio, content hash, or an error."""
+
+    type = "ingest_videos"
+    Params = IngestVideosParams
+    params: IngestVideosParams
+    member_suffixes = VIDEO_SUFFIXES
+    media_kind = "video"
+
+    def writes(self) -> dict[str, pa.DataType]:
+        return {
+            **super().writes(),
+            "duration_s": pa.float64(),
+            "fps": pa.float64(),
+            "codec": pa.string(),
+            "bitrate": pa.int64(),
+            "has_audio": pa.bool_(),
+        }
+
+    def needs_pixels(self) -> bool:
+        return False
+
+    def load(self, items: pa.Table) -> tuple[pa.Table, list]:
+        """Worker side: probe each listed video into its one row."""
+        p = self.params
+        http = HttpOptions(timeout_s=p.http_timeout_s, retries=p.http_retries)
+        types = self.writes()
+        names = [k for k in types if k not in ("sample_id", "input_id", "uri", "alt_text")]
+        cols: dict[str, list] = {k: [None] * items.num_rows for k in names}
+        media: list = [None] * items.num_rows
+        uris = items["uri"].to_pylist()
+        offsets, sizes = items["_offset"].to_pylist(), items["_size"].to_pylist()
+        for i, (uri, error) in enumerate(zip(uris, items["_error"].to_pylist())):
+            cols["media_type"][i] = "video"
+            if error:
+                cols["error"][i] = error
+                continue
+            try:
+                source, digest, size = _source(uri, offsets[i], sizes[i], p.max_bytes, http)
+                cols["num_bytes"][i], cols["content_hash"][i] = size, digest
+                if size == 0:
+                    raise MediaError("empty", "the file has no bytes")
+                info = probe(source, p.max_duration_s)
+            except MediaError as exc:
+                cols["error"][i] = str(exc)
+                continue
+            cols["width"][i], cols["height"][i] = info.width, info.height
+            cols["format"][i] = os.path.splitext(uri.partition("#")[2] or uri)[1][1:].lower() \
+                or None
+            cols["num_frames"][i], cols["duration_s"][i] = info.num_frames, info.duration_s
+            cols["fps"][i], cols["codec"][i] = info.fps, info.codec
+            cols["bitrate"][i], cols["has_audio"][i] = info.bitrate, info.has_audio
+            media[i] = VideoMedia(source, info)
+        rows = items.select(["input_id", "uri", "alt_text"])
+        rows = rows.append_column("sample_id", items["input_id"])
+        for name in names:
+            rows = rows.append_column(name, pa.array(cols[name], types[name]))
+        return rows, media
+
+
+def _source(uri: str, offset: int, size: int, max_bytes: int, http: HttpOptions
+            ) -> tuple[VideoSource, str, int]:
+    """Where to read a video, its content hash and size. Local files and tar members are
+    read in place (hashed in chunks); a URL's bytes are held in memory, up to max_bytes."""
+    if _is_url(uri):
+        data = read_http(uri, max_bytes, http)
+        return VideoSource(data=data), hashlib.sha256(data).hexdigest(), len(data)
+    if offset >= 0:
+        path = uri.partition("#")[0]
+        if size > max_bytes:
+            raise MediaError("too_large", f"{size} bytes > max_bytes {max_bytes}")
+        digest = hashlib.sha256()
+        try:
+            with VideoSource(path, offset, size).open() as member:
+                while block := member.read(1 << 20):
+                    digest.update(block)
+        except OSError as exc:
+            raise MediaError("unreadable", f"{uri}: {exc.strerror or exc}") from None
+        return VideoSource(path, offset, size), digest.hexdigest(), size
+    try:
+        on_disk = os.stat(uri).st_size
+    except FileNotFoundError:
+        raise MediaError("missing", f"{uri} does not exist") from None
+    except OSError as exc:
+        raise MediaError("unreadable", f"{uri}: {exc.strerror or exc}") from None
+    if on_disk > max_bytes:
+        raise MediaError("too_large", f"{on_disk} bytes > max_bytes {max_bytes}")
+    try:
+        digest, read = file_hash(uri)
+    except OSError as exc:
+        raise MediaError("unreadable", f"{uri}: {exc.strerror or exc}") from None
+    return VideoSource(uri), digest, read
