@@ -19,7 +19,7 @@ from pydantic import (
 )
 
 from curate.errors import ConfigError
-from curate.registry import stage_types
+from curate.registry import get_stage_class, stage_type_names
 from curate.stage import StageParams
 
 
@@ -181,7 +181,7 @@ def parse_config(raw: dict[str, Any], where: str | None = None) -> Config:
 
 
 def _parse_stage(item: Any, path: str, problems: list[tuple[str, str]]) -> StageParams | None:
-    known = stage_types()
+    known = stage_type_names()  # only the stages a config names are imported
     if not isinstance(item, dict):
         problems.append((path, f"a stage must be a mapping with a 'type', got {item!r}"))
         return None
@@ -196,7 +196,7 @@ def _parse_stage(item: Any, path: str, problems: list[tuple[str, str]]) -> Stage
             (f"{path}.type", f"unknown stage type {kind!r}{hint}; known: {', '.join(known)}")
         )
         return None
-    model = known[kind].Params
+    model = get_stage_class(kind).Params
     try:
         return model.model_validate(item)
     except ValidationError as exc:

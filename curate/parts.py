@@ -70,7 +70,8 @@ class MemoryExecutor:
     def scan(self, columns: list[str], fn: Callable | None = None, *args) -> list[Part]:
         table = self.table.select([c for c in columns if c in self.table.column_names])
         table = table.append_column(ROWADDR, pa.array(np.arange(table.num_rows, dtype=np.uint64)))
-        part = table.filter(pc.fill_null(self.alive, False))
+        alive = pc.fill_null(self.alive, False)
+        part = table if pc.all(alive).as_py() else table.filter(alive)  # filter copies
         return [fn(part, *args) if fn is not None else part]
 
     def map(self, parts: list[Part], fn: Callable, *args) -> list[Part]:

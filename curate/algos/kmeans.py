@@ -146,12 +146,14 @@ def semantic_duplicates(
     priority: np.ndarray,
     *,
     block: int = 1024,
+    tiebreak: np.ndarray | None = None,
 ) -> np.ndarray:
     """duplicate_of (n,) int64: -1 for kept rows, else the row index of the kept copy.
 
-    Inside each cluster members are ordered by `priority` (smaller first, ties by row
-    index); a member is a duplicate when its cosine similarity to any earlier member
-    exceeds 1 - eps, and it points to the kept root of the earliest member it matches.
+    Inside each cluster members are ordered by `priority` (smaller first, ties by
+    `tiebreak`, default the row index); a member is a duplicate when its cosine similarity
+    to any earlier member exceeds 1 - eps, and it points to the kept root of the earliest
+    member it matches.
     Rows with a negative assignment take no part. Rows are assumed L2-normalised.
     """
     x = _as_matrix(x)
@@ -166,7 +168,7 @@ def semantic_duplicates(
     if n == 0:
         return duplicate_of
     threshold = 1.0 - float(eps)
-    order = np.lexsort((np.arange(n), priority, assignment))
+    order = np.lexsort((np.arange(n) if tiebreak is None else tiebreak, priority, assignment))
     order = order[assignment[order] >= 0]
     groups = assignment[order]
     bounds = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1], True])

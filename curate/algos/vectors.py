@@ -20,8 +20,11 @@ def list_values(column: pa.Array) -> np.ndarray:
     return values[offset: offset + len(column) * size].reshape(len(column), size)
 
 
-def _single(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+def one_array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """`column` as one array: a single chunk as it is (no copy), several combined."""
     if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks == 1:
+            return column.chunk(0)  # combine_chunks would copy even a single chunk
         return column.combine_chunks() if column.num_chunks else pa.array([], column.type)
     return column
 
@@ -36,7 +39,7 @@ def _list_array(rows: np.ndarray, valid: np.ndarray | None) -> pa.Array:
 
 def to_matrix(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """(matrix (n, d) float32 with zero rows where null, valid mask (n,))."""
-    column = _single(column)
+    column = one_array(column)
     valid = column.is_valid().to_numpy(zero_copy_only=False)
     matrix = list_values(column).astype(np.float32, copy=False)
     if not valid.all():
@@ -69,7 +72,7 @@ def column_pixels(column: pa.Array | pa.ChunkedArray, shape: tuple[int, ...]
     """The valid rows of a `pixels_column` as uint8 (m, *shape), and the valid mask. A
     column of type null (a batch in which no row had an image: clips of broken videos)
     has no valid rows."""
-    column = _single(column)
+    column = one_array(column)
     if pa.types.is_null(column.type):
         return np.zeros((0, *shape), np.uint8), np.zeros(len(column), bool)
     valid = column.is_valid().to_numpy(zero_copy_only=False)

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from curate.algos.vectors import from_matrix, list_values, to_matrix
+from curate.algos.kmeans import ASSIGN_CHUNK
+from curate.algos.vectors import from_matrix, list_values, one_array, to_matrix
 from curate.stage import Stage
 
 #: upper bound of the automatic cluster count
@@ -46,18 +47,25 @@ def check_embedding_type(kind: pa.DataType, column: str) -> None:
 def unit_vectors(part: pa.Table, column: str) -> pa.Table:
     """The part with `usable` (a finite, non-zero embedding) and `_vector` (the embedding
     scaled to unit length, float32; null where not usable), in sample_id order."""
-    values = part[column].combine_chunks() if part.num_rows else pa.array(
+    values = one_array(part[column]) if part.num_rows else pa.array(
         [], part.schema.field(column).type)
     check_embedding_type(values.type, column)
-    matrix = list_values(values).astype(np.float32, copy=False)
-    with np.errstate(over="ignore", invalid="ignore"):
-        squared = np.einsum("ij,ij->i", matrix, matrix)
-    usable = _bools(pc.is_valid(values)) & np.isfinite(squared) & (squared > 0)
-    unit = np.zeros_like(matrix)
-    unit[usable] = matrix[usable] / np.sqrt(squared[usable])[:, None]
-    out = part.drop_columns([column]).append_column("usable", pa.array(usable))
-    out = out.append_column("_vector", from_matrix(unit, usable))
-    return out.sort_by("sample_id")
+    matrix = list_values(values)  # a view where Arrow allows: no copy of the column
+    order = pc.sort_indices(part, [("sample_id", "ascending")]).to_numpy()
+    usable = _bools(pc.is_valid(values))
+    # one (rows, dim) float32 array, filled block by block straight in sample_id order
+    unit = np.zeros((len(order), matrix.shape[1]), dtype=np.float32)
+    for start in range(0, len(order), ASSIGN_CHUNK):
+        rows = order[start:start + ASSIGN_CHUNK]
+        block = matrix[rows].astype(np.float32, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            squared = np.einsum("ij,ij->i", block, block)
+        ok = usable[rows] & np.isfinite(squared) & (squared > 0)
+        usable[rows] = ok
+        unit[start:start + len(rows)][ok] = block[ok] / np.sqrt(squared[ok])[:, None]
+    out = part.drop_columns([column]).take(pa.array(order))
+    out = out.append_column("usable", pa.array(usable[order]))
+    return out.append_column("_vector", from_matrix(unit, usable[order]))
 
 
 def _usable_count(part: pa.Table) -> int:
@@ -67,8 +75,11 @@ def _usable_count(part: pa.Table) -> int:
 def _train_candidates(part: pa.Table, limit: int, seed: int) -> pa.Table:
     """At most `limit` usable rows of the part: those of smallest seeded hash (together over
     all parts: a seeded sample that does not depend on how rows are split)."""
-    part = part.filter(pa.array(_bools(part["usable"]))) if part.num_rows else part
-    return _seeded_sample(part, limit, seed).select(["sample_id", "_vector"])
+    rows = np.flatnonzero(_bools(part["usable"])) if part.num_rows else np.zeros(0, np.int64)
+    if len(rows) > limit:  # as _seeded_sample on the usable rows, without copying them all
+        key = seeded_uniform(part["sample_id"].take(pa.array(rows)), seed)
+        rows = rows[np.argsort(key, kind="stable")[:limit]]
+    return part.select(["sample_id", "_vector"]).take(pa.array(rows))
 
 
 def _seeded_sample(table: pa.Table, limit: int, seed: int) -> pa.Table:
@@ -81,8 +92,9 @@ def _seeded_sample(table: pa.Table, limit: int, seed: int) -> pa.Table:
 
 def _training_sample(limit: int, seed: int, candidates) -> np.ndarray:
     table = pa.concat_tables([c for c in candidates if c.num_rows] or candidates[:1])
-    table = _seeded_sample(table, limit, seed).sort_by("sample_id")
-    return to_matrix(table["_vector"])[0]
+    table = _seeded_sample(table, limit, seed)
+    order = pc.sort_indices(table, [("sample_id", "ascending")]).to_numpy()
+    return to_matrix(table["_vector"])[0][order]  # sample_id order, without an Arrow copy
 
 
 def seeded_uniform(ids: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from curate.algos.kmeans import assign, kmeans, semantic_duplicates
+from curate.algos.kmeans import ASSIGN_CHUNK, assign, kmeans, semantic_duplicates
 from curate.algos.vectors import to_matrix
 from curate.parts import ROWADDR, GlobalResult
 from curate.stage import StageParams
@@ -87,7 +87,9 @@ class SemanticDedup(_EmbeddingStage):
         k = min(p.clusters or auto_clusters(m), max(m, 1))
         candidates = ex.map(parts, _train_candidates, p.max_train, p.seed)
         centroids = ex.task(_train_kmeans, k, p.max_train, p.iterations, p.seed, *candidates)
+        del candidates
         assigned = ex.map(parts, _assign_semantic, centroids, p)
+        del parts  # assigned carries the vectors on
         found = ex.shuffle(assigned, "cluster_id", _semantic_duplicates, p.eps)
         sizes = sum(ex.gather(ex.map(assigned, _cluster_sizes, "cluster_id", k)),
                     np.zeros(k, dtype=np.int64))
@@ -109,11 +111,17 @@ def _valid_count(part: pa.Table, column: str) -> int:
 def _assign_semantic(part: pa.Table, centroids: np.ndarray,
                      p: SemanticDedupParams) -> pa.Table:
     """Usable rows with their cluster and priority (smaller is kept first)."""
-    part = part.filter(pa.array(_bools(part["usable"]))) if part.num_rows else part
+    usable = _bools(part["usable"]) if part.num_rows else np.zeros(0, bool)
+    if not usable.all():
+        part = part.filter(pa.array(usable))
     vectors = to_matrix(part["_vector"])[0] if part.num_rows else np.zeros((0, 1), np.float32)
     labels = assign(vectors, centroids) if part.num_rows else np.zeros(0, np.int32)
     if p.keep in ("closest", "farthest"):
-        similarity = np.einsum("ij,ij->i", vectors, centroids[labels]).astype(np.float64)
+        similarity = np.empty(len(vectors), dtype=np.float64)
+        for start in range(0, len(vectors), ASSIGN_CHUNK):  # not a (rows, dim) centroids[labels]
+            stop = start + ASSIGN_CHUNK
+            similarity[start:stop] = np.einsum("ij,ij->i", vectors[start:stop],
+                                               centroids[labels[start:stop]])
         priority = -similarity if p.keep == "closest" else similarity
     else:
         priority = _priority(part, p.score_column, p.keep == "highest", p.seed)
@@ -127,10 +135,13 @@ def _semantic_duplicates(part: pa.Table, eps: float) -> pa.Table:
     if part.num_rows == 0:
         return pa.table({ROWADDR: pa.array([], pa.uint64()), "cluster_id": pa.array([], pa.int32()),
                          "semantic_duplicate_of": pa.array([], pa.string())})
-    part = part.sort_by("sample_id")  # ties go by row index: sample_id order
+    # ties go by sample_id order (a rank, not a sorted copy of the vectors)
+    rank = np.empty(part.num_rows, dtype=np.int64)
+    rank[pc.sort_indices(part, [("sample_id", "ascending")]).to_numpy()] = np.arange(part.num_rows)
     vectors = to_matrix(part["_vector"])[0]
     labels = part["cluster_id"].to_numpy()
-    duplicate_of = semantic_duplicates(vectors, labels, eps, part["_priority"].to_numpy())
+    duplicate_of = semantic_duplicates(vectors, labels, eps, part["_priority"].to_numpy(),
+                                       tiebreak=rank)
     is_dup = duplicate_of >= 0
     keeper = pa.array(np.maximum(duplicate_of, 0), pa.int64(), mask=~is_dup)
     verdict = pc.take(part["sample_id"], keeper)
