@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from curate.errors import ConfigError
 from curate.registry import get_stage_class
-from curate.stage import Stage
+from curate.stage import ModelStage, Source, Stage, cuts_clips
 
 #: Columns the pipeline itself writes, derived from the stages' verdicts.
 FINAL_COLUMNS: dict[str, pa.DataType] = {
@@ -31,10 +31,7 @@ def build_stages(config) -> list[Stage]:
     is left as written."""
     stages = [resolve_local_paths(get_stage_class(p.type)(p)) for p in config.stages]
     for i, stage in enumerate(stages):
-        if stage.makes_clips:
-            # no stage after it looks at frames: the cutter need not keep any
-            stage.hands_frames = any(s.needs_pixels() or s.has_prepare_part
-                                     for s in stages[i + 1:])
+        stage.plan(stages[i + 1:])
     return stages
 
 
@@ -80,7 +77,7 @@ def check_stage_columns(config, where: str | None = None) -> None:
     stage reads written by an earlier stage, no column written twice, names unique."""
     stages = build_stages(config)
     problems: list[tuple[str, str]] = []
-    if not stages[0].is_source:
+    if not isinstance(stages[0], Source):
         problems.append(("stages.0.type", f"the first stage must read the inputs (a source "
                          f"such as ingest_images), not {stages[0].type!r}"))
     written: dict[str, int] = {}
@@ -89,12 +86,12 @@ def check_stage_columns(config, where: str | None = None) -> None:
     videos = getattr(stages[0], "media_kind", None) == "video"
     cut: int | None = None
     for i, stage in enumerate(stages):
-        if stage.makes_clips:
+        if cuts_clips(stage):
             cut = i
             if not videos:
                 problems.append((f"stages.{i}.type", f"{stage.type} cuts videos; the first "
                                  "stage must be ingest_videos"))
-        needs_frames = stage.needs_pixels() or stage.has_prepare_part
+        needs_frames = stage.needs_pixels() or isinstance(stage, ModelStage)
         if videos and cut is None and needs_frames and i:
             problems.append((f"stages.{i}", f"{stage.type} works on frames; put split_clips "
                              "before it (it hands each clip's frames to the stages after)"))
@@ -104,7 +101,7 @@ def check_stage_columns(config, where: str | None = None) -> None:
                              "(model stages run on pools of their own)"))
         if stage.own_pool and model_stage is None:
             model_stage = stage
-        if i and stage.is_source:
+        if i and isinstance(stage, Source):
             problems.append((f"stages.{i}.type", "only the first stage may be a source"))
         if stage.name in names:
             problems.append((f"stages.{i}.name", f"name {stage.name!r} is already used by "

@@ -85,6 +85,12 @@ def _checked(cls: type[Stage], type_name: str, where: str) -> type[Stage]:
     if getattr(cls, "type", None) != type_name:
         raise ValueError(f"{where} is registered as stage type {type_name!r} but its type is "
                          f"{getattr(cls, 'type', None)!r}")
+    from curate.stage import GlobalStage, RowStage, Source
+
+    if not issubclass(cls, (Source, RowStage, GlobalStage)):
+        raise ValueError(f"{where}: {cls.__name__} takes none of the stage roles; subclass "
+                         "one of curate.stage's Source, RowStage, ModelStage, FanOut or "
+                         "GlobalStage")
     return cls
 
 

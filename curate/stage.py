@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
@@ -43,13 +46,21 @@ class FrameScoreParams(StageParams):
 
 
 class Stage:
-    """A step of a pipeline.
+    """A step of a pipeline. A stage is one (or two) of these roles, each a base class below;
+    the engine asks the role, nothing else:
 
-    A stage may have a row part (`process`: called on a batch, returns its new columns for
-    the same rows) and/or a global part (`global_part`: work over all rows, run as tasks
-    on the cluster; no process holds all rows). Heavy state loads in `setup()`, on the
-    worker; constructors stay cheap and picklable.
+    - `Source`: lists the inputs and loads each into any number of rows (first stage).
+    - `RowStage`: `process(batch, images)` gives new columns for the same rows.
+    - `ModelStage`: a RowStage whose model runs on a pool of its own (GPU-ready): `prepare`
+      turns pixels into model inputs where they are decoded, `setup` loads the model on
+      the worker, `process` runs it.
+    - `FanOut`: a RowStage whose `expand` turns each row into any number of rows (a video
+      into clips), handed on in blocks.
+    - `GlobalStage`: `global_part(ex)` works over the whole table through the executor's
+      scans and shuffles (no process holds all rows). A stage may be a RowStage and a
+      GlobalStage (a per-row hash, then dedup over all hashes).
 
+    Heavy state loads in `setup()`, on the worker; constructors stay cheap and picklable.
     Filters never delete rows: a filter writes its verdict to `verdict_column` (null when
     the row passes, else the reason) and the pipeline derives `selected` and
     `reject_reason` from the verdicts in stage order.
@@ -63,29 +74,14 @@ class Stage:
     verdict_prefix: ClassVar[str] = ""
     #: True for stages whose verdict is the sample_id of the kept copy.
     marks_duplicates: ClassVar[bool] = False
-    #: True for the stage that lists and reads the inputs (first in a pipeline).
-    is_source: ClassVar[bool] = False
-    #: True for a stage that may return more (or fewer) rows than it was given: one input
-    #: file, many clips. The runner re-balances batches after it.
-    fans_out: ClassVar[bool] = False
-    #: True for expensive stages that skip rows an earlier row stage already dropped
-    #: (they get nulls): no GPU time on rows that are out. Global verdicts (dedup) come
-    #: after the row stages, so rows they drop are still computed.
-    skips_dropped: ClassVar[bool] = False
     #: Prefix of the columns `prepare` hands from the decode pool to a model pool
     #: (dropped before rows are stored).
     PREPARED_PREFIX: ClassVar[str] = "_prepared:"
     #: Params naming local files or directories (a path or a list of paths): a run makes
-    #: them absolute where it starts (`curate.pipeline.build_stages`), before the stages
+    #: them absolute where it starts (`curate.plan.build_stages`), before the stages
     #: travel to workers whose working directory is another; URLs and hub ids stay as they
     #: are. Fingerprints keep the paths as the config wrote them.
     local_path_params: ClassVar[tuple[str, ...]] = ()
-    #: True for a stage that turns videos into clips (media with sampled frames).
-    makes_clips: ClassVar[bool] = False
-    #: True for a stage whose row part takes a clip whole (`Clip` media: several frames),
-    #: e.g. a VLM prompted with the frames; other stages see each frame as a row of its own
-    #: and their columns are reduced per clip (curate.frames).
-    takes_clips: ClassVar[bool] = False
     #: How this stage's scores of a clip's frames become the clip's by default.
     default_reduction: ClassVar[str] = "mean"
 
@@ -127,22 +123,6 @@ class Stage:
         """Whether the row part uses decoded images."""
         return False
 
-    @property
-    def own_pool(self) -> bool:
-        """Whether the row part runs on its own actor pool (models: GPU-ready, sized by
-        `resources`) instead of in the pool that decodes the images."""
-        return False
-
-    @property
-    def pool_key(self):
-        """Own-pool stages with the same (non-None) key share one pool, so a model they
-        both use loads once per worker."""
-        return None
-
-    @property
-    def prepared_column(self) -> str:
-        return self.PREPARED_PREFIX + self.name
-
     # --- before a run -------------------------------------------------------------------
     def preflight(self) -> list[tuple[str, str]]:
         """Problems to report before any work starts, as (param, reason): e.g. a model
@@ -157,51 +137,18 @@ class Stage:
         """Models this stage uses: {"model": id, "revision": ...}; kept in the run record."""
         return []
 
+    def plan(self, later: list[Stage]) -> None:
+        """Called when a pipeline is built, with the stages that come after this one (e.g.
+        a video splitter keeps no frames when no later stage looks at them)."""
+
     # --- work ---------------------------------------------------------------------------
     def setup(self) -> None:
         """Load heavy state; called once per worker before the first batch."""
 
     @property
-    def has_row_part(self) -> bool:
-        return type(self).process is not Stage.process or self.fans_out
-
-    @property
-    def has_global_part(self) -> bool:
-        return type(self).global_part is not Stage.global_part
-
-    @property
-    def has_prepare_part(self) -> bool:
-        return type(self).prepare is not Stage.prepare
-
-    def prepare(self, batch: pa.Table, images: list) -> pa.Array:
-        """CPU part of an own-pool stage, run where the images are decoded (e.g. resize and
-        crop for a model). Its result travels to `process` as `prepared_column`."""
-        raise NotImplementedError
-
-    def process(self, batch: pa.Table, images: list) -> dict[str, pa.Array]:
-        """Row part: new columns for `batch` (images[i] is a PIL RGB image or None)."""
-        raise NotImplementedError
-
-    def global_part(self, ex) -> GlobalResult:
-        """Global part: new columns, computed over the rows no earlier stage dropped (those
-        `ex.scan` returns) with the executor's scans, maps and shuffles (curate.engine.executor).
-        Rows left out of the result get the defaults or null (an earlier stage's reason
-        stands for the rows it dropped)."""
-        raise NotImplementedError
-
-    def run_global(self, table: pa.Table, alive: pa.Array) -> dict[str, pa.Array]:
-        """The global part in this process over `table` (`alive` marks the rows no earlier
-        stage dropped): new columns for every row."""
-        from curate.parts import MemoryExecutor
-
-        ex = MemoryExecutor(table, alive)
-        return ex.columns(self.global_part(ex))
-
-    def expand(self, rows: pa.Table, media: list | None) -> tuple[pa.Table, list | None]:
-        """Row part of a fan-out stage (`fans_out`): the rows that replace `rows` (any number
-        per row, each keeping its `input_id`, with a stable `sample_id` of its own) and
-        their media."""
-        raise NotImplementedError
+    def own_pool(self) -> bool:
+        """Whether the row part runs on a pool of its own (see `ModelStage`)."""
+        return False
 
     def reduction(self) -> str:
         """min, mean or max: how a clip's frame scores become the clip's."""
@@ -230,6 +177,95 @@ class Stage:
         return f"{type(self).__name__}({args})"
 
 
+class RowStage(Stage):
+    """New columns for the same rows, computed batch by batch where the rows stream."""
+
+    #: True for a stage that takes a clip whole (`Clip` media: several frames), e.g. a VLM
+    #: prompted with the frames; other stages see each frame as a row of its own and their
+    #: columns are reduced per clip (curate.frames).
+    takes_clips: ClassVar[bool] = False
+    #: True for expensive stages that skip rows an earlier row stage already dropped
+    #: (they get nulls): no GPU time on rows that are out. Global verdicts (dedup) come
+    #: after the row stages, so rows they drop are still computed.
+    skips_dropped: ClassVar[bool] = False
+
+    def process(self, batch: pa.Table, images: list) -> dict[str, pa.Array]:
+        """New columns for `batch` (images[i] is a PIL RGB image or None)."""
+        raise NotImplementedError
+
+
+class ModelStage(RowStage):
+    """A row stage whose model runs on a pool of its own (GPU-ready, sized by `resources`):
+    `prepare` runs where the images are decoded (resize and crop for the model) and its
+    result travels to `process` on the model's pool as `prepared_column`."""
+
+    @property
+    def own_pool(self) -> bool:
+        """True unless the params say no model runs (the stage then works where it is)."""
+        return True
+
+    @property
+    def pool_key(self):
+        """Model stages with the same (non-None) key share one pool, so a model they both
+        use loads once per worker."""
+        return None
+
+    @property
+    def prepared_column(self) -> str:
+        return self.PREPARED_PREFIX + self.name
+
+    def prepare(self, batch: pa.Table, images: list) -> pa.Array:
+        """CPU part, run where the images are decoded; one value per row."""
+        raise NotImplementedError
+
+
+class FanOut(RowStage):
+    """One row in, any number out: `expand` hands on the rows that replace a batch's rows
+    (each keeping its `input_id`, with a stable `sample_id` of its own) in blocks, so one
+    long input never sits whole in memory; the engine re-balances batches after it."""
+
+    #: True for a stage that turns videos into clips (media with sampled frames).
+    makes_clips: ClassVar[bool] = False
+
+    def expand(self, rows: pa.Table,
+               media: list | None) -> Iterator[tuple[pa.Table, list | None]]:
+        """Blocks of (rows, their media). Every row carries `input_rows`: how many rows its
+        input has (on rows before the input's last, a lower bound is enough: a resumed run
+        then knows the input is not complete)."""
+        raise NotImplementedError
+
+
+def count_input_rows(input_ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """For each row, how many rows its input has: a resumed run can tell an input whose
+    rows were all committed from one cut off midway."""
+    if isinstance(input_ids, pa.ChunkedArray):
+        input_ids = input_ids.combine_chunks()
+    codes = pc.dictionary_encode(input_ids).indices.to_numpy()
+    return pa.array(np.bincount(codes)[codes] if len(codes) else [], pa.int32())
+
+
+def cuts_clips(stage: Stage) -> bool:
+    """True for the stage that turns videos into clips (a `FanOut` that `makes_clips`)."""
+    return isinstance(stage, FanOut) and stage.makes_clips
+
+
+class GlobalStage(Stage):
+    """Work over the table: new columns computed over the rows no earlier stage dropped."""
+
+    def global_part(self, ex) -> GlobalResult:
+        """New columns, from the rows `ex.scan` returns, with the executor's scans, maps and
+        shuffles (curate.engine.executor). Rows left out of the result get the defaults or
+        null (an earlier stage's reason stands for the rows it dropped)."""
+        raise NotImplementedError
+
+    def run_global(self, table: pa.Table, alive: pa.Array) -> dict[str, pa.Array]:
+        """The global part in this process over `table` (`alive` marks the rows no earlier
+        stage dropped): new columns for every row."""
+        from curate.parts import MemoryExecutor
+
+        ex = MemoryExecutor(table, alive)
+        return ex.columns(self.global_part(ex))
+
 class Source(Stage):
     """The first stage: lists the inputs and reads each into any number of rows.
 
@@ -239,7 +275,8 @@ class Source(Stage):
     decided and redone per input: redoing an input replaces all of its rows.
     """
 
-    is_source = True
+    #: What the inputs are: "image" or "video".
+    media_kind: ClassVar[str] = "image"
 
     def list_entries(self) -> list[dict[str, Any]]:
         """Driver side: the listing as small units of work for the workers (cheap: no

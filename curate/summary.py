@@ -13,7 +13,7 @@ from rich.table import Table
 
 from curate.engine.run import RunSummary
 from curate.registry import stage_types
-from curate.stage import Stage, StageParams
+from curate.stage import GlobalStage, RowStage, Source, Stage, StageParams
 
 
 def print_summary(summary: RunSummary, console: Console | None = None) -> None:
@@ -98,10 +98,11 @@ def stage_reference() -> list[dict[str, Any]]:
         out.append({
             "type": name,
             "summary": (cls.__doc__ or "").strip().splitlines()[0],
-            "kind": " + ".join(k for k, on in (("row", stage.has_row_part and not stage.own_pool),
+            "kind": " + ".join(k for k, on in (("row", isinstance(stage, RowStage)
+                                                       and not stage.own_pool),
                                                ("row on its own pool", stage.own_pool),
-                                               ("global", stage.has_global_part),
-                                               ("source", stage.is_source)) if on),
+                                               ("global", isinstance(stage, GlobalStage)),
+                                               ("source", isinstance(stage, Source))) if on),
             "params": params,
             "reads": reads,
             "writes": _writes(stage),

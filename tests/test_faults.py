@@ -323,12 +323,12 @@ def exit_stage():
     from pydantic import Field
 
     from curate import registry
-    from curate.stage import Stage, StageParams
+    from curate.stage import RowStage, StageParams
 
     class ExitParams(StageParams):
         marker: str = Field(description="uris holding this end the worker")
 
-    class ExitOn(Stage):
+    class ExitOn(RowStage):
         Params = ExitParams
 
         def reads(self):

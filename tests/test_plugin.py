@@ -24,14 +24,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from curate.stage import Stage, StageParams
+from curate.stage import RowStage, StageParams
 
 
 class AreaParams(StageParams):
     min_area: int | None = Field(None, ge=0, description="drop images with fewer pixels")
 
 
-class PixelArea(Stage):
+class PixelArea(RowStage):
     """Width times height of each image as `pixel_area`, with an optional minimum."""
 
     # no `type`: the registry names it after its entry point

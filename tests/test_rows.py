@@ -16,7 +16,7 @@ import pytest
 
 from curate import Pipeline, load_config
 from curate.registry import get_stage_class, register
-from curate.stage import Stage, StageParams
+from curate.stage import FanOut, GlobalStage, StageParams, count_input_rows
 from curate.stages.image.ingest_images import IngestImages
 from curate.verdicts import alive_before
 
@@ -29,7 +29,6 @@ class IngestHalves(IngestImages):
     into clips); a file that cannot be read stays one row with its error."""
 
     type = "ingest_halves"
-    fans_out = True
 
     def writes(self):
         return {**super().writes(), "half": pa.int32()}
@@ -138,7 +137,7 @@ def test_global_stages_on_fragments_equal_one_process(demo_store):
     stages = [get_stage_class(p.type)(p) for p in config.stages]
     checked = 0
     for i, stage in enumerate(stages):
-        if not stage.has_global_part or stage.type == "diversity_sample":
+        if not isinstance(stage, GlobalStage) or stage.type == "diversity_sample":
             continue
         alive = alive_before(table, stages, i)
         for name, values in stage.run_global(table, alive).items():
@@ -195,12 +194,11 @@ def _rows(part: pa.Table) -> int:
     return part.num_rows
 
 
-class Repeat(Stage):
+class Repeat(FanOut):
     """A fan-out row stage: every decoded row becomes `copies` rows."""
 
     type = "repeat_rows"
     Params = StageParams
-    fans_out = True
 
     def __init__(self, copies: int):
         super().__init__()
@@ -210,8 +208,10 @@ class Repeat(Stage):
         keep = [i for i, m in enumerate(media) for _ in range(self.copies if m else 1)]
         out = rows.take(pa.array(keep))
         ids = [f"{sid}-{k}" for k, sid in enumerate(out["sample_id"].to_pylist())]
-        return out.set_column(out.column_names.index("sample_id"), "sample_id",
-                              pa.array(ids)), [media[i] for i in keep]
+        out = out.set_column(out.column_names.index("sample_id"), "sample_id", pa.array(ids))
+        out = out.set_column(out.column_names.index("input_rows"), "input_rows",
+                             count_input_rows(out["input_id"]))
+        yield out, [media[i] for i in keep]
 
 
 def test_a_fan_out_stage_reshapes_rows_in_the_worker(demo_media):

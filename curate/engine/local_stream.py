@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from curate.engine.backend import cpus
 from curate.engine.workers import FanOutWorker, SegmentWorker, segments, worker_options
-from curate.stage import Stage
+from curate.stage import FanOut, Stage
 
 
 def stream_fragments(parts: list[pa.Table], counts: list[int], stages: list[Stage],
@@ -45,7 +45,7 @@ def stream_fragments(parts: list[pa.Table], counts: list[int], stages: list[Stag
     local = threading.local()
 
     def make(i: int, pool: list[Stage], threads: int | None):
-        kind = FanOutWorker if any(s.fans_out for s in pool) else SegmentWorker
+        kind = FanOutWorker if any(isinstance(s, FanOut) for s in pool) else SegmentWorker
         # a copy of the stages, as each Ray worker gets its own
         return kind(stages=copy.deepcopy(pool), threads=threads, **options[i])
 

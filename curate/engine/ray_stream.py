@@ -14,7 +14,7 @@ import pyarrow as pa
 from curate.engine.inflight import WORKER_RETRIES
 from curate.engine.tasks import blocks
 from curate.engine.workers import FanOutWorker, SegmentWorker, segments, worker_options
-from curate.stage import Stage
+from curate.stage import FanOut, Stage
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def stream_fragments(
         # A model on CPU is the slow step while decoding mostly waits for it: give each of
         # its workers a share of all the cores for threads, not only the CPUs it reserved.
         threads = max(1, int(have // size.workers)) if i and not size.gpus else None
-        fans_out = any(s.fans_out for s in pool)
+        fans_out = any(isinstance(s, FanOut) for s in pool)
         dataset = dataset.map_batches(
             FanOutWorker if fans_out else SegmentWorker,
             fn_constructor_kwargs={"stages": pool, "threads": threads, **options[i]},

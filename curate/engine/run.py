@@ -30,7 +30,7 @@ from curate.errors import (
 )
 from curate.logs import progress_bar
 from curate.plan import FINAL_COLUMNS, build_stages, row_stages_hash, table_schema
-from curate.stage import Stage
+from curate.stage import GlobalStage, RowStage, Stage
 from curate.table.layout import now
 from curate.table.store import Store
 from curate.verdicts import StageCount, final_columns, funnel
@@ -112,8 +112,8 @@ class _Execution:
         self.set_aside: dict[str, str] = {}
         self.stages = build_stages(config)
         self.source = self.stages[0]
-        self.row_stages = [s for s in self.stages[1:] if s.has_row_part]
-        self.global_stages = [s for s in self.stages if s.has_global_part]
+        self.row_stages = [s for s in self.stages[1:] if isinstance(s, RowStage)]
+        self.global_stages = [s for s in self.stages if isinstance(s, GlobalStage)]
         self.store = Store(config.store)
         self.hash = row_stages_hash(self.source, self.row_stages)
         self.seconds: dict[str, float] = {s.name: 0.0 for s in self.stages}
@@ -370,13 +370,13 @@ class _Execution:
         from curate.engine.executor import StoreExecutor
 
         for i, stage in enumerate(self.stages):
-            if not stage.has_global_part:
+            if not isinstance(stage, GlobalStage):
                 continue
             started = time.perf_counter()
             ex = StoreExecutor(self.backend, self.store, self._alive_filter(i))
             ex.write(stage.global_part(ex))
             self.seconds[stage.name] += time.perf_counter() - started
-            if not stage.has_row_part:
+            if not isinstance(stage, RowStage):
                 self.processed[stage.name] += self.store.count_rows()
         return self._counts(write=True)
 

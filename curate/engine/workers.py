@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.stage import Stage
+from curate.stage import FanOut, ModelStage, RowStage, Source, Stage, count_input_rows, cuts_clips
 from curate.table.fragments import TIMING_PREFIX
 from curate.verdicts import alive_mask
 
@@ -26,12 +26,17 @@ def segments(chain: list[Stage]) -> list[list[Stage]]:
     with the same `pool_key` (the same model) joins it too and shares the loaded model."""
     out: list[list[Stage]] = [[chain[0]]]
     for stage in chain[1:]:
-        shares = stage.pool_key is not None and out[-1][0].pool_key == stage.pool_key
+        key = _pool_key(stage)
+        shares = key is not None and _pool_key(out[-1][0]) == key
         if stage.own_pool and not shares:
             out.append([stage])
         else:
             out[-1].append(stage)
     return out
+
+
+def _pool_key(stage: Stage):
+    return stage.pool_key if isinstance(stage, ModelStage) else None
 
 
 def _add_timing(table: pa.Table, name: str, seconds: float) -> pa.Table:
@@ -72,7 +77,7 @@ class SegmentWorker:
         #: True where rows may be clips (in a pipeline that cuts videos, from the stage that
         #: cuts them on): image stages then see each sampled frame as a row.
         self.clips = clips
-        maker = next((k for k, s in enumerate(stages) if s.makes_clips), None)
+        maker = next((k for k, s in enumerate(stages) if cuts_clips(s)), None)
         on_frames = stages[maker + 1:] if maker is not None else (stages if clips else [])
         self._on_frame_rows = {id(s) for s in on_frames if not s.takes_clips}
         #: Prepared columns that hold one value per frame (lists, on clips).
@@ -121,34 +126,26 @@ class SegmentWorker:
         media = None
         out = batch
         rest = self.stages
-        if self.stages[0].is_source:
+        if isinstance(self.stages[0], Source):
             source, *rest = self.stages
             started = time.perf_counter()
             out, media = source.load(batch)
-            out = out.append_column("input_rows", _input_rows(out["input_id"]))
+            out = out.append_column("input_rows", count_input_rows(out["input_id"]))
             out = _add_timing(out, source.name, time.perf_counter() - started)
         yield from self._after(out, media, rest)
 
     def _after(self, out: pa.Table, media, stages: list[Stage]) -> Iterator[pa.Table]:
         for k, stage in enumerate(stages):
-            if not stage.fans_out:
+            if not isinstance(stage, FanOut):
                 continue
             out = self._stages(out, media, stages[:k])
             started = time.perf_counter()
-            result = stage.expand(out, media)
-            if isinstance(result, tuple):
-                out, media = result
-                out = out.set_column(out.column_names.index("input_rows"), "input_rows",
-                                     _input_rows(out["input_id"]))
-                out = _add_timing(out, stage.name, time.perf_counter() - started)
-                yield from self._after(out, media, stages[k + 1:])
-                return
-            # Streamed blocks (they carry their own input_rows): each goes through the rest
+            # Blocks (they carry their own input_rows): each goes through the rest
             # of the segment as it comes, so one long input never sits whole in memory.
             # The earlier stages' seconds go with the first block, not once per new row.
             earlier = {c: pc.sum(out[c]).as_py() or 0.0 for c in out.column_names
                        if c.startswith(TIMING_PREFIX)}
-            for rows, block_media in result:
+            for rows, block_media in stage.expand(out, media):
                 rows = rows.drop_columns([c for c in earlier if c in rows.column_names])
                 for column, seconds in earlier.items():
                     rows = _add_timing(rows, column[len(TIMING_PREFIX):], seconds)
@@ -240,15 +237,6 @@ class SegmentWorker:
         return out
 
 
-def _input_rows(input_ids: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """For each row, how many rows its input has: a resumed run can tell an input whose
-    rows were all committed from one cut off midway."""
-    if isinstance(input_ids, pa.ChunkedArray):
-        input_ids = input_ids.combine_chunks()
-    codes = pc.dictionary_encode(input_ids).indices.to_numpy()
-    return pa.array(np.bincount(codes)[codes] if len(codes) else [], pa.int32())
-
-
 class FanOutWorker(SegmentWorker):
     """A segment with a stage that turns one row into many: its output leaves in blocks of
     the batch size it was given, so the next pool gets even batches (a repartition
@@ -258,7 +246,7 @@ class FanOutWorker(SegmentWorker):
         # blocks of the batch size, or of what a streaming stage hands on together (a
         # video's clips come one video per batch)
         size = max(batch.num_rows, 1, *(getattr(s.params, "clips_per_block", 1)
-                                        for s in self.stages if s.fans_out))
+                                        for s in self.stages if isinstance(s, FanOut)))
         key = self._starting(batch)
         for out in self._run(batch):
             for start in range(0, max(out.num_rows, 1), size):
@@ -293,13 +281,13 @@ def worker_options(pools: list[list[Stage]], stages: list[Stage], row_stages_has
                    inflight) -> list[dict]:
     """What each pool's `SegmentWorker` is built with, besides its stages and threads."""
     later = list({s.prepared_column: s for pool in pools[1:] for s in pool
-                  if s.own_pool and s.has_prepare_part}.values())
+                  if s.own_pool and isinstance(s, ModelStage)}.values())
     earlier = {s.name: [e.verdict_column for e in stages[:i] if e.verdict_column]
-               for i, s in enumerate(stages) if s.skips_dropped}
-    clips = any(s.makes_clips for s in stages)
+               for i, s in enumerate(stages) if isinstance(s, RowStage) and s.skips_dropped}
+    clips = any(cuts_clips(s) for s in stages)
     frame_columns = tuple(s.prepared_column for s in later if not s.takes_clips)
     return [{"prepare": later if i == 0 else [], "last": i == len(pools) - 1,
              "row_stages_hash": row_stages_hash, "earlier_verdicts": earlier,
-             "clips": (clips and i > 0) or any(s.makes_clips for s in pool),
+             "clips": (clips and i > 0) or any(cuts_clips(s) for s in pool),
              "frame_columns": frame_columns, "inflight": inflight}
             for i, pool in enumerate(pools)]

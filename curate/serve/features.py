@@ -23,7 +23,7 @@ from curate.config import Config, load_config
 from curate.engine.workers import SegmentWorker, segments
 from curate.errors import ConfigError
 from curate.plan import build_stages
-from curate.stage import Stage
+from curate.stage import ModelStage, RowStage, Source, Stage
 from curate.stages.image.ingest_images import sample_id_for
 from curate.table.fragments import TIMING_PREFIX
 
@@ -63,12 +63,12 @@ class FeaturePlan:
         """`wanted`: the features offered (None: all); `also`: columns kept when the
         pipeline computes them (the vector column that text search needs)."""
         stages = build_stages(config)
-        chain = [stages[0], *(s for s in stages[1:] if s.has_row_part)]
+        chain = [stages[0], *(s for s in stages[1:] if isinstance(s, RowStage))]
         pools = segments(chain)
         columns: dict[str, int] = {}
         for index, pool in enumerate(pools):
             for stage in pool:
-                if stage.is_source:
+                if isinstance(stage, Source):
                     continue
                 for name in stage.written_names():
                     if name != stage.verdict_column:
@@ -83,7 +83,7 @@ class FeaturePlan:
         needed = max(columns.values(), default=-1) + 1  # later segments need earlier ones
         model_pools = pools[1:needed + 1]
         prepare = list({s.prepared_column: s for pool in model_pools for s in pool
-                        if s.own_pool and s.has_prepare_part}.values())
+                        if s.own_pool and isinstance(s, ModelStage)}.values())
         types = {}
         for pool in pools[:needed + 1]:
             for stage in pool:

@@ -6,12 +6,14 @@ import re
 from typing import ClassVar
 
 from curate.models import is_local, model_revision, stand_in_notice
-from curate.stage import Stage
+from curate.stage import ModelStage
 
 
-class ModelStage(Stage):
-    """Labels stand-ins, records the model and its revision, and recomputes rows when the
-    weights change (but not when only the device does)."""
+class HubModelStage(ModelStage):
+    """A model stage whose model is named by `params.model` (a hub id or a checkpoint
+    directory) and `params.revision`: labels stand-ins, records the model and its
+    revision, and recomputes rows when the weights change (but not when only the device
+    does)."""
 
     #: The param naming the library that runs the model.
     backend_param: ClassVar[str] = "backend"

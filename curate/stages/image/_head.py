@@ -12,7 +12,7 @@ from pydantic import Field, field_validator
 
 from curate.algos.vectors import to_matrix
 from curate.models import ModelError, in_fixed_batches, stand_in_notice
-from curate.stage import FrameScoreParams, Stage
+from curate.stage import FrameScoreParams, RowStage
 from curate.stages._common import threshold_verdicts
 
 
@@ -34,7 +34,7 @@ class HeadParams(FrameScoreParams):
         return value
 
 
-class _HeadStage(Stage):
+class _HeadStage(RowStage):
     """Shared by the stages that score CLIP embeddings with a LinearHead."""
 
     hidden: str = "none"

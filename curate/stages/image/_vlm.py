@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from curate.stage import Resources, StageParams
-from curate.stages._model import ModelStage
+from curate.stages._model import HubModelStage
 
 
 class VllmOptions(BaseModel):
@@ -62,16 +62,12 @@ class VlmParams(StageParams):
         return value
 
 
-class _VlmStage(ModelStage):
+class _VlmStage(HubModelStage):
     """What caption and vlm_score share: prompts, engine, pools, image hand-over."""
 
     backend_param = "engine"
     skips_dropped = True
     takes_clips = True  # a clip's frames go into one prompt, several images
-
-    @property
-    def own_pool(self) -> bool:
-        return True
 
     @property
     def pool_key(self):

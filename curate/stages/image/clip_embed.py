@@ -11,7 +11,7 @@ from pydantic import Field
 from curate.algos.vectors import column_pixels, from_matrix, prepared_pixels, vector_type
 from curate.models import in_fixed_batches
 from curate.stage import Resources, StageParams
-from curate.stages._model import ModelStage
+from curate.stages._model import HubModelStage
 
 
 class ClipEmbedParams(StageParams):
@@ -59,7 +59,7 @@ def _read_config(model: str, revision: str | None) -> dict:
     return json.loads(path.read_text())
 
 
-class ClipEmbed(ModelStage):
+class ClipEmbed(HubModelStage):
     """CLIP/SigLIP image embeddings (L2-normalised) as `clip_embedding`, and optionally
     text embeddings of a caption column as `clip_text_embedding`. Images are resized and
     cropped where they are decoded; the model runs on its own pool (GPU-ready)."""
@@ -81,10 +81,6 @@ class ClipEmbed(ModelStage):
 
     def writes(self):
         return {name: vector_type(self.dim) for name in self.written_names()}
-
-    @property
-    def own_pool(self) -> bool:
-        return True
 
     def preflight(self):
         p = self.params

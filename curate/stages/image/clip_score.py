@@ -10,7 +10,7 @@ from pydantic import Field
 from curate.algos.quantile import kth_largest
 from curate.algos.vectors import to_matrix
 from curate.parts import ROWADDR, GlobalResult, num_rows
-from curate.stage import Stage, StageParams
+from curate.stage import GlobalStage, RowStage, StageParams
 
 
 class ClipScoreParams(StageParams):
@@ -22,7 +22,7 @@ class ClipScoreParams(StageParams):
                                        "of the scored rows, best first")
 
 
-class ClipScore(Stage):
+class ClipScore(RowStage, GlobalStage):
     """Cosine similarity of image and text embeddings (DataComp's CLIP-score filter) as
     `clip_score`. Keeps rows above `min_score` and/or within the best `top_fraction`.
     Rows without a text embedding get no score and are not judged."""

@@ -11,7 +11,7 @@ from PIL import Image
 from pydantic import Field, model_validator
 
 from curate.media.decode import luma
-from curate.stage import FrameScoreParams, Stage
+from curate.stage import FrameScoreParams, RowStage
 
 
 class QualityParams(FrameScoreParams):
@@ -131,7 +131,7 @@ def _mean_saturation(img: Image.Image) -> float:
     return float(values.sum(dtype=np.uint64)) / max(values.size, 1)
 
 
-class ImageQuality(Stage):
+class ImageQuality(RowStage):
     """Score size, aspect ratio, file size, blur, brightness, contrast and saturation."""
 
     type = "image_quality"

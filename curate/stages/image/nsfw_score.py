@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from curate.algos.vectors import column_pixels, prepared_pixels
 from curate.models import in_fixed_batches
-from curate.stage import Resources
+from curate.stage import ModelStage, Resources
 from curate.stages._common import threshold_verdicts
 from curate.stages.image._head import HeadParams, _HeadStage, _verdicts_of
 
@@ -35,7 +35,7 @@ class NsfwParams(HeadParams):
         return self
 
 
-class NsfwScore(_HeadStage):
+class NsfwScore(_HeadStage, ModelStage):
     """NSFW probability (0-1) as `nsfw_score`, with an optional maximum. By default Yahoo's
     open_nsfw on the pixels (its own pool, like every model); or a head over CLIP embeddings
     (ReLU between linear layers, sigmoid output), e.g. the LAION CLIP NSFW detector's

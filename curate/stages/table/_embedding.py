@@ -19,7 +19,7 @@ from pydantic import Field
 
 from curate.algos.kmeans import ASSIGN_CHUNK
 from curate.algos.vectors import from_matrix, list_values, one_array, to_matrix
-from curate.stage import Stage
+from curate.stage import GlobalStage
 
 #: upper bound of the automatic cluster count
 MAX_AUTO_CLUSTERS = 10_000
@@ -139,7 +139,7 @@ def _max_train_field():
     )
 
 
-class _EmbeddingStage(Stage):
+class _EmbeddingStage(GlobalStage):
     """A global stage over an embedding column, optionally ranked by a score column."""
 
     def reads(self) -> tuple[str, ...]:

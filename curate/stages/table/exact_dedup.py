@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.parts import GlobalResult
-from curate.stage import Stage
+from curate.stage import GlobalStage
 from curate.stages.table._dedup import (
     DedupParams,
     _policy_columns,
@@ -16,7 +16,7 @@ from curate.stages.table._dedup import (
 )
 
 
-class ExactDedup(Stage):
+class ExactDedup(GlobalStage):
     """Mark byte-identical files (same content_hash); one copy per group is kept."""
 
     type = "exact_dedup"

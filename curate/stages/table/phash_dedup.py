@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from curate.parts import ROWADDR, GlobalResult
-from curate.stage import Stage
+from curate.stage import GlobalStage, RowStage
 from curate.stages.table._dedup import (
     DedupParams,
     _policy_columns,
@@ -469,7 +469,7 @@ def _component_duplicates(table: pa.Table, params: DedupParams) -> pa.Table:
     return _duplicates_by(table, COMPONENT, params)
 
 
-class PhashDedup(Stage):
+class PhashDedup(RowStage, GlobalStage):
     """Mark near-duplicate images: 64-bit perceptual hashes within max_distance bits.
 
     With `invariance: dihedral`, an image's mirror images and 90/180/270 degree turns are

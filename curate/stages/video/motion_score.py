@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 from pydantic import Field
 
-from curate.stage import Stage, StageParams
+from curate.stage import RowStage, StageParams
 from curate.stages._common import threshold_verdicts
 
 
@@ -16,7 +16,7 @@ class MotionParams(StageParams):
                                     "(shaky footage, flashes)")
 
 
-class MotionScore(Stage):
+class MotionScore(RowStage):
     """Motion of each clip as `motion_score`: the mean absolute change between consecutive
     frames, on grey frames 64 px wide, over every frame of the clip (measured by
     split_clips while it decodes, so it costs no second decode)."""

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 from curate.media.clips import Clip, Decoded, SplitOptions, split
 from curate.media.decode import MediaError
 from curate.media.video import VideoInfo
-from curate.stage import Stage, StageParams
+from curate.stage import FanOut, ModelStage, Stage, StageParams
 
 if TYPE_CHECKING:
     from curate.stages.video.ingest_videos import VideoMedia
@@ -71,17 +71,20 @@ def clip_id(input_id: str, start_frame: int, end_frame: int) -> str:
                            digest_size=16).hexdigest()
 
 
-class SplitClips(Stage):
+class SplitClips(FanOut):
     """Cut each video into clips (shots, or fixed windows): one row per clip, referencing
     its source by time span, with frames sampled for the stages after."""
 
     type = "split_clips"
     Params = SplitClipsParams
     params: SplitClipsParams
-    fans_out = True
     makes_clips = True
-    #: Whether a later stage uses the sampled frames (set where the chain is built).
+    #: Whether a later stage uses the sampled frames (see `plan`).
     hands_frames = True
+
+    def plan(self, later: list[Stage]) -> None:
+        # no stage after it looks at frames: the cutter need not keep any
+        self.hands_frames = any(s.needs_pixels() or isinstance(s, ModelStage) for s in later)
 
     def reads(self) -> tuple[str, ...]:
         return ("input_id", "media_type")

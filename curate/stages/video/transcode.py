@@ -10,7 +10,7 @@ from pydantic import Field
 
 from curate.media.clips import Clip
 from curate.media.decode import MediaError
-from curate.stage import Stage, StageParams
+from curate.stage import RowStage, StageParams
 
 
 class TranscodeParams(StageParams):
@@ -21,7 +21,7 @@ class TranscodeParams(StageParams):
                                  "(None: the source's)")
 
 
-class Transcode(Stage):
+class Transcode(RowStage):
     """Write each clip that earlier row filters kept as a video file of its own (H.264 MP4
     or VP9 WebM) under `directory`, as `clip_path`; clips stay references until then.
     Rows dropped later (dedup) keep their file: dedup runs after the row stages."""
