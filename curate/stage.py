@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
@@ -192,6 +193,56 @@ class RowStage(Stage):
     def process(self, batch: pa.Table, images: list) -> dict[str, pa.Array]:
         """New columns for `batch` (images[i] is a PIL RGB image or None)."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A limit on a score column: rows under `minimum` or over `maximum` fail, with the
+    reason `label 3.21 < 5` (or `>`). A limit left None is not checked."""
+
+    column: str
+    label: str
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+class ScoreFilter(RowStage):
+    """A row stage that scores rows and drops those outside limits. Its author writes
+    `score()` (the score columns of a batch) and `thresholds()` (the limits its params
+    set); the base turns the scores into the verdict in `verdict_column`, from the scores
+    as they are stored (and, on clips, from each clip's reduced scores alike). A stage
+    whose checks are not simple limits overrides `verdicts()` instead."""
+
+    def score(self, batch: pa.Table, images: list) -> dict[str, pa.Array]:
+        """The score columns of `batch` (images[i] is a PIL RGB image or None)."""
+        raise NotImplementedError
+
+    def thresholds(self) -> list[Threshold]:
+        return []
+
+    def process(self, batch: pa.Table, images: list) -> dict[str, pa.Array]:
+        columns = self.score(batch, images)
+        assert self.verdict_column is not None
+        return {**columns, self.verdict_column: self.verdicts(batch, columns)}
+
+    def verdicts(self, rows: pa.Table, columns: dict[str, pa.Array]) -> pa.Array:
+        """Each row's failed limits, joined by `; `, or null (null scores fail nothing)."""
+        reasons: list[str | None] = [None] * rows.num_rows
+        for limit in self.thresholds():
+            if limit.minimum is None and limit.maximum is None:
+                continue
+            values = columns[limit.column]
+            values = values.to_numpy(zero_copy_only=False).astype(np.float32)
+            for i in np.flatnonzero(~np.isnan(values)):
+                value = float(values[i])
+                if limit.minimum is not None and value < limit.minimum:
+                    reason = f"{limit.label} {value:.4g} < {limit.minimum:g}"
+                elif limit.maximum is not None and value > limit.maximum:
+                    reason = f"{limit.label} {value:.4g} > {limit.maximum:g}"
+                else:
+                    continue
+                reasons[i] = reason if reasons[i] is None else f"{reasons[i]}; {reason}"
+        return pa.array(reasons, pa.string())
 
 
 class ModelStage(RowStage):

@@ -13,7 +13,6 @@ from pydantic import Field, field_validator
 from curate.algos.vectors import to_matrix
 from curate.models import ModelError, in_fixed_batches, stand_in_notice
 from curate.stage import FrameScoreParams, RowStage
-from curate.stages._common import threshold_verdicts
 
 
 class HeadParams(FrameScoreParams):
@@ -79,9 +78,3 @@ class _HeadStage(RowStage):
             rows = matrix[valid]
             scores[valid] = in_fixed_batches(self.head, rows, self.resources.batch_size)
         return scores, valid
-
-
-def _verdicts_of(scores: pa.Array, label: str, minimum: float | None = None,
-                 maximum: float | None = None) -> pa.Array:
-    values = scores.to_numpy(zero_copy_only=False).astype(np.float32)
-    return threshold_verdicts(label, values, ~np.isnan(values), minimum, maximum)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 from pydantic import Field
 
-from curate.stages._common import threshold_verdicts
-from curate.stages.image._head import HeadParams, _HeadStage, _verdicts_of
+from curate.stage import ScoreFilter, Threshold
+from curate.stages.image._head import HeadParams, _HeadStage
 
 
 class AestheticParams(HeadParams):
@@ -17,7 +17,7 @@ class AestheticParams(HeadParams):
                                     "scale; 5 to 6 is common)")
 
 
-class AestheticScore(_HeadStage):
+class AestheticScore(_HeadStage, ScoreFilter):
     """The LAION improved aesthetic predictor (a linear MLP over L2-normalised CLIP
     ViT-L/14 image embeddings) as `aesthetic_score`, with an optional minimum."""
 
@@ -44,14 +44,9 @@ class AestheticScore(_HeadStage):
     def setup(self):
         self.head = self.load_head()
 
-    def process(self, batch, images):
+    def score(self, batch, images):
         scores, valid = self.head_scores(batch)
-        return {
-            "aesthetic_score": pa.array(scores, pa.float32(), mask=~valid),
-            "aesthetic_reason": threshold_verdicts("aesthetic", scores, valid,
-                                                   minimum=self.params.min_score),
-        }
+        return {"aesthetic_score": pa.array(scores, pa.float32(), mask=~valid)}
 
-    def verdicts(self, rows, columns):
-        return _verdicts_of(columns["aesthetic_score"], "aesthetic",
-                            minimum=self.params.min_score)
+    def thresholds(self):
+        return [Threshold("aesthetic_score", "aesthetic", minimum=self.params.min_score)]

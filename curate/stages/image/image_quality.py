@@ -11,7 +11,7 @@ from PIL import Image
 from pydantic import Field, model_validator
 
 from curate.media.decode import luma
-from curate.stage import FrameScoreParams, RowStage
+from curate.stage import FrameScoreParams, ScoreFilter
 
 
 class QualityParams(FrameScoreParams):
@@ -131,7 +131,11 @@ def _mean_saturation(img: Image.Image) -> float:
     return float(values.sum(dtype=np.uint64)) / max(values.size, 1)
 
 
-class ImageQuality(RowStage):
+#: The score columns, in the order `image_scores` gives the last four.
+SCORES = ("aspect_ratio", "blur", "brightness", "contrast", "saturation")
+
+
+class ImageQuality(ScoreFilter):
     """Score size, aspect ratio, file size, blur, brightness, contrast and saturation."""
 
     type = "image_quality"
@@ -159,27 +163,13 @@ class ImageQuality(RowStage):
         # rows scored before saturation came from a grid of pixels are scored again
         return {**self.fingerprint(), "saturation_grid": [SAMPLE_FROM, 3]}
 
-    def process(self, batch: pa.Table, images: list) -> dict[str, pa.Array]:
-        widths = batch["width"].to_pylist()
-        heights = batch["height"].to_pylist()
-        sizes = batch["num_bytes"].to_pylist()
-        out: dict[str, list] = {k: [] for k in self.writes()}
-        for img, w, h, nbytes in zip(images, widths, heights, sizes):
-            if img is None:
-                for values in out.values():
-                    values.append(None)
-                continue
-            blur, brightness, contrast, saturation = image_scores(img)
-            aspect = w / h
-            failed = self._failed(w, h, nbytes, aspect, blur, brightness, contrast, saturation)
-            out["aspect_ratio"].append(aspect)
-            out["blur"].append(blur)
-            out["brightness"].append(brightness)
-            out["contrast"].append(contrast)
-            out["saturation"].append(saturation)
-            out["quality_reason"].append(failed)
-        types = self.writes()
-        return {k: pa.array(v, types[k]) for k, v in out.items()}
+    def score(self, batch: pa.Table, images: list) -> dict[str, pa.Array]:
+        out: dict[str, list] = {k: [] for k in SCORES}
+        for img, w, h in zip(images, batch["width"].to_pylist(), batch["height"].to_pylist()):
+            scores = (w / h, *image_scores(img)) if img is not None else (None,) * len(SCORES)
+            for name, value in zip(SCORES, scores):
+                out[name].append(value)
+        return {k: pa.array(v, pa.float32()) for k, v in out.items()}
 
     def _failed(self, w, h, nbytes, aspect, blur, brightness, contrast, saturation):
         """The checks a row fails, as `blur 3.1 < 10; ...`, or None."""
@@ -206,9 +196,9 @@ class ImageQuality(RowStage):
         return "; ".join(failed) or None
 
     def verdicts(self, rows: pa.Table, columns: dict[str, pa.Array]) -> pa.Array:
-        """The checks on a clip's reduced scores (its frames' mean by default)."""
-        names = ("aspect_ratio", "blur", "brightness", "contrast", "saturation")
-        values = [columns[n].to_pylist() for n in names]
+        """The checks on the stored scores (on a clip, its frames' reduced scores: their
+        mean by default) and on the rows' sizes."""
+        values = [columns[n].to_pylist() for n in SCORES]
         out = []
         for w, h, nbytes, *scores in zip(rows["width"].to_pylist(), rows["height"].to_pylist(),
                                          rows["num_bytes"].to_pylist(), *values):

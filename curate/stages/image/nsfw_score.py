@@ -12,9 +12,8 @@ from pydantic import Field, model_validator
 
 from curate.algos.vectors import column_pixels, prepared_pixels
 from curate.models import in_fixed_batches
-from curate.stage import ModelStage, Resources
-from curate.stages._common import threshold_verdicts
-from curate.stages.image._head import HeadParams, _HeadStage, _verdicts_of
+from curate.stage import ModelStage, Resources, ScoreFilter, Threshold
+from curate.stages.image._head import HeadParams, _HeadStage
 
 
 class NsfwParams(HeadParams):
@@ -35,7 +34,7 @@ class NsfwParams(HeadParams):
         return self
 
 
-class NsfwScore(_HeadStage, ModelStage):
+class NsfwScore(_HeadStage, ScoreFilter, ModelStage):
     """NSFW probability (0-1) as `nsfw_score`, with an optional maximum. By default Yahoo's
     open_nsfw on the pixels (its own pool, like every model); or a head over CLIP embeddings
     (ReLU between linear layers, sigmoid output), e.g. the LAION CLIP NSFW detector's
@@ -91,7 +90,7 @@ class NsfwScore(_HeadStage, ModelStage):
         else:
             self.head = self.load_head()
 
-    def process(self, batch, images):
+    def score(self, batch, images):
         if self._pixels:
             pixels, valid = column_pixels(batch[self.prepared_column], self.net.input_shape)
             scores = np.zeros(len(valid), np.float32)
@@ -100,11 +99,7 @@ class NsfwScore(_HeadStage, ModelStage):
                                                  self.resources.batch_size)
         else:
             scores, valid = self.head_scores(batch)
-        return {
-            "nsfw_score": pa.array(scores, pa.float32(), mask=~valid),
-            "nsfw_reason": threshold_verdicts("nsfw", scores, valid,
-                                              maximum=self.params.max_score),
-        }
+        return {"nsfw_score": pa.array(scores, pa.float32(), mask=~valid)}
 
-    def verdicts(self, rows, columns):
-        return _verdicts_of(columns["nsfw_score"], "nsfw", maximum=self.params.max_score)
+    def thresholds(self):
+        return [Threshold("nsfw_score", "nsfw", maximum=self.params.max_score)]

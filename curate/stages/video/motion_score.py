@@ -5,8 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 from pydantic import Field
 
-from curate.stage import RowStage, StageParams
-from curate.stages._common import threshold_verdicts
+from curate.stage import ScoreFilter, StageParams, Threshold
 
 
 class MotionParams(StageParams):
@@ -16,7 +15,7 @@ class MotionParams(StageParams):
                                     "(shaky footage, flashes)")
 
 
-class MotionScore(RowStage):
+class MotionScore(ScoreFilter):
     """Motion of each clip as `motion_score`: the mean absolute change between consecutive
     frames, on grey frames 64 px wide, over every frame of the clip (measured by
     split_clips while it decodes, so it costs no second decode)."""
@@ -33,12 +32,12 @@ class MotionScore(RowStage):
     def writes(self) -> dict[str, pa.DataType]:
         return {"motion_score": pa.float32(), "motion_reason": pa.string()}
 
-    def process(self, batch: pa.Table, images: list) -> dict[str, pa.Array]:
+    def score(self, batch: pa.Table, images: list) -> dict[str, pa.Array]:
         import numpy as np
 
         values = batch["motion"].to_numpy(zero_copy_only=False).astype(np.float32)
-        valid = ~np.isnan(values)
-        return {"motion_score": pa.array(values, pa.float32(), mask=~valid),
-                "motion_reason": threshold_verdicts("motion", values, valid,
-                                                    self.params.min_score,
-                                                    self.params.max_score)}
+        return {"motion_score": pa.array(values, pa.float32(), mask=np.isnan(values))}
+
+    def thresholds(self):
+        return [Threshold("motion_score", "motion", self.params.min_score,
+                          self.params.max_score)]
