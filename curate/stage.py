@@ -347,3 +347,15 @@ class Source(Stage):
         """Worker side: the rows of these inputs (any number per input) and the decoded
         media of each row (None where it failed)."""
         raise NotImplementedError
+
+
+def first_of_each_input(items: pa.Table) -> pa.Table:
+    """Each input of a listing (`Source.list_entry`'s tables) once: the first listed, as
+    earlier path entries win, in listing order."""
+    if items.num_rows == 0:
+        return items
+    items = items.sort_by([("_order", "ascending")])
+    ids = items["input_id"].combine_chunks()
+    encoded = pc.dictionary_encode(ids).indices.to_numpy()
+    _, first = np.unique(encoded, return_index=True)
+    return items.take(pa.array(np.sort(first)))

@@ -15,7 +15,7 @@ from curate.engine.tasks import map_parts, run_task, scan, shuffle
 from curate.errors import CurateError, RunError
 from curate.media.decode import TRANSIENT_CODES
 from curate.parts import ROWADDR, Part, num_rows
-from curate.stage import Source
+from curate.stage import Source, first_of_each_input
 
 #: Tag of the table's rows in the shuffle that meets them with the listing.
 _STATE = "_state"
@@ -53,7 +53,6 @@ def _meet(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     """One partition: (inputs to read, `_rowaddr` of the old rows of those inputs)."""
     if table.num_rows == 0 or "_order" not in table.column_names:
         return pa.table({}), pa.table({ROWADDR: pa.array([], pa.uint64())})
-    from curate.stages.image.ingest_images import first_of_each_input
 
     state = table[_STATE] if _STATE in table.column_names else pa.nulls(table.num_rows)
     listed_mask = pc.is_null(state)

@@ -26,7 +26,7 @@ from curate.media.decode import (
     read_local,
     read_tar_member,
 )
-from curate.stage import Source, StageParams
+from curate.stage import Source, StageParams, first_of_each_input
 from curate.stages._common import CAPTION_COLUMNS, _is_url
 
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson")
@@ -226,17 +226,6 @@ class IngestImages(Source):
                 uri = uri.removeprefix("file://")
                 uri = str((base / os.path.expanduser(uri)).resolve())
             yield {"uri": uri, "alt_text": caption}
-
-
-def first_of_each_input(items: pa.Table) -> pa.Table:
-    """Each input once (the first listed: earlier path entries win), in listing order."""
-    if items.num_rows == 0:
-        return items
-    items = items.sort_by([("_order", "ascending")])
-    ids = items["input_id"].combine_chunks()
-    encoded = pc.dictionary_encode(ids).indices.to_numpy()
-    _, first = np.unique(encoded, return_index=True)
-    return items.take(pa.array(np.sort(first)))
 
 
 def _top_level(path: str) -> tuple[list[str], list[str]]:
