@@ -1,4 +1,4 @@
-"""curate: Ray-native curation of image training data into one LanceDB table."""
+"""curate: Ray-native curation of image and video training data into one LanceDB table."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ _LAZY = {"Config": "curate.config", "load_config": "curate.config",
 
 
 def __getattr__(name: str):
-    # Lazy, so Ray workers that unpickle a stage do not import LanceDB and the runner.
+    # Lazy, so Ray workers that unpickle a stage do not import LanceDB and the engine.
     if name in _LAZY:
         import importlib
 
