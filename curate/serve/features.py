@@ -2,8 +2,9 @@
 
 A pipeline's row stages split into pools exactly as in a run
 (`curate.engine.workers.segments`): the source and the cheap stages decode and `prepare`
-model inputs; each model stage (with the cheap stages that follow it) is one segment. Here the decode part runs where the request
-arrives and each model segment is a Serve deployment, so a feature computed on demand goes
+model inputs; each model stage (with the cheap stages that follow it) is one segment.
+Here the decode part runs where the request arrives and each model segment is a Serve
+deployment, so a feature computed on demand goes
 through the same code, with the same model and weights, as the column in the table.
 
 Computed features are kept by sample_id (`FeatureCache`, curate.table.features), and
