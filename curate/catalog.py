@@ -27,7 +27,8 @@ from curate.table.store import Store
 
 log = logging.getLogger(__name__)
 
-#: sample_ids are hex digests (see ingest.sample_id_for); nothing else reaches a filter.
+#: sample_ids are hex digests (see curate.stages.image.ingest_images.sample_id_for);
+#: nothing else reaches a filter.
 SAMPLE_ID = re.compile(r"^[0-9a-f]{8,64}$")
 MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
         "BMP": "image/bmp", "TIFF": "image/tiff", "MPO": "image/jpeg", "AVIF": "image/avif",

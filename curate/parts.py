@@ -13,11 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-#: A reference to a pa.Table in Ray's object store.
+#: A part: a pa.Table, or where the engine runs on Ray a reference to one in its object store.
 Part = Any
 
-#: Row address column added by `scan`: fragment id in the high 32 bits, offset below.
-ROWADDR = "_rowaddr"
 #: Row address column added by a scan: fragment id in the high 32 bits, offset below.
 ROWADDR = "_rowaddr"
 

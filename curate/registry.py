@@ -60,7 +60,7 @@ def register(type_name: str):
                 or type_name in _plugin_entry_points():
             raise ValueError(f"stage type {type_name!r} is registered twice")
         cls.type = type_name
-        _STAGES[type_name] = cls
+        _STAGES[type_name] = _checked(cls, type_name, cls.__name__)
         return cls
 
     return decorate

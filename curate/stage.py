@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 class Resources(BaseModel):
-    """How the runner schedules a stage's row work."""
+    """How the engine schedules a stage's row work."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -63,8 +63,8 @@ class Stage:
 
     Heavy state loads in `setup()`, on the worker; constructors stay cheap and picklable.
     Filters never delete rows: a filter writes its verdict to `verdict_column` (null when
-    the row passes, else the reason) and the pipeline derives `selected` and
-    `reject_reason` from the verdicts in stage order.
+    the row passes, else the reason) and the engine derives `selected` and
+    `reject_reason` from the verdicts in stage order (curate.verdicts).
     """
 
     type: ClassVar[str]
@@ -278,6 +278,12 @@ class FanOut(RowStage):
     #: True for a stage that turns videos into clips (media with sampled frames).
     makes_clips: ClassVar[bool] = False
 
+    @property
+    def block_rows(self) -> int:
+        """Rows the engine hands on together after this stage, at least (the next pools'
+        batches are cut from them)."""
+        return 1
+
     def expand(self, rows: pa.Table,
                media: list | None) -> Iterator[tuple[pa.Table, list | None]]:
         """Blocks of (rows, their media). Every row carries `input_rows`: how many rows its
@@ -338,6 +344,11 @@ class Source(Stage):
         """Worker side: the inputs of one unit; columns `input_id`, `uri`, `_order` (earlier
         wins when an input is listed twice) and whatever `load` needs."""
         raise NotImplementedError
+
+    def entry_count(self, units: list[dict[str, Any]]) -> int:
+        """How many entries the config lists (units of `list_entries` carry their entry's
+        number in `index`); an entry that lists nothing is an error."""
+        return len(units)
 
     def empty_entry(self, index: int) -> str:
         """The error for path entry `index` when it listed nothing."""

@@ -12,8 +12,6 @@ import pyarrow.compute as pc
 from curate.media.decode import error_code
 from curate.stage import Stage
 
-_NULL = pa.scalar(None, pa.string())
-
 
 def alive_mask(table: pa.Table, verdict_columns: list[str]) -> pa.Array:
     """Rows with no verdict in any of `verdict_columns` (those the table lacks are not

@@ -13,9 +13,8 @@ import pytest
 import yaml
 
 from curate.config import load_config
-from curate.engine import backend as local
+from curate.engine import backend
 from curate.plan import build_stages
-from curate.stages.image.image_quality import QualityParams  # noqa: F401  (registers the stages)
 
 from .conftest import ROOT
 
@@ -33,25 +32,25 @@ def test_auto_runs_here_unless_a_cluster_a_gpu_or_a_joined_ray_says_otherwise(mo
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setitem(sys.modules, "ray", None)  # as in a process that never imported it
     cpu = stages_of({"type": "image_quality"})
-    assert local.wants_ray("auto", None, gpus(cpu)) is False
-    assert local.wants_ray("auto", "ray://head:10001", gpus(cpu)) is True
+    assert backend.wants_ray("auto", None, gpus(cpu)) is False
+    assert backend.wants_ray("auto", "ray://head:10001", gpus(cpu)) is True
     gpu = stages_of({"type": "image_quality", "resources": {"gpus": 1}})
-    assert local.wants_ray("auto", None, gpus(gpu)) is True
-    assert local.wants_ray("local", None, gpus(gpu)) is False  # told: no Ray, even so
-    assert local.wants_ray("ray", None, gpus(cpu)) is True
+    assert backend.wants_ray("auto", None, gpus(gpu)) is True
+    assert backend.wants_ray("local", None, gpus(gpu)) is False  # told: no Ray, even so
+    assert backend.wants_ray("ray", None, gpus(cpu)) is True
     monkeypatch.setenv("RAY_ADDRESS", "head:6379")  # inside a Ray job
-    assert local.wants_ray("auto", None, gpus(cpu)) is True
+    assert backend.wants_ray("auto", None, gpus(cpu)) is True
 
 
 def test_auto_with_ray_joined_in_this_process_stays_on_it(ray_session, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert local.wants_ray("auto", None) is True
+    assert backend.wants_ray("auto", None) is True
 
 
 def test_inline_tasks_give_values_where_ray_gives_references():
     from curate.engine import tasks
     table = __import__("pyarrow").table({"k": [3, 1, 3, 2], "v": [1, 2, 3, 4]})
-    inline = local.InlineBackend()
+    inline = backend.InlineBackend()
     parts = tasks.map_parts(inline, [table, table], lambda t: t.slice(1))
     assert [p.num_rows for p in inline.gather(parts)] == [3, 3]
     met = tasks.shuffle(inline, [table], "k", lambda t: (t, t.slice(0, 1)), returns=2)

@@ -1,10 +1,13 @@
 """Where a run's work runs, decided once and handed down.
 
-`choose` picks the backend at the start of a run (or an export): `RayBackend` (tasks and
-actor pools on a Ray cluster, or on a local Ray it starts) or `InlineBackend` (the same
-task functions called in this process, for a small run with no cluster). Everything that
-runs table-wide work takes the backend as an argument: the row stream, the global stages'
-executor, the input listing, the table's writers and the exporter. Nothing else decides.
+`wants_ray` decides at the start of a run (curate.engine.run, which makes the backend once
+it holds the table's lease, and moves to Ray once when the listing finds many inputs) or
+of an export (through `choose`): `RayBackend` (tasks and actor pools on a Ray cluster, or
+on a local Ray it starts) or `InlineBackend` (the same task functions called in this
+process, for a small run with no cluster). Everything that runs table-wide work takes the
+backend as an argument: the global stages' executor, the input listing, the table's
+writers and the exporter; the run picks the row stream that goes with it
+(curate.engine.ray_stream or curate.engine.local_stream).
 
 The interface is four calls, the part of Ray's task API that curate uses:
 

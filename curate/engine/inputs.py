@@ -97,7 +97,7 @@ def pending_inputs(backend, source: Source, store, row_stages_hash: str,
     with an error whose code is in `retry` are not finished)."""
     units = source.list_entries()  # unusable entries fail here, before any work
     listed = [run_task(backend, _list_unit, source, unit) for unit in units]
-    entries = len(source.params.paths) if hasattr(source.params, "paths") else len(units)
+    entries = source.entry_count(units)
     counted = map_parts(backend, listed, _listed_count, (entries,))
     counts = sum(unwrap(lambda: backend.gather(counted)), np.zeros(entries, dtype=np.int64))
     listed_entries = {unit["index"] for unit in units}

@@ -425,7 +425,7 @@ class _Execution:
             stages=counts,
             notices=self.notices,
             models=self.models,
-            executor="ray" if self.on_ray else "local",
+            executor=self.backend.name,
         )
 
 

@@ -19,7 +19,6 @@ import pyarrow.compute as pc
 
 from curate.parts import ROWADDR, Part, concat, num_rows
 from curate.table.fragments import (
-    commit_compaction,
     delete_from_fragments,
     fragment_of,
     plan_compaction,
@@ -249,5 +248,5 @@ def compact(backend, store) -> int:
         return 0
     task = backend.task(run_compaction)
     refs = [task.remote(store.uri_of_table, store.storage_options, t) for t in plan]
-    commit_compaction(dataset, backend.gather(refs))
+    store.commit_compaction(dataset, backend.gather(refs))
     return len(plan)

@@ -245,7 +245,7 @@ class FanOutWorker(SegmentWorker):
     def __call__(self, batch: pa.Table):
         # blocks of the batch size, or of what a streaming stage hands on together (a
         # video's clips come one video per batch)
-        size = max(batch.num_rows, 1, *(getattr(s.params, "clips_per_block", 1)
+        size = max(batch.num_rows, 1, *(s.block_rows
                                         for s in self.stages if isinstance(s, FanOut)))
         key = self._starting(batch)
         for out in self._run(batch):

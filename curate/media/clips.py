@@ -45,11 +45,6 @@ class Clip:
     def num_frames(self) -> int:
         return self.end_frame - self.start_frame
 
-    @property
-    def key_frame(self) -> Image.Image:
-        """The frame in the middle of the sampled ones (poster, perceptual hash)."""
-        return self.frames[(len(self.frames) - 1) // 2]
-
 
 # --- detectors ----------------------------------------------------------------------------
 

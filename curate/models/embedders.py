@@ -1,6 +1,6 @@
 """CLIP-style image/text embedders behind one interface.
 
-Work is split in two so the runner can keep GPUs fed: `prepare` (CPU, in the decode pool)
+Work is split in two so the engine can keep GPUs fed: `prepare` (CPU, in the decode pool)
 resizes and crops images to the model's input size as uint8; `embed_pixels` (on the model
 pool, GPU when there is one) normalises, runs the image tower and L2-normalises.
 """

@@ -139,10 +139,3 @@ def plan_compaction(store) -> tuple[object, list[str]]:
     dataset = store.dataset()
     plan = Compaction.plan(dataset, CompactionOptions())
     return dataset, [t.json() for t in plan.tasks]
-
-
-def commit_compaction(dataset, results: list[str]) -> None:
-    """One commit of the rewritten fragments `run_compaction` returned."""
-    from lance.optimize import Compaction, RewriteResult
-
-    Compaction.commit(dataset, [RewriteResult.from_json(r) for r in results])

@@ -193,6 +193,19 @@ class Store:
                             "access there, or point store.uri elsewhere.")
         return RunError(f"cannot write to {where}: {detail}")
 
+    def commit_compaction(self, dataset, results: list[str]) -> None:
+        """One commit of the fragments that compaction tasks rewrote (their results, see
+        curate.table.fragments.run_compaction), under the same lease check as every
+        commit."""
+        from lance.optimize import Compaction, RewriteResult
+
+        if self.before_commit is not None:
+            self.before_commit()
+        try:
+            Compaction.commit(dataset, [RewriteResult.from_json(r) for r in results])
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise self.write_error(exc) from None
+
     def commit_append(self, fragments: list[str]) -> int:
         """Commit fragments written by workers (FragmentMetadata as JSON) as new rows."""
         import lance

@@ -118,6 +118,9 @@ class IngestImages(Source):
         return rows, images
 
     # --- listing ----------------------------------------------------------------------------
+    def entry_count(self, units: list[dict[str, Any]]) -> int:
+        return len(self.params.paths)
+
     def list_entries(self) -> list[dict[str, Any]]:
         """Driver side: the listing split into units for workers. Only entries and the top
         level of each directory are looked at here; paths that do not exist fail now."""

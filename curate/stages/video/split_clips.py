@@ -82,6 +82,10 @@ class SplitClips(FanOut):
     #: Whether a later stage uses the sampled frames (see `plan`).
     hands_frames = True
 
+    @property
+    def block_rows(self) -> int:
+        return self.params.clips_per_block
+
     def plan(self, later: list[Stage]) -> None:
         # no stage after it looks at frames: the cutter need not keep any
         self.hands_frames = any(s.needs_pixels() or isinstance(s, ModelStage) for s in later)
