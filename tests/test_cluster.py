@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -11,9 +12,9 @@ from pydantic import ValidationError
 
 from curate.algos.kmeans import (
     _as_matrix,
-    balanced_choice,
     balanced_quota,
-    hierarchical_clusters,
+    choose_by_quota,
+    cluster_quotas,
     kmeans,
     normalize_rows,
     semantic_duplicates,
@@ -453,3 +454,53 @@ def test_params_are_validated():
     assert DiversitySample(target=10).levels(10_000) == [10]
     assert SemanticDedup().writes() == {"cluster_id": pa.int32(),
                                         "semantic_duplicate_of": pa.string()}
+
+
+# --- the in-memory reference of diversity sampling (the stage runs it over parts) ------------
+
+
+def hierarchical_clusters(
+    x: np.ndarray,
+    levels: Sequence[int],
+    seed: int = 0,
+    iterations: int = 20,
+    max_train: int | None = None,
+) -> list[np.ndarray]:
+    """Row assignments at every level of a hierarchical k-means, finest first.
+
+    Level 0 clusters the rows into levels[0] clusters; level j clusters the centroids of
+    level j-1 into levels[j] clusters, and each row follows its level j-1 cluster.
+    """
+    if not levels:
+        raise ValueError("levels must name at least one cluster count")
+    points = _as_matrix(x)
+    assignments: list[np.ndarray] = []
+    for j, k in enumerate(levels):
+        centroids, labels = kmeans(points, int(k), iterations=iterations, seed=seed + j,
+                                   max_train=max_train)
+        rows = labels if j == 0 else labels[assignments[-1]]
+        assignments.append(rows.astype(np.int32))
+        points = centroids
+    return assignments
+
+
+
+def balanced_choice(
+    assignments: Sequence[np.ndarray], target: int, priority: np.ndarray
+) -> np.ndarray:
+    """Rows chosen top-down: `target` is split over the coarsest clusters, each cluster's
+    quota over its child clusters, down to the finest (assignments[0]); a finest cluster
+    gives its `quota` rows of smallest priority (ties by row index)."""
+    priority = np.asarray(priority, dtype=np.float64)
+    n = len(priority)
+    if n == 0 or target <= 0:
+        return np.zeros(n, dtype=bool)
+    levels = [np.asarray(a, dtype=np.int64) for a in assignments]
+    finest = levels[0]
+    sizes = np.bincount(finest)
+    tree = []
+    for lower, upper in itertools.pairwise(levels):
+        parent_of = np.zeros(int(lower.max()) + 1, dtype=np.int64)
+        parent_of[lower] = upper
+        tree.append(parent_of)
+    return choose_by_quota(finest, priority, cluster_quotas(sizes, tree, target))

@@ -227,31 +227,6 @@ def balanced_quota(sizes: Sequence[int] | np.ndarray, target: int) -> np.ndarray
     return quota
 
 
-def hierarchical_clusters(
-    x: np.ndarray,
-    levels: Sequence[int],
-    seed: int = 0,
-    iterations: int = 20,
-    max_train: int | None = None,
-) -> list[np.ndarray]:
-    """Row assignments at every level of a hierarchical k-means, finest first.
-
-    Level 0 clusters the rows into levels[0] clusters; level j clusters the centroids of
-    level j-1 into levels[j] clusters, and each row follows its level j-1 cluster.
-    """
-    if not levels:
-        raise ValueError("levels must name at least one cluster count")
-    points = _as_matrix(x)
-    assignments: list[np.ndarray] = []
-    for j, k in enumerate(levels):
-        centroids, labels = kmeans(points, int(k), iterations=iterations, seed=seed + j,
-                                   max_train=max_train)
-        rows = labels if j == 0 else labels[assignments[-1]]
-        assignments.append(rows.astype(np.int32))
-        points = centroids
-    return assignments
-
-
 def cluster_tree(centroids: np.ndarray, levels: Sequence[int], seed: int = 0,
                  iterations: int = 20, max_train: int | None = None) -> list[np.ndarray]:
     """Parents of the finest clusters' centroids at every coarser level: entry j maps each
@@ -313,22 +288,3 @@ def choose_by_quota(finest: np.ndarray, priority: np.ndarray, quota: np.ndarray,
     return chosen
 
 
-def balanced_choice(
-    assignments: Sequence[np.ndarray], target: int, priority: np.ndarray
-) -> np.ndarray:
-    """Rows chosen top-down: `target` is split over the coarsest clusters, each cluster's
-    quota over its child clusters, down to the finest (assignments[0]); a finest cluster
-    gives its `quota` rows of smallest priority (ties by row index)."""
-    priority = np.asarray(priority, dtype=np.float64)
-    n = len(priority)
-    if n == 0 or target <= 0:
-        return np.zeros(n, dtype=bool)
-    levels = [np.asarray(a, dtype=np.int64) for a in assignments]
-    finest = levels[0]
-    sizes = np.bincount(finest)
-    tree = []
-    for lower, upper in itertools.pairwise(levels):
-        parent_of = np.zeros(int(lower.max()) + 1, dtype=np.int64)
-        parent_of[lower] = upper
-        tree.append(parent_of)
-    return choose_by_quota(finest, priority, cluster_quotas(sizes, tree, target))
