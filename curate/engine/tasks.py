@@ -1,6 +1,6 @@
 """Table-wide work as tasks of a backend (curate.engine.backend) over the table's Lance
 fragments: scan, map, shuffle by key, and write columns back or delete rows per fragment
-(the fragment work itself is curate.table.fragments').
+(the work on each fragment is in curate.table.fragments).
 
 The driver only holds object references and small per-task results (counts, centroids,
 fragment metadata); row data moves between workers through Ray's object store. Ray Data's

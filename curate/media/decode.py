@@ -74,13 +74,19 @@ class HttpOptions:
     user_agent: str = "curate"
 
 
-def read_local(path: str, max_bytes: int) -> bytes:
+def file_size(path: str) -> int:
+    """The size of a local file; MediaError `missing` or `unreadable` when it cannot be
+    seen."""
     try:
-        size = os.stat(path).st_size
+        return os.stat(path).st_size
     except FileNotFoundError:
         raise MediaError("missing", f"{path} does not exist") from None
     except OSError as exc:
         raise MediaError("unreadable", f"{path}: {exc.strerror or exc}") from None
+
+
+def read_local(path: str, max_bytes: int) -> bytes:
+    size = file_size(path)
     if size > max_bytes:
         raise MediaError("too_large", f"{_mb(size)} > max_bytes {_mb(max_bytes)}")
     try:

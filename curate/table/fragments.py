@@ -122,7 +122,7 @@ def delete_from_fragments(uri: str, version: int, storage_options: dict | None,
 
 
 def run_compaction(uri: str, storage_options: dict | None, task_json: str) -> str:
-    """One compaction task of `plan_compaction`; its result for `commit_compaction`."""
+    """One compaction task of `plan_compaction`; its result for `Store.commit_compaction`."""
     import lance
     from lance.optimize import CompactionTask
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 from pydantic import Field
 
-from curate.media.decode import HttpOptions, MediaError, read_http
+from curate.media.decode import HttpOptions, MediaError, file_size, read_http
 from curate.media.video import VIDEO_SUFFIXES, VideoInfo, VideoSource, file_hash, probe
 from curate.stage import Resources, StageParams
 from curate.stages._common import CAPTION_COLUMNS, _is_url
@@ -126,12 +126,7 @@ def _source(uri: str, offset: int, size: int, max_bytes: int, http: HttpOptions
         except OSError as exc:
             raise MediaError("unreadable", f"{uri}: {exc.strerror or exc}") from None
         return VideoSource(path, offset, size), digest.hexdigest(), size
-    try:
-        on_disk = os.stat(uri).st_size
-    except FileNotFoundError:
-        raise MediaError("missing", f"{uri} does not exist") from None
-    except OSError as exc:
-        raise MediaError("unreadable", f"{uri}: {exc.strerror or exc}") from None
+    on_disk = file_size(uri)
     if on_disk > max_bytes:
         raise MediaError("too_large", f"{on_disk} bytes > max_bytes {max_bytes}")
     try:
