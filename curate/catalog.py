@@ -11,17 +11,17 @@ import math
 import re
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from curate import stats as table_stats
 from curate.config import StoreConfig
 from curate.errors import CurateError
 from curate.filters import FilterError, combine, lance_message
-from curate.media.decode import MediaError, content_hash, decode_image, error_code
+from curate.media.decode import MediaError, content_hash, decode_image
 from curate.media.reader import MediaReader
 from curate.table.store import Store
 
@@ -37,8 +37,6 @@ MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "
 #: What a clip row needs to be cut from its source.
 CLIP_COLUMNS = ("uri", "media_type", "source_hash", "clip_start_s", "clip_end_s", "fps",
                 "error")
-#: Float columns shown as histograms in /stats (besides any *_score column).
-QUALITY_METRICS = ("blur", "brightness", "contrast", "saturation", "aspect_ratio")
 #: Seconds a reader may lag behind commits made by other processes.
 REFRESH_S = 1.0
 #: Index candidates re-ranked with the full vectors: exact distances, near-exact order.
@@ -377,50 +375,23 @@ class Catalog:
         return self.store.ensure_vector_index(self.search_column, min_rows)
 
     # --- stats -------------------------------------------------------------------------------
-    def stats(self, bins: int = 20) -> dict[str, Any]:
-        """Counts by stage and reason, the last run's funnel, histograms, cluster sizes."""
-        schema = self.schema()
-        floats = [f.name for f in schema if pa.types.is_floating(f.type)
-                  and (f.name.endswith("_score") or f.name in QUALITY_METRICS)]
-        clusters = [c for c in ("cluster_id", "diversity_cluster") if c in schema.names]
-        wanted = ["selected", "reject_reason", *floats, *clusters]
-        data = self._scan(columns=[c for c in wanted if c in schema.names])
-        n = data.num_rows
-        kept = pc.sum(pc.cast(pc.fill_null(data["selected"], False), pa.int64())).as_py() or 0
-        by_stage: Counter[str] = Counter()
-        by_reason: Counter[tuple[str, str]] = Counter()
-        for reason in data["reject_reason"].to_pylist() if "reject_reason" in data.column_names \
-                else []:
-            if reason:
-                stage, _, rest = reason.partition(": ")
-                code = error_code(rest) or rest
-                code = "duplicate" if "duplicate of" in rest else code
-                by_stage[stage] += 1
-                by_reason[(stage, code)] += 1
-        selected = pc.fill_null(data["selected"], False).to_numpy(zero_copy_only=False)
-        histograms = {name: _histogram(data[name], selected, bins) for name in floats}
-        cluster_sizes = {}
-        for name in clusters:
-            values = data[name].to_numpy(zero_copy_only=False)
-            ok = ~np.isnan(values.astype(float))
-            ids, counts = np.unique(values[ok].astype(int), return_counts=True)
-            kept_ids, kept_counts = np.unique(values[ok & selected].astype(int),
-                                              return_counts=True)
-            kept_of = dict(zip(kept_ids.tolist(), kept_counts.tolist()))
-            cluster_sizes[name] = [{"cluster": int(c), "rows": int(k),
-                                    "selected": int(kept_of.get(int(c), 0))}
-                                   for c, k in zip(ids, counts)]
+    def stats(self, bins: int = table_stats.BINS) -> dict[str, Any]:
+        """Counts by stage and reason, the last run's funnel, histograms, cluster sizes:
+        as the last run recorded them when the table is still as it left it (no column is
+        read), else from a scan."""
         last = self.last_run()
+        recorded = (last or {}).get("stats")
+        if not (recorded and recorded.get("bins") == bins
+                and last["version_after"] == self.version()):
+            schema = self.schema()
+            data = self._scan(columns=table_stats.columns_for(schema))
+            recorded = table_stats.of_parts(list, _map_here, [data], schema, bins)
         return {
             "table": self.store.name, "store": self.store.uri, "version": self.version(),
-            "rows": n, "selected": kept, "rejected": n - kept,
-            "rejected_by_stage": dict(by_stage.most_common()),
-            "rejected_by_reason": [{"stage": s, "reason": r, "rows": c,
-                                    "where": reason_filter(s, r)}
-                                   for (s, r), c in by_reason.most_common()],
+            **{k: v for k, v in recorded.items() if k != "bins"},
             "funnel": last.get("stages", []) if last else [],
-            "last_run": {k: v for k, v in last.items() if k != "stages"} if last else None,
-            "histograms": histograms, "clusters": cluster_sizes,
+            "last_run": {k: v for k, v in last.items() if k not in ("stages", "stats")}
+            if last else None,
         }
 
     def last_run(self) -> dict[str, Any] | None:
@@ -436,35 +407,13 @@ class Catalog:
             "stages": json.loads(run["stages_json"] or "[]"),
             "models": json.loads(run["models_json"] or "[]"),
             "notices": json.loads(run["notices_json"] or "[]"),
+            "version_after": run["version_after"],
+            "stats": json.loads(run.get("stats_json") or "null"),
         }
 
 
-def _quoted(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def reason_filter(stage: str, code: str) -> str:
-    """The `where` filter selecting the rows `stage` rejected for `code` (as /stats groups
-    them: the code starts the reason; dedup stages write "<kind> duplicate of <id>")."""
-    like = "duplicate of" if code == "duplicate" else code
-    return (f"reject_reason LIKE {_quoted(stage + ': %')} AND reject_reason LIKE "
-            f"{_quoted('%' + like + '%')}")
-
-
-def _histogram(values: pa.ChunkedArray, selected: np.ndarray, bins: int) -> dict[str, Any]:
-    array = values.to_numpy(zero_copy_only=False).astype(np.float64)
-    ok = np.isfinite(array)
-    if not ok.any():
-        return {"edges": [], "selected": [], "rejected": [], "count": 0}
-    low, high = float(array[ok].min()), float(array[ok].max())
-    if high <= low:
-        high = low + 1e-6
-    edges = np.linspace(low, high, bins + 1)
-    kept, _ = np.histogram(array[ok & selected], edges)
-    dropped, _ = np.histogram(array[ok & ~selected], edges)
-    return {"edges": [round(float(e), 6) for e in edges], "selected": kept.tolist(),
-            "rejected": dropped.tolist(), "count": int(ok.sum()),
-            "mean": round(float(array[ok].mean()), 6)}
+def _map_here(parts: list, fn, args: tuple) -> list:
+    return [fn(part, *args) for part in parts]
 
 
 def clean_row(row: dict[str, Any]) -> dict[str, Any]:

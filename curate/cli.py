@@ -7,6 +7,7 @@ Exit codes: 0 done; 1 the run failed; 2 the config (or a command line) is invali
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -132,14 +133,23 @@ def run(
                      help="take over the table from a run not heard from for this long "
                           "(default: 600; a run whose process is gone is taken over at once)"),
     ] = None,
+    plan: Annotated[bool, typer.Option(
+        "--plan", help="only say what a run would compute, per stage and why")] = False,
 ) -> None:
     """Run (or resume) a pipeline, then print what each stage did."""
     from curate import stopping
     from curate.pipeline import Pipeline
-    from curate.summary import print_summary
+    from curate.summary import print_plan, print_summary
 
     cfg = _load(config, set_)
     pipeline = Pipeline.from_config(cfg)
+    if plan:
+        with _quiet(cfg.store.uri, cfg.store.table):
+            planned = pipeline.plan(address=address)
+        print_plan(planned, console)
+        if json_out:
+            json_out.write_text(json.dumps(dataclasses.asdict(planned), indent=2))
+        return
     show_progress = progress and sys.stderr.isatty()
     # Ctrl-C and SIGTERM interrupt the run (it resumes); Ray stops with the command
     with stopping.on_signals():

@@ -57,12 +57,20 @@ class Pipeline:
         is refused while it lives; `force_after_s` takes over one silent that long."""
         from curate.engine.run import execute
 
-        config = self.config
-        if address is not None:
-            config = config.model_copy(
-                update={"run": config.run.model_copy(update={"ray_address": address})}
-            )
-        return execute(config, progress=progress, force_after_s=force_after_s)
+        return execute(self._with_address(address), progress=progress,
+                       force_after_s=force_after_s)
+
+    def _with_address(self, address: str | None) -> Config:
+        if address is None:
+            return self.config
+        return self.config.model_copy(
+            update={"run": self.config.run.model_copy(update={"ray_address": address})})
+
+    def plan(self, address: str | None = None):
+        """What a run would compute, per stage and why, without doing it (a RunPlan)."""
+        from curate.engine.run import plan_run
+
+        return plan_run(self._with_address(address))
 
     def export(self, out: str | Path, format: str = "webdataset", progress: bool = False,
                address: str | None = None, **options: Any):

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from curate.errors import ConfigError
 from curate.registry import get_stage_class
-from curate.stage import ModelStage, Source, Stage, cuts_clips
+from curate.stage import FanOut, GlobalStage, ModelStage, RowStage, Source, Stage, cuts_clips
 
 #: Columns the pipeline itself writes, derived from the stages' verdicts.
 FINAL_COLUMNS: dict[str, pa.DataType] = {
@@ -119,7 +119,7 @@ def check_stage_columns(config, where: str | None = None) -> None:
                 problems.append((f"stages.{i}", f"column {column!r} is also written by "
                                  f"stages.{written[column]}"))
             written[column] = i
-    for column in FINAL_COLUMNS:
+    for column in [*FINAL_COLUMNS, *(c for c in written if c.startswith(Stage.STAMP_PREFIX))]:
         if column in written:
             problems.append((f"stages.{written[column]}", f"column {column!r} is reserved"))
     if problems:
@@ -137,10 +137,56 @@ def table_schema(stages: list[Stage]) -> pa.Schema:
     fields: dict[str, pa.DataType] = {}
     for stage in stages:
         fields.update(stage.writes())
+    chain = [s for s in stages if isinstance(s, (Source, RowStage))]
+    fields.update({s.stamp_column: pa.string() for s in chain[shaping(chain):]})
     fields.update(FINAL_COLUMNS)
     return pa.schema(list(fields.items()))
 
 
-def row_stages_hash(source: Stage, row_stages: list[Stage]) -> str:
-    body = [{"type": s.type, **s.row_fingerprint()} for s in [source, *row_stages]]
+def _hash(body) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shaping(chain: list[Stage]) -> int:
+    """How many stages of the chain (source and row stages) decide what the rows are: the
+    source and every stage up to the last fan-out. A change to one of them redoes its
+    inputs whole; each later row stage stamps the rows it computes (`stamps`) and is
+    recomputed on its own."""
+    fan_outs = [i for i, s in enumerate(chain) if isinstance(s, FanOut)]
+    return (fan_outs[-1] if fan_outs else 0) + 1
+
+
+def row_stages_hash(source: Stage, row_stages: list[Stage]) -> str:
+    """The fingerprint of the stages that decide the rows (see `shaping`)."""
+    chain = [source, *row_stages]
+    return _hash([{"type": s.type, **s.row_fingerprint()} for s in chain[:shaping(chain)]])
+
+
+def stamps(chain: list[Stage]) -> dict[str, str]:
+    """What each row stage after the shaping ones stamps on the rows it computes:
+    `ROW/VERDICT`, where ROW is a hash of its row fingerprint and of the ROW parts of the
+    stamped stages whose columns it reads (its lineage: a new embedding model recomputes
+    the scores made from the embeddings), and VERDICT a hash of its verdict fingerprint
+    (its thresholds: when only they change, verdicts are decided again from the stored
+    scores)."""
+    out: dict[str, str] = {}
+    made_by: dict[str, str] = {}
+    for stage in chain[shaping(chain):]:
+        lineage = sorted({made_by[c] for c in stage.reads() if c in made_by})
+        row = _hash({"type": stage.type, **stage.row_fingerprint(), "reads": lineage})
+        out[stage.name] = f"{row}/{_hash(stage.verdict_fingerprint())}"
+        for column in stage.written_names():
+            made_by[column] = row
+    return out
+
+
+def skip_verdicts(chain: list[Stage], index: int) -> list[str] | None:
+    """For a row stage that skips dropped rows: the verdict columns that decide whether a
+    row is still alive when it comes to `chain[index]` (those of the row stages before it;
+    a global verdict, such as a dedup's, is decided after the row stages). None for a
+    stage that computes every row."""
+    stage = chain[index]
+    if not (isinstance(stage, RowStage) and stage.skips_dropped):
+        return None
+    return [s.verdict_column for s in chain[:index]
+            if s.verdict_column and not isinstance(s, GlobalStage)]

@@ -78,6 +78,9 @@ class Stage:
     #: Prefix of the columns `prepare` hands from the decode pool to a model pool
     #: (dropped before rows are stored).
     PREPARED_PREFIX: ClassVar[str] = "_prepared:"
+    #: Prefix of the column where a row stage stamps each row it computed with what
+    #: computed it (curate.plan.stamps); null on rows it skipped or never saw.
+    STAMP_PREFIX: ClassVar[str] = "stamp_"
     #: Params naming local files or directories (a path or a list of paths): a run makes
     #: them absolute where it starts (`curate.plan.build_stages`), before the stages
     #: travel to workers whose working directory is another; URLs and hub ids stay as they
@@ -105,6 +108,10 @@ class Stage:
     @property
     def resources(self) -> Resources:
         return self.params.resources
+
+    @property
+    def stamp_column(self) -> str:
+        return self.STAMP_PREFIX + self.name
 
     # --- schema -------------------------------------------------------------------------
     def reads(self) -> tuple[str, ...]:
@@ -172,6 +179,11 @@ class Stage:
         """What determines the row part's output; rows are recomputed when it changes."""
         return self.fingerprint()
 
+    def verdict_fingerprint(self) -> dict[str, Any]:
+        """What decides the verdict from stored columns alone (a score filter's limits):
+        when only this changes, verdicts are decided again and nothing is computed."""
+        return {}
+
     def __repr__(self) -> str:
         fields = self.params.model_dump(exclude_defaults=True, exclude={"type"})
         args = ", ".join(f"{k}={v!r}" for k, v in fields.items())
@@ -219,6 +231,25 @@ class ScoreFilter(RowStage):
 
     def thresholds(self) -> list[Threshold]:
         return []
+
+    def verdict_reads(self) -> tuple[str, ...]:
+        """Columns of earlier stages that `verdicts` uses besides this stage's scores."""
+        return ()
+
+    #: Params that only limit scores (they feed `thresholds` or `verdicts`, never `score`):
+    #: changing them decides verdicts again from the stored scores, with no decode and no
+    #: model call.
+    threshold_params: ClassVar[tuple[str, ...]] = ()
+
+    def row_fingerprint(self) -> dict[str, Any]:
+        fingerprint = super().row_fingerprint()
+        for key in self.threshold_params:
+            fingerprint.pop(key, None)
+        return fingerprint
+
+    def verdict_fingerprint(self) -> dict[str, Any]:
+        values = self.configured_params.model_dump(mode="json", include=set(self.threshold_params))
+        return {k: v for k, v in values.items() if v is not None}
 
     def process(self, batch: pa.Table, images: list) -> dict[str, pa.Array]:
         columns = self.score(batch, images)
@@ -357,6 +388,18 @@ class Source(Stage):
     def load(self, items: pa.Table) -> tuple[pa.Table, list]:
         """Worker side: the rows of these inputs (any number per input) and the decoded
         media of each row (None where it failed)."""
+        raise NotImplementedError
+
+    @property
+    def reloads_rows(self) -> bool:
+        """True for a source whose stored rows `reload` can decode again one by one (so a
+        new or changed stage computes only its own columns); False where a row is a
+        piece of its input (a clip): its input is then read again whole."""
+        return False
+
+    def reload(self, rows: pa.Table) -> list:
+        """Worker side: the decoded media of stored rows (columns of `writes`), None where
+        a row has an error or cannot be read any more."""
         raise NotImplementedError
 
 

@@ -26,12 +26,14 @@ def print_summary(summary: RunSummary, console: Console | None = None) -> None:
     table = Table(title=f"{summary.pipeline}: per-stage results", title_justify="left")
     for column, justify in (("stage", "left"), ("rows in", "right"), ("kept", "right"),
                             ("dropped", "right"), ("dropped by reason", "left"),
-                            ("run rows", "right"), ("seconds", "right")):
+                            ("computed", "right"), ("reused", "right"),
+                            ("seconds", "right")):
         table.add_column(column, justify=justify)
     for stage in summary.stages:
         reasons = ", ".join(f"{k} {v}" for k, v in stage.reasons.items()) or "-"
         table.add_row(stage.name, f"{stage.rows_in:,}", f"{stage.kept:,}", f"{stage.dropped:,}",
-                      reasons, f"{stage.processed:,}", f"{stage.seconds:.2f}")
+                      reasons, _computed(stage), f"{stage.rows_reused:,}",
+                      f"{stage.seconds:.2f}")
     console.print(table)
     for stage in summary.stages:
         if stage.report:
@@ -49,6 +51,31 @@ def print_summary(summary: RunSummary, console: Console | None = None) -> None:
             f"Table [bold]{summary.table}[/] at {summary.store_uri}, version "
             f"{summary.version_after} (tag {summary.tag})."
         )
+
+
+def print_plan(plan, console: Console | None = None) -> None:
+    """What a run would compute, per stage and why (`curate run --plan`)."""
+    console = console or Console()
+    table = Table(title=f"{plan.pipeline}: what a run would compute ({plan.rows_total:,} rows "
+                  f"in {plan.table})", title_justify="left")
+    for column, justify in (("stage", "left"), ("compute", "right"), ("verdicts", "right"),
+                            ("why", "left")):
+        table.add_column(column, justify=justify)
+    for stage in plan.stages:
+        if stage.whole:
+            table.add_row(stage.name, "-", "-", "global: over the rows alive, on any change")
+            continue
+        why = ", ".join(f"{k} {v:,}" for k, v in stage.why.items()) or "-"
+        table.add_row(stage.name, f"{stage.computed:,}", f"{stage.verdicts:,}", why)
+    console.print(table)
+    console.print(f"Inputs to read: {plan.inputs:,}. Nothing was computed or written.")
+
+
+def _computed(stage) -> str:
+    text = f"{stage.rows_computed:,}"
+    if stage.verdicts_redecided:
+        text += f" (+{stage.verdicts_redecided:,} verdicts)"
+    return text
 
 
 # --- stage reference -----------------------------------------------------------------------

@@ -63,7 +63,9 @@ class StageCount:
     dropped: int
     reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
-    processed: int = 0  # rows this stage computed in this run
+    rows_computed: int = 0  # rows this stage computed in this run
+    rows_reused: int = 0  # rows whose columns of this stage stay as an earlier run made them
+    verdicts_redecided: int = 0  # verdicts decided again from stored scores (thresholds)
     report: dict = field(default_factory=dict)  # what a global stage reported
 
     def to_dict(self) -> dict:

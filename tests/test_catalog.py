@@ -68,3 +68,36 @@ def test_the_vector_index_is_built_and_kept_fresh(catalog):
     time.sleep(1.1)  # the catalog rereads the table at most every second
     found = [r["sample_id"] for r in catalog.search(vector, k=4)]
     assert fresh["sample_id"][0].as_py() in found
+
+
+def test_stats_come_from_the_run_record_and_match_a_scan(catalog, monkeypatch):
+    """The run recorded the statistics over fragments; /stats serves them without reading
+    a column, and they equal what a plain scan of the whole table counts."""
+    table = lancedb.connect(catalog.store.uri).open_table("samples").to_arrow()
+    selected = pc.fill_null(table["selected"], False).to_numpy(zero_copy_only=False)
+
+    def scan(*args, **kwargs):
+        raise AssertionError("read columns although the run recorded the statistics")
+
+    monkeypatch.setattr(catalog, "_scan", scan)
+    got = catalog.stats()
+    assert got["rows"] == table.num_rows and got["selected"] == selected.sum()
+    stages = [r.split(": ")[0] for r in table["reject_reason"].to_pylist() if r]
+    assert got["rejected_by_stage"] == {s: stages.count(s) for s in set(stages)}
+    assert set(got["histograms"]) >= {"blur", "aesthetic_score", "nsfw_score"}
+    for name, histogram in got["histograms"].items():
+        values = table[name].to_numpy(zero_copy_only=False).astype(float)
+        ok = np.isfinite(values)
+        edges = np.linspace(values[ok].min(), values[ok].max(), 21)
+        assert np.allclose(histogram["edges"], edges, atol=1e-6), name
+        kept, _ = np.histogram(values[ok & selected], edges)
+        dropped, _ = np.histogram(values[ok & ~selected], edges)
+        assert histogram["selected"] == kept.tolist() and histogram["rejected"] == \
+            dropped.tolist(), name
+        assert histogram["mean"] == pytest.approx(values[ok].mean(), abs=1e-5)
+    clusters = table["diversity_cluster"].to_numpy(zero_copy_only=False)
+    for entry in got["clusters"]["diversity_cluster"]:
+        mine = clusters == entry["cluster"]
+        assert entry["rows"] == mine.sum() and entry["selected"] == (mine & selected).sum()
+    monkeypatch.undo()
+    assert len(catalog.stats(bins=10)["histograms"]["blur"]["edges"]) == 11  # from a scan

@@ -133,6 +133,7 @@ def test_webdataset_shards_hold_every_selected_row_once_with_its_bytes(store, tm
         assert meta["aesthetic_score"] == pytest.approx(row["aesthetic_score"])
         assert meta["width"] == row["width"] and meta["selected"] is True
         assert "clip_embedding" not in meta and "row_stages_hash" not in meta
+        assert not any(k.startswith("stamp_") for k in meta)
         if row.get("alt_text"):
             assert files["txt"].decode() == row["alt_text"]
         else:

@@ -142,10 +142,11 @@ def test_rerun_is_up_to_date_and_new_files_are_read_alone(demo_run, ray_session)
     more = Pipeline.from_config(config).run(progress=False)
     assert more.status == "finished" and more.rows_processed == 1
     assert more.rows_total == before.num_rows + 1
-    # changing a row stage's parameter recomputes the rows, without new rows
+    # a threshold decides the verdicts again from the stored scores, reading nothing
     changed = load_config(config.to_dict(), ["stages.1.min_blur=2000"])
     result = Pipeline.from_config(changed).run(progress=False)
-    assert result.rows_processed == result.rows_total == before.num_rows + 1
+    assert result.rows_processed == 0 and result.rows_total == before.num_rows + 1
+    assert result.stages[1].verdicts_redecided == result.rows_total
     assert by_name(read_table(store))["photos/chelsea.jpg"]["reject_reason"].startswith(
         "image_quality: blur")
 

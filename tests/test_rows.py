@@ -68,14 +68,15 @@ def halves_stage():
     del registry._STAGES["ingest_halves"]
 
 
-def halves_config(media, store, min_blur: float = 1.0) -> dict:
+def halves_config(media, store, min_blur: float = 1.0, reduction: str | None = None) -> dict:
     return {
         "name": "halves",
         "store": {"uri": str(store)},
         "run": {"commit_every": 8},
         "stages": [
             {"type": "ingest_halves", "paths": [str(media)], "resources": {"batch_size": 4}},
-            {"type": "image_quality", "min_side": 32, "min_blur": min_blur},
+            {"type": "image_quality", "min_side": 32, "min_blur": min_blur,
+             "reduction": reduction},
             {"type": "exact_dedup"},
             {"type": "phash_dedup", "max_distance": 4},
         ],
@@ -106,21 +107,31 @@ def test_one_input_many_rows_redone_per_input(ray_session, halves_stage, demo_me
     again = Pipeline.from_config(load_config(halves_config(demo_media, store))).run(
         progress=False)
     assert again.status == "up_to_date"
-    # a changed row stage redoes every input: all of its rows are replaced, none left over
+    # a threshold decides the verdicts again from the stored scores: nothing is read
     changed = Pipeline.from_config(load_config(halves_config(demo_media, store, 3000.0))).run(
         progress=False)
+    redecided = table_of(store)
+    assert changed.rows_processed == 0
+    assert {s.name: s.verdicts_redecided for s in changed.stages}["image_quality"] == \
+        table.num_rows
+    assert redecided["blur"].equals(table["blur"])
+    assert pc.sum(pc.is_valid(redecided["quality_reason"])).as_py() > \
+        pc.sum(pc.is_valid(table["quality_reason"])).as_py()
+    # a changed row stage, where rows are pieces of their input, redoes every input: all
+    # of its rows are replaced, none left over
+    changed = Pipeline.from_config(load_config(halves_config(
+        demo_media, store, 3000.0, "max"))).run(progress=False)
     redone = table_of(store)
     assert changed.rows_processed == redone.num_rows == table.num_rows
     assert redone["sample_id"].equals(table["sample_id"])
-    assert pc.sum(pc.is_valid(redone["quality_reason"])).as_py() > \
-        pc.sum(pc.is_valid(table["quality_reason"])).as_py()
+    assert redone["quality_reason"].equals(redecided["quality_reason"])
     # an input with only some of its rows (a run cut off between two commits of its rows)
     # is read again, and its leftover row replaced
     victim = read["input_id"][0].as_py()
     lancedb.connect(str(store)).open_table("samples").delete(
         f"input_id = '{victim}' AND half = 1")
-    healed = Pipeline.from_config(load_config(halves_config(demo_media, store, 3000.0))).run(
-        progress=False)
+    healed = Pipeline.from_config(load_config(halves_config(
+        demo_media, store, 3000.0, "max"))).run(progress=False)
     assert healed.rows_processed == 2
     assert table_of(store)["sample_id"].equals(table["sample_id"])
 

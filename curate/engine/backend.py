@@ -81,6 +81,10 @@ class Backend:
         """How many partitions a shuffle makes: about two per CPU, one inline."""
         raise NotImplementedError
 
+    def slots(self, cpus: float, gpus: float = 0.0) -> int:
+        """How many tasks asking for `cpus` and `gpus` each run at once (one inline)."""
+        return 1
+
 
 class InlineBackend(Backend):
     """Every task called here, at once; one partition."""
@@ -144,6 +148,15 @@ class RayBackend(Backend):
         import ray
 
         return max(2, int(ray.cluster_resources().get("CPU", 1)) * 2)
+
+    def slots(self, cpus: float, gpus: float = 0.0) -> int:
+        import ray
+
+        have = ray.cluster_resources()
+        fits = int(have.get("CPU", 1) // cpus) if cpus else 1
+        if gpus:
+            fits = min(fits, int(have.get("GPU", 0) // gpus))
+        return max(1, fits)
 
 
 def wants_ray(executor: str, address: str | None, large: bool = False) -> bool:

@@ -35,12 +35,15 @@ class Pending:
         return sum(self.counts)
 
 
-def done_filter(row_stages_hash: str, retry: tuple[str, ...] = ()) -> str:
-    """Lance filter of the rows that are finished: read by these row stages, and not failed
-    in a way worth retrying (a transient error, or one of the codes in `retry`)."""
+def done_filter(row_stages_hash: str, retry: tuple[str, ...] = (),
+                redo: str | None = None) -> str:
+    """Lance filter of the rows that are finished: made by the stages that decide the rows
+    (curate.plan.shaping), not failed in a way worth retrying (a transient error, or one
+    of the codes in `retry`), and not matching `redo` (rows whose input is read again
+    whole for a later stage: curate.engine.incremental.redo_filter)."""
     transient = " OR ".join(f"error LIKE '{code}:%'" for code in (*TRANSIENT_CODES, *retry))
-    return (f"row_stages_hash = '{row_stages_hash}' AND "
-            f"(error IS NULL OR NOT ({transient}))")
+    done = f"row_stages_hash = '{row_stages_hash}' AND (error IS NULL OR NOT ({transient}))"
+    return f"{done} AND NOT ({redo})" if redo else done
 
 
 def _tag(part: pa.Table, state: str) -> pa.Table:
@@ -92,9 +95,9 @@ def _list_unit(source: Source, unit: dict) -> pa.Table:
 
 
 def pending_inputs(backend, source: Source, store, row_stages_hash: str,
-                   retry: tuple[str, ...] = ()) -> Pending:
+                   retry: tuple[str, ...] = (), redo: str | None = None) -> Pending:
     """List the inputs in tasks and find those with no finished rows in the table (rows
-    with an error whose code is in `retry` are not finished)."""
+    with an error whose code is in `retry`, or matching `redo`, are not finished)."""
     units = source.list_entries()  # unusable entries fail here, before any work
     listed = [run_task(backend, _list_unit, source, unit) for unit in units]
     entries = source.entry_count(units)
@@ -106,7 +109,7 @@ def pending_inputs(backend, source: Source, store, row_stages_hash: str,
             raise RunError(source.empty_entry(index))
     parts = list(listed)
     if store.dataset() is not None and store.dataset().count_rows():
-        finished = done_filter(row_stages_hash, retry)
+        finished = done_filter(row_stages_hash, retry, redo)
         parts += scan(backend, store, ["input_id", "input_rows"], finished, _tag, ("done",))
         parts += scan(backend, store, ["input_id"], f"NOT ({finished}) OR row_stages_hash IS NULL",
                       _tag, ("stale",))

@@ -12,11 +12,13 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import pyarrow as pa
 
 from curate import __version__
 from curate.config import Config
+from curate.engine import incremental
 from curate.engine.backend import InlineBackend, RayBackend, wants_ray
 from curate.engine.inflight import NAMED, WORKER_RETRIES, mark_set_aside, set_aside_reason
 from curate.engine.tasks import compact
@@ -29,7 +31,7 @@ from curate.errors import (
     root_cause,
 )
 from curate.logs import progress_bar
-from curate.plan import FINAL_COLUMNS, build_stages, row_stages_hash, table_schema
+from curate.plan import FINAL_COLUMNS, build_stages, row_stages_hash, stamps, table_schema
 from curate.stage import GlobalStage, RowStage, Stage
 from curate.table.layout import now
 from curate.table.store import Store
@@ -117,7 +119,10 @@ class _Execution:
         self.store = Store(config.store)
         self.hash = row_stages_hash(self.source, self.row_stages)
         self.seconds: dict[str, float] = {s.name: 0.0 for s in self.stages}
-        self.processed: dict[str, int] = {s.name: 0 for s in self.stages}
+        self.chain: list[Stage] = [self.source, *self.row_stages]
+        self.computed: dict[str, int] = {s.name: 0 for s in self.stages}
+        self.redecided: dict[str, int] = {}
+        self.reused: dict[str, int] = {}
         self.rows_processed = 0
 
     def preflight(self) -> None:
@@ -165,9 +170,13 @@ class _Execution:
                         else InlineBackend(run_cfg.num_cpus))
         version_before = self.store.version()
         retry = tuple(run_cfg.retry_errors)
+        # moved thresholds: verdicts decided again from the stored scores first, so the
+        # rows each stage must see are known
+        self._note(incremental.refresh_verdicts(self.backend, self.store, self.chain))
+        redo = incremental.redo_filter(self.chain, set(self.store.schema().names))
         # bad paths fail here, before any work
         pending = unwrap(lambda: pending_inputs(self.backend, self.source, self.store,
-                                                 self.hash, retry))
+                                                 self.hash, retry, redo))
         if (not self.on_ray and run_cfg.executor == "auto"
                 and pending.rows > run_cfg.local_max_inputs):
             pending = self._to_ray(pending)
@@ -181,7 +190,7 @@ class _Execution:
         if (last is not None and last["status"] != "finished"
                 and remove_duplicate_rows(self.backend, self.store)):
             pending = unwrap(lambda: pending_inputs(self.backend, self.source, self.store,
-                                                     self.hash, retry))
+                                                     self.hash, retry, redo))
         set_aside = {k: v for run in previous
                      for k, v in json.loads(run.get("set_aside_json") or "{}").items()}
         if set_aside and pending.rows:  # they become error rows, not read again
@@ -212,7 +221,11 @@ class _Execution:
         try:
             if pending.rows:
                 self._stream(pending)
+            # the stages changed or added since, on the rows they must compute
+            self._note(incremental.recompute(self.backend, self.store, self.chain))
+            self._reused()
             counts = self._global_and_verdicts()
+            stats = self._stats()
             compact(self.backend, self.store)
             self.store.optimize()
             self.store.ensure_sample_index()
@@ -248,9 +261,31 @@ class _Execution:
             rows_total=summary.rows_total,
             rows_processed=summary.rows_processed,
             stages_json=[s.to_dict() for s in summary.stages],
+            stats_json=stats,
         )
         self.store.save_run(record)
         return summary
+
+    def _note(self, work: dict) -> None:
+        for name, done in work.items():
+            self.computed[name] += done.computed
+            self.redecided[name] = self.redecided.get(name, 0) + done.verdicts
+            self.seconds[name] += done.seconds
+
+    def _reused(self) -> None:
+        """Per row stage, the rows whose columns it kept from earlier runs."""
+        total = self.store.count_rows()
+        current = stamps(self.chain)
+        have = set(self.store.schema().names)
+        for stage in self.row_stages:
+            if stage.name in current and stage.stamp_column in have:
+                row = current[stage.name].split("/", 1)[0]
+                valid = self.store.dataset().count_rows(
+                    filter=f"{incremental.quote(stage.stamp_column)} LIKE '{row}/%'")
+            else:
+                valid = total
+            self.reused[stage.name] = max(valid - self.computed[stage.name], 0)
+        self.reused[self.source.name] = max(total - self.computed[self.source.name], 0)
 
     def _to_ray(self, pending):
         """Many inputs: the rest of the run goes to a local Ray, the listing with it."""
@@ -316,9 +351,10 @@ class _Execution:
                     for written in batch.to_pylist():
                         buffer += json.loads(written["fragments"])
                         buffered += written["rows"]
+                        computed = json.loads(written["computed"])
                         for name, seconds in json.loads(written["seconds"]).items():
                             self.seconds[name] += seconds
-                            self.processed[name] += written["rows"]
+                            self.computed[name] += computed.get(name, written["rows"])
                     if interrupted.is_set():
                         raise KeyboardInterrupt
                     done = self.rows_processed + buffered
@@ -377,8 +413,19 @@ class _Execution:
             ex.write(stage.global_part(ex))
             self.seconds[stage.name] += time.perf_counter() - started
             if not isinstance(stage, RowStage):
-                self.processed[stage.name] += self.store.count_rows()
+                self.computed[stage.name] += self.store.count_rows()
         return self._counts(write=True)
+
+    def _stats(self) -> dict:
+        """What /stats and `curate report` show, counted over fragments in tasks (only
+        counts come back), for the run record."""
+        from curate import stats
+        from curate.engine.tasks import map_parts, scan
+
+        schema = self.store.schema()
+        parts = scan(self.backend, self.store, stats.columns_for(schema))
+        return {**stats.of_parts(self.backend.gather, partial(map_parts, self.backend), parts,
+                                 schema), "bins": stats.BINS}
 
     def _alive_filter(self, index: int) -> str | None:
         """Lance filter of the rows no stage before `stages[index]` dropped."""
@@ -406,7 +453,9 @@ class _Execution:
     def _summary(self, run_id, status, started, version_before, version_after, tag, counts):
         for count, stage in zip(counts, self.stages):
             count.seconds = self.seconds[count.name]
-            count.processed = self.processed[count.name]
+            count.rows_computed = self.computed[count.name]
+            count.rows_reused = self.reused.get(count.name, 0)
+            count.verdicts_redecided = self.redecided.get(count.name, 0)
             count.report = stage.report
         selected = counts[-1].kept if counts else 0
         return RunSummary(
@@ -468,6 +517,67 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
+
+
+@dataclass
+class PlannedStage:
+    """What a run of the config would do for one stage."""
+
+    name: str
+    type: str
+    #: rows it would compute (for the source: inputs to read)
+    computed: int
+    #: verdicts it would decide again from stored scores (moved thresholds)
+    verdicts: int = 0
+    #: rows to compute by reason: new inputs, changed params, skipped before and alive
+    #: now, new stage
+    why: dict[str, int] = field(default_factory=dict)
+    #: True for a global stage: it runs over the rows alive whenever a run changes them
+    whole: bool = False
+
+
+@dataclass
+class RunPlan:
+    pipeline: str
+    store_uri: str
+    table: str
+    rows_total: int
+    inputs: int
+    stages: list[PlannedStage]
+
+
+def plan_run(config: Config) -> RunPlan:
+    """What `execute(config)` would compute, per stage and why, without doing it: the
+    listing is matched against the table and the stored stamps and scores are counted, in
+    tasks over fragments (moved thresholds applied to the stored scores first). Global
+    stages run over the whole selection on every run that changes it."""
+    from curate.engine.inputs import pending_inputs, unwrap
+
+    stages = build_stages(config)
+    chain = [stages[0], *(s for s in stages[1:] if isinstance(s, RowStage))]
+    store = Store(config.store)
+    run_cfg = config.run
+    backend = (RayBackend(run_cfg.ray_address, run_cfg.num_cpus)
+               if wants_ray(run_cfg.executor, run_cfg.ray_address, False)
+               else InlineBackend(run_cfg.num_cpus))
+    exists = store.dataset() is not None
+    have = set(store.schema().names) if exists else set()
+    pending = unwrap(lambda: pending_inputs(
+        backend, stages[0], store, row_stages_hash(chain[0], chain[1:]),
+        tuple(run_cfg.retry_errors), incremental.redo_filter(chain, have)))
+    work = incremental.plan(backend, store, chain) if exists else {}
+    planned = [PlannedStage(stages[0].name, stages[0].type, pending.rows,
+                            why={"inputs to read": pending.rows} if pending.rows else {})]
+    for stage in stages[1:]:
+        done = work.get(stage.name, incremental.StageWork())
+        why = dict(done.why)
+        if pending.rows and isinstance(stage, RowStage):
+            why["rows of inputs read"] = pending.rows
+        whole = isinstance(stage, GlobalStage) and not isinstance(stage, RowStage)
+        planned.append(PlannedStage(stage.name, stage.type, sum(why.values()),
+                                    done.verdicts, why, whole))
+    return RunPlan(config.name, store.uri, store.name,
+                   store.count_rows() if exists else 0, pending.rows, planned)
 
 
 def execute(config: Config, progress: bool = True,

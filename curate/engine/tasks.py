@@ -171,23 +171,26 @@ class _FragmentGroups:
 
 
 def write_columns(backend, store, parts: list[Part], schema: pa.Schema,
-                  defaults: dict | None = None, n: int | None = None) -> int:
+                  defaults: dict | None = None, n: int | None = None,
+                  keep: bool = False) -> int:
     """Set `schema`'s columns on every row from `parts` (rows with `_rowaddr` and those
-    columns); rows missing from `parts` get the default (or null). One task per group of
-    fragments rewrites its fragments' column files; the driver commits their metadata once.
-    Returns the new version."""
+    columns); rows missing from `parts` get the default (or null), or with `keep` their
+    values stay. One task per group of fragments rewrites its fragments' column files;
+    the driver commits their metadata once. Returns the new version."""
     groups = _FragmentGroups(backend, store, n)
     pieces = groups.pieces(parts)
     write = backend.task(set_columns)
     version = groups.dataset.version
     refs = [write.remote(store.uri_of_table, version, store.storage_options, group,
-                         schema, defaults or {}, *[p[g] for p in pieces])
+                         schema, defaults or {}, keep, *[p[g] for p in pieces])
             for g, group in enumerate(groups.groups)]
     updated, fields = [], set()
     for result in backend.gather(refs):
         for metadata, modified in result:
             updated.append(metadata)
             fields.update(modified)
+    if not updated:
+        return version
     return store.commit_update(updated, sorted(fields), version)
 
 

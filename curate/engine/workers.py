@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.stage import FanOut, ModelStage, RowStage, Source, Stage, count_input_rows, cuts_clips
+from curate.plan import skip_verdicts, stamps
+from curate.stage import FanOut, ModelStage, Source, Stage, count_input_rows, cuts_clips
 from curate.table.fragments import TIMING_PREFIX
 from curate.verdicts import alive_mask
 
@@ -70,8 +71,11 @@ class SegmentWorker:
     def __init__(self, stages: list[Stage], prepare: list[Stage], last: bool,
                  row_stages_hash: str, threads: int | None = None,
                  earlier_verdicts: dict[str, list[str]] | None = None, clips: bool = False,
-                 frame_columns: tuple[str, ...] = (), inflight=None):
+                 frame_columns: tuple[str, ...] = (), inflight=None,
+                 stamps: dict[str, str] | None = None):
         self.stages = stages
+        #: What each stamped stage writes on the rows it computes (curate.plan.stamps).
+        self.stamps = stamps or {}
         #: The run's registry of batches in flight (curate.engine.inflight); None outside runs.
         self.inflight = inflight
         #: True where rows may be clips (in a pipeline that cuts videos, from the stage that
@@ -179,6 +183,7 @@ class SegmentWorker:
             columns = self._on_alive(stage, out, media, stage.process, stage.writes())
             for name, values in columns.items():
                 out = out.append_column(name, values)
+            out = self._stamp(out, stage)
             out = _add_timing(out, stage.name, time.perf_counter() - started)
         return out
 
@@ -204,8 +209,20 @@ class SegmentWorker:
             reduced = frames.reduce(stage, out, columns, counts)
             for name in columns:
                 out = out.append_column(name, reduced[name])
+            out = self._stamp(out, stage)
             out = _add_timing(out, stage.name, time.perf_counter() - started)
         return out
+
+    def _stamp(self, out: pa.Table, stage: Stage) -> pa.Table:
+        """The stage's stamp on the rows it computed (null on those it skipped)."""
+        stamp = self.stamps.get(stage.name)
+        if stamp is None:
+            return out
+        values = pa.array([stamp] * out.num_rows, pa.string())
+        verdicts = self.earlier_verdicts.get(stage.name)
+        if verdicts is not None:
+            values = pc.if_else(alive_mask(out, verdicts), values, pa.scalar(None, pa.string()))
+        return out.append_column(stage.stamp_column, values)
 
     def _finish(self, out: pa.Table, media) -> pa.Table:
         for stage in self.prepare:
@@ -282,12 +299,12 @@ def worker_options(pools: list[list[Stage]], stages: list[Stage], row_stages_has
     """What each pool's `SegmentWorker` is built with, besides its stages and threads."""
     later = list({s.prepared_column: s for pool in pools[1:] for s in pool
                   if s.own_pool and isinstance(s, ModelStage)}.values())
-    earlier = {s.name: [e.verdict_column for e in stages[:i] if e.verdict_column]
-               for i, s in enumerate(stages) if isinstance(s, RowStage) and s.skips_dropped}
+    earlier = {s.name: skip_verdicts(stages, i) for i, s in enumerate(stages)
+               if skip_verdicts(stages, i) is not None}
     clips = any(cuts_clips(s) for s in stages)
     frame_columns = tuple(s.prepared_column for s in later if not s.takes_clips)
     return [{"prepare": later if i == 0 else [], "last": i == len(pools) - 1,
              "row_stages_hash": row_stages_hash, "earlier_verdicts": earlier,
              "clips": (clips and i > 0) or any(cuts_clips(s) for s in pool),
-             "frame_columns": frame_columns, "inflight": inflight}
+             "frame_columns": frame_columns, "inflight": inflight, "stamps": stamps(stages)}
             for i, pool in enumerate(pools)]

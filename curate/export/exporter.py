@@ -34,6 +34,7 @@ from curate.export.writers import (
     write_webdataset,
 )
 from curate.filters import FilterError, combine
+from curate.stage import Stage
 from curate.table.layout import now
 
 __all__ = ["ExportError", "ExportOptions", "ExportSummary", "export"]
@@ -253,7 +254,7 @@ def _columns(options: ExportOptions, schema: pa.Schema, buckets: bool) -> list[s
         chosen = list(options.columns)
     else:
         chosen = [f.name for f in schema if f.name not in INTERNAL
-                  and not f.name.startswith("_")
+                  and not f.name.startswith(("_", Stage.STAMP_PREFIX))
                   and (pa.types.is_primitive(f.type) or pa.types.is_string(f.type)
                        or pa.types.is_large_string(f.type) or pa.types.is_timestamp(f.type))]
     return [*chosen, "bucket"] if buckets and "bucket" not in chosen else chosen

@@ -12,9 +12,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.parts import ROWADDR, aligned_columns, concat
+from curate.stage import Stage
 
 #: Prefix of the per-stage timing columns (summed by the writers, never stored).
 TIMING_PREFIX = "_seconds:"
+STAMP_PREFIX = Stage.STAMP_PREFIX
 
 
 class FragmentWriter:
@@ -32,6 +34,9 @@ class FragmentWriter:
 
         timing = [c for c in batch.column_names if c.startswith(TIMING_PREFIX)]
         seconds = {c[len(TIMING_PREFIX):]: pc.sum(batch[c]).as_py() or 0.0 for c in timing}
+        # rows each stamped stage computed (it stamps those, not the rows it skipped)
+        computed = {c[len(STAMP_PREFIX):]: len(batch[c]) - batch[c].null_count
+                    for c in batch.column_names if c.startswith(STAMP_PREFIX)}
         rows = conform(batch.drop_columns(timing), self.schema)
         fragments = write_fragments(rows, self.uri, schema=self.schema,
                                     storage_options=self.storage_options)
@@ -39,6 +44,7 @@ class FragmentWriter:
             "fragments": [json.dumps([json.dumps(f.to_json()) for f in fragments])],
             "rows": pa.array([rows.num_rows], pa.int64()),
             "seconds": [json.dumps(seconds)],
+            "computed": [json.dumps(computed)],
         })
 
 
@@ -74,11 +80,12 @@ def fragment_of(table: pa.Table) -> np.ndarray:
 
 
 def set_columns(uri: str, version: int, storage_options: dict | None,
-                fragment_ids: list[int], schema: pa.Schema, defaults: dict,
+                fragment_ids: list[int], schema: pa.Schema, defaults: dict, keep: bool,
                 *pieces) -> list[tuple[str, list[int]]]:
     """Set `schema`'s columns on every row of these fragments from `pieces` (rows with
-    `_rowaddr`); rows missing from them get the default or null. Returns each fragment's
-    new metadata and the fields it rewrote."""
+    `_rowaddr`); rows missing from them get the default or null, or with `keep` their
+    values stay (and fragments with no row in `pieces` are left alone). Returns each
+    rewritten fragment's new metadata and the fields it rewrote."""
     import lance
 
     values = concat(pieces)
@@ -87,10 +94,19 @@ def set_columns(uri: str, version: int, storage_options: dict | None,
     out = []
     for fid in fragment_ids:
         fragment = dataset.get_fragment(fid)
-        ids = fragment.to_table(columns=[], with_row_id=True)["_rowid"]
         mine = values.filter(pa.array(where == fid)) if where is not None else values
+        if keep and mine.num_rows == 0:
+            continue
+        present = [f.name for f in schema if f.name in dataset.schema.names] if keep else []
+        current = fragment.to_table(columns=present, with_row_id=True)
         # without stable row ids a row's id is its address
+        ids = current["_rowid"]
         full = {"_rowid": ids, **aligned_columns(mine, ids, schema, defaults)}
+        if keep:
+            given = pc.is_in(ids, value_set=mine[ROWADDR])
+            for name in present:
+                full[name] = pc.if_else(given, full[name], current[name].cast(
+                    schema.field(name).type)).combine_chunks()
         metadata, fields = fragment.update_columns(pa.table(full), left_on="_rowid")
         out.append((json.dumps(metadata.to_json()), list(fields)))
     return out

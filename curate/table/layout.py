@@ -32,6 +32,7 @@ RUN_SCHEMA = pa.schema(
         ("models_json", pa.string()),
         ("notices_json", pa.string()),
         ("set_aside_json", pa.string()),  # input_id -> why, inputs not to read again
+        ("stats_json", pa.string()),  # counts and histograms of the table it left (/stats)
         ("error", pa.string()),
     ]
 )

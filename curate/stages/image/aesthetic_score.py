@@ -24,6 +24,7 @@ class AestheticScore(_HeadStage, ScoreFilter):
     type = "aesthetic_score"
     Params = AestheticParams
     verdict_column = "aesthetic_reason"
+    threshold_params = ("min_score",)
     default_reduction = "min"  # a clip is as good as its worst frame
 
     def reads(self):

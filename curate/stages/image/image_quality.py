@@ -142,9 +142,15 @@ class ImageQuality(ScoreFilter):
     Params = QualityParams
     params: QualityParams
     verdict_column = "quality_reason"
+    threshold_params = ("min_side", "max_side", "min_aspect_ratio", "max_aspect_ratio",
+                        "min_bytes", "max_bytes", "min_blur", "min_brightness",
+                        "max_brightness", "min_contrast", "min_saturation", "max_saturation")
 
     def reads(self) -> tuple[str, ...]:
         return ("width", "height", "num_bytes")
+
+    def verdict_reads(self) -> tuple[str, ...]:
+        return self.reads()
 
     def writes(self) -> dict[str, pa.DataType]:
         return {
@@ -161,7 +167,7 @@ class ImageQuality(ScoreFilter):
 
     def row_fingerprint(self) -> dict:
         # rows scored before saturation came from a grid of pixels are scored again
-        return {**self.fingerprint(), "saturation_grid": [SAMPLE_FROM, 3]}
+        return {**super().row_fingerprint(), "saturation_grid": [SAMPLE_FROM, 3]}
 
     def score(self, batch: pa.Table, images: list) -> dict[str, pa.Array]:
         out: dict[str, list] = {k: [] for k in SCORES}

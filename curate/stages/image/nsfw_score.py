@@ -43,6 +43,7 @@ class NsfwScore(_HeadStage, ScoreFilter, ModelStage):
     type = "nsfw_score"
     Params = NsfwParams
     verdict_column = "nsfw_reason"
+    threshold_params = ("max_score",)
     hidden, output = "relu", "sigmoid"
     default_reduction = "max"  # one unsafe frame makes the clip unsafe
 

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from curate.stage import ScoreFilter, Threshold
 from curate.stages.image._vlm import VlmParams, _VlmStage
 
 
@@ -70,7 +71,7 @@ class VlmScoreParams(VlmParams):
         return self
 
 
-class VlmScore(_VlmStage):
+class VlmScore(_VlmStage, ScoreFilter):
     """A vision-language model rates each image on the configured criteria, answering in
     JSON (schema-guided on vLLM; parsed strictly with one retry otherwise). Writes
     `vlm_score` (the main criterion) and `vlm_scores` (all of them); an answer that is
@@ -79,6 +80,7 @@ class VlmScore(_VlmStage):
     type = "vlm_score"
     Params = VlmScoreParams
     verdict_column = "vlm_score_reason"
+    threshold_params = ("min_score",)
 
     @cached_property
     def _criteria(self) -> dict[str, dict[str, Any]]:
@@ -109,7 +111,7 @@ class VlmScore(_VlmStage):
                 errors.append(f"invalid_answer: {exc}; answer was {text!r}"[:500])
         return answers, errors
 
-    def process(self, batch, images):
+    def score(self, batch, images):
         from curate.models.vlm import answer_instructions, json_schema
 
         p = self.params
@@ -131,12 +133,9 @@ class VlmScore(_VlmStage):
                 answers[i], errors[i] = answer, error
         main = np.array([np.nan if a is None else float(a[p.score]) for a in answers],
                         np.float32)
-        reasons = [None] * batch.num_rows
-        if p.min_score is not None:
-            reasons = [f"vlm_score {value:g} < {p.min_score:g}"
-                       if answer is not None and value < p.min_score else None
-                       for answer, value in zip(answers, main)]
         return {"vlm_score": pa.array(main, pa.float32(), mask=np.isnan(main)),
                 "vlm_scores": pa.array(answers, self.writes()["vlm_scores"]),
-                "vlm_score_error": pa.array(errors, pa.string()),
-                "vlm_score_reason": pa.array(reasons, pa.string())}
+                "vlm_score_error": pa.array(errors, pa.string())}
+
+    def thresholds(self):
+        return [Threshold("vlm_score", "vlm_score", minimum=self.params.min_score)]

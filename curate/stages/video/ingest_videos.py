@@ -56,6 +56,10 @@ class IngestVideos(IngestImages):
     member_suffixes = VIDEO_SUFFIXES
     media_kind = "video"
 
+    @property
+    def reloads_rows(self) -> bool:
+        return False  # a clip is a piece of its video: the video is read again whole
+
     def writes(self) -> dict[str, pa.DataType]:
         return {
             **super().writes(),

@@ -24,6 +24,7 @@ class MotionScore(ScoreFilter):
     Params = MotionParams
     params: MotionParams
     verdict_column = "motion_reason"
+    threshold_params = ("min_score", "max_score")
     takes_clips = True
 
     def reads(self) -> tuple[str, ...]:

@@ -1,0 +1,197 @@
+"""What iterating on a config costs: a first `curate run`, then one change at a time on
+the same table, each a whole `curate run CONFIG --no-progress` in a subprocess:
+
+    python benchmarks/iterate.py                 # 2,000 photos of 1024x768
+    python benchmarks/iterate.py --photos 200    # quick
+
+The pipeline: ingest_images, image_quality, exact_dedup, phash_dedup, clip_embed,
+aesthetic_score, nsfw_score, caption, semantic_dedup, diversity_sample, with stand-in
+models (a tiny random CLIP, a random aesthetic head, a tiny random LLaVA; open_nsfw's real
+weights). The changes, in order: a threshold in image_quality, a threshold in nsfw_score,
+a new prompt for caption, a new vlm_score stage, aesthetic_score removed, nothing.
+
+For each: whole seconds (the command, start-up included), the ratio to the first run,
+rows read (inputs read again by the source), rows decoded (read by the source, or read
+again by a recomputed stage that needs pixels), model rows (rows run through a model
+stage) and the rows each stage computed, from the run record. At the end the table is
+compared, row for row and column by column, with a fresh run of the final config (the
+oracle; columns of rows a skipping stage never computed in the fresh run are history and
+left out). Goals: threshold changes decode 0 rows, run 0 model rows and take <= 10% of
+the first run; the new prompt runs only the captioner; the new stage computes only
+itself. The last line printed is a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import photo_inputs  # noqa: E402
+
+MODELS = ROOT / "examples" / "models"
+LLAVA = str(MODELS / "tiny-llava")
+#: Stages that run a model (their computed rows are model rows).
+MODEL_STAGES = {"clip_embed", "aesthetic_score", "nsfw_score", "caption", "vlm_score"}
+#: Stages that need pixels when they compute (a recompute decodes the rows again).
+PIXEL_STAGES = {"image_quality", "phash_dedup", "clip_embed", "nsfw_score", "caption",
+                "vlm_score"}
+
+
+def config(photos: Path, store: Path) -> dict:
+    return {
+        "name": "iterate",
+        "store": {"uri": str(store)},
+        "run": {"executor": "auto"},
+        "stages": [
+            {"type": "ingest_images", "paths": [str(photos)]},
+            {"type": "image_quality", "min_side": 128, "min_blur": 10},
+            {"type": "exact_dedup"},
+            {"type": "phash_dedup", "max_distance": 8},
+            {"type": "clip_embed", "model": str(MODELS / "tiny-clip")},
+            {"type": "aesthetic_score", "weights": str(MODELS / "tiny-aesthetic.safetensors"),
+             "sha256": "a7dcec5e39fdfd39452c466904035a155376b4be761ce794d54fc6257fbc5740"},
+            {"type": "nsfw_score", "max_score": 0.9},
+            {"type": "caption", "model": LLAVA, "max_new_tokens": 8},
+            {"type": "semantic_dedup", "eps": 0.01},
+            {"type": "diversity_sample", "target": 100, "clusters": 8},
+        ],
+    }
+
+
+def _stage(raw: dict, kind: str) -> dict:
+    return next(s for s in raw["stages"] if s["type"] == kind)
+
+
+def _quality(raw):
+    _stage(raw, "image_quality")["min_blur"] = 200
+
+
+def _nsfw(raw):
+    _stage(raw, "nsfw_score")["max_score"] = 0.5
+
+
+def _prompt(raw):
+    _stage(raw, "caption")["prompt"] = "Name the main object in a few words."
+
+
+def _vlm_score(raw):
+    at = raw["stages"].index(_stage(raw, "semantic_dedup"))
+    raw["stages"].insert(at, {"type": "vlm_score", "model": LLAVA, "max_new_tokens": 12,
+                              "criteria": {"quality": {"min": 1, "max": 5}}})
+
+
+def _no_aesthetic(raw):
+    raw["stages"].remove(_stage(raw, "aesthetic_score"))
+
+
+CHANGES = [("image_quality threshold", _quality), ("nsfw_score threshold", _nsfw),
+           ("caption prompt", _prompt), ("new vlm_score stage", _vlm_score),
+           ("aesthetic_score removed", _no_aesthetic), ("nothing changed", None)]
+
+
+def curate(raw: dict, workdir: Path, label: str) -> tuple[float, dict]:
+    """One whole `curate run`: (seconds, its summary)."""
+    path, summary = workdir / f"{label}.yaml", workdir / f"{label}.json"
+    path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "curate", "run", str(path), "--no-progress",
+                           "--json", str(summary)], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{label}: curate run failed:\n{proc.stderr[-3000:]}")
+    return seconds, json.loads(summary.read_text())
+
+
+def figures(seconds: float, first_s: float, summary: dict) -> dict:
+    computed = {s["name"]: s["rows_computed"] for s in summary["stages"]}
+    read = summary["rows_processed"]
+    decoded = read + max([computed.get(s, 0) - read for s in PIXEL_STAGES] + [0])
+    return {
+        "seconds": round(seconds, 2),
+        "ratio_to_first": round(seconds / first_s, 3),
+        "rows_read": read,
+        "rows_decoded": decoded,
+        "model_rows": sum(computed.get(s, 0) for s in MODEL_STAGES),
+        "verdicts_redecided": sum(s.get("verdicts_redecided", 0) for s in summary["stages"]),
+        "computed": {k: v for k, v in computed.items() if v},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--photos", type=int, default=2000)
+    parser.add_argument("--size", default="1024x768")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="curate-iterate-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    _, photos, _, _ = photo_inputs(workdir, args.photos, args.size, 1)
+    store = workdir / "store"
+    raw = config(photos, store)
+    shutil.rmtree(store, ignore_errors=True)
+    first_s, summary = curate(raw, workdir, "first")
+    results = {"first run": figures(first_s, first_s, summary)}
+    print(f"first run: {first_s:.1f} s", flush=True)
+    for label, change in CHANGES:
+        raw = copy.deepcopy(raw)
+        if change is not None:
+            change(raw)
+        seconds, summary = curate(raw, workdir, label.replace(" ", "_"))
+        results[label] = figures(seconds, first_s, summary)
+        print(f"{label}: {json.dumps(results[label])}", flush=True)
+
+    import lancedb
+
+    from tests.helpers import table_differences
+
+    fresh = copy.deepcopy(raw)
+    fresh["store"]["uri"] = str(workdir / "fresh")
+    shutil.rmtree(workdir / "fresh", ignore_errors=True)
+    fresh_s, _ = curate(fresh, workdir, "fresh")
+
+    def table(where):
+        return lancedb.connect(str(where)).open_table("samples").to_arrow().sort_by("sample_id")
+
+    differ = table_differences(table(store), table(workdir / "fresh"), raw)
+    thresholds = [results[k] for k in ("image_quality threshold", "nsfw_score threshold")]
+    out = {
+        "benchmark": "iterate",
+        "photos": args.photos,
+        "size": args.size,
+        "cpus": os.cpu_count(),
+        "first_run_s": round(first_s, 2),
+        "fresh_run_of_final_config_s": round(fresh_s, 2),
+        "runs": results,
+        "thresholds_decode_0": all(r["rows_decoded"] == 0 for r in thresholds),
+        "thresholds_model_rows_0": all(r["model_rows"] == 0 for r in thresholds),
+        "thresholds_max_ratio": max(r["ratio_to_first"] for r in thresholds),
+        "prompt_change_computes_only": sorted(
+            k for k in results["caption prompt"]["computed"]
+            if k not in ("exact_dedup", "semantic_dedup", "diversity_sample")),
+        "new_stage_computes_only": sorted(
+            k for k in results["new vlm_score stage"]["computed"]
+            if k not in ("exact_dedup", "semantic_dedup", "diversity_sample")),
+        "same_table_as_fresh_run": not differ,
+        "columns_that_differ": differ,
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

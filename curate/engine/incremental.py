@@ -1,0 +1,247 @@
+"""Each row stage's columns stay valid until that stage changes. Every row stage after the
+shaping ones (curate.plan.shaping) stamps the rows it computes with what computed them
+(curate.plan.stamps: ROW/VERDICT). A run then, per stage and in stage order:
+
+- decides verdicts again where only the VERDICT part differs (a moved threshold): from the
+  stored scores, in tasks over fragments, no decode, no model;
+- computes the stage's columns where the ROW part differs or is missing, on the rows it
+  must compute (every row, or for a stage that skips dropped rows, the rows alive when
+  they come to it: rows a looser threshold brought back are computed now, and only they),
+  reading the media again by `uri` through the source where the stage needs pixels.
+
+Columns are merged fragment by fragment by the tasks that computed them, one commit per
+stage; no row leaves its fragment and the driver holds counts and metadata only. Where the
+source cannot read a stored row again (a clip is a piece of its video), the rows a stage
+must compute make their inputs be read again whole instead (`redo_filter`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from curate.engine.tasks import blocks, map_parts, scan, write_columns
+from curate.parts import ROWADDR, concat, num_rows
+from curate.plan import shaping, skip_verdicts, stamps
+from curate.stage import ModelStage, RowStage, ScoreFilter, Source, Stage
+
+
+def quote(column: str) -> str:
+    return f"`{column}`"
+
+
+def _row_part(stamp: str) -> str:
+    return stamp.split("/", 1)[0]
+
+
+def _alive(chain: list[Stage], index: int, have: set[str]) -> str | None:
+    """Lance filter of the rows a skipping stage must see (None: every row)."""
+    verdicts = skip_verdicts(chain, index)
+    if verdicts is None:
+        return None
+    return " AND ".join(f"{quote(c)} IS NULL" for c in verdicts if c in have) or "TRUE"
+
+
+def needs_filter(chain: list[Stage], index: int, stamp: str, have: set[str]) -> str:
+    """Lance filter of the rows `chain[index]` must compute: its ROW stamp differs or is
+    missing, and (for a stage that skips dropped rows) the row is alive when it comes to it."""
+    column = quote(chain[index].stamp_column)
+    stale = f"({column} IS NULL OR {column} NOT LIKE '{_row_part(stamp)}/%')" \
+        if chain[index].stamp_column in have else "TRUE"
+    alive = _alive(chain, index, have)
+    return stale if alive is None else f"{stale} AND ({alive})"
+
+
+def reloadable(chain: list[Stage]) -> bool:
+    """Whether the source can read a stored row's media again one row at a time: it says
+    so, and no stage turned an input into several rows (a clip, a tile)."""
+    source = chain[0]
+    return isinstance(source, Source) and source.reloads_rows and shaping(chain) == 1
+
+
+def redo_filter(chain: list[Stage], have: set[str]) -> str | None:
+    """Lance filter of the rows whose inputs must be read again whole because a stamped
+    stage must compute them and the source cannot read a stored row again (None: no
+    such stage, or the source reads rows again itself)."""
+    if reloadable(chain):
+        return None
+    current = stamps(chain)
+    first = shaping(chain)
+    parts = [f"({needs_filter(chain, i, current[chain[i].name], have)})"
+             for i in range(first, len(chain))]
+    return " OR ".join(parts) or None
+
+
+def _verdict_filter(stage: Stage, stamp: str) -> str:
+    column = quote(stage.stamp_column)
+    return f"{column} LIKE '{_row_part(stamp)}/%' AND {column} != '{stamp}'"
+
+
+@dataclass
+class StageWork:
+    """What a run did (or, planned, would do) for one stamped stage."""
+
+    computed: int = 0
+    verdicts: int = 0
+    seconds: float = 0.0
+    why: dict[str, int] = field(default_factory=dict)
+
+
+def _count(store, filter: str) -> int:
+    return store.dataset().count_rows(filter=filter)
+
+
+def _verdicts_part(table: pa.Table, stage: ScoreFilter, stamp: str) -> pa.Table:
+    scores = {c: table[c].combine_chunks() for c in stage.written_names()
+              if c != stage.verdict_column and c in table.column_names}
+    return pa.table({ROWADDR: table[ROWADDR], stage.verdict_column: stage.verdicts(table, scores),
+                     stage.stamp_column: pa.array([stamp] * table.num_rows, pa.string())})
+
+
+def refresh_verdicts(backend, store, chain: list[Stage]) -> dict[str, StageWork]:
+    """Verdicts decided again from the stored scores where only thresholds changed."""
+    done: dict[str, StageWork] = {}
+    current = stamps(chain)
+    for stage in chain[shaping(chain):]:
+        if not isinstance(stage, ScoreFilter) or stage.stamp_column not in store.schema().names:
+            continue
+        started = time.perf_counter()
+        stamp = current[stage.name]
+        where = _verdict_filter(stage, stamp)
+        count = _count(store, where)
+        if not count:
+            continue
+        columns = [c for c in (*stage.verdict_reads(), *stage.written_names())
+                   if c in store.schema().names]
+        parts = scan(backend, store, columns, where, _verdicts_part, (stage, stamp))
+        write_columns(backend, store, parts, pa.schema(
+            [(stage.verdict_column, pa.string()), (stage.stamp_column, pa.string())]),
+            keep=True)
+        done[stage.name] = StageWork(verdicts=count, seconds=time.perf_counter() - started)
+    return done
+
+
+def _compute_part(table: pa.Table, source: Source, stage: RowStage, stamp: str) -> pa.Table:
+    """The stage's columns (and stamp) for the rows of `table`, in its batches; media read
+    again through the source where the stage needs them."""
+    stage.setup()
+    wants_media = stage.needs_pixels() or (isinstance(stage, ModelStage) and stage.own_pool)
+    types = stage.writes()
+    out = []
+    size = stage.resources.batch_size
+    for start in range(0, table.num_rows, size):
+        rows = table.slice(start, size)
+        media = source.reload(rows) if wants_media else None
+        if isinstance(stage, ModelStage) and stage.own_pool:
+            rows = rows.append_column(stage.prepared_column, stage.prepare(rows, media))
+            media = None
+        columns = stage.process(rows, media)
+        out.append(pa.table({ROWADDR: rows[ROWADDR],
+                             **{k: v.cast(types[k]) for k, v in columns.items()},
+                             stage.stamp_column: pa.array([stamp] * rows.num_rows,
+                                                          pa.string())}))
+    return concat(out) if out else pa.table({})
+
+
+def _compute_task(table: pa.Table, source: Source, stage: RowStage, stamp: str) -> pa.Table:
+    return _compute_part(table, source, stage, stamp)
+
+
+def recompute(backend, store, chain: list[Stage]) -> dict[str, StageWork]:
+    """Each stamped stage, in order, on the rows it must compute (the source reads their
+    media again); one commit per stage."""
+    source = chain[0]
+    done: dict[str, StageWork] = {}
+    if not reloadable(chain):
+        return done
+    current = stamps(chain)
+    for index in range(shaping(chain), len(chain)):
+        stage = chain[index]
+        have = set(store.schema().names)
+        where = needs_filter(chain, index, current[stage.name], have)
+        count = _count(store, where)
+        if not count:
+            continue
+        started = time.perf_counter()
+        columns = sorted({*source.written_names(), *stage.reads()} & have)
+        parts = scan(backend, store, columns, where)
+        # as many tasks as the stage's pool would have workers (each loads the model once)
+        res = stage.resources
+        workers = res.concurrency or backend.slots(res.cpus, res.gpus)
+        rows = max(res.batch_size, -(-count // workers))
+        parts = blocks(backend, parts, backend.gather(map_parts(backend, parts, num_rows)), rows)
+        task = backend.task(_compute_task, num_cpus=res.cpus,
+                            **({"num_gpus": res.gpus} if res.gpus else {}))
+        computed = [task.remote(part, source, stage, current[stage.name]) for part in parts]
+        schema = pa.schema([*stage.writes().items(), (stage.stamp_column, pa.string())])
+        write_columns(backend, store, computed, schema, keep=True)
+        done[stage.name] = StageWork(computed=count, seconds=time.perf_counter() - started)
+    return done
+
+
+def _plan_part(table: pa.Table, chain: list[Stage], current: dict[str, str]) -> list[dict]:
+    """For one part of the table: per stamped stage, (rows to compute by why, verdicts to
+    decide), the verdicts of moved thresholds applied before later stages are counted."""
+    from curate.verdicts import alive_mask
+
+    table = table.combine_chunks()
+    out = []
+    for index in range(shaping(chain), len(chain)):
+        stage = chain[index]
+        stamp = current[stage.name]
+        column = stage.stamp_column
+        have = column in table.column_names
+        stamped = table[column].to_pylist() if have else [None] * table.num_rows
+        verdicts = skip_verdicts(chain, index)
+        alive = (alive_mask(table, verdicts).to_pylist() if verdicts is not None
+                 else [True] * table.num_rows)
+        row = _row_part(stamp)
+        why: dict[str, int] = {}
+        redecided = []
+        for i, value in enumerate(stamped):
+            if value is not None and value.startswith(row + "/"):
+                if value != stamp:
+                    redecided.append(i)
+                continue
+            if not alive[i]:
+                continue
+            reason = ("new stage" if not have else "skipped before, alive now" if value is None
+                      else "changed params")
+            why[reason] = why.get(reason, 0) + 1
+        if (redecided and isinstance(stage, ScoreFilter)
+                and stage.verdict_column in table.column_names):
+            sub = table.take(pa.array(redecided))
+            new = _verdicts_part(sub, stage, stamp)[stage.verdict_column].to_pylist()
+            values = table[stage.verdict_column].to_pylist()
+            for i, verdict in zip(redecided, new):
+                values[i] = verdict
+            index_of = table.column_names.index(stage.verdict_column)
+            table = table.set_column(index_of, stage.verdict_column, pa.array(values, pa.string()))
+        out.append({"stage": stage.name, "why": why, "verdicts": len(redecided)})
+    return out
+
+
+def plan(backend, store, chain: list[Stage]) -> dict[str, StageWork]:
+    """What `refresh_verdicts` and `recompute` would do, counted over fragments without
+    writing (a stage whose params changed keeps its stored verdicts in the count of the
+    stages after it: what it will decide is not known before it runs)."""
+    have = set(store.schema().names)
+    columns = {"sample_id"}
+    for stage in chain[shaping(chain):]:
+        columns.add(stage.stamp_column)
+        if isinstance(stage, ScoreFilter):
+            columns |= {*stage.verdict_reads(), *stage.written_names()}
+    for index in range(len(chain)):
+        columns |= set(skip_verdicts(chain, index) or [])
+    parts = scan(backend, store, sorted(columns & have), None, _plan_part,
+                 (chain, stamps(chain)))
+    total: dict[str, StageWork] = {}
+    for per_part in backend.gather(parts):
+        for entry in per_part:
+            work = total.setdefault(entry["stage"], StageWork())
+            work.verdicts += entry["verdicts"]
+            for reason, n in entry["why"].items():
+                work.why[reason] = work.why.get(reason, 0) + n
+                work.computed += n
+    return total
