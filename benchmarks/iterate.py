@@ -76,11 +76,11 @@ def _stage(raw: dict, kind: str) -> dict:
 
 
 def _quality(raw):
-    _stage(raw, "image_quality")["min_blur"] = 200
+    _stage(raw, "image_quality")["min_blur"] = 40
 
 
 def _nsfw(raw):
-    _stage(raw, "nsfw_score")["max_score"] = 0.5
+    _stage(raw, "nsfw_score")["max_score"] = 0.1
 
 
 def _prompt(raw):

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curate.engine.tasks import blocks, map_parts, scan, write_columns
 from curate.parts import ROWADDR, concat, num_rows
@@ -88,8 +89,9 @@ class StageWork:
     why: dict[str, int] = field(default_factory=dict)
 
 
-def _count(store, filter: str) -> int:
-    return store.dataset().count_rows(filter=filter)
+def _rows(backend, parts: list) -> int:
+    """Rows in `parts`, counted where they are."""
+    return sum(backend.gather(map_parts(backend, parts, num_rows)))
 
 
 def _verdicts_part(table: pa.Table, stage: ScoreFilter, stamp: str) -> pa.Table:
@@ -108,13 +110,13 @@ def refresh_verdicts(backend, store, chain: list[Stage]) -> dict[str, StageWork]
             continue
         started = time.perf_counter()
         stamp = current[stage.name]
-        where = _verdict_filter(stage, stamp)
-        count = _count(store, where)
-        if not count:
-            continue
         columns = [c for c in (*stage.verdict_reads(), *stage.written_names())
                    if c in store.schema().names]
-        parts = scan(backend, store, columns, where, _verdicts_part, (stage, stamp))
+        parts = scan(backend, store, columns, _verdict_filter(stage, stamp), _verdicts_part,
+                     (stage, stamp))
+        count = _rows(backend, parts)
+        if not count:
+            continue
         write_columns(backend, store, parts, pa.schema(
             [(stage.verdict_column, pa.string()), (stage.stamp_column, pa.string())]),
             keep=True)
@@ -159,18 +161,18 @@ def recompute(backend, store, chain: list[Stage]) -> dict[str, StageWork]:
     for index in range(shaping(chain), len(chain)):
         stage = chain[index]
         have = set(store.schema().names)
-        where = needs_filter(chain, index, current[stage.name], have)
-        count = _count(store, where)
-        if not count:
-            continue
         started = time.perf_counter()
         columns = sorted({*source.written_names(), *stage.reads()} & have)
-        parts = scan(backend, store, columns, where)
+        parts = scan(backend, store, columns, needs_filter(chain, index, current[stage.name],
+                                                           have))
+        counts = backend.gather(map_parts(backend, parts, num_rows))
+        count = sum(counts)
+        if not count:
+            continue
         # as many tasks as the stage's pool would have workers (each loads the model once)
         res = stage.resources
         workers = res.concurrency or backend.slots(res.cpus, res.gpus)
-        rows = max(res.batch_size, -(-count // workers))
-        parts = blocks(backend, parts, backend.gather(map_parts(backend, parts, num_rows)), rows)
+        parts = blocks(backend, parts, counts, max(res.batch_size, -(-count // workers)))
         task = backend.task(_compute_task, num_cpus=res.cpus,
                             **({"num_gpus": res.gpus} if res.gpus else {}))
         computed = [task.remote(part, source, stage, current[stage.name]) for part in parts]
@@ -244,4 +246,25 @@ def plan(backend, store, chain: list[Stage]) -> dict[str, StageWork]:
             for reason, n in entry["why"].items():
                 work.why[reason] = work.why.get(reason, 0) + n
                 work.computed += n
+    return total
+
+
+def _current_part(table: pa.Table, rows: dict[str, str]) -> dict[str, int]:
+    return {name: pc.sum(pc.starts_with(table[column], rows[name] + "/")).as_py() or 0
+            for name, column in ((n, Stage.STAMP_PREFIX + n) for n in rows)
+            if column in table.column_names}
+
+
+def current_rows(backend, store, chain: list[Stage]) -> dict[str, int]:
+    """Per stamped stage, the rows whose columns its current params made (counted in
+    tasks over fragments)."""
+    rows = {name: _row_part(stamp) for name, stamp in stamps(chain).items()}
+    have = set(store.schema().names)
+    columns = [Stage.STAMP_PREFIX + n for n in rows if Stage.STAMP_PREFIX + n in have]
+    if not columns:
+        return {}
+    total: dict[str, int] = {}
+    for part in backend.gather(scan(backend, store, columns, None, _current_part, (rows,))):
+        for name, n in part.items():
+            total[name] = total.get(name, 0) + n
     return total

@@ -31,7 +31,7 @@ from curate.errors import (
     root_cause,
 )
 from curate.logs import progress_bar
-from curate.plan import FINAL_COLUMNS, build_stages, row_stages_hash, stamps, table_schema
+from curate.plan import FINAL_COLUMNS, build_stages, row_stages_hash, table_schema
 from curate.stage import GlobalStage, RowStage, Stage
 from curate.table.layout import now
 from curate.table.store import Store
@@ -275,15 +275,9 @@ class _Execution:
     def _reused(self) -> None:
         """Per row stage, the rows whose columns it kept from earlier runs."""
         total = self.store.count_rows()
-        current = stamps(self.chain)
-        have = set(self.store.schema().names)
+        current = incremental.current_rows(self.backend, self.store, self.chain)
         for stage in self.row_stages:
-            if stage.name in current and stage.stamp_column in have:
-                row = current[stage.name].split("/", 1)[0]
-                valid = self.store.dataset().count_rows(
-                    filter=f"{incremental.quote(stage.stamp_column)} LIKE '{row}/%'")
-            else:
-                valid = total
+            valid = current.get(stage.name, total)
             self.reused[stage.name] = max(valid - self.computed[stage.name], 0)
         self.reused[self.source.name] = max(total - self.computed[self.source.name], 0)
 
@@ -568,9 +562,12 @@ def plan_run(config: Config) -> RunPlan:
     work = incremental.plan(backend, store, chain) if exists else {}
     planned = [PlannedStage(stages[0].name, stages[0].type, pending.rows,
                             why={"inputs to read": pending.rows} if pending.rows else {})]
+    whole_inputs = not incremental.reloadable(chain)
     for stage in stages[1:]:
         done = work.get(stage.name, incremental.StageWork())
-        why = dict(done.why)
+        # rows that cannot be read one by one (clips) are computed with their input, whole
+        why = {(f"{k} (with its input, read again)" if whole_inputs else k): v
+               for k, v in done.why.items()}
         if pending.rows and isinstance(stage, RowStage):
             why["rows of inputs read"] = pending.rows
         whole = isinstance(stage, GlobalStage) and not isinstance(stage, RowStage)
