@@ -116,8 +116,12 @@ def stage_reference() -> list[dict[str, Any]]:
         for key, info in cls.Params.model_fields.items():
             if key in ("type", "name", "resources"):
                 continue
+            description = info.description or ""
+            if key in getattr(cls, "threshold_params", ()):
+                description += (" (a threshold: a change decides the verdicts again from the "
+                                "stored scores, computing nothing)")
             params.append({"name": key, "type": _type_name(info.annotation),
-                           "default": _default(info), "description": info.description or ""})
+                           "default": _default(info), "description": description.strip()})
         try:
             reads = list(stage.reads())
         except Exception:

@@ -127,27 +127,36 @@ def refresh_verdicts(backend, store, chain: list[Stage]) -> dict[str, StageWork]
 def _compute_part(table: pa.Table, source: Source, stage: RowStage, stamp: str) -> pa.Table:
     """The stage's columns (and stamp) for the rows of `table`, in its batches; media read
     again through the source where the stage needs them."""
+    from concurrent.futures import ThreadPoolExecutor
+
     stage.setup()
-    wants_media = stage.needs_pixels() or (isinstance(stage, ModelStage) and stage.own_pool)
+    model = isinstance(stage, ModelStage) and stage.own_pool
+    wants_media = stage.needs_pixels() or model
     types = stage.writes()
-    out = []
     size = stage.resources.batch_size
-    for start in range(0, table.num_rows, size):
-        rows = table.slice(start, size)
+    chunks = [table.slice(start, size) for start in range(0, table.num_rows, size)]
+
+    def ready(rows: pa.Table) -> tuple[pa.Table, list | None]:
+        """A batch as the stage's `process` takes it: its media, or its model inputs."""
         media = source.reload(rows) if wants_media else None
-        if isinstance(stage, ModelStage) and stage.own_pool:
-            rows = rows.append_column(stage.prepared_column, stage.prepare(rows, media))
-            media = None
-        columns = stage.process(rows, media)
-        out.append(pa.table({ROWADDR: rows[ROWADDR],
-                             **{k: v.cast(types[k]) for k, v in columns.items()},
-                             stage.stamp_column: pa.array([stamp] * rows.num_rows,
-                                                          pa.string())}))
+        if model:
+            return rows.append_column(stage.prepared_column, stage.prepare(rows, media)), None
+        return rows, media
+
+    out = []
+    # the next batch is read, decoded and prepared on a thread (PIL, libjpeg-turbo and
+    # NumPy let go of the GIL) while the stage works on this one, as in a run's pools
+    with ThreadPoolExecutor(1) as reader:
+        ahead = reader.submit(ready, chunks[0]) if chunks else None
+        for k in range(len(chunks)):
+            rows, media = ahead.result()
+            if k + 1 < len(chunks):
+                ahead = reader.submit(ready, chunks[k + 1])
+            columns = stage.process(rows, media)
+            out.append(pa.table({
+                ROWADDR: rows[ROWADDR], **{c: v.cast(types[c]) for c, v in columns.items()},
+                stage.stamp_column: pa.array([stamp] * rows.num_rows, pa.string())}))
     return concat(out) if out else pa.table({})
-
-
-def _compute_task(table: pa.Table, source: Source, stage: RowStage, stamp: str) -> pa.Table:
-    return _compute_part(table, source, stage, stamp)
 
 
 def recompute(backend, store, chain: list[Stage]) -> dict[str, StageWork]:
@@ -173,7 +182,7 @@ def recompute(backend, store, chain: list[Stage]) -> dict[str, StageWork]:
         res = stage.resources
         workers = res.concurrency or backend.slots(res.cpus, res.gpus)
         parts = blocks(backend, parts, counts, max(res.batch_size, -(-count // workers)))
-        task = backend.task(_compute_task, num_cpus=res.cpus,
+        task = backend.task(_compute_part, num_cpus=res.cpus,
                             **({"num_gpus": res.gpus} if res.gpus else {}))
         computed = [task.remote(part, source, stage, current[stage.name]) for part in parts]
         schema = pa.schema([*stage.writes().items(), (stage.stamp_column, pa.string())])
