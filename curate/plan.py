@@ -180,6 +180,22 @@ def stamps(chain: list[Stage]) -> dict[str, str]:
     return out
 
 
+def readers(chain: list[Stage]) -> dict[str, list[Stage]]:
+    """For each stamped stage, the later stamped stages that read its columns, directly or
+    through another reader: a row it computes again must be computed again by them."""
+    stamped = chain[shaping(chain):]
+    out: dict[str, list[Stage]] = {}
+    for i, stage in enumerate(stamped):
+        columns = set(stage.written_names())
+        found: list[Stage] = []
+        for later in stamped[i + 1:]:
+            if columns & set(later.reads()):
+                found.append(later)
+                columns |= set(later.written_names())
+        out[stage.name] = found
+    return out
+
+
 def skip_verdicts(chain: list[Stage], index: int) -> list[str] | None:
     """For a row stage that skips dropped rows: the verdict columns that decide whether a
     row is still alive when it comes to `chain[index]` (those of the row stages before it;

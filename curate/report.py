@@ -138,12 +138,17 @@ def render(catalog: Catalog, examples: int = 8, thumb: int = 256) -> str:
         out.append("<h2>Funnel</h2>")
         out.append(bar_chart([(s["name"], s["kept"], s["dropped"]) for s in funnel]))
         out.append("<table><tr><th>stage</th><th>rows in</th><th>kept</th><th>dropped</th>"
-                   "<th>dropped by reason</th><th>seconds</th></tr>")
+                   "<th>dropped by reason</th><th>computed</th><th>reused</th>"
+                   "<th>seconds</th></tr>")
         for s in funnel:
             reasons = ", ".join(f"{k} {v}" for k, v in s["reasons"].items()) or "-"
+            # records of earlier releases have neither
+            computed, reused = s.get("rows_computed", s.get("processed", 0)), \
+                s.get("rows_reused", 0)
             out.append(f"<tr><td>{_e(s['name'])}</td><td>{s['rows_in']:,}</td>"
                        f"<td>{s['kept']:,}</td><td>{s['dropped']:,}</td>"
-                       f"<td>{_e(reasons)}</td><td>{s['seconds']:.2f}</td></tr>")
+                       f"<td>{_e(reasons)}</td><td>{computed:,}</td><td>{reused:,}</td>"
+                       f"<td>{s['seconds']:.2f}</td></tr>")
         out.append("</table>")
     if stats["histograms"]:
         out.append("<h2>Score distributions</h2><p class='muted'>green: selected, red: "

@@ -34,7 +34,10 @@ class StageParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: str = Field(description="registered stage type")
-    name: str | None = Field(None, description="name used in reasons and reports (default: type)")
+    name: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
+                             description="name used in reasons, reports and the column "
+                             "stamp_<name> (default: type); letters, digits, _ and -. A new "
+                             "name is a new stage: its columns are computed again")
     resources: Resources = Field(default_factory=Resources)
 
 
@@ -233,8 +236,9 @@ class ScoreFilter(RowStage):
         return []
 
     def verdict_reads(self) -> tuple[str, ...]:
-        """Columns of earlier stages that `verdicts` uses besides this stage's scores."""
-        return ()
+        """The columns `verdicts` reads: the scores its limits are on (and, for a stage
+        that overrides `verdicts`, whatever else it looks at)."""
+        return tuple(dict.fromkeys(t.column for t in self.thresholds()))
 
     #: Params that only limit scores (they feed `thresholds` or `verdicts`, never `score`):
     #: changing them decides verdicts again from the stored scores, with no decode and no
@@ -397,9 +401,11 @@ class Source(Stage):
         piece of its input (a clip): its input is then read again whole."""
         return False
 
-    def reload(self, rows: pa.Table) -> list:
-        """Worker side: the decoded media of stored rows (columns of `writes`), None where
-        a row has an error or cannot be read any more."""
+    def reload(self, rows: pa.Table) -> tuple[list, list[str | None]]:
+        """Worker side: the decoded media of stored rows (columns of `writes`; None where
+        the row has an error), and why each row could not be read again (None where it
+        could, or where it already had an error), in the words of a row's `error`: the
+        engine writes it there, as a run reading the input now would."""
         raise NotImplementedError
 
 

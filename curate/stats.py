@@ -1,7 +1,8 @@
 """The statistics `/stats` and `curate report` show: rows selected and rejected, by stage and
 reason, score histograms and cluster sizes. Each part of the table gives its counts and they
-are summed, so a run computes them in tasks over fragments and records them; readers then
-never scan whole columns. Pure Arrow and NumPy: no Ray, no store."""
+are summed, so a run computes them in tasks over fragments and records them; readers serve
+the record while the table is as the run left it (curate.catalog scans only when it is
+not). Pure Arrow and NumPy: no Ray, no store."""
 
 from __future__ import annotations
 

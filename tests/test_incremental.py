@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import yaml
+from PIL import Image
 
 from curate.config import load_config
 from curate.engine.run import plan_run
@@ -268,3 +269,85 @@ def test_clips_brought_back_by_a_threshold_read_their_videos_again(ray_session, 
     fresh["store"]["uri"] = str(tmp_path / "fresh")
     run(fresh)
     assert_same_table(after, table_of(tmp_path / "fresh", "clips"), raw)
+
+
+def test_thresholds_are_left_out_of_what_computes_the_rows():
+    """Every threshold param of every score filter changes only the VERDICT part of its
+    stamp (the ROW part decides whether its scores are computed again)."""
+    from curate.plan import stamps
+    from curate.registry import stage_types
+    from curate.stage import ScoreFilter
+
+    models = ROOT / "examples" / "models"
+    needs = {"aesthetic_score": {"weights": str(models / "tiny-aesthetic.safetensors"),
+                                 "sha256": "a7dcec5e39fdfd39452c466904035a155376b4be761ce794d"
+                                           "54fc6257fbc5740"},
+             "vlm_score": {"model": str(models / "tiny-llava"), "criteria": {"q": {}}}}
+    filters = [t for t, cls in stage_types().items() if issubclass(cls, ScoreFilter)]
+    assert {"image_quality", "aesthetic_score", "nsfw_score", "vlm_score",
+            "motion_score"} <= set(filters)
+
+    def stamp(kind: str, **params) -> str:
+        from curate.stages import IngestImages, IngestVideos, SplitClips
+
+        chain = [IngestVideos(paths=["x"]), SplitClips()] if kind == "motion_score" \
+            else [IngestImages(paths=["x"])]
+        stage = stage_types()[kind](**needs.get(kind, {}), **params)
+        return stamps([*chain, stage])[kind]
+
+    for kind in filters:
+        cls = stage_types()[kind]
+        assert cls.threshold_params, kind
+        plain = stamp(kind)
+        for param in cls.threshold_params:
+            moved = stamp(kind, **{param: 1})
+            assert moved.split("/")[0] == plain.split("/")[0], (kind, param)
+            assert moved != plain, (kind, param)
+
+
+def test_rows_brought_back_are_computed_by_every_stage_after_and_a_changed_file_is_read_again(
+        ray_session, tmp_path):
+    """A stage that reads a column a skipping stage writes (clip_embed over the captions)
+    computes again the rows that stage computed again; a file whose bytes changed since
+    its row was made is an error row at once and its input is read again by the next
+    run. Each time, the table equals a fresh run of the same config over the same files."""
+    media = tmp_path / "media"
+    shutil.copytree(ROOT / "examples" / "media" / "photos", media)
+    models = ROOT / "examples" / "models"
+    raw = {"name": "lineage", "store": {"uri": str(tmp_path / "store")},
+           "run": {"executor": "local"},
+           "stages": [{"type": "ingest_images", "paths": [str(media)]},
+                      {"type": "image_quality", "min_blur": 300},
+                      {**CAPTION, "model": str(models / "tiny-llava")},
+                      {"type": "clip_embed", "model": str(models / "tiny-clip"),
+                       "text_column": "caption"}]}
+
+    def fresh(label):
+        other = copy.deepcopy(raw)
+        other["store"]["uri"] = str(tmp_path / label)
+        run(other)
+        return table_of(tmp_path / label)
+
+    run(raw)
+    before = table_of(tmp_path / "store")
+    stage_of(raw, "image_quality")["min_blur"] = 10
+    run(raw)
+    after = table_of(tmp_path / "store")
+    back = alive_for_caption(after, ("error", "quality_reason")) & \
+        ~alive_for_caption(before, ("error", "quality_reason"))
+    assert back.sum(), "no row came back: the test proves nothing"
+    done = computed(tmp_path / "store")
+    assert done["caption"] == done["clip_embed"] == back.sum()
+    assert_same_table(after, fresh("fresh1"), raw)
+
+    alive = after.filter(pc.is_null(after["quality_reason"]))
+    victim = alive["uri"][0].as_py()
+    with Image.open(victim) as img:
+        img.rotate(90, expand=True).save(victim)
+    stage_of(raw, "caption")["prompt"] = "What is this?"
+    run(raw)
+    rows = {r["uri"]: r for r in table_of(tmp_path / "store").to_pylist()}
+    assert rows[victim]["error"].startswith("changed:")
+    again = run(raw)
+    assert again.rows_processed == 1
+    assert_same_table(table_of(tmp_path / "store"), fresh("fresh2"), raw)

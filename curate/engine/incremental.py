@@ -16,6 +16,8 @@ must compute make their inputs be read again whole instead (`redo_filter`)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -24,7 +26,7 @@ import pyarrow.compute as pc
 
 from curate.engine.tasks import blocks, map_parts, scan, write_columns
 from curate.parts import ROWADDR, concat, num_rows
-from curate.plan import shaping, skip_verdicts, stamps
+from curate.plan import readers, row_stages_hash, shaping, skip_verdicts, stamps
 from curate.stage import ModelStage, RowStage, ScoreFilter, Source, Stage
 
 
@@ -61,6 +63,13 @@ def reloadable(chain: list[Stage]) -> bool:
     return isinstance(source, Source) and source.reloads_rows and shaping(chain) == 1
 
 
+def chain_hash(chain: list[Stage]) -> str:
+    """One hash of what made the rows and what each stamped stage stamps (model files and
+    code markers included, which a config's hash does not see)."""
+    body = [row_stages_hash(chain[0], chain[1:]), stamps(chain)]
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def redo_filter(chain: list[Stage], have: set[str]) -> str | None:
     """Lance filter of the rows whose inputs must be read again whole because a stamped
     stage must compute them and the source cannot read a stored row again (None: no
@@ -95,8 +104,8 @@ def _rows(backend, parts: list) -> int:
 
 
 def _verdicts_part(table: pa.Table, stage: ScoreFilter, stamp: str) -> pa.Table:
-    scores = {c: table[c].combine_chunks() for c in stage.written_names()
-              if c != stage.verdict_column and c in table.column_names}
+    scores = {c: table[c].combine_chunks() for c in stage.verdict_reads()
+              if c in table.column_names}
     return pa.table({ROWADDR: table[ROWADDR], stage.verdict_column: stage.verdicts(table, scores),
                      stage.stamp_column: pa.array([stamp] * table.num_rows, pa.string())})
 
@@ -110,8 +119,7 @@ def refresh_verdicts(backend, store, chain: list[Stage]) -> dict[str, StageWork]
             continue
         started = time.perf_counter()
         stamp = current[stage.name]
-        columns = [c for c in (*stage.verdict_reads(), *stage.written_names())
-                   if c in store.schema().names]
+        columns = [c for c in stage.verdict_reads() if c in store.schema().names]
         parts = scan(backend, store, columns, _verdict_filter(stage, stamp), _verdicts_part,
                      (stage, stamp))
         count = _rows(backend, parts)
@@ -124,11 +132,18 @@ def refresh_verdicts(backend, store, chain: list[Stage]) -> dict[str, StageWork]
     return done
 
 
-def _compute_part(table: pa.Table, source: Source, stage: RowStage, stamp: str) -> pa.Table:
+def _compute_part(table: pa.Table, source: Source, stage: RowStage, stamp: str,
+                  readers: list[str]) -> pa.Table:
     """The stage's columns (and stamp) for the rows of `table`, in its batches; media read
-    again through the source where the stage needs them."""
+    again through the source where the stage needs them. The stamps of the `readers` of
+    its columns are taken off these rows (they compute them again next), and a row whose
+    media cannot be read again gets the source's error."""
+    import pickle
     from concurrent.futures import ThreadPoolExecutor
 
+    # `prepare` runs on the reading thread with a copy of its own (a tokenizer or an image
+    # processor is not shared across threads), as in a run, where it runs in another pool
+    preparer = pickle.loads(pickle.dumps(stage))
     stage.setup()
     model = isinstance(stage, ModelStage) and stage.own_pool
     wants_media = stage.needs_pixels() or model
@@ -136,12 +151,14 @@ def _compute_part(table: pa.Table, source: Source, stage: RowStage, stamp: str) 
     size = stage.resources.batch_size
     chunks = [table.slice(start, size) for start in range(0, table.num_rows, size)]
 
-    def ready(rows: pa.Table) -> tuple[pa.Table, list | None]:
-        """A batch as the stage's `process` takes it: its media, or its model inputs."""
-        media = source.reload(rows) if wants_media else None
+    def ready(rows: pa.Table) -> tuple[pa.Table, list | None, list]:
+        """A batch as `process` takes it (its media, or its model inputs), and why each
+        row could not be read again (None: it could, or it never could)."""
+        media, unread = source.reload(rows) if wants_media else (None, [None] * rows.num_rows)
         if model:
-            return rows.append_column(stage.prepared_column, stage.prepare(rows, media)), None
-        return rows, media
+            prepared = preparer.prepare(rows, media)
+            return rows.append_column(stage.prepared_column, prepared), None, unread
+        return rows, media, unread
 
     out = []
     # the next batch is read, decoded and prepared on a thread (PIL, libjpeg-turbo and
@@ -149,24 +166,36 @@ def _compute_part(table: pa.Table, source: Source, stage: RowStage, stamp: str) 
     with ThreadPoolExecutor(1) as reader:
         ahead = reader.submit(ready, chunks[0]) if chunks else None
         for k in range(len(chunks)):
-            rows, media = ahead.result()
+            rows, media, unread = ahead.result()
             if k + 1 < len(chunks):
                 ahead = reader.submit(ready, chunks[k + 1])
             columns = stage.process(rows, media)
-            out.append(pa.table({
-                ROWADDR: rows[ROWADDR], **{c: v.cast(types[c]) for c, v in columns.items()},
-                stage.stamp_column: pa.array([stamp] * rows.num_rows, pa.string())}))
+            read = pa.array([why is None for why in unread])
+            values = {c: pc.if_else(read, v.cast(types[c]), pa.scalar(None, types[c]))
+                      for c, v in columns.items()}
+            taken_off = {Stage.STAMP_PREFIX + r: pa.nulls(rows.num_rows, pa.string())
+                         for r in readers}
+            # a row that cannot be read any more says why, as it would in a fresh run
+            error = source.verdict_column
+            said = {error: pc.coalesce(rows[error], pa.array(unread, pa.string()))}
+            out.append(pa.table({ROWADDR: rows[ROWADDR], **values, **said,
+                                 stage.stamp_column: pa.array([stamp] * rows.num_rows),
+                                 **taken_off}))
     return concat(out) if out else pa.table({})
 
 
-def recompute(backend, store, chain: list[Stage]) -> dict[str, StageWork]:
+def recompute(backend, store, chain: list[Stage], grow=None) -> dict[str, StageWork]:
     """Each stamped stage, in order, on the rows it must compute (the source reads their
-    media again); one commit per stage."""
+    media again); one commit per stage. A row whose media cannot be read again gets the
+    source's error, which drops it (a transient one makes the next run read its input
+    again whole). `grow(rows)` gives the backend for a stage that computes that many rows (a run in
+    one process moves to Ray for many)."""
     source = chain[0]
     done: dict[str, StageWork] = {}
     if not reloadable(chain):
         return done
     current = stamps(chain)
+    dependent = readers(chain)
     for index in range(shaping(chain), len(chain)):
         stage = chain[index]
         have = set(store.schema().names)
@@ -178,14 +207,22 @@ def recompute(backend, store, chain: list[Stage]) -> dict[str, StageWork]:
         count = sum(counts)
         if not count:
             continue
+        grown = grow(count) if grow is not None else backend
+        if grown is not backend:  # the parts read here go to the cluster
+            backend = grown
+            parts = [backend.put(part) for part in parts]
         # as many tasks as the stage's pool would have workers (each loads the model once)
         res = stage.resources
         workers = res.concurrency or backend.slots(res.cpus, res.gpus)
         parts = blocks(backend, parts, counts, max(res.batch_size, -(-count // workers)))
         task = backend.task(_compute_part, num_cpus=res.cpus,
                             **({"num_gpus": res.gpus} if res.gpus else {}))
-        computed = [task.remote(part, source, stage, current[stage.name]) for part in parts]
-        schema = pa.schema([*stage.writes().items(), (stage.stamp_column, pa.string())])
+        names = [r.name for r in dependent[stage.name]]
+        computed = [task.remote(part, source, stage, current[stage.name], names)
+                    for part in parts]
+        schema = pa.schema([*stage.writes().items(), (stage.stamp_column, pa.string()),
+                            *((Stage.STAMP_PREFIX + r, pa.string()) for r in names),
+                            (source.verdict_column, pa.string())])
         write_columns(backend, store, computed, schema, keep=True)
         done[stage.name] = StageWork(computed=count, seconds=time.perf_counter() - started)
     return done
@@ -242,7 +279,7 @@ def plan(backend, store, chain: list[Stage]) -> dict[str, StageWork]:
     for stage in chain[shaping(chain):]:
         columns.add(stage.stamp_column)
         if isinstance(stage, ScoreFilter):
-            columns |= {*stage.verdict_reads(), *stage.written_names()}
+            columns |= {*stage.verdict_reads(), stage.verdict_column}
     for index in range(len(chain)):
         columns |= set(skip_verdicts(chain, index) or [])
     parts = scan(backend, store, sorted(columns & have), None, _plan_part,

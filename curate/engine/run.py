@@ -161,46 +161,37 @@ class _Execution:
                 self.store.before_commit = None
 
     def _run(self, started: float, run_id: str, lease) -> RunSummary:
-        from curate.engine.inputs import pending_inputs, unwrap
-        from curate.engine.tasks import map_parts, remove_duplicate_rows
+        from curate.engine.tasks import remove_duplicate_rows
 
         run_cfg = self.config.run
         self.store.ensure_table(table_schema(self.stages))
         self.backend = (RayBackend(run_cfg.ray_address, run_cfg.num_cpus) if self.on_ray
                         else InlineBackend(run_cfg.num_cpus))
         version_before = self.store.version()
-        retry = tuple(run_cfg.retry_errors)
-        # moved thresholds: verdicts decided again from the stored scores first, so the
-        # rows each stage must see are known
-        self._note(incremental.refresh_verdicts(self.backend, self.store, self.chain))
-        redo = incremental.redo_filter(self.chain, set(self.store.schema().names))
-        # bad paths fail here, before any work
-        pending = unwrap(lambda: pending_inputs(self.backend, self.source, self.store,
-                                                 self.hash, retry, redo))
-        if (not self.on_ray and run_cfg.executor == "auto"
-                and pending.rows > run_cfg.local_max_inputs):
-            pending = self._to_ray(pending)
         config_hash = self.config.config_hash()
         previous = self.store.runs()
         last = previous[-1] if previous else None
         if lease.took_over is not None:
             self._mark_dead(previous, lease)
+        set_aside = {k: v for run in previous
+                     for k, v in json.loads(run.get("set_aside_json") or "{}").items()}
+        # rows whose stages cannot be computed in place make their inputs be read again
+        redo = incremental.redo_filter(self.chain, set(self.store.schema().names))
+        # bad paths fail here, before any work
+        pending = self._pending(redo, set_aside)
         # a run that died, failed or (before run leases) shared the table with another may
         # have left a sample twice: one copy of each is kept
         if (last is not None and last["status"] != "finished"
                 and remove_duplicate_rows(self.backend, self.store)):
-            pending = unwrap(lambda: pending_inputs(self.backend, self.source, self.store,
-                                                     self.hash, retry, redo))
-        set_aside = {k: v for run in previous
-                     for k, v in json.loads(run.get("set_aside_json") or "{}").items()}
-        if set_aside and pending.rows:  # they become error rows, not read again
-            pending.parts = map_parts(self.backend, pending.parts, mark_set_aside,
-                                      (set_aside,))
+            pending = self._pending(redo, set_aside)
+        # what computed the rows: a stage's code or model files may change with its config
+        rows_hash = incremental.chain_hash(self.chain)
         if (
             pending.rows == 0
             and last is not None
             and last["status"] == "finished"
             and last["config_hash"] == config_hash
+            and last.get("rows_hash") == rows_hash
             and last["version_after"] == version_before
         ):
             return self._summary(None, "up_to_date", started, version_before, version_before,
@@ -210,6 +201,7 @@ class _Execution:
             "pipeline": self.config.name,
             "status": "running",
             "config_hash": config_hash,
+            "rows_hash": rows_hash,
             "config_yaml": self.config.to_yaml(),
             "started_at": now(),
             "version_before": version_before,
@@ -219,10 +211,17 @@ class _Execution:
         }
         self.store.save_run(record)
         try:
+            # moved thresholds: verdicts decided again from the stored scores first, so the
+            # rows each later stage must see are known
+            redecided = incremental.refresh_verdicts(self.backend, self.store, self.chain)
+            self._note(redecided)
+            if redecided and redo is not None:  # clips brought back come with their videos
+                pending = self._pending(redo, set_aside)
             if pending.rows:
                 self._stream(pending)
             # the stages changed or added since, on the rows they must compute
-            self._note(incremental.recompute(self.backend, self.store, self.chain))
+            self._note(incremental.recompute(self.backend, self.store, self.chain,
+                                             self._grow))
             self._reused()
             counts = self._global_and_verdicts()
             stats = self._stats()
@@ -265,6 +264,33 @@ class _Execution:
         )
         self.store.save_run(record)
         return summary
+
+    def _pending(self, redo: str | None, set_aside: dict[str, str]):
+        """The inputs to read (listed and matched against the table in tasks); a run in
+        this process moves to Ray when they are many."""
+        from curate.engine.inputs import pending_inputs, unwrap
+        from curate.engine.tasks import map_parts
+
+        run_cfg = self.config.run
+        pending = unwrap(lambda: pending_inputs(self.backend, self.source, self.store,
+                                                 self.hash, tuple(run_cfg.retry_errors),
+                                                 redo))
+        if (not self.on_ray and run_cfg.executor == "auto"
+                and pending.rows > run_cfg.local_max_inputs):
+            pending = self._to_ray(pending)
+        if set_aside and pending.rows:  # they become error rows, not read again
+            pending.parts = map_parts(self.backend, pending.parts, mark_set_aside,
+                                      (set_aside,))
+        return pending
+
+    def _grow(self, rows: int):
+        """The backend for a stage that computes `rows` rows in place: a run in this
+        process moves to Ray when they are many."""
+        run_cfg = self.config.run
+        if not self.on_ray and run_cfg.executor == "auto" and rows > run_cfg.local_max_inputs:
+            self.backend = RayBackend(run_cfg.ray_address, run_cfg.num_cpus)
+            self.on_ray = True
+        return self.backend
 
     def _note(self, work: dict) -> None:
         for name, done in work.items():
@@ -569,7 +595,8 @@ def plan_run(config: Config) -> RunPlan:
         why = {(f"{k} (with its input, read again)" if whole_inputs else k): v
                for k, v in done.why.items()}
         if pending.rows and isinstance(stage, RowStage):
-            why["rows of inputs read"] = pending.rows
+            # an input is one row unless a stage cuts it (a video's clips: known once read)
+            why["inputs read" if whole_inputs else "rows of inputs read"] = pending.rows
         whole = isinstance(stage, GlobalStage) and not isinstance(stage, RowStage)
         planned.append(PlannedStage(stage.name, stage.type, sum(why.values()),
                                     done.verdicts, why, whole))

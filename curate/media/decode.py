@@ -26,7 +26,9 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 #: Errors worth retrying on a later run (the file may be fine next time; a worker short of
 #: memory says nothing about the file).
-TRANSIENT_CODES = ("http_timeout", "http_error", "out_of_memory")
+#: `changed`: a file whose bytes differ from those its row was made from (found when a
+#: stage reads a stored row again): the next run reads its input again whole.
+TRANSIENT_CODES = ("http_timeout", "http_error", "out_of_memory", "changed")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -36,7 +36,7 @@ class HubModelStage(ModelStage):
                  "model": p.model, "revision": model_revision(p.model, p.revision)}]
 
     def row_fingerprint(self):
-        fingerprint = self.fingerprint()
+        fingerprint = super().row_fingerprint()  # a score filter's thresholds left out
         fingerprint.pop("device", None)  # where it runs does not change what it computes
         fingerprint["weights"] = model_revision(self.params.model, self.params.revision)
         return fingerprint

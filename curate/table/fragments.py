@@ -16,7 +16,6 @@ from curate.stage import Stage
 
 #: Prefix of the per-stage timing columns (summed by the writers, never stored).
 TIMING_PREFIX = "_seconds:"
-STAMP_PREFIX = Stage.STAMP_PREFIX
 
 
 class FragmentWriter:
@@ -35,8 +34,9 @@ class FragmentWriter:
         timing = [c for c in batch.column_names if c.startswith(TIMING_PREFIX)]
         seconds = {c[len(TIMING_PREFIX):]: pc.sum(batch[c]).as_py() or 0.0 for c in timing}
         # rows each stamped stage computed (it stamps those, not the rows it skipped)
-        computed = {c[len(STAMP_PREFIX):]: len(batch[c]) - batch[c].null_count
-                    for c in batch.column_names if c.startswith(STAMP_PREFIX)}
+        prefix = Stage.STAMP_PREFIX
+        computed = {c[len(prefix):]: len(batch[c]) - batch[c].null_count
+                    for c in batch.column_names if c.startswith(prefix)}
         rows = conform(batch.drop_columns(timing), self.schema)
         fragments = write_fragments(rows, self.uri, schema=self.schema,
                                     storage_options=self.storage_options)

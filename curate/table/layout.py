@@ -18,6 +18,7 @@ RUN_SCHEMA = pa.schema(
         ("pipeline", pa.string()),
         ("status", pa.string()),  # running | finished | failed | interrupted
         ("config_hash", pa.string()),
+        ("rows_hash", pa.string()),  # what made the rows and each stage's stamp
         ("config_yaml", pa.string()),
         ("started_at", pa.timestamp("us", tz="UTC")),
         ("finished_at", pa.timestamp("us", tz="UTC")),

@@ -37,6 +37,13 @@ class ClipScore(RowStage, GlobalStage):
     def writes(self):
         return {"clip_score": pa.float32(), "clip_score_reason": pa.string()}
 
+    def row_fingerprint(self):
+        # the cut is decided by the global part, over the stored scores, on every run
+        fingerprint = super().row_fingerprint()
+        fingerprint.pop("min_score", None)
+        fingerprint.pop("top_fraction", None)
+        return fingerprint
+
     def process(self, batch, images):
         image, image_ok = to_matrix(batch[self.params.image_column])
         text, text_ok = to_matrix(batch[self.params.text_column])

@@ -150,7 +150,7 @@ class ImageQuality(ScoreFilter):
         return ("width", "height", "num_bytes")
 
     def verdict_reads(self) -> tuple[str, ...]:
-        return self.reads()
+        return (*self.reads(), *SCORES)
 
     def writes(self) -> dict[str, pa.DataType]:
         return {

@@ -3,6 +3,7 @@ read each into one row, decoding safely."""
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import os
@@ -123,36 +124,44 @@ class IngestImages(Source):
         # from an input (several, or other pixels) must say how to read one again
         return type(self).load is IngestImages.load
 
-    def reload(self, rows: pa.Table) -> list:
+    def reload(self, rows: pa.Table) -> tuple[list, list[str | None]]:
         """The images of stored rows, read again by `uri` (a tar member found again in its
-        shard); None where the row has an error or its bytes changed since (another
-        content hash)."""
+        shard), and why a row could not be read again: it fails now, or its bytes
+        changed since (another content hash)."""
         n = rows.num_rows
         uris = rows["uri"].to_pylist()
-        errors = rows["error"].to_pylist()
+        had = rows["error"].to_pylist()
+        errors = list(had)
         offsets, sizes = [-1] * n, [0] * n
-        shards: dict[str, dict[str, tarfile.TarInfo]] = {}
         for i, uri in enumerate(uris):
             tar_path, _, member = uri.partition("#")
-            if errors[i] or not member or _is_url(uri) or not os.path.isfile(tar_path):
+            if had[i] or not member or _is_url(uri) or not os.path.isfile(tar_path):
                 continue
-            if tar_path not in shards:
-                try:
-                    shards[tar_path] = {m.name: m for m in list_tar(tar_path)}
-                except (tarfile.TarError, OSError):
-                    shards[tar_path] = {}
-            found = shards[tar_path].get(member)
+            found = _tar_members(tar_path).get(member)
             if found is None:
-                errors[i] = "missing: member not found"
+                errors[i] = f"missing: no member {member} in the shard any more"
             else:
-                offsets[i], sizes[i] = found.offset_data, found.size
+                offsets[i], sizes[i] = found
         items = pa.table({"input_id": rows["input_id"], "uri": rows["uri"],
                           "_offset": pa.array(offsets, pa.int64()),
                           "_size": pa.array(sizes, pa.int64()),
                           "_error": pa.array(errors, pa.string())})
         columns, images = load_inputs(self, items)
-        same = pc.fill_null(pc.equal(columns["content_hash"], rows["content_hash"]), False)
-        return [img if ok else None for img, ok in zip(images, same.to_pylist())]
+        now_hash = columns["content_hash"].to_pylist()
+        unread: list[str | None] = [None] * n
+        for i, (error, was, digest) in enumerate(zip(columns["error"].to_pylist(),
+                                                     rows["content_hash"].to_pylist(),
+                                                     now_hash)):
+            if had[i]:
+                continue
+            if error:
+                unread[i] = error
+            elif digest != was:
+                unread[i] = ("changed: the file's bytes are not those the row was made from; "
+                             "the next run reads it again")
+            if unread[i]:
+                images[i] = None
+        return images, unread
 
     # --- listing ----------------------------------------------------------------------------
     def entry_count(self, units: list[dict[str, Any]]) -> int:
@@ -337,6 +346,21 @@ def _tar_items(path: str, suffixes: tuple[str, ...], kind: str):
         else:
             yield {"uri": f"{path}#{image.name}", "alt_text": caption,
                    "_offset": image.offset_data, "_size": image.size}
+
+
+@functools.lru_cache(maxsize=64)
+def _shard_members(tar_path: str, mtime_ns: int, size: int) -> dict[str, tuple[int, int]]:
+    try:
+        return {m.name: (m.offset_data, m.size) for m in list_tar(tar_path)}
+    except (tarfile.TarError, OSError):
+        return {}
+
+
+def _tar_members(tar_path: str) -> dict[str, tuple[int, int]]:
+    """(data offset, size) of each member of a shard, listed once per process while the
+    shard is unchanged (a recomputed stage reads its rows again batch by batch)."""
+    stat = os.stat(tar_path)
+    return _shard_members(tar_path, stat.st_mtime_ns, stat.st_size)
 
 
 def load_inputs(stage: IngestImages, batch: pa.Table) -> tuple[dict[str, pa.Array], list]:
