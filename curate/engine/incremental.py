@@ -26,11 +26,11 @@ import pyarrow.compute as pc
 
 from curate.engine.tasks import blocks, map_parts, scan, write_columns
 from curate.parts import ROWADDR, concat, num_rows
-from curate.plan import readers, row_stages_hash, shaping, skip_verdicts, stamps
+from curate.plan import readers, shaping, skip_verdicts
 from curate.stage import ModelStage, RowStage, ScoreFilter, Source, Stage
 
 
-def quote(column: str) -> str:
+def _quote(column: str) -> str:
     return f"`{column}`"
 
 
@@ -43,13 +43,13 @@ def _alive(chain: list[Stage], index: int, have: set[str]) -> str | None:
     verdicts = skip_verdicts(chain, index)
     if verdicts is None:
         return None
-    return " AND ".join(f"{quote(c)} IS NULL" for c in verdicts if c in have) or "TRUE"
+    return " AND ".join(f"{_quote(c)} IS NULL" for c in verdicts if c in have) or "TRUE"
 
 
 def needs_filter(chain: list[Stage], index: int, stamp: str, have: set[str]) -> str:
     """Lance filter of the rows `chain[index]` must compute: its ROW stamp differs or is
     missing, and (for a stage that skips dropped rows) the row is alive when it comes to it."""
-    column = quote(chain[index].stamp_column)
+    column = _quote(chain[index].stamp_column)
     stale = f"({column} IS NULL OR {column} NOT LIKE '{_row_part(stamp)}/%')" \
         if chain[index].stamp_column in have else "TRUE"
     alive = _alive(chain, index, have)
@@ -63,20 +63,21 @@ def reloadable(chain: list[Stage]) -> bool:
     return isinstance(source, Source) and source.reloads_rows and shaping(chain) == 1
 
 
-def chain_hash(chain: list[Stage]) -> str:
-    """One hash of what made the rows and what each stamped stage stamps (model files and
-    code markers included, which a config's hash does not see)."""
-    body = [row_stages_hash(chain[0], chain[1:]), stamps(chain)]
+def chain_hash(rows_made_by: str, current: dict[str, str]) -> str:
+    """One hash of what made the rows (`row_stages_hash`) and what each stamped stage
+    stamps (`current`: model files and code markers included, which a config's hash does
+    not see)."""
+    body = [rows_made_by, current]
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def redo_filter(chain: list[Stage], have: set[str]) -> str | None:
+def redo_filter(chain: list[Stage], have: set[str], current: dict[str, str]) -> str | None:
     """Lance filter of the rows whose inputs must be read again whole because a stamped
     stage must compute them and the source cannot read a stored row again (None: no
-    such stage, or the source reads rows again itself)."""
+    such stage, or the source reads rows again itself). `current`: `stamps(chain)`, made
+    once per run (a stamp may hash model files)."""
     if reloadable(chain):
         return None
-    current = stamps(chain)
     first = shaping(chain)
     parts = [f"({needs_filter(chain, i, current[chain[i].name], have)})"
              for i in range(first, len(chain))]
@@ -84,7 +85,7 @@ def redo_filter(chain: list[Stage], have: set[str]) -> str | None:
 
 
 def _verdict_filter(stage: Stage, stamp: str) -> str:
-    column = quote(stage.stamp_column)
+    column = _quote(stage.stamp_column)
     return f"{column} LIKE '{_row_part(stamp)}/%' AND {column} != '{stamp}'"
 
 
@@ -98,9 +99,9 @@ class StageWork:
     why: dict[str, int] = field(default_factory=dict)
 
 
-def _rows(backend, parts: list) -> int:
-    """Rows in `parts`, counted where they are."""
-    return sum(backend.gather(map_parts(backend, parts, num_rows)))
+def _counts(backend, parts: list) -> list[int]:
+    """Rows in each of `parts`, counted where they are."""
+    return backend.gather(map_parts(backend, parts, num_rows))
 
 
 def _verdicts_part(table: pa.Table, stage: ScoreFilter, stamp: str) -> pa.Table:
@@ -110,19 +111,20 @@ def _verdicts_part(table: pa.Table, stage: ScoreFilter, stamp: str) -> pa.Table:
                      stage.stamp_column: pa.array([stamp] * table.num_rows, pa.string())})
 
 
-def refresh_verdicts(backend, store, chain: list[Stage]) -> dict[str, StageWork]:
+def refresh_verdicts(backend, store, chain: list[Stage],
+                     current: dict[str, str]) -> dict[str, StageWork]:
     """Verdicts decided again from the stored scores where only thresholds changed."""
     done: dict[str, StageWork] = {}
-    current = stamps(chain)
+    have = set(store.schema().names)
     for stage in chain[shaping(chain):]:
-        if not isinstance(stage, ScoreFilter) or stage.stamp_column not in store.schema().names:
+        if not isinstance(stage, ScoreFilter) or stage.stamp_column not in have:
             continue
         started = time.perf_counter()
         stamp = current[stage.name]
-        columns = [c for c in stage.verdict_reads() if c in store.schema().names]
+        columns = [c for c in stage.verdict_reads() if c in have]
         parts = scan(backend, store, columns, _verdict_filter(stage, stamp), _verdicts_part,
                      (stage, stamp))
-        count = _rows(backend, parts)
+        count = sum(_counts(backend, parts))
         if not count:
             continue
         write_columns(backend, store, parts, pa.schema(
@@ -184,17 +186,17 @@ def _compute_part(table: pa.Table, source: Source, stage: RowStage, stamp: str,
     return concat(out) if out else pa.table({})
 
 
-def recompute(backend, store, chain: list[Stage], grow=None) -> dict[str, StageWork]:
+def recompute(backend, store, chain: list[Stage], current: dict[str, str],
+              grow=None) -> dict[str, StageWork]:
     """Each stamped stage, in order, on the rows it must compute (the source reads their
     media again); one commit per stage. A row whose media cannot be read again gets the
     source's error, which drops it (a transient one makes the next run read its input
-    again whole). `grow(rows)` gives the backend for a stage that computes that many rows (a run in
-    one process moves to Ray for many)."""
+    again whole). `grow(rows)` gives the backend for a stage that computes that many
+    rows (a run in one process moves to Ray for many)."""
     source = chain[0]
     done: dict[str, StageWork] = {}
     if not reloadable(chain):
         return done
-    current = stamps(chain)
     dependent = readers(chain)
     for index in range(shaping(chain), len(chain)):
         stage = chain[index]
@@ -203,7 +205,7 @@ def recompute(backend, store, chain: list[Stage], grow=None) -> dict[str, StageW
         columns = sorted({*source.written_names(), *stage.reads()} & have)
         parts = scan(backend, store, columns, needs_filter(chain, index, current[stage.name],
                                                            have))
-        counts = backend.gather(map_parts(backend, parts, num_rows))
+        counts = _counts(backend, parts)
         count = sum(counts)
         if not count:
             continue
@@ -270,7 +272,7 @@ def _plan_part(table: pa.Table, chain: list[Stage], current: dict[str, str]) -> 
     return out
 
 
-def plan(backend, store, chain: list[Stage]) -> dict[str, StageWork]:
+def plan(backend, store, chain: list[Stage], current: dict[str, str]) -> dict[str, StageWork]:
     """What `refresh_verdicts` and `recompute` would do, counted over fragments without
     writing (a stage whose params changed keeps its stored verdicts in the count of the
     stages after it: what it will decide is not known before it runs)."""
@@ -283,7 +285,7 @@ def plan(backend, store, chain: list[Stage]) -> dict[str, StageWork]:
     for index in range(len(chain)):
         columns |= set(skip_verdicts(chain, index) or [])
     parts = scan(backend, store, sorted(columns & have), None, _plan_part,
-                 (chain, stamps(chain)))
+                 (chain, current))
     total: dict[str, StageWork] = {}
     for per_part in backend.gather(parts):
         for entry in per_part:
@@ -301,10 +303,10 @@ def _current_part(table: pa.Table, rows: dict[str, str]) -> dict[str, int]:
             if column in table.column_names}
 
 
-def current_rows(backend, store, chain: list[Stage]) -> dict[str, int]:
+def current_rows(backend, store, current: dict[str, str]) -> dict[str, int]:
     """Per stamped stage, the rows whose columns its current params made (counted in
     tasks over fragments)."""
-    rows = {name: _row_part(stamp) for name, stamp in stamps(chain).items()}
+    rows = {name: _row_part(stamp) for name, stamp in current.items()}
     have = set(store.schema().names)
     columns = [Stage.STAMP_PREFIX + n for n in rows if Stage.STAMP_PREFIX + n in have]
     if not columns:

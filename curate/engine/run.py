@@ -31,7 +31,7 @@ from curate.errors import (
     root_cause,
 )
 from curate.logs import progress_bar
-from curate.plan import FINAL_COLUMNS, build_stages, row_stages_hash, table_schema
+from curate.plan import FINAL_COLUMNS, build_stages, row_stages_hash, stamps, table_schema
 from curate.stage import GlobalStage, RowStage, Stage
 from curate.table.layout import now
 from curate.table.store import Store
@@ -120,6 +120,8 @@ class _Execution:
         self.hash = row_stages_hash(self.source, self.row_stages)
         self.seconds: dict[str, float] = {s.name: 0.0 for s in self.stages}
         self.chain: list[Stage] = [self.source, *self.row_stages]
+        #: what each stamped stage stamps (made once: a stamp may hash model files)
+        self.stamps = stamps(self.chain)
         self.computed: dict[str, int] = {s.name: 0 for s in self.stages}
         self.redecided: dict[str, int] = {}
         self.reused: dict[str, int] = {}
@@ -176,7 +178,8 @@ class _Execution:
         set_aside = {k: v for run in previous
                      for k, v in json.loads(run.get("set_aside_json") or "{}").items()}
         # rows whose stages cannot be computed in place make their inputs be read again
-        redo = incremental.redo_filter(self.chain, set(self.store.schema().names))
+        redo = incremental.redo_filter(self.chain, set(self.store.schema().names),
+                                       self.stamps)
         # bad paths fail here, before any work
         pending = self._pending(redo, set_aside)
         # a run that died, failed or (before run leases) shared the table with another may
@@ -185,7 +188,7 @@ class _Execution:
                 and remove_duplicate_rows(self.backend, self.store)):
             pending = self._pending(redo, set_aside)
         # what computed the rows: a stage's code or model files may change with its config
-        rows_hash = incremental.chain_hash(self.chain)
+        rows_hash = incremental.chain_hash(self.hash, self.stamps)
         if (
             pending.rows == 0
             and last is not None
@@ -213,7 +216,8 @@ class _Execution:
         try:
             # moved thresholds: verdicts decided again from the stored scores first, so the
             # rows each later stage must see are known
-            redecided = incremental.refresh_verdicts(self.backend, self.store, self.chain)
+            redecided = incremental.refresh_verdicts(self.backend, self.store, self.chain,
+                                                     self.stamps)
             self._note(redecided)
             if redecided and redo is not None:  # clips brought back come with their videos
                 pending = self._pending(redo, set_aside)
@@ -221,7 +225,7 @@ class _Execution:
                 self._stream(pending)
             # the stages changed or added since, on the rows they must compute
             self._note(incremental.recompute(self.backend, self.store, self.chain,
-                                             self._grow))
+                                             self.stamps, self._grow))
             self._reused()
             counts = self._global_and_verdicts()
             stats = self._stats()
@@ -272,20 +276,22 @@ class _Execution:
         from curate.engine.tasks import map_parts
 
         run_cfg = self.config.run
+        backend_before = self.backend
         pending = unwrap(lambda: pending_inputs(self.backend, self.source, self.store,
                                                  self.hash, tuple(run_cfg.retry_errors),
                                                  redo))
-        if (not self.on_ray and run_cfg.executor == "auto"
-                and pending.rows > run_cfg.local_max_inputs):
-            pending = self._to_ray(pending)
+        if self._grow(pending.rows) is not backend_before:  # the listing goes with it
+            pending.parts = [self.backend.put(part) for part in pending.parts]
+            pending.stale = [self.backend.put(part) for part in pending.stale]
         if set_aside and pending.rows:  # they become error rows, not read again
             pending.parts = map_parts(self.backend, pending.parts, mark_set_aside,
                                       (set_aside,))
         return pending
 
     def _grow(self, rows: int):
-        """The backend for a stage that computes `rows` rows in place: a run in this
-        process moves to Ray when they are many."""
+        """The backend for work on `rows` rows (inputs to read, or rows a stage computes
+        in place): a run in this process moves to a local Ray, for the rest of the run,
+        when they are many."""
         run_cfg = self.config.run
         if not self.on_ray and run_cfg.executor == "auto" and rows > run_cfg.local_max_inputs:
             self.backend = RayBackend(run_cfg.ray_address, run_cfg.num_cpus)
@@ -301,19 +307,11 @@ class _Execution:
     def _reused(self) -> None:
         """Per row stage, the rows whose columns it kept from earlier runs."""
         total = self.store.count_rows()
-        current = incremental.current_rows(self.backend, self.store, self.chain)
+        current = incremental.current_rows(self.backend, self.store, self.stamps)
         for stage in self.row_stages:
             valid = current.get(stage.name, total)
             self.reused[stage.name] = max(valid - self.computed[stage.name], 0)
         self.reused[self.source.name] = max(total - self.computed[self.source.name], 0)
-
-    def _to_ray(self, pending):
-        """Many inputs: the rest of the run goes to a local Ray, the listing with it."""
-        self.backend = RayBackend(self.config.run.ray_address, self.config.run.num_cpus)
-        self.on_ray = True
-        pending.parts = [self.backend.put(part) for part in pending.parts]
-        pending.stale = [self.backend.put(part) for part in pending.stale]
-        return pending
 
     def _mark_dead(self, previous: list[dict], lease) -> None:
         """The record of the run whose lease was taken over says so."""
@@ -582,10 +580,11 @@ def plan_run(config: Config) -> RunPlan:
                else InlineBackend(run_cfg.num_cpus))
     exists = store.dataset() is not None
     have = set(store.schema().names) if exists else set()
+    current = stamps(chain)
     pending = unwrap(lambda: pending_inputs(
         backend, stages[0], store, row_stages_hash(chain[0], chain[1:]),
-        tuple(run_cfg.retry_errors), incremental.redo_filter(chain, have)))
-    work = incremental.plan(backend, store, chain) if exists else {}
+        tuple(run_cfg.retry_errors), incremental.redo_filter(chain, have, current)))
+    work = incremental.plan(backend, store, chain, current) if exists else {}
     planned = [PlannedStage(stages[0].name, stages[0].type, pending.rows,
                             why={"inputs to read": pending.rows} if pending.rows else {})]
     whole_inputs = not incremental.reloadable(chain)

@@ -302,9 +302,10 @@ def worker_options(pools: list[list[Stage]], stages: list[Stage], row_stages_has
     earlier = {s.name: skip_verdicts(stages, i) for i, s in enumerate(stages)
                if skip_verdicts(stages, i) is not None}
     clips = any(cuts_clips(s) for s in stages)
+    current = stamps(stages)  # once: a stamp may hash model files
     frame_columns = tuple(s.prepared_column for s in later if not s.takes_clips)
     return [{"prepare": later if i == 0 else [], "last": i == len(pools) - 1,
              "row_stages_hash": row_stages_hash, "earlier_verdicts": earlier,
              "clips": (clips and i > 0) or any(cuts_clips(s) for s in pool),
-             "frame_columns": frame_columns, "inflight": inflight, "stamps": stamps(stages)}
+             "frame_columns": frame_columns, "inflight": inflight, "stamps": current}
             for i, pool in enumerate(pools)]
