@@ -222,6 +222,9 @@ def main() -> None:
                         help="commit of the previous release (default: the release before "
                         "the streaming rewrite)")
     parser.add_argument("--skip-previous", action="store_true")
+    parser.add_argument("--previous-executor", choices=["ray", "local", "auto"], default=None,
+                        help="the previous release's run.executor (default: unset, for "
+                        "releases before it, which always ran on Ray)")
     parser.add_argument("--executor", choices=["ray", "local", "auto"], default="ray",
                         help="this checkout's run.executor (default ray: the driver of a "
                         "distributed run is what is measured)")
@@ -263,7 +266,7 @@ def main() -> None:
             worktree, commit = add_worktree(args.previous)
             sides.append(Side("previous", worktree, commit))
         def config_for_side(side: Side):
-            executor = args.executor if side.name == "current" else None
+            executor = args.executor if side.name == "current" else args.previous_executor
             return functools.partial(pipeline_config, model_dir=model_dir, executor=executor)
 
         for side in sides:
