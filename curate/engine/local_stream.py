@@ -27,7 +27,7 @@ from curate.stage import FanOut, Stage
 
 
 def stream_fragments(parts: list[pa.Table], counts: list[int], stages: list[Stage],
-                     row_stages_hash: str, writer, write_rows: int,
+                     row_stages_hash: str, stamps: dict[str, str], writer, write_rows: int,
                      num_cpus: int | None = None) -> Iterator[pa.Table]:
     """`curate.engine.ray_stream.stream_fragments` in this process: the decoding segment on threads,
     each model segment here in the calling thread on batches of its own size (as a Ray
@@ -41,7 +41,7 @@ def stream_fragments(parts: list[pa.Table], counts: list[int], stages: list[Stag
         # ran at less than half its speed). Read when torch loads, so set before that.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     block_rows = max(pools[0][0].resources.batch_size, 1)
-    options = worker_options(pools, stages, row_stages_hash, None)
+    options = worker_options(pools, stages, row_stages_hash, stamps, None)
     local = threading.local()
 
     def make(i: int, pool: list[Stage], threads: int | None):

@@ -51,7 +51,7 @@ WRITER_CPUS = 0.25
 
 def stream_fragments(
     backend, parts: list, counts: list[int], stages: list[Stage], row_stages_hash: str,
-    writer, write_rows: int, inflight=None,
+    stamps: dict[str, str], writer, write_rows: int, inflight=None,
 ) -> Iterator[pa.Table]:
     """Run the source and row stages over the listed inputs (`parts` in the object store)
     on Ray Data actor pools (one for decoding, one per model), then write the rows as
@@ -80,7 +80,7 @@ def stream_fragments(
     block_rows = max(sizes[0].batch_size, math.ceil(sum(counts) / 4000))
     # cut by tasks up front: a repartition operator would need a CPU the pools hold
     dataset = ray.data.from_arrow_refs(blocks(backend, parts, counts, block_rows))
-    options = worker_options(pools, stages, row_stages_hash, inflight)
+    options = worker_options(pools, stages, row_stages_hash, stamps, inflight)
     for i, (pool, size) in enumerate(zip(pools, sizes)):
         # A model on CPU is the slow step while decoding mostly waits for it: give each of
         # its workers a share of all the cores for threads, not only the CPUs it reserved.

@@ -357,11 +357,13 @@ class _Execution:
         if self.on_ray:
             inflight = registry()
             stream = ray_stream.stream_fragments(self.backend, pending.parts, pending.counts,
-                                                 chain, self.hash, writer, every, inflight)
+                                                 chain, self.hash, self.stamps, writer, every,
+                                                 inflight)
         else:  # no worker of its own can die here: a crash ends the run, which resumes
             inflight = None
-            stream = local_stream.stream_fragments(pending.parts, pending.counts, chain, self.hash,
-                                            writer, every, self.config.run.num_cpus)
+            stream = local_stream.stream_fragments(pending.parts, pending.counts, chain,
+                                                   self.hash, self.stamps, writer, every,
+                                                   self.config.run.num_cpus)
         with progress_bar(self.progress) as bar, _sigint_flag() as interrupted:
             task = bar.add_task(label, total=pending.rows, rate="")
             try:

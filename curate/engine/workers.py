@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.plan import skip_verdicts, stamps
+from curate.plan import skip_verdicts
 from curate.stage import FanOut, ModelStage, Source, Stage, count_input_rows, cuts_clips
 from curate.table.fragments import TIMING_PREFIX
 from curate.verdicts import alive_mask
@@ -295,17 +295,17 @@ def _on_alive_rows(batch: pa.Table, images: list | None, verdicts: list[str], wo
 
 
 def worker_options(pools: list[list[Stage]], stages: list[Stage], row_stages_hash: str,
-                   inflight) -> list[dict]:
-    """What each pool's `SegmentWorker` is built with, besides its stages and threads."""
+                   stamps: dict[str, str], inflight) -> list[dict]:
+    """What each pool's `SegmentWorker` is built with, besides its stages and threads
+    (`stamps`: curate.plan.stamps of `stages`, made once by the run)."""
     later = list({s.prepared_column: s for pool in pools[1:] for s in pool
                   if s.own_pool and isinstance(s, ModelStage)}.values())
-    earlier = {s.name: skip_verdicts(stages, i) for i, s in enumerate(stages)
-               if skip_verdicts(stages, i) is not None}
+    earlier = {s.name: verdicts for i, s in enumerate(stages)
+               if (verdicts := skip_verdicts(stages, i)) is not None}
     clips = any(cuts_clips(s) for s in stages)
-    current = stamps(stages)  # once: a stamp may hash model files
     frame_columns = tuple(s.prepared_column for s in later if not s.takes_clips)
     return [{"prepare": later if i == 0 else [], "last": i == len(pools) - 1,
              "row_stages_hash": row_stages_hash, "earlier_verdicts": earlier,
              "clips": (clips and i > 0) or any(cuts_clips(s) for s in pool),
-             "frame_columns": frame_columns, "inflight": inflight, "stamps": current}
+             "frame_columns": frame_columns, "inflight": inflight, "stamps": stamps}
             for i, pool in enumerate(pools)]
