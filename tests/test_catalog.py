@@ -101,3 +101,34 @@ def test_stats_come_from_the_run_record_and_match_a_scan(catalog, monkeypatch):
         assert entry["rows"] == mine.sum() and entry["selected"] == (mine & selected).sum()
     monkeypatch.undo()
     assert len(catalog.stats(bins=10)["histograms"]["blur"]["edges"]) == 11  # from a scan
+
+
+def test_a_copy_of_a_dropped_copy_is_in_the_group_of_the_final_kept_row(catalog):
+    """A kept copy that a later dedup dropped as a copy of another row: its own copies join
+    that row's group. The demo's chains come from a random stand-in model, so one is made
+    here: a row with copies is marked a semantic copy of another kept row."""
+    table = lancedb.connect(catalog.store.uri).open_table("samples")
+    rows = table.to_arrow().to_pylist()
+    kept = sorted({r["duplicate_of"] for r in rows if r["duplicate_of"]})
+    middle, final = kept[0], next(r["sample_id"] for r in rows if r["sample_id"] not in kept
+                                  and not r["duplicate_of"] and not r["error"])
+    table.update(where=f"sample_id = '{middle}'",
+                 values={"duplicate_of": final, "semantic_duplicate_of": final})
+    parent = {r["sample_id"]: r["duplicate_of"] for r in rows if r["duplicate_of"]}
+    parent[middle] = final
+
+    def root_of(sample_id):
+        while sample_id in parent:
+            sample_id = parent[sample_id]
+        return sample_id
+
+    expected = {r["sample_id"] for r in rows if root_of(r["sample_id"]) == final}
+    assert len(expected) >= 3  # the final row, the middle one and the middle one's copies
+    for member in expected:
+        group = catalog.duplicates(member)
+        members = [m["sample_id"] for m in group["members"]]
+        assert group["kept"] == final and members[0] == final and set(members) == expected
+        via = {m["sample_id"]: m["via"] for m in group["members"]}
+        assert via[final] is None and via[middle] == "semantic"
+        for copy in group["members"][1:]:  # each points at a member by the column it names
+            assert copy[f"{copy['via']}_duplicate_of"] in members, (copy, via)
