@@ -3,6 +3,7 @@ the same table, each a whole `curate run CONFIG --no-progress` in a subprocess:
 
     python benchmarks/iterate.py                 # 2,000 photos of 1024x768
     python benchmarks/iterate.py --photos 200    # quick
+    python benchmarks/iterate.py --videos 8      # about 8 minutes of video, cut into clips
 
 The pipeline: ingest_images, image_quality, exact_dedup, phash_dedup, clip_embed,
 aesthetic_score, nsfw_score, caption, semantic_dedup, diversity_sample, with stand-in
@@ -19,6 +20,13 @@ oracle; columns of rows a skipping stage never computed in the fresh run are his
 left out). Goals: threshold changes decode 0 rows, run 0 model rows and take <= 10% of
 the first run; the new prompt runs only the captioner; the new stage computes only
 itself. The last line printed is a JSON object.
+
+With --videos: generated videos (pans over real photos with hard cuts, as
+benchmarks/video_split.py makes them) through ingest_videos, split_clips, motion_score,
+image_quality, clip_embed, nsfw_score, caption and semantic_dedup; the changes: the motion
+threshold loosened (clips come back), a new aesthetic_score stage, a new caption prompt,
+nothing. rows_read counts videos read (and cut) again whole: the goal is 0, each clip's
+frames decoded again from its span.
 """
 
 from __future__ import annotations
@@ -71,6 +79,25 @@ def config(photos: Path, store: Path) -> dict:
     }
 
 
+def video_config(videos: Path, store: Path) -> dict:
+    return {
+        "name": "iterate-videos",
+        "store": {"uri": str(store), "table": "clips"},
+        "run": {"executor": "auto"},
+        "stages": [
+            {"type": "ingest_videos", "paths": [str(videos)]},
+            {"type": "split_clips", "min_clip_s": 1.0, "max_clip_s": 4.0,
+             "frames_per_clip": 3},
+            {"type": "motion_score", "min_score": 3.0},
+            {"type": "image_quality", "min_side": 128, "min_blur": 5},
+            {"type": "clip_embed", "model": str(MODELS / "tiny-clip")},
+            {"type": "nsfw_score", "max_score": 0.9},
+            {"type": "caption", "model": LLAVA, "max_new_tokens": 8},
+            {"type": "semantic_dedup", "eps": 0.01},
+        ],
+    }
+
+
 def _stage(raw: dict, kind: str) -> dict:
     return next(s for s in raw["stages"] if s["type"] == kind)
 
@@ -100,6 +127,21 @@ def _no_aesthetic(raw):
 CHANGES = [("image_quality threshold", _quality), ("nsfw_score threshold", _nsfw),
            ("caption prompt", _prompt), ("new vlm_score stage", _vlm_score),
            ("aesthetic_score removed", _no_aesthetic), ("nothing changed", None)]
+
+
+def _motion(raw):
+    _stage(raw, "motion_score")["min_score"] = 0.5
+
+
+def _aesthetic(raw):
+    at = raw["stages"].index(_stage(raw, "nsfw_score"))
+    raw["stages"].insert(at, {
+        "type": "aesthetic_score", "weights": str(MODELS / "tiny-aesthetic.safetensors"),
+        "sha256": "a7dcec5e39fdfd39452c466904035a155376b4be761ce794d54fc6257fbc5740"})
+
+
+VIDEO_CHANGES = [("motion_score threshold", _motion), ("new aesthetic_score stage", _aesthetic),
+                 ("caption prompt", _prompt), ("nothing changed", None)]
 
 
 def curate(raw: dict, workdir: Path, label: str) -> tuple[float, dict]:
@@ -137,18 +179,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=int, default=2000)
     parser.add_argument("--size", default="1024x768")
+    parser.add_argument("--videos", type=float, default=None,
+                        help="minutes of generated video instead of photos")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="curate-iterate-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    _, photos, _, _ = photo_inputs(workdir, args.photos, args.size, 1)
     store = workdir / "store"
-    raw = config(photos, store)
+    if args.videos:
+        from benchmarks.video_split import make_videos
+
+        make_videos(workdir / "videos", args.videos)
+        raw, changes, table_name = video_config(workdir / "videos", store), VIDEO_CHANGES, \
+            "clips"
+    else:
+        _, photos, _, _ = photo_inputs(workdir, args.photos, args.size, 1)
+        raw, changes, table_name = config(photos, store), CHANGES, "samples"
     shutil.rmtree(store, ignore_errors=True)
     first_s, summary = curate(raw, workdir, "first")
     results = {"first run": figures(first_s, first_s, summary)}
     print(f"first run: {first_s:.1f} s", flush=True)
-    for label, change in CHANGES:
+    for label, change in changes:
         raw = copy.deepcopy(raw)
         if change is not None:
             change(raw)
@@ -166,18 +217,29 @@ def main() -> None:
     fresh_s, _ = curate(fresh, workdir, "fresh")
 
     def table(where):
-        return lancedb.connect(str(where)).open_table("samples").to_arrow().sort_by("sample_id")
+        return lancedb.connect(str(where)).open_table(table_name).to_arrow().sort_by(
+            "sample_id")
 
     differ = table_differences(table(store), table(workdir / "fresh"), raw)
-    thresholds = [results[k] for k in ("image_quality threshold", "nsfw_score threshold")]
     out = {
         "benchmark": "iterate",
-        "photos": args.photos,
-        "size": args.size,
         "cpus": os.cpu_count(),
         "first_run_s": round(first_s, 2),
         "fresh_run_of_final_config_s": round(fresh_s, 2),
         "runs": results,
+        "same_table_as_fresh_run": not differ,
+        "columns_that_differ": differ,
+    }
+    if args.videos:
+        out |= {"videos_minutes": args.videos,
+                "videos_read_again_whole": sum(r["rows_read"] for k, r in results.items()
+                                               if k != "first run")}
+        print(json.dumps(out))
+        return
+    thresholds = [results[k] for k in ("image_quality threshold", "nsfw_score threshold")]
+    out |= {
+        "photos": args.photos,
+        "size": args.size,
         "thresholds_decode_0": all(r["rows_decoded"] == 0 for r in thresholds),
         "thresholds_model_rows_0": all(r["model_rows"] == 0 for r in thresholds),
         "thresholds_max_ratio": max(r["ratio_to_first"] for r in thresholds),
@@ -187,8 +249,6 @@ def main() -> None:
         "new_stage_computes_only": sorted(
             k for k in results["new vlm_score stage"]["computed"]
             if k not in ("exact_dedup", "semantic_dedup", "diversity_sample")),
-        "same_table_as_fresh_run": not differ,
-        "columns_that_differ": differ,
     }
     print(json.dumps(out))
 

@@ -196,6 +196,18 @@ def readers(chain: list[Stage]) -> dict[str, list[Stage]]:
     return out
 
 
+def feeders(chain: list[Stage], index: int) -> list[Stage]:
+    """The earlier stamped stages whose columns `chain[index]` reads, directly or through
+    another of them, in chain order (`readers` the other way round)."""
+    reads = set(chain[index].reads())
+    found: list[Stage] = []
+    for earlier in reversed(chain[shaping(chain):index]):
+        if reads & set(earlier.written_names()):
+            found.append(earlier)
+            reads |= set(earlier.reads())
+    return found[::-1]
+
+
 def skip_verdicts(chain: list[Stage], index: int) -> list[str] | None:
     """For a row stage that skips dropped rows: the verdict columns that decide whether a
     row is still alive when it comes to `chain[index]` (those of the row stages before it;

@@ -326,6 +326,16 @@ class FanOut(RowStage):
         then knows the input is not complete)."""
         raise NotImplementedError
 
+    def reloads_rows(self, source: Source) -> bool:
+        """True where `reload` can make a stored row's media again from its columns and
+        its input (read through `source`), so a new or changed stage after this one
+        computes only its own columns; False: the row's input is read again whole."""
+        return False
+
+    def reload(self, rows: pa.Table, source: Source) -> tuple[list, list[str | None]]:
+        """Worker side: as `Source.reload`, for rows this stage made."""
+        raise NotImplementedError
+
 
 def count_input_rows(input_ids: pa.Array | pa.ChunkedArray) -> pa.Array:
     """For each row, how many rows its input has: a resumed run can tell an input whose

@@ -68,4 +68,5 @@ def table_differences(got, fresh, raw: dict) -> list[str]:
 
 
 def assert_same_table(got, fresh, raw: dict) -> None:
-    assert not table_differences(got, fresh, raw)
+    differ = table_differences(got, fresh, raw)
+    assert not differ, f"columns that differ from a fresh run's: {differ}"

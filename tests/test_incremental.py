@@ -15,7 +15,6 @@ import time
 
 import lancedb
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import yaml
@@ -240,10 +239,12 @@ def test_kill_9_in_an_incremental_run_resumes_to_the_same_table(first, tmp_path,
     assert_same_table(table_of(store), table_of(tmp_path / "fresh"), raw)
 
 
-def test_clips_brought_back_by_a_threshold_read_their_videos_again(ray_session, tmp_path):
-    """A clip is a piece of its video, which cannot be read again one clip at a time: the
-    moved threshold decides verdicts again from the stored scores, and the videos whose
-    clips came back are read again whole (only they)."""
+def test_clips_are_read_again_by_their_span_not_their_videos_whole(ray_session, tmp_path):
+    """A new stage on clips and clips brought back by a looser threshold: each clip's
+    sampled frames are decoded again from its span (no video is cut again), a new image
+    stage sees each frame as a row and keeps one value per clip, the captioner (which
+    skips dropped clips) computes only the clips that came back, and the table is the one
+    a fresh run makes."""
     raw = yaml.safe_load((ROOT / "configs" / "video-demo.yaml").read_text())
     for stage in raw["stages"]:
         for key in ("paths", "model", "weights"):
@@ -254,17 +255,31 @@ def test_clips_brought_back_by_a_threshold_read_their_videos_again(ray_session, 
                 stage[key] = str(ROOT / value)
     raw["store"]["uri"] = str(tmp_path / "store")
     raw["run"]["executor"] = "local"
-    run(raw)
+    aesthetic = stage_of(raw, "aesthetic_score")
+    position = raw["stages"].index(aesthetic)
+    first = copy.deepcopy(raw)
+    first["stages"].remove(aesthetic)
+    run(first)
     before = table_of(tmp_path / "store", "clips")
     stage_of(raw, "motion_score").pop("min_score")
+    assert raw["stages"][position] == aesthetic
+    planned = {s.name: s for s in plan_run(load_config(raw)).stages}
     summary = run(raw)
     after = table_of(tmp_path / "store", "clips")
-    came_back = set(pc.filter(before["input_id"], pc.is_valid(before["motion_reason"])).to_pylist())
-    assert came_back, "no clip was dropped by motion: the test proves nothing"
-    assert summary.rows_processed == pc.sum(pc.is_in(after["input_id"], value_set=pa.array(
-        sorted(came_back)))).as_py()
+    assert summary.rows_processed == 0  # no video was read whole
     counts = {s.name: s for s in summary.stages}
+    for name, stage in planned.items():  # the plan said what the run then did
+        assert stage.whole or (stage.computed, stage.verdicts) == (counts[name].rows_computed,
+                                                    counts[name].verdicts_redecided), name
+    came_back = pc.is_valid(before["motion_reason"]).to_numpy(zero_copy_only=False)
+    assert came_back.sum(), "no clip was dropped by motion: the test proves nothing"
     assert counts["motion_score"].verdicts_redecided == before.num_rows
+    assert counts["aesthetic_score"].rows_computed == after.num_rows  # a new stage: all
+    assert pc.sum(pc.is_valid(after["aesthetic_score"])).as_py() >= came_back.sum()
+    alive = alive_for_caption(after, ("error", "motion_reason", "quality_reason",
+                                      "aesthetic_reason", "nsfw_reason"))
+    assert 0 < counts["caption"].rows_computed == (alive & came_back).sum()
+    assert counts["clip_embed"].rows_computed == 0
     fresh = copy.deepcopy(raw)
     fresh["store"]["uri"] = str(tmp_path / "fresh")
     run(fresh)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curate.media.clips import SplitOptions, split
+from curate.media.clips import SplitOptions, frames_at, split
+from curate.media.decode import MediaError
 from curate.media.video import VideoSource, frames, probe, write_video
 
 SIZE = (160, 90)
@@ -286,3 +287,20 @@ def test_fixed_windows_skip_a_jump_in_the_timestamps_and_match_a_plain_reference
     windows = _FixedSpans(SplitOptions(method="fixed", clip_s=2.0))
     assert windows.push(0, 0.0) == [] and windows.push(1, 1e12) == [(0, 1)]
     assert windows.finish(2) == [(1, 2)]
+
+
+@pytest.mark.parametrize("kind", ["vfr", "delayed", "trimmed"])
+def test_a_clips_frames_decoded_again_from_its_span_are_those_split_handed_on(vfr_videos,
+                                                                              kind):
+    """A later run decodes a stored clip's frames again from its span and frame_times:
+    the same pixels `split` handed on, on VFR and edit-listed videos too."""
+
+    path = vfr_videos[kind][0]
+    clips = _split(path, "fixed", clip_s=0.5, frames_per_clip=3, frame_max_side=128)
+    assert len(clips) >= 3 and sum(len(c.frames) for c in clips) > len(clips)
+    for clip in clips:
+        again = frames_at(VideoSource(str(path)), clip.start_s, clip.frame_times, 128)
+        assert [np.asarray(a).tobytes() for a in again] == \
+            [np.asarray(f).tobytes() for f in clip.frames], clip
+    with pytest.raises(MediaError, match="changed"):  # a time no frame has
+        frames_at(VideoSource(str(path)), clips[1].start_s, [clips[1].start_s + 0.001], 128)

@@ -12,7 +12,8 @@ shaping ones (curate.plan.shaping) stamps the rows it computes with what compute
 Columns are merged fragment by fragment by the tasks that computed them, one commit per
 stage; no row leaves its fragment and the driver holds counts and metadata only. Where the
 source cannot read a stored row again (a clip is a piece of its video), the rows a stage
-must compute make their inputs be read again whole instead (`redo_filter`)."""
+must compute make their inputs be read again whole instead (`redo_filter`); a video's
+clips are read again one by one, by their span (`split_clips`)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ import pyarrow.compute as pc
 
 from curate.engine.tasks import blocks, map_parts, scan, write_columns
 from curate.parts import ROWADDR, concat, num_rows
-from curate.plan import readers, shaping, skip_verdicts
-from curate.stage import ModelStage, RowStage, ScoreFilter, Source, Stage
+from curate.plan import feeders, readers, shaping, skip_verdicts
+from curate.stage import FanOut, ModelStage, RowStage, ScoreFilter, Source, Stage, cuts_clips
 
 
 def _quote(column: str) -> str:
@@ -56,11 +57,33 @@ def needs_filter(chain: list[Stage], index: int, stamp: str, have: set[str]) -> 
     return stale if alive is None else f"{stale} AND ({alive})"
 
 
+def makers(chain: list[Stage]) -> list[Stage] | None:
+    """The stages that read a stored row's media again, one row at a time: the source
+    alone, or the source and the one fan-out stage that made the row (a clip read again
+    by its span); None where they cannot (each row's input is read again whole)."""
+    source, first = chain[0], shaping(chain)
+    if not isinstance(source, Source):
+        return None
+    if first == 1:
+        return [source] if source.reloads_rows else None
+    maker = chain[1]
+    if first == 2 and isinstance(maker, FanOut) and maker.reloads_rows(source):
+        return [source, maker]
+    return None
+
+
 def reloadable(chain: list[Stage]) -> bool:
-    """Whether the source can read a stored row's media again one row at a time: it says
-    so, and no stage turned an input into several rows (a clip, a tile)."""
-    source = chain[0]
-    return isinstance(source, Source) and source.reloads_rows and shaping(chain) == 1
+    """Whether a stored row's media can be read again one row at a time."""
+    return makers(chain) is not None
+
+
+def read_again(made_by: list[Stage], rows: pa.Table) -> tuple[list, list[str | None]]:
+    """The media of stored rows, made again by `made_by` (`makers`), and why a row could
+    not be read again (None where it could, or where it has an error)."""
+    source, *fan_out = made_by
+    if fan_out:
+        return fan_out[0].reload(rows, source)
+    return source.reload(rows)
 
 
 def chain_hash(rows_made_by: str, current: dict[str, str]) -> str:
@@ -134,33 +157,59 @@ def refresh_verdicts(backend, store, chain: list[Stage],
     return done
 
 
-def _compute_part(table: pa.Table, source: Source, stage: RowStage, stamp: str,
-                  readers: list[str]) -> pa.Table:
+def _compute_part(table: pa.Table, made_by: list[Stage], stage: RowStage, stamp: str,
+                  readers: list[str], fed_by: list[Stage]) -> pa.Table:
     """The stage's columns (and stamp) for the rows of `table`, in its batches; media read
-    again through the source where the stage needs them. The stamps of the `readers` of
-    its columns are taken off these rows (they compute them again next), and a row whose
-    media cannot be read again gets the source's error."""
+    again by `made_by` (`makers`) where the stage needs them. On clips, a stage that
+    works on images sees each sampled frame as a row and its columns come back one value
+    per clip (curate.frames), as in a run; the earlier stages on frames whose columns it
+    reads (`fed_by`, `plan.feeders`) compute them again per frame first (only the clip's
+    reduced value is stored), without writing them. The stamps of the `readers` of its columns are
+    taken off these rows (they compute them again next), and a row whose media cannot be
+    read again gets the source's error."""
     import pickle
     from concurrent.futures import ThreadPoolExecutor
+
+    from curate import frames
 
     # `prepare` runs on the reading thread with a copy of its own (a tokenizer or an image
     # processor is not shared across threads), as in a run, where it runs in another pool
     preparer = pickle.loads(pickle.dumps(stage))
     stage.setup()
+    source = made_by[0]
     model = isinstance(stage, ModelStage) and stage.own_pool
-    wants_media = stage.needs_pixels() or model
+    on_frames = any(cuts_clips(s) for s in made_by) and not stage.takes_clips
+    fed_by = [pickle.loads(pickle.dumps(s)) for s in fed_by if not s.takes_clips] \
+        if on_frames else []
+    wants_media = stage.needs_pixels() or model or bool(fed_by)
+    set_up: list[bool] = []
     types = stage.writes()
     size = stage.resources.batch_size
     chunks = [table.slice(start, size) for start in range(0, table.num_rows, size)]
 
-    def ready(rows: pa.Table) -> tuple[pa.Table, list | None, list]:
-        """A batch as `process` takes it (its media, or its model inputs), and why each
-        row could not be read again (None: it could, or it never could)."""
-        media, unread = source.reload(rows) if wants_media else (None, [None] * rows.num_rows)
+    def ready(rows: pa.Table) -> tuple[pa.Table, list | None, list, object]:
+        """A batch as `process` takes it (its media, or its model inputs; on clips, one
+        row per frame), why each row could not be read again (None: it could, or it never
+        could), and the frames per row (None: rows are not split into frames)."""
+        media, unread = read_again(made_by, rows) if wants_media else \
+            (None, [None] * rows.num_rows)
+        counts = None
+        if on_frames and media is not None:
+            counts = frames.frame_counts(media, rows.num_rows)
+            rows, media = rows.take(pa.array(frames.owners(counts))), frames.frames_of(media)
+            if fed_by and not set_up:  # the feeders run on this thread only: set up here
+                for feeder in fed_by:
+                    feeder.setup()
+                set_up.append(True)
+            for feeder in fed_by:
+                for name, values in _on(feeder, rows, media).items():
+                    at = rows.column_names.index(name) if name in rows.column_names else -1
+                    rows = rows.set_column(at, name, values) if at >= 0 else \
+                        rows.append_column(name, values)
         if model:
             prepared = preparer.prepare(rows, media)
-            return rows.append_column(stage.prepared_column, prepared), None, unread
-        return rows, media, unread
+            return rows.append_column(stage.prepared_column, prepared), None, unread, counts
+        return rows, media, unread, counts
 
     out = []
     # the next batch is read, decoded and prepared on a thread (PIL, libjpeg-turbo and
@@ -168,10 +217,13 @@ def _compute_part(table: pa.Table, source: Source, stage: RowStage, stamp: str,
     with ThreadPoolExecutor(1) as reader:
         ahead = reader.submit(ready, chunks[0]) if chunks else None
         for k in range(len(chunks)):
-            rows, media, unread = ahead.result()
+            rows, media, unread, counts = ahead.result()
             if k + 1 < len(chunks):
                 ahead = reader.submit(ready, chunks[k + 1])
             columns = stage.process(rows, media)
+            if counts is not None:  # frames back to their clips
+                rows = chunks[k]
+                columns = frames.reduce(stage, rows, columns, counts)
             read = pa.array([why is None for why in unread])
             values = {c: pc.if_else(read, v.cast(types[c]), pa.scalar(None, types[c]))
                       for c, v in columns.items()}
@@ -186,6 +238,14 @@ def _compute_part(table: pa.Table, source: Source, stage: RowStage, stamp: str,
     return concat(out) if out else pa.table({})
 
 
+def _on(stage: Stage, rows: pa.Table, media: list | None) -> dict[str, pa.Array]:
+    """`stage.process` on rows and their media (a model stage prepares its inputs first)."""
+    if isinstance(stage, ModelStage) and stage.own_pool:
+        prepared = stage.prepare(rows, media)
+        return stage.process(rows.append_column(stage.prepared_column, prepared), None)
+    return stage.process(rows, media)
+
+
 def recompute(backend, store, chain: list[Stage], current: dict[str, str],
               grow=None) -> dict[str, StageWork]:
     """Each stamped stage, in order, on the rows it must compute (the source reads their
@@ -193,16 +253,20 @@ def recompute(backend, store, chain: list[Stage], current: dict[str, str],
     source's error, which drops it (a transient one makes the next run read its input
     again whole). `grow(rows)` gives the backend for a stage that computes that many
     rows (a run in one process moves to Ray for many)."""
-    source = chain[0]
+    made_by = makers(chain)
     done: dict[str, StageWork] = {}
-    if not reloadable(chain):
+    if made_by is None:
         return done
+    source = made_by[0]
+    made = {n for s in made_by for n in s.written_names()}
     dependent = readers(chain)
     for index in range(shaping(chain), len(chain)):
         stage = chain[index]
         have = set(store.schema().names)
         started = time.perf_counter()
-        columns = sorted({*source.written_names(), *stage.reads()} & have)
+        fed_by = feeders(chain, index)
+        columns = sorted({*made, *stage.reads(), *(c for s in fed_by for c in s.reads())}
+                         & have)
         parts = scan(backend, store, columns, needs_filter(chain, index, current[stage.name],
                                                            have))
         counts = _counts(backend, parts)
@@ -220,7 +284,7 @@ def recompute(backend, store, chain: list[Stage], current: dict[str, str],
         task = backend.task(_compute_part, num_cpus=res.cpus,
                             **({"num_gpus": res.gpus} if res.gpus else {}))
         names = [r.name for r in dependent[stage.name]]
-        computed = [task.remote(part, source, stage, current[stage.name], names)
+        computed = [task.remote(part, made_by, stage, current[stage.name], names, fed_by)
                     for part in parts]
         schema = pa.schema([*stage.writes().items(), (stage.stamp_column, pa.string()),
                             *((Stage.STAMP_PREFIX + r, pa.string()) for r in names),

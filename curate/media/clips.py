@@ -250,7 +250,10 @@ class SplitOptions:
     stride_s: float | None = None
     min_clip_s: float = 1.0
     max_clip_s: float | None = 60.0
-    frames_per_clip: int = 3  # 0: keep none (no stage after looks at frames)
+    frames_per_clip: int = 3
+    #: False: the frames are chosen (their times are recorded) but not kept as images,
+    #: where no stage after looks at them; the clips are the same either way
+    keep_images: bool = True
     sample_fps: float | None = None
     frame_max_side: int = 512
     max_kept_frames: int = 64
@@ -270,7 +273,7 @@ class Decoded:
 class _Candidate:
     index: int
     time_s: float
-    image: Image.Image
+    image: Image.Image | None
 
 
 class _Sampler:
@@ -404,10 +407,11 @@ def split(source: VideoSource, fps: float, options: SplitOptions,
             start_s, end_s = timeline.time_of(start), timeline.time_of(end)
             n = count if not options.sample_fps else max(
                 1, round((end_s - start_s) * options.sample_fps))
-            chosen = sampler.take(start, end, start_s, end_s, n) if count else []
-            if count and not chosen:
+            chosen = sampler.take(start, end, start_s, end_s, n)
+            if not chosen:
                 continue
-            yield Clip(clip_index, start, end, start_s, end_s, [c.image for c in chosen],
+            images = [c.image for c in chosen] if options.keep_images else []
+            yield Clip(clip_index, start, end, start_s, end_s, images,
                        [c.time_s for c in chosen], timeline.motion_of(start, end), source)
             clip_index += 1
 
@@ -451,8 +455,9 @@ def split(source: VideoSource, fps: float, options: SplitOptions,
         previous_grey = grey
         timeline.add(frame.time_s, frame.end_s, change)
         decoded.frames, decoded.seconds = index + 1, frame.end_s
-        if count and sampler.wants(index):
-            sampler.add(_Candidate(index, frame.time_s, frame.image(options.frame_max_side)))
+        if sampler.wants(index):
+            image = frame.image(options.frame_max_side) if options.keep_images else None
+            sampler.add(_Candidate(index, frame.time_s, image))
         if fixed is not None:
             for start, end in fixed.push(index, frame.time_s):
                 yield from clips_of(fixed.keep(start, end, timeline, clip_index))
@@ -479,6 +484,31 @@ def split(source: VideoSource, fps: float, options: SplitOptions,
     for cut in sorted(detector.finish(last_index)):
         yield from close_through(cut)
     yield from close_through(last_index + 1)
+
+
+def frames_at(source: VideoSource, start_s: float, times: list[float],
+              max_side: int) -> list[Image.Image]:
+    """The frames of a clip that `split` sampled, decoded again: those at `times` (the
+    clip's `frame_times`), from a seek to the clip's start. A frame whose time came out
+    otherwise after the seek (a video whose timestamps `frames` had to mend) is looked
+    for again from the video's start, as `split` decoded it."""
+    if not times:
+        return []
+    wanted = sorted(times)
+    for start in (start_s, 0.0):
+        found: dict[float, Image.Image] = {}
+        for frame in frames(source, start):
+            if frame.time_s > wanted[-1] + _EPS:
+                break
+            at = bisect_left(wanted, frame.time_s - _EPS)
+            if at < len(wanted) and abs(wanted[at] - frame.time_s) <= _EPS:
+                found.setdefault(wanted[at], frame.image(max_side))
+            if len(found) == len(wanted):
+                return [found[t] for t in times]
+        if start == 0.0:
+            break
+    raise MediaError("changed", f"the frames at {times} s are not in the video any more; "
+                     "the next run reads it again")
 
 
 class _FixedSpans:

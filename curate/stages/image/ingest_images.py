@@ -128,40 +128,10 @@ class IngestImages(Source):
         """The images of stored rows, read again by `uri` (a tar member found again in its
         shard), and why a row could not be read again: it fails now, or its bytes
         changed since (another content hash)."""
-        n = rows.num_rows
-        uris = rows["uri"].to_pylist()
-        had = rows["error"].to_pylist()
-        errors = list(had)
-        offsets, sizes = [-1] * n, [0] * n
-        for i, uri in enumerate(uris):
-            tar_path, _, member = uri.partition("#")
-            if had[i] or not member or _is_url(uri) or not os.path.isfile(tar_path):
-                continue
-            found = _tar_members(tar_path).get(member)
-            if found is None:
-                errors[i] = f"missing: no member {member} in the shard any more"
-            else:
-                offsets[i], sizes[i] = found
-        items = pa.table({"input_id": rows["input_id"], "uri": rows["uri"],
-                          "_offset": pa.array(offsets, pa.int64()),
-                          "_size": pa.array(sizes, pa.int64()),
-                          "_error": pa.array(errors, pa.string())})
-        columns, images = load_inputs(self, items)
-        now_hash = columns["content_hash"].to_pylist()
-        unread: list[str | None] = [None] * n
-        for i, (error, was, digest) in enumerate(zip(columns["error"].to_pylist(),
-                                                     rows["content_hash"].to_pylist(),
-                                                     now_hash)):
-            if had[i]:
-                continue
-            if error:
-                unread[i] = error
-            elif digest != was:
-                unread[i] = ("changed: the file's bytes are not those the row was made from; "
-                             "the next run reads it again")
-            if unread[i]:
-                images[i] = None
-        return images, unread
+        columns, images = load_inputs(self, listed_again(rows))
+        unread = changed(rows["error"].to_pylist(), columns["error"].to_pylist(),
+                         rows["content_hash"].to_pylist(), columns["content_hash"].to_pylist())
+        return [None if why else image for image, why in zip(images, unread)], unread
 
     # --- listing ----------------------------------------------------------------------------
     def entry_count(self, units: list[dict[str, Any]]) -> int:
@@ -361,6 +331,44 @@ def _tar_members(tar_path: str) -> dict[str, tuple[int, int]]:
     shard is unchanged (a recomputed stage reads its rows again batch by batch)."""
     stat = os.stat(tar_path)
     return _shard_members(tar_path, stat.st_mtime_ns, stat.st_size)
+
+
+def listed_again(rows: pa.Table) -> pa.Table:
+    """Stored rows (`input_id`, `uri`, `error`) as the listing hands inputs to `load`: a
+    tar member found again in its shard, a row that has an error left unread."""
+    n = rows.num_rows
+    had = rows["error"].to_pylist()
+    errors = list(had)
+    offsets, sizes = [-1] * n, [0] * n
+    for i, uri in enumerate(rows["uri"].to_pylist()):
+        tar_path, _, member = uri.partition("#")
+        if had[i] or not member or _is_url(uri) or not os.path.isfile(tar_path):
+            continue
+        found = _tar_members(tar_path).get(member)
+        if found is None:
+            errors[i] = f"missing: no member {member} in the shard any more"
+        else:
+            offsets[i], sizes[i] = found
+    return pa.table({"input_id": rows["input_id"], "uri": rows["uri"],
+                     "_offset": pa.array(offsets, pa.int64()),
+                     "_size": pa.array(sizes, pa.int64()),
+                     "_error": pa.array(errors, pa.string())})
+
+
+def changed(had: list, errors: list, was: list, now: list) -> list[str | None]:
+    """Why each stored row cannot be read again: it fails now, or its bytes are not those
+    it was made from (`was` and `now`: content hashes). None where it can, or where it
+    had an error already."""
+    unread: list[str | None] = [None] * len(had)
+    for i in range(len(had)):
+        if had[i]:
+            continue
+        if errors[i]:
+            unread[i] = errors[i]
+        elif now[i] != was[i]:
+            unread[i] = ("changed: the file's bytes are not those the row was made from; "
+                         "the next run reads it again")
+    return unread
 
 
 def load_inputs(stage: IngestImages, batch: pa.Table) -> tuple[dict[str, pa.Array], list]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from curate.media.decode import HttpOptions, MediaError, file_size, read_http
 from curate.media.video import VIDEO_SUFFIXES, VideoInfo, VideoSource, file_hash, probe
 from curate.stage import Resources, StageParams
 from curate.stages._common import CAPTION_COLUMNS, _is_url
-from curate.stages.image.ingest_images import IngestImages
+from curate.stages.image.ingest_images import IngestImages, changed, listed_again
 
 
 class IngestVideosParams(StageParams):
@@ -58,7 +59,36 @@ class IngestVideos(IngestImages):
 
     @property
     def reloads_rows(self) -> bool:
-        return False  # a clip is a piece of its video: the video is read again whole
+        return False  # a row is a clip (split_clips reads it again) or a failed video
+
+    @property
+    def reopens_videos(self) -> bool:
+        """Whether `reopen` finds a stored row's video as `load` read it."""
+        return type(self).load is IngestVideos.load
+
+    def reopen(self, rows: pa.Table) -> tuple[list, list[str | None]]:
+        """Worker side: the video of each stored row (a clip: its `source_hash` names the
+        bytes it was cut from), opened and probed again, each input once however many of
+        its rows are here; and why a row's video cannot be read again (None where it
+        can, or where the row has an error)."""
+        uris = rows["uri"].to_pylist()
+        first: dict[str, int] = {}
+        for i, uri in enumerate(uris):
+            first.setdefault(uri, i)
+        inputs = rows.select(["input_id", "uri"]).take(pa.array(list(first.values()),
+                                                                  pa.int64()))
+        inputs = inputs.append_column("error", pa.nulls(inputs.num_rows, pa.string()))
+        items = listed_again(inputs)
+        loaded, media = self.load(items.append_column("alt_text", pa.nulls(items.num_rows,
+                                                                           pa.string())))
+        was = rows["source_hash"].take(pa.array(list(first.values()), pa.int64()))
+        why = changed([None] * inputs.num_rows, loaded["error"].to_pylist(), was.to_pylist(),
+                      loaded["content_hash"].to_pylist())
+        position = {uri: k for k, uri in enumerate(first)}
+        had = rows["error"].to_pylist()
+        videos = [None if had[i] or why[position[u]] else media[position[u]]
+                  for i, u in enumerate(uris)]
+        return videos, [None if had[i] else why[position[u]] for i, u in enumerate(uris)]
 
     def writes(self) -> dict[str, pa.DataType]:
         return {
@@ -134,7 +164,15 @@ def _source(uri: str, offset: int, size: int, max_bytes: int, http: HttpOptions
     if on_disk > max_bytes:
         raise MediaError("too_large", f"{on_disk} bytes > max_bytes {max_bytes}")
     try:
-        digest, read = file_hash(uri)
+        stat = os.stat(uri)
+        digest, read = _file_hash(uri, stat.st_mtime_ns, stat.st_size)
     except OSError as exc:
         raise MediaError("unreadable", f"{uri}: {exc.strerror or exc}") from None
     return VideoSource(uri), digest, read
+
+
+@functools.lru_cache(maxsize=16)
+def _file_hash(path: str, mtime_ns: int, size: int) -> tuple[str, int]:
+    """A local video's hash, read once per process while the file is unchanged (the clips
+    of one video that a stage computes again come in several batches)."""
+    return file_hash(path)

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from curate.media.clips import Clip, Decoded, SplitOptions, split
+from curate.media.clips import Clip, Decoded, SplitOptions, frames_at, split
 from curate.media.decode import MediaError
 from curate.media.video import VideoInfo
-from curate.stage import FanOut, ModelStage, Stage, StageParams
+from curate.stage import FanOut, ModelStage, Source, Stage, StageParams
+from curate.stages.video.ingest_videos import IngestVideos
 
 if TYPE_CHECKING:
     from curate.stages.video.ingest_videos import VideoMedia
@@ -96,10 +97,12 @@ class SplitClips(FanOut):
     def writes(self) -> dict[str, pa.DataType]:
         return {"clip_index": pa.int32(), "clip_start_s": pa.float64(),
                 "clip_end_s": pa.float64(), "motion": pa.float32(),
-                "source_hash": pa.string()}
+                "frame_times": pa.list_(pa.float64()), "source_hash": pa.string()}
 
     def row_fingerprint(self) -> dict[str, Any]:
-        return self.fingerprint() | {"device": None}
+        # frames: the sampled frames are chosen (and their times stored) whether or not a
+        # stage after looks at them, so the clips do not depend on the stages after
+        return self.fingerprint() | {"device": None, "frames": "chosen-always"}
 
     def fingerprint(self) -> dict[str, Any]:
         return self.configured_params.model_dump(
@@ -123,9 +126,35 @@ class SplitClips(FanOut):
             method=p.method, detector=p.detector, threshold=p.threshold,
             analysis_width=p.analysis_width, clip_s=p.clip_s, stride_s=p.stride_s,
             min_clip_s=p.min_clip_s, max_clip_s=p.max_clip_s,
-            frames_per_clip=p.frames_per_clip if self.hands_frames else 0,
-            sample_fps=p.sample_fps if self.hands_frames else None,
-            frame_max_side=p.frame_max_side, device=p.device)
+            frames_per_clip=p.frames_per_clip, sample_fps=p.sample_fps,
+            keep_images=self.hands_frames, frame_max_side=p.frame_max_side, device=p.device)
+
+    def reloads_rows(self, source: Source) -> bool:
+        return isinstance(source, IngestVideos) and source.reopens_videos
+
+    def reload(self, rows: pa.Table, source: Source) -> tuple[list, list[str | None]]:
+        """Stored clips as media again: their videos opened through the source (the same
+        bytes as when they were cut: `source_hash`), each clip's sampled frames decoded
+        again from its span (those at its `frame_times`). A clip read again knows its
+        length, not where its frames are in the video: start_frame is 0."""
+        assert isinstance(source, IngestVideos)
+        videos, unread = source.reopen(rows)
+        media: list = [None] * rows.num_rows
+        columns = ["media_type", "clip_index", "clip_start_s", "clip_end_s", "frame_times",
+                   "motion", "num_frames"]
+        for i, row in enumerate(rows.select(columns).to_pylist()):
+            if videos[i] is None or row["media_type"] != "video_clip":
+                continue
+            times = row["frame_times"] or []
+            try:
+                images = frames_at(videos[i].source, row["clip_start_s"], times,
+                                   self.params.frame_max_side) if self.hands_frames else []
+            except MediaError as exc:
+                unread[i] = str(exc)
+                continue
+            media[i] = Clip(row["clip_index"], 0, row["num_frames"], row["clip_start_s"],
+                            row["clip_end_s"], images, times, row["motion"], videos[i].source)
+        return media, unread
 
     def expand(self, rows: pa.Table, media: list | None) -> Iterator[tuple[pa.Table, list]]:
         """Each video's clips, in blocks of `clips_per_block`. Every row carries
@@ -192,6 +221,7 @@ class SplitClips(FanOut):
             "clip_start_s": clip.start_s,
             "clip_end_s": clip.end_s,
             "motion": clip.motion,
+            "frame_times": clip.frame_times,
             # the same span of the same bytes is the same clip (exact_dedup); the file's
             # own hash stays in source_hash
             "content_hash": hashlib.sha256(
