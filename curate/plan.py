@@ -162,6 +162,53 @@ def row_stages_hash(source: Stage, row_stages: list[Stage]) -> str:
     return _hash([{"type": s.type, **s.row_fingerprint()} for s in chain[:shaping(chain)]])
 
 
+def segments(chain: list[Stage]) -> list[list[Stage]]:
+    """Split the source and row stages into actor pools: the source and the stages that
+    follow it decode and work on pixels in the first pool; every own-pool stage (a model)
+    starts a pool of its own, which the cheap stages after it join. A next own-pool stage
+    with the same `pool_key` (the same model) joins it too and shares the loaded model."""
+    out: list[list[Stage]] = [[chain[0]]]
+    for stage in chain[1:]:
+        key = _pool_key(stage)
+        shares = key is not None and _pool_key(out[-1][0]) == key
+        if stage.own_pool and not shares:
+            out.append([stage])
+        else:
+            out[-1].append(stage)
+    return out
+
+
+def _pool_key(stage: Stage):
+    return stage.pool_key if isinstance(stage, ModelStage) else None
+
+
+def frame_feeders(chain: list[Stage], index: int) -> list[Stage]:
+    """On clips: the earlier image stages whose per-frame columns `chain[index]` (an image
+    stage) reads in a run, directly or through another of them. A run keeps per-frame
+    columns only within a run of image stages in one pool
+    (`curate.engine.workers.SegmentWorker._stages`); past a pool's end or a stage that
+    takes whole clips, a stage sees the clip's reduced value, which is stored."""
+    rows = [s for s in chain if isinstance(s, (Source, RowStage))]  # as the pools hold them
+    stage = chain[index]
+    if (not isinstance(stage, RowStage) or stage.takes_clips
+            or not any(cuts_clips(s) for s in chain[:index])):
+        return []
+    pool = next(p for p in segments(rows) if any(s is stage for s in p))
+    group: list[Stage] = []
+    for earlier in reversed(pool[:next(k for k, s in enumerate(pool) if s is stage)]):
+        if not isinstance(earlier, RowStage) or earlier.takes_clips or \
+                isinstance(earlier, FanOut):
+            break
+        group.append(earlier)
+    reads = set(stage.reads())
+    found: list[Stage] = []
+    for earlier in group:  # nearest first
+        if reads & set(earlier.written_names()):
+            found.append(earlier)
+            reads |= set(earlier.reads())
+    return found[::-1]
+
+
 def stamps(chain: list[Stage]) -> dict[str, str]:
     """What each row stage after the shaping ones stamps on the rows it computes:
     `ROW/VERDICT`, where ROW is a hash of its row fingerprint and of the ROW parts of the
@@ -171,9 +218,16 @@ def stamps(chain: list[Stage]) -> dict[str, str]:
     scores)."""
     out: dict[str, str] = {}
     made_by: dict[str, str] = {}
-    for stage in chain[shaping(chain):]:
+    first = shaping(chain)
+    for index in range(first, len(chain)):
+        stage = chain[index]
         lineage = sorted({made_by[c] for c in stage.reads() if c in made_by})
-        row = _hash({"type": stage.type, **stage.row_fingerprint(), "reads": lineage})
+        body = {"type": stage.type, **stage.row_fingerprint(), "reads": lineage}
+        # on clips, a column read per frame makes other values than the clip's mean
+        per_frame = {c for s in frame_feeders(chain, index) for c in s.written_names()}
+        if per_frame & set(stage.reads()):
+            body["per_frame"] = sorted(per_frame & set(stage.reads()))
+        row = _hash(body)
         out[stage.name] = f"{row}/{_hash(stage.verdict_fingerprint())}"
         for column in stage.written_names():
             made_by[column] = row
@@ -194,18 +248,6 @@ def readers(chain: list[Stage]) -> dict[str, list[Stage]]:
                 columns |= set(later.written_names())
         out[stage.name] = found
     return out
-
-
-def feeders(chain: list[Stage], index: int) -> list[Stage]:
-    """The earlier stamped stages whose columns `chain[index]` reads, directly or through
-    another of them, in chain order (`readers` the other way round)."""
-    reads = set(chain[index].reads())
-    found: list[Stage] = []
-    for earlier in reversed(chain[shaping(chain):index]):
-        if reads & set(earlier.written_names()):
-            found.append(earlier)
-            reads |= set(earlier.reads())
-    return found[::-1]
 
 
 def skip_verdicts(chain: list[Stage], index: int) -> list[str] | None:

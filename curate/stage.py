@@ -326,7 +326,7 @@ class FanOut(RowStage):
         then knows the input is not complete)."""
         raise NotImplementedError
 
-    def reloads_rows(self, source: Source) -> bool:
+    def reloads_rows_from(self, source: Source) -> bool:
         """True where `reload` can make a stored row's media again from its columns and
         its input (read through `source`), so a new or changed stage after this one
         computes only its own columns; False: the row's input is read again whole."""

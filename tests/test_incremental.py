@@ -239,12 +239,7 @@ def test_kill_9_in_an_incremental_run_resumes_to_the_same_table(first, tmp_path,
     assert_same_table(table_of(store), table_of(tmp_path / "fresh"), raw)
 
 
-def test_clips_are_read_again_by_their_span_not_their_videos_whole(ray_session, tmp_path):
-    """A new stage on clips and clips brought back by a looser threshold: each clip's
-    sampled frames are decoded again from its span (no video is cut again), a new image
-    stage sees each frame as a row and keeps one value per clip, the captioner (which
-    skips dropped clips) computes only the clips that came back, and the table is the one
-    a fresh run makes."""
+def video_demo(store) -> dict:
     raw = yaml.safe_load((ROOT / "configs" / "video-demo.yaml").read_text())
     for stage in raw["stages"]:
         for key in ("paths", "model", "weights"):
@@ -253,8 +248,25 @@ def test_clips_are_read_again_by_their_span_not_their_videos_whole(ray_session, 
                 stage[key] = [str(ROOT / v) for v in value]
             elif isinstance(value, str) and value.startswith("examples/"):
                 stage[key] = str(ROOT / value)
-    raw["store"]["uri"] = str(tmp_path / "store")
+    raw["store"]["uri"] = str(store)
     raw["run"]["executor"] = "local"
+    return raw
+
+
+@pytest.mark.parametrize("where", ["beside clip_embed", "last"])
+def test_clips_are_read_again_by_their_span_not_their_videos_whole(ray_session, tmp_path,
+                                                                   where):
+    """A new stage on clips and clips brought back by a looser threshold: each clip's
+    sampled frames are decoded again from its span (no video is cut again), a new image
+    stage sees each frame as a row and keeps one value per clip, the captioner (which
+    skips dropped clips) computes only the clips that came back, and the table is the one
+    a fresh run makes. aesthetic_score reads clip_embed's embeddings: beside it, in its
+    pool, those of each frame (computed again); last, in another pool, the clip's mean."""
+    raw = video_demo(tmp_path / "store")
+    if where == "last":
+        stage = stage_of(raw, "aesthetic_score")
+        raw["stages"].remove(stage)
+        raw["stages"].insert(raw["stages"].index(stage_of(raw, "vlm_score")) + 1, stage)
     aesthetic = stage_of(raw, "aesthetic_score")
     position = raw["stages"].index(aesthetic)
     first = copy.deepcopy(raw)
@@ -276,14 +288,36 @@ def test_clips_are_read_again_by_their_span_not_their_videos_whole(ray_session, 
     assert counts["motion_score"].verdicts_redecided == before.num_rows
     assert counts["aesthetic_score"].rows_computed == after.num_rows  # a new stage: all
     assert pc.sum(pc.is_valid(after["aesthetic_score"])).as_py() >= came_back.sum()
-    alive = alive_for_caption(after, ("error", "motion_reason", "quality_reason",
-                                      "aesthetic_reason", "nsfw_reason"))
+    alive = alive_for_caption(after, ("error", "motion_reason", "quality_reason", "nsfw_reason")
+                              + (("aesthetic_reason",) if where != "last" else ()))
     assert 0 < counts["caption"].rows_computed == (alive & came_back).sum()
     assert counts["clip_embed"].rows_computed == 0
     fresh = copy.deepcopy(raw)
     fresh["store"]["uri"] = str(tmp_path / "fresh")
     run(fresh)
     assert_same_table(after, table_of(tmp_path / "fresh", "clips"), raw)
+
+
+def test_a_stage_that_reads_frames_columns_stamps_where_it_reads_them(tmp_path):
+    """On clips, aesthetic_score beside clip_embed reads each frame's embedding; moved
+    past another pool it reads the clip's mean: other values, another stamp. On images
+    the two places read the same values and stamp alike."""
+    from curate.plan import build_stages, stamps
+
+    def stamp_of(raw):
+        return stamps(build_stages(load_config(raw)))["aesthetic_score"]
+
+    def moved_last(raw):
+        raw = copy.deepcopy(raw)
+        stage = stage_of(raw, "aesthetic_score")
+        raw["stages"].remove(stage)
+        raw["stages"].insert(raw["stages"].index(stage_of(raw, "nsfw_score")) + 1, stage)
+        return raw
+
+    clips = video_demo(tmp_path / "clips")
+    assert stamp_of(clips) != stamp_of(moved_last(clips))
+    images = base_config(ROOT / "examples" / "media", tmp_path / "images")
+    assert stamp_of(images) == stamp_of(moved_last(images))
 
 
 def test_thresholds_are_left_out_of_what_computes_the_rows():

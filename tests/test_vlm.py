@@ -178,7 +178,8 @@ def test_a_failing_batch_is_retried_row_by_row():
 
 
 def test_two_stages_on_one_model_share_one_pool_and_engine():
-    from curate.engine.workers import SegmentWorker, segments
+    from curate.engine.workers import SegmentWorker
+    from curate.plan import segments
     from curate.stages.image.ingest_images import IngestImages
 
     caption = Caption(model=llava(), device="cpu")

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from curate.engine.tasks import blocks, map_parts, scan, write_columns
 from curate.parts import ROWADDR, concat, num_rows
-from curate.plan import feeders, readers, shaping, skip_verdicts
+from curate.plan import frame_feeders, readers, shaping, skip_verdicts
 from curate.stage import FanOut, ModelStage, RowStage, ScoreFilter, Source, Stage, cuts_clips
 
 
@@ -67,7 +67,7 @@ def makers(chain: list[Stage]) -> list[Stage] | None:
     if first == 1:
         return [source] if source.reloads_rows else None
     maker = chain[1]
-    if first == 2 and isinstance(maker, FanOut) and maker.reloads_rows(source):
+    if first == 2 and isinstance(maker, FanOut) and maker.reloads_rows_from(source):
         return [source, maker]
     return None
 
@@ -162,11 +162,11 @@ def _compute_part(table: pa.Table, made_by: list[Stage], stage: RowStage, stamp:
     """The stage's columns (and stamp) for the rows of `table`, in its batches; media read
     again by `made_by` (`makers`) where the stage needs them. On clips, a stage that
     works on images sees each sampled frame as a row and its columns come back one value
-    per clip (curate.frames), as in a run; the earlier stages on frames whose columns it
-    reads (`fed_by`, `plan.feeders`) compute them again per frame first (only the clip's
-    reduced value is stored), without writing them. The stamps of the `readers` of its columns are
-    taken off these rows (they compute them again next), and a row whose media cannot be
-    read again gets the source's error."""
+    per clip (curate.frames), as in a run; the earlier stages on frames whose per-frame
+    columns it reads in a run (`fed_by`: `frame_feeders`) compute them again per frame
+    first (only the clip's reduced value is stored), without writing them. The stamps of
+    the `readers` of its columns are taken off these rows (they compute them again next),
+    and a row whose media cannot be read again gets the source's error."""
     import pickle
     from concurrent.futures import ThreadPoolExecutor
 
@@ -179,8 +179,7 @@ def _compute_part(table: pa.Table, made_by: list[Stage], stage: RowStage, stamp:
     source = made_by[0]
     model = isinstance(stage, ModelStage) and stage.own_pool
     on_frames = any(cuts_clips(s) for s in made_by) and not stage.takes_clips
-    fed_by = [pickle.loads(pickle.dumps(s)) for s in fed_by if not s.takes_clips] \
-        if on_frames else []
+    fed_by = [pickle.loads(pickle.dumps(s)) for s in fed_by]
     wants_media = stage.needs_pixels() or model or bool(fed_by)
     set_up: list[bool] = []
     types = stage.writes()
@@ -264,7 +263,7 @@ def recompute(backend, store, chain: list[Stage], current: dict[str, str],
         stage = chain[index]
         have = set(store.schema().names)
         started = time.perf_counter()
-        fed_by = feeders(chain, index)
+        fed_by = frame_feeders(chain, index)
         columns = sorted({*made, *stage.reads(), *(c for s in fed_by for c in s.reads())}
                          & have)
         parts = scan(backend, store, columns, needs_filter(chain, index, current[stage.name],
@@ -277,12 +276,14 @@ def recompute(backend, store, chain: list[Stage], current: dict[str, str],
         if grown is not backend:  # the parts read here go to the cluster
             backend = grown
             parts = [backend.put(part) for part in parts]
-        # as many tasks as the stage's pool would have workers (each loads the model once)
+        # as many tasks as the stage's pool would have workers (each loads the model once);
+        # a task also runs the feeders' models, so it holds what the largest of them asks
         res = stage.resources
-        workers = res.concurrency or backend.slots(res.cpus, res.gpus)
+        cpus = max(s.resources.cpus for s in (stage, *fed_by))
+        gpus = max(s.resources.gpus for s in (stage, *fed_by))
+        workers = res.concurrency or backend.slots(cpus, gpus)
         parts = blocks(backend, parts, counts, max(res.batch_size, -(-count // workers)))
-        task = backend.task(_compute_part, num_cpus=res.cpus,
-                            **({"num_gpus": res.gpus} if res.gpus else {}))
+        task = backend.task(_compute_part, num_cpus=cpus, **({"num_gpus": gpus} if gpus else {}))
         names = [r.name for r in dependent[stage.name]]
         computed = [task.remote(part, made_by, stage, current[stage.name], names, fed_by)
                     for part in parts]

@@ -22,7 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pyarrow as pa
 
 from curate.engine.backend import cpus
-from curate.engine.workers import FanOutWorker, SegmentWorker, segments, worker_options
+from curate.engine.workers import FanOutWorker, SegmentWorker, worker_options
+from curate.plan import segments
 from curate.stage import FanOut, Stage
 
 

@@ -13,7 +13,8 @@ import pyarrow as pa
 
 from curate.engine.inflight import WORKER_RETRIES
 from curate.engine.tasks import blocks
-from curate.engine.workers import FanOutWorker, SegmentWorker, segments, worker_options
+from curate.engine.workers import FanOutWorker, SegmentWorker, worker_options
+from curate.plan import segments
 from curate.stage import FanOut, Stage
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
-"""Row stages at work on a batch: the segments of the chain that share a pool, and the worker
-that runs one segment (decode, stages, frames of clips, prepared model inputs). The same
-workers run in Ray Data actor pools (curate.engine.ray_stream) and on threads of this
-process (curate.engine.local_stream)."""
+"""Row stages at work on a batch: the worker that runs one segment of the chain (the stages
+that share a pool: curate.plan.segments): decode, stages, frames of clips, prepared model
+inputs. The same workers run in Ray Data actor pools (curate.engine.ray_stream) and on
+threads of this process (curate.engine.local_stream)."""
 
 from __future__ import annotations
 
@@ -18,26 +18,6 @@ from curate.plan import skip_verdicts
 from curate.stage import FanOut, ModelStage, Source, Stage, count_input_rows, cuts_clips
 from curate.table.fragments import TIMING_PREFIX
 from curate.verdicts import alive_mask
-
-
-def segments(chain: list[Stage]) -> list[list[Stage]]:
-    """Split the source and row stages into actor pools: the source and the stages that
-    follow it decode and work on pixels in the first pool; every own-pool stage (a model)
-    starts a pool of its own, which the cheap stages after it join. A next own-pool stage
-    with the same `pool_key` (the same model) joins it too and shares the loaded model."""
-    out: list[list[Stage]] = [[chain[0]]]
-    for stage in chain[1:]:
-        key = _pool_key(stage)
-        shares = key is not None and _pool_key(out[-1][0]) == key
-        if stage.own_pool and not shares:
-            out.append([stage])
-        else:
-            out[-1].append(stage)
-    return out
-
-
-def _pool_key(stage: Stage):
-    return stage.pool_key if isinstance(stage, ModelStage) else None
 
 
 def _add_timing(table: pa.Table, name: str, seconds: float) -> pa.Table:

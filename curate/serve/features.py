@@ -1,7 +1,7 @@
 """On-demand features computed by the pipeline's own stages.
 
 A pipeline's row stages split into pools exactly as in a run
-(`curate.engine.workers.segments`): the source and the cheap stages decode and `prepare`
+(`curate.plan.segments`): the source and the cheap stages decode and `prepare`
 model inputs; each model stage (with the cheap stages that follow it) is one segment.
 Here the decode part runs where the request arrives and each model segment is a Serve
 deployment, so a feature computed on demand goes
@@ -21,9 +21,9 @@ import pyarrow as pa
 import yaml
 
 from curate.config import Config, load_config
-from curate.engine.workers import SegmentWorker, segments
+from curate.engine.workers import SegmentWorker
 from curate.errors import ConfigError
-from curate.plan import build_stages
+from curate.plan import build_stages, segments
 from curate.stage import ModelStage, RowStage, Source, Stage
 from curate.stages.image.ingest_images import sample_id_for
 from curate.table.fragments import TIMING_PREFIX

@@ -129,7 +129,7 @@ class IngestImages(Source):
         shard), and why a row could not be read again: it fails now, or its bytes
         changed since (another content hash)."""
         columns, images = load_inputs(self, listed_again(rows))
-        unread = changed(rows["error"].to_pylist(), columns["error"].to_pylist(),
+        unread = unread_reasons(rows["error"].to_pylist(), columns["error"].to_pylist(),
                          rows["content_hash"].to_pylist(), columns["content_hash"].to_pylist())
         return [None if why else image for image, why in zip(images, unread)], unread
 
@@ -355,7 +355,7 @@ def listed_again(rows: pa.Table) -> pa.Table:
                      "_error": pa.array(errors, pa.string())})
 
 
-def changed(had: list, errors: list, was: list, now: list) -> list[str | None]:
+def unread_reasons(had: list, errors: list, was: list, now: list) -> list[str | None]:
     """Why each stored row cannot be read again: it fails now, or its bytes are not those
     it was made from (`was` and `now`: content hashes). None where it can, or where it
     had an error already."""

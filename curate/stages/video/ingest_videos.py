@@ -14,7 +14,7 @@ from curate.media.decode import HttpOptions, MediaError, file_size, read_http
 from curate.media.video import VIDEO_SUFFIXES, VideoInfo, VideoSource, file_hash, probe
 from curate.stage import Resources, StageParams
 from curate.stages._common import CAPTION_COLUMNS, _is_url
-from curate.stages.image.ingest_images import IngestImages, changed, listed_again
+from curate.stages.image.ingest_images import IngestImages, listed_again, unread_reasons
 
 
 class IngestVideosParams(StageParams):
@@ -61,9 +61,13 @@ class IngestVideos(IngestImages):
     def reloads_rows(self) -> bool:
         return False  # a row is a clip (split_clips reads it again) or a failed video
 
+    def reload(self, rows: pa.Table) -> tuple[list, list[str | None]]:
+        raise NotImplementedError("a video's rows are clips: split_clips reads them again")
+
     @property
     def reopens_videos(self) -> bool:
-        """Whether `reopen` finds a stored row's video as `load` read it."""
+        """Whether `reopen` finds a stored row's video as `load` read it (a subclass that
+        loads otherwise must say how to open a video again)."""
         return type(self).load is IngestVideos.load
 
     def reopen(self, rows: pa.Table) -> tuple[list, list[str | None]]:
@@ -71,24 +75,27 @@ class IngestVideos(IngestImages):
         bytes it was cut from), opened and probed again, each input once however many of
         its rows are here; and why a row's video cannot be read again (None where it
         can, or where the row has an error)."""
-        uris = rows["uri"].to_pylist()
+        uris, had = rows["uri"].to_pylist(), rows["error"].to_pylist()
         first: dict[str, int] = {}
         for i, uri in enumerate(uris):
-            first.setdefault(uri, i)
+            if not had[i]:
+                first.setdefault(uri, i)
+        n = rows.num_rows
+        if not first:
+            return [None] * n, [None] * n
         inputs = rows.select(["input_id", "uri"]).take(pa.array(list(first.values()),
                                                                   pa.int64()))
         inputs = inputs.append_column("error", pa.nulls(inputs.num_rows, pa.string()))
         items = listed_again(inputs)
         loaded, media = self.load(items.append_column("alt_text", pa.nulls(items.num_rows,
                                                                            pa.string())))
-        was = rows["source_hash"].take(pa.array(list(first.values()), pa.int64()))
-        why = changed([None] * inputs.num_rows, loaded["error"].to_pylist(), was.to_pylist(),
-                      loaded["content_hash"].to_pylist())
-        position = {uri: k for k, uri in enumerate(first)}
-        had = rows["error"].to_pylist()
-        videos = [None if had[i] or why[position[u]] else media[position[u]]
-                  for i, u in enumerate(uris)]
-        return videos, [None if had[i] else why[position[u]] for i, u in enumerate(uris)]
+        slot = {uri: k for k, uri in enumerate(first)}  # each input's place in `loaded`
+        errors, hashes = loaded["error"].to_pylist(), loaded["content_hash"].to_pylist()
+        unread = unread_reasons(had, [errors[slot[u]] if u in slot else None for u in uris],
+                                rows["source_hash"].to_pylist(),
+                                [hashes[slot[u]] if u in slot else None for u in uris])
+        videos = [None if had[i] or unread[i] else media[slot[u]] for i, u in enumerate(uris)]
+        return videos, unread
 
     def writes(self) -> dict[str, pa.DataType]:
         return {
@@ -152,14 +159,12 @@ def _source(uri: str, offset: int, size: int, max_bytes: int, http: HttpOptions
         path = uri.partition("#")[0]
         if size > max_bytes:
             raise MediaError("too_large", f"{size} bytes > max_bytes {max_bytes}")
-        digest = hashlib.sha256()
         try:
-            with VideoSource(path, offset, size).open() as member:
-                while block := member.read(1 << 20):
-                    digest.update(block)
+            stat = os.stat(path)
+            digest = _member_hash(path, offset, size, stat.st_mtime_ns)
         except OSError as exc:
             raise MediaError("unreadable", f"{uri}: {exc.strerror or exc}") from None
-        return VideoSource(path, offset, size), digest.hexdigest(), size
+        return VideoSource(path, offset, size), digest, size
     on_disk = file_size(uri)
     if on_disk > max_bytes:
         raise MediaError("too_large", f"{on_disk} bytes > max_bytes {max_bytes}")
@@ -169,6 +174,16 @@ def _source(uri: str, offset: int, size: int, max_bytes: int, http: HttpOptions
     except OSError as exc:
         raise MediaError("unreadable", f"{uri}: {exc.strerror or exc}") from None
     return VideoSource(uri), digest, read
+
+
+@functools.lru_cache(maxsize=64)
+def _member_hash(path: str, offset: int, size: int, mtime_ns: int) -> str:
+    """A tar member's hash, read once per process while its shard is unchanged."""
+    digest = hashlib.sha256()
+    with VideoSource(path, offset, size).open() as member:
+        while block := member.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=16)

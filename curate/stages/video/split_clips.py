@@ -129,7 +129,7 @@ class SplitClips(FanOut):
             frames_per_clip=p.frames_per_clip, sample_fps=p.sample_fps,
             keep_images=self.hands_frames, frame_max_side=p.frame_max_side, device=p.device)
 
-    def reloads_rows(self, source: Source) -> bool:
+    def reloads_rows_from(self, source: Source) -> bool:
         return isinstance(source, IngestVideos) and source.reopens_videos
 
     def reload(self, rows: pa.Table, source: Source) -> tuple[list, list[str | None]]:
@@ -149,8 +149,11 @@ class SplitClips(FanOut):
             try:
                 images = frames_at(videos[i].source, row["clip_start_s"], times,
                                    self.params.frame_max_side) if self.hands_frames else []
-            except MediaError as exc:
-                unread[i] = str(exc)
+            except Exception as exc:  # PyAV on this video; the run that cut it decoded it
+                why = str(exc) if isinstance(exc, MediaError) else f"{type(exc).__name__}: {exc}"
+                unread[i] = why if why.startswith("changed:") else (
+                    f"changed: the clip's frames cannot be decoded again from its span "
+                    f"({why}); the next run reads the video again")[:500]
                 continue
             media[i] = Clip(row["clip_index"], 0, row["num_frames"], row["clip_start_s"],
                             row["clip_end_s"], images, times, row["motion"], videos[i].source)
