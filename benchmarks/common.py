@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -287,3 +288,25 @@ def startup_and_run(config_for, small: Path, media: Path, workdir: Path
         raise SystemExit(f"curate run failed ({startup.error}")
     run_s, peak_mb, summary = run_curate(config_for(media, workdir / "store"), workdir, "run")
     return startup.seconds, run_s, peak_mb, summary
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def add_worktree(commit: str) -> tuple[Path, str]:
+    """(checkout, full commit): `commit` checked out in a temporary git worktree."""
+    full = git("rev-parse", "--verify", f"{commit}^{{commit}}")
+    path = Path(tempfile.mkdtemp(prefix="curate-previous-")) / "curate"
+    git("worktree", "add", "--detach", str(path), full)
+    return path, full
+
+
+def remove_worktree(path: Path) -> None:
+    try:
+        git("worktree", "remove", "--force", str(path))
+    except subprocess.CalledProcessError as exc:
+        print(f"warning: git worktree remove {path} failed: {exc.stderr.strip()}",
+              file=sys.stderr)
+    shutil.rmtree(path.parent, ignore_errors=True)

@@ -4,6 +4,7 @@ the same table, each a whole `curate run CONFIG --no-progress` in a subprocess:
     python benchmarks/iterate.py                 # 2,000 photos of 1024x768
     python benchmarks/iterate.py --photos 200    # quick
     python benchmarks/iterate.py --videos 8      # about 8 minutes of video, cut into clips
+    python benchmarks/iterate.py --videos 6 --previous eb08e42   # and the same on a commit
 
 The pipeline: ingest_images, image_quality, exact_dedup, phash_dedup, clip_embed,
 aesthetic_score, nsfw_score, caption, semantic_dedup, diversity_sample, with stand-in
@@ -144,15 +145,15 @@ VIDEO_CHANGES = [("motion_score threshold", _motion), ("new aesthetic_score stag
                  ("caption prompt", _prompt), ("nothing changed", None)]
 
 
-def curate(raw: dict, workdir: Path, label: str) -> tuple[float, dict]:
-    """One whole `curate run`: (seconds, its summary)."""
+def curate(raw: dict, workdir: Path, label: str, checkout: Path = ROOT) -> tuple[float, dict]:
+    """One whole `curate run` of `checkout`'s curate: (seconds, its summary)."""
     path, summary = workdir / f"{label}.yaml", workdir / f"{label}.json"
     path.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
     env.pop("RAY_ADDRESS", None)
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "curate", "run", str(path), "--no-progress",
-                           "--json", str(summary)], cwd=ROOT, env=env,
+                           "--json", str(summary)], cwd=checkout, env=env,
                           capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
@@ -160,10 +161,11 @@ def curate(raw: dict, workdir: Path, label: str) -> tuple[float, dict]:
     return seconds, json.loads(summary.read_text())
 
 
-def figures(seconds: float, first_s: float, summary: dict) -> dict:
-    computed = {s["name"]: s["rows_computed"] for s in summary["stages"]}
+def figures(seconds: float, first_s: float, summary: dict, pixel_stages=PIXEL_STAGES) -> dict:
+    computed = {s["name"]: s.get("rows_computed", s.get("rows_processed", 0))
+                for s in summary["stages"]}
     read = summary["rows_processed"]
-    decoded = read + max([computed.get(s, 0) - read for s in PIXEL_STAGES] + [0])
+    decoded = read + max([computed.get(s, 0) - read for s in pixel_stages] + [0])
     return {
         "seconds": round(seconds, 2),
         "ratio_to_first": round(seconds / first_s, 3),
@@ -175,12 +177,33 @@ def figures(seconds: float, first_s: float, summary: dict) -> dict:
     }
 
 
+def sequence(raw: dict, changes, workdir: Path, tag: str, checkout: Path,
+             pixels) -> tuple[dict, float, dict]:
+    """The first run and each change in turn on one store, with `checkout`'s curate:
+    (figures per run, the first run's seconds, the final config)."""
+    shutil.rmtree(raw["store"]["uri"], ignore_errors=True)
+    first_s, summary = curate(raw, workdir, tag + "first", checkout)
+    results = {"first run": figures(first_s, first_s, summary, pixels)}
+    print(f"{tag}first run: {first_s:.1f} s", flush=True)
+    for label, change in changes:
+        raw = copy.deepcopy(raw)
+        if change is not None:
+            change(raw)
+        seconds, summary = curate(raw, workdir, tag + label.replace(" ", "_"), checkout)
+        results[label] = figures(seconds, first_s, summary, pixels)
+        print(f"{tag}{label}: {json.dumps(results[label])}", flush=True)
+    return results, first_s, raw
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=int, default=2000)
     parser.add_argument("--size", default="1024x768")
     parser.add_argument("--videos", type=float, default=None,
                         help="minutes of generated video instead of photos")
+    parser.add_argument("--previous", default=None,
+                        help="a commit whose curate makes the same changes too, on a store "
+                        "of its own (a git worktree, this interpreter): the baseline")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="curate-iterate-"))
@@ -192,20 +215,30 @@ def main() -> None:
         make_videos(workdir / "videos", args.videos)
         raw, changes, table_name = video_config(workdir / "videos", store), VIDEO_CHANGES, \
             "clips"
+        # aesthetic_score beside clip_embed scores each frame's embedding: a recompute
+        # decodes the clip's frames again for it
+        pixels = PIXEL_STAGES | {"aesthetic_score"}
     else:
         _, photos, _, _ = photo_inputs(workdir, args.photos, args.size, 1)
         raw, changes, table_name = config(photos, store), CHANGES, "samples"
-    shutil.rmtree(store, ignore_errors=True)
-    first_s, summary = curate(raw, workdir, "first")
-    results = {"first run": figures(first_s, first_s, summary)}
-    print(f"first run: {first_s:.1f} s", flush=True)
-    for label, change in changes:
-        raw = copy.deepcopy(raw)
-        if change is not None:
-            change(raw)
-        seconds, summary = curate(raw, workdir, label.replace(" ", "_"))
-        results[label] = figures(seconds, first_s, summary)
-        print(f"{label}: {json.dumps(results[label])}", flush=True)
+        pixels = PIXEL_STAGES
+    first = raw
+    results, first_s, raw = sequence(raw, changes, workdir, "", ROOT, pixels)
+    previous, commit = None, None
+    if args.previous:
+        from benchmarks.common import add_worktree, remove_worktree
+
+        checkout, commit = add_worktree(args.previous)
+        try:
+            raw_before = copy.deepcopy(first)
+            raw_before["store"]["uri"] = str(workdir / "previous-store")
+            previous, _, _ = sequence(raw_before, changes, workdir, "previous-", checkout,
+                                      pixels)
+        finally:
+            remove_worktree(checkout)
+        for label, figures_now in results.items():
+            figures_now["ratio_to_previous"] = round(
+                figures_now["seconds"] / previous[label]["seconds"], 3)
 
     import lancedb
 
@@ -227,6 +260,7 @@ def main() -> None:
         "first_run_s": round(first_s, 2),
         "fresh_run_of_final_config_s": round(fresh_s, 2),
         "runs": results,
+        **({"previous": commit, "previous_runs": previous} if previous else {}),
         "same_table_as_fresh_run": not differ,
         "columns_that_differ": differ,
     }

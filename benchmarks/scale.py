@@ -29,7 +29,6 @@ import functools
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,8 +39,11 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
     CurateRun,
+    add_worktree,
     curate_run,
+    git,
     photo_inputs,
+    remove_worktree,
     stand_in_model,
     startup_run,
     steady_rate,
@@ -88,28 +90,6 @@ def first_rows(corpus: list[Path], count: int, folder: Path) -> Path:
         except OSError:
             shutil.copyfile(path, folder / path.name)
     return folder
-
-
-def git(*args: str) -> str:
-    return subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True,
-                          text=True).stdout.strip()
-
-
-def add_worktree(commit: str) -> tuple[Path, str]:
-    """(checkout, full commit): `commit` checked out in a temporary git worktree."""
-    full = git("rev-parse", "--verify", f"{commit}^{{commit}}")
-    path = Path(tempfile.mkdtemp(prefix="curate-previous-")) / "curate"
-    git("worktree", "add", "--detach", str(path), full)
-    return path, full
-
-
-def remove_worktree(path: Path) -> None:
-    try:
-        git("worktree", "remove", "--force", str(path))
-    except subprocess.CalledProcessError as exc:
-        print(f"warning: git worktree remove {path} failed: {exc.stderr.strip()}",
-              file=sys.stderr)
-    shutil.rmtree(path.parent, ignore_errors=True)
 
 
 class Side:
