@@ -408,7 +408,8 @@ class Source(Stage):
     def reloads_rows(self) -> bool:
         """True for a source whose stored rows `reload` can decode again one by one (so a
         new or changed stage computes only its own columns); False where a row is a
-        piece of its input (a clip): its input is then read again whole."""
+        piece of its input (a clip): the fan-out stage that made it reads it again
+        (`FanOut.reloads_rows_from`), or else its input is read again whole."""
         return False
 
     def reload(self, rows: pa.Table) -> tuple[list, list[str | None]]:
