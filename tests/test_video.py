@@ -449,3 +449,16 @@ def test_transcode_writes_each_kept_clip_as_a_file_of_its_own(tmp_path, cut_vide
     before = [os.stat(p).st_mtime_ns for p in out["clip_path"].to_pylist()]
     again = stage.process(clips, clip_media)["clip_path"].to_pylist()
     assert [os.stat(p).st_mtime_ns for p in again] == before
+
+
+def test_short_shots_after_a_long_one_get_all_their_frames(tmp_path):
+    """A long shot doubles the sampling stride to stay within the frames kept; the shots
+    after it are sampled at the first spacing again, each getting frames_per_clip frames
+    (with the doubled stride a 1.2 s shot could get one frame, or none and be lost)."""
+    from curate.media.samples import write_video_with_cuts
+
+    path = tmp_path / "long_then_short.mp4"
+    cuts = write_video_with_cuts(path, [50.0, 1.2, 1.2, 1.2], (160, 96), fps=12, seed=3)
+    clips = _clips(path, method="scenes", max_clip_s=None, min_clip_s=1.0, frames_per_clip=3)
+    assert [c.start_frame for c in clips[1:]] == cuts
+    assert [len(c.frames) for c in clips] == [3] * 4

@@ -278,7 +278,7 @@ class _Candidate:
 
 class _Sampler:
     """Frames kept for sampling, at most `cap`: when full, every other one goes and the
-    spacing doubles."""
+    spacing doubles; a cut starts the spacing over."""
 
     def __init__(self, stride: int, cap: int):
         self.base, self.stride, self.cap = stride, stride, cap
@@ -308,9 +308,12 @@ class _Sampler:
                 chosen.append(best)
         return sorted(chosen, key=lambda c: c.index)
 
-    def drop_before(self, index: int) -> None:
+    def drop_before(self, index: int, restart: bool = False) -> None:
+        """The frames before `index` go. `restart` (a shot closed there): the frames to
+        come are kept at the first spacing again, so a long shot that doubled it does not
+        leave the short shots after it without a frame."""
         self.kept = [c for c in self.kept if c.index >= index]
-        if not self.kept:
+        if restart or not self.kept:
             self.stride = self.base
 
 
@@ -439,7 +442,7 @@ def split(source: VideoSource, fps: float, options: SplitOptions,
             return
         yield from clips_of(spans(open_start, cut))
         open_start = cut
-        sampler.drop_before(cut)
+        sampler.drop_before(cut, restart=True)
         timeline.drop_before(cut - 1)  # the frame before the new shot: its motion base
 
     frame: Frame
