@@ -14,43 +14,7 @@ import yaml
 
 from curate import Pipeline, load_config
 
-from .conftest import ROOT, free_port, serve_settings
-
-BUCKET = "curate-test"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on 127.0.0.1 that checks signatures; yields the storage options
-    (endpoint, region, a user's keys, plain http) that reach its bucket."""
-    import json
-
-    import boto3
-    from moto import settings
-    from moto.server import ThreadedMotoServer
-
-    # the first requests set up a user, its key and the bucket; every later one is signed
-    # and checked
-    settings.INITIAL_NO_AUTH_ACTION_COUNT = 4
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    setup = {"endpoint_url": endpoint, "region_name": "us-east-1"}
-    iam = boto3.client("iam", aws_access_key_id="setup", aws_secret_access_key="setup",
-                       **setup)
-    iam.create_user(UserName="curate")
-    key = iam.create_access_key(UserName="curate")["AccessKey"]
-    iam.put_user_policy(UserName="curate", PolicyName="all", PolicyDocument=json.dumps(
-        {"Version": "2012-10-17",
-         "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
-    boto3.client("s3", aws_access_key_id=key["AccessKeyId"],
-                 aws_secret_access_key=key["SecretAccessKey"], **setup
-                 ).create_bucket(Bucket=BUCKET)
-    yield {"aws_endpoint": endpoint, "aws_region": "us-east-1", "allow_http": "true",
-           "aws_access_key_id": key["AccessKeyId"],
-           "aws_secret_access_key": key["SecretAccessKey"]}
-    server.stop()
+from .conftest import BUCKET, ROOT, serve_settings
 
 
 def s3_config(media, options: dict, prefix: str = "store") -> dict:

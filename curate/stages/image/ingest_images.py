@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from curate.errors import RunError
+from curate.media import objstore
 from curate.media.decode import (
     HttpOptions,
     MediaError,
@@ -49,7 +50,14 @@ class IngestParams(StageParams):
     paths: list[str] = Field(
         min_length=1,
         description="files, directories (recursive), globs, manifests (.parquet/.csv/.jsonl "
-        "with a uri column), WebDataset .tar shards, or http(s) URLs",
+        "with a uri column), WebDataset .tar shards, http(s) URLs, or objects and prefixes "
+        "in object storage (s3://bucket/prefix/, gs://, az://; globs too)",
+    )
+    storage_options: dict[str, str] = Field(
+        default_factory=dict,
+        description="how to reach s3:// (gs://, az://) paths: the keys the store takes "
+        "(aws_endpoint, aws_region, aws_access_key_id, aws_secret_access_key, allow_http, "
+        "anonymous, ...); empty: the environment's credentials",
     )
     uri_column: str = Field("uri", description="manifest column holding each file's path or URL")
     caption_column: str | None = Field(
@@ -106,7 +114,8 @@ class IngestImages(Source):
     def fingerprint(self) -> dict[str, Any]:
         # What is read is decided by the listing; how it is read decides the rows.
         return self.params.model_dump(
-            mode="json", exclude={"resources", "name", "paths", "http_timeout_s", "http_retries"}
+            mode="json", exclude={"resources", "name", "paths", "http_timeout_s", "http_retries",
+                                  "storage_options"}
         )
 
     def load(self, items: pa.Table) -> tuple[pa.Table, list]:
@@ -143,6 +152,9 @@ class IngestImages(Source):
         entries: list[dict[str, Any]] = []
         for index, entry in enumerate(self.params.paths):
             where = f"{self.name}.paths.{index}"
+            if objstore.is_object_uri(entry):
+                entries += self._object_entries(index, entry, where)
+                continue
             if _is_url(entry) or any(ch in entry for ch in "*?["):
                 entries.append({"index": index, "entry": entry})
                 continue
@@ -162,11 +174,37 @@ class IngestImages(Source):
                                f"{os.getcwd()})")
         return entries
 
+    def _object_entries(self, index: int, entry: str, where: str) -> list[dict[str, Any]]:
+        """Driver side, for an object URI: the objects and prefixes of its top level, or
+        the prefix before a glob's first wildcard (its worker matches the keys). The first
+        listing page is read here, so a wrong bucket, bad keys or an unreachable endpoint
+        fail before any work."""
+        options = self.params.storage_options
+        wild = next((k for k, ch in enumerate(entry) if ch in "*?["), -1)
+        try:
+            if wild >= 0:
+                prefix = entry[:wild].rpartition("/")[0]
+                next(iter(objstore.list_pages(prefix, options, page=1)), None)
+                return [{"index": index, "entry": entry, "prefix": prefix, "match": entry}]
+            files, prefixes = objstore.list_level(entry, options)
+            if not files and not prefixes:
+                objstore.read_head(entry, options)  # a single object, or nothing there
+                files = [(entry, 0)]
+        except MediaError as exc:
+            raise RunError(f"{where}: {exc.detail}") from None
+        uris = [uri for uri, _ in files]
+        return ([{"index": index, "entry": entry, "prefix": p} for p in prefixes]
+                + [{"index": index, "entry": entry, "files": uris[lo:lo + LIST_CHUNK]}
+                   for lo in range(0, len(uris), LIST_CHUNK)])
+
     def list_entry(self, unit: dict[str, Any]) -> pa.Table:
         """Worker side: the inputs of one listing unit (`list_entries`), in order."""
-        items = [item for path in _unit_files(unit) for item in self._file_items(path)] \
-            if "dir" in unit or "files" in unit else list(self._expand(unit["entry"],
-                                                                      unit["index"]))
+        if "prefix" in unit:
+            items = list(self._object_items(unit))
+        elif "dir" in unit or "files" in unit:
+            items = [item for path in _unit_files(unit) for item in self._file_items(path)]
+        else:
+            items = list(self._expand(unit["entry"], unit["index"]))
         order = (unit["index"] << 40) + np.arange(len(items), dtype=np.int64)
         return pa.table(
             {
@@ -206,7 +244,25 @@ class IngestImages(Source):
         for path in (m for m in matches if os.path.isfile(m)):
             yield from self._file_items(path)
 
+    def _object_items(self, unit: dict[str, Any]):
+        """The objects under a listing unit's prefix, page by page (those matching its
+        glob, when it has one)."""
+        import fnmatch
+
+        match = unit.get("match")
+        for page in objstore.list_pages(unit["prefix"], self.params.storage_options):
+            for uri, _ in page:
+                if match is None or fnmatch.fnmatchcase(uri, match):
+                    yield from self._file_items(uri)
+
     def _file_items(self, path: str):
+        if objstore.is_object_uri(path):
+            if path.lower().endswith(MANIFEST_SUFFIXES + TAR_SUFFIXES):
+                yield {"uri": path, "_error": "unsupported: manifests and .tar shards are "
+                       "read from local paths or URLs for now, not from object storage"}
+            else:
+                yield {"uri": path}
+            return
         path = os.path.abspath(path)
         lower = path.lower()
         if lower.endswith(MANIFEST_SUFFIXES):
@@ -391,6 +447,8 @@ def load_inputs(stage: IngestImages, batch: pa.Table) -> tuple[dict[str, pa.Arra
         try:
             if _is_url(uri):
                 data = read_http(uri, p.max_bytes, http)
+            elif objstore.is_object_uri(uri):
+                data = objstore.read(uri, p.storage_options, p.max_bytes)
             elif offsets[i] >= 0:
                 tar_path, _, member = uri.partition("#")
                 data = read_tar_member(tar_path, member, offsets[i], sizes[i], p.max_bytes)

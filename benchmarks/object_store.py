@@ -1,0 +1,161 @@
+"""Listing and reading small objects from an S3 server: obstore (what curate reads media
+with, `curate/media/objstore.py`) against pyarrow.fs (the other candidate, already a
+dependency) and boto3's plain loop (the raw client call, one request after another):
+
+    python benchmarks/object_store.py                    # 100,000 objects of 16 KB
+    python benchmarks/object_store.py --objects 5000     # quick
+
+The server is moto's, on loopback, checking signatures (as the tests run it): one Python
+process, so it bounds every client's rate; the figures compare clients against the same
+server, not against a real object store. Listing: every key under a prefix, with
+obstore's pages (1,000 keys) and pyarrow's recursive FileSelector (one list). Reading:
+every object whole, on 16 threads for obstore and pyarrow.fs, one after another for
+boto3. The last line printed is a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+BUCKET = "bench-objects"
+
+
+def start_server() -> tuple[object, dict]:
+    import boto3
+    from moto import settings
+    from moto.server import ThreadedMotoServer
+
+    from tests.conftest import free_port
+
+    settings.INITIAL_NO_AUTH_ACTION_COUNT = 4
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    setup = {"endpoint_url": endpoint, "region_name": "us-east-1"}
+    iam = boto3.client("iam", aws_access_key_id="setup", aws_secret_access_key="setup",
+                       **setup)
+    iam.create_user(UserName="bench")
+    key = iam.create_access_key(UserName="bench")["AccessKey"]
+    iam.put_user_policy(UserName="bench", PolicyName="all", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17",
+         "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    return server, {"aws_endpoint": endpoint, "aws_region": "us-east-1", "allow_http": "true",
+                    "aws_access_key_id": key["AccessKeyId"],
+                    "aws_secret_access_key": key["SecretAccessKey"]}
+
+
+def boto(options: dict):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=options["aws_endpoint"], region_name="us-east-1",
+                        aws_access_key_id=options["aws_access_key_id"],
+                        aws_secret_access_key=options["aws_secret_access_key"])
+
+
+def arrow_fs(options: dict):
+    import pyarrow.fs as pafs
+
+    return pafs.S3FileSystem(access_key=options["aws_access_key_id"],
+                             secret_key=options["aws_secret_access_key"],
+                             endpoint_override=options["aws_endpoint"], scheme="http",
+                             region="us-east-1")
+
+
+def timed(work) -> tuple[float, object]:
+    started = time.perf_counter()
+    out = work()
+    return time.perf_counter() - started, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--objects", type=int, default=100_000)
+    parser.add_argument("--size", type=int, default=16_384, help="bytes per object")
+    parser.add_argument("--threads", type=int, default=16)
+    args = parser.parse_args()
+
+    from curate.media import objstore
+
+    server, options = start_server()
+    client = boto(options)
+    client.create_bucket(Bucket=BUCKET)
+    keys = [f"small/{k % 100:02d}/{k:07d}.jpg" for k in range(args.objects)]
+    body = os.urandom(args.size)
+    with ThreadPoolExecutor(args.threads) as pool:
+        list(pool.map(lambda key: client.put_object(
+            Bucket=BUCKET, Key=key, Body=body), keys))
+    uris = [f"s3://{BUCKET}/{k}" for k in keys]
+    n = args.objects
+
+    def list_boto():
+        found = 0
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET,
+                                                                      Prefix="small/"):
+            found += len(page.get("Contents", []))
+        return found
+
+    def list_obstore():
+        return sum(len(page) for page in objstore.list_pages(f"s3://{BUCKET}/small", options))
+
+    def list_arrow():
+        import pyarrow.fs as pafs
+
+        infos = arrow_fs(options).get_file_info(pafs.FileSelector(f"{BUCKET}/small",
+                                                                  recursive=True))
+        return sum(1 for i in infos if i.type == pafs.FileType.File)
+
+    def read_boto():
+        return sum(len(client.get_object(Bucket=BUCKET, Key=k)["Body"].read()) for k in keys)
+
+    def read_obstore():
+        with ThreadPoolExecutor(args.threads) as pool:
+            return sum(pool.map(lambda u: len(objstore.read(u, options, 1 << 30)), uris))
+
+    def read_arrow():
+        fs = arrow_fs(options)
+
+        def one(key):
+            with fs.open_input_stream(f"{BUCKET}/{key}") as f:
+                return len(f.read())
+
+        with ThreadPoolExecutor(args.threads) as pool:
+            return sum(pool.map(one, keys))
+
+    results = {}
+    for name, work, expect in [
+        ("list boto3 loop", list_boto, n), ("list obstore", list_obstore, n),
+        ("list pyarrow.fs", list_arrow, n), ("read boto3 loop", read_boto, n * args.size),
+        ("read obstore", read_obstore, n * args.size),
+        ("read pyarrow.fs", read_arrow, n * args.size),
+    ]:
+        seconds, got = timed(work)
+        assert got == expect, f"{name}: {got} != {expect}"
+        results[name] = round(n / seconds, 1)
+        print(f"{name}: {results[name]:,.0f} objects/s", flush=True)
+    server.stop()
+    out = {
+        "benchmark": "object_store", "objects": n, "bytes_each": args.size,
+        "threads": args.threads, "cpus": os.cpu_count(), "objects_per_s": results,
+        "list_obstore_vs_boto3_loop": round(results["list obstore"]
+                                            / results["list boto3 loop"], 3),
+        "list_obstore_vs_pyarrow": round(results["list obstore"]
+                                         / results["list pyarrow.fs"], 3),
+        "read_obstore_vs_boto3_loop": round(results["read obstore"]
+                                            / results["read boto3 loop"], 3),
+        "read_obstore_vs_pyarrow": round(results["read obstore"]
+                                         / results["read pyarrow.fs"], 3),
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
