@@ -28,31 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 BUCKET = "bench-objects"
 
 
-def start_server() -> tuple[object, dict]:
-    import boto3
-    from moto import settings
-    from moto.server import ThreadedMotoServer
-
-    from tests.conftest import free_port
-
-    settings.INITIAL_NO_AUTH_ACTION_COUNT = 4
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    setup = {"endpoint_url": endpoint, "region_name": "us-east-1"}
-    iam = boto3.client("iam", aws_access_key_id="setup", aws_secret_access_key="setup",
-                       **setup)
-    iam.create_user(UserName="bench")
-    key = iam.create_access_key(UserName="bench")["AccessKey"]
-    iam.put_user_policy(UserName="bench", PolicyName="all", PolicyDocument=json.dumps(
-        {"Version": "2012-10-17",
-         "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
-    return server, {"aws_endpoint": endpoint, "aws_region": "us-east-1", "allow_http": "true",
-                    "aws_access_key_id": key["AccessKeyId"],
-                    "aws_secret_access_key": key["SecretAccessKey"]}
-
-
 def boto(options: dict):
     import boto3
 
@@ -84,10 +59,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from curate.media import objstore
+    from tests.conftest import start_moto_s3
 
-    server, options = start_server()
+    server, options = start_moto_s3(BUCKET)
     client = boto(options)
-    client.create_bucket(Bucket=BUCKET)
     keys = [f"small/{k % 100:02d}/{k:07d}.jpg" for k in range(args.objects)]
     body = os.urandom(args.size)
     with ThreadPoolExecutor(args.threads) as pool:

@@ -228,10 +228,10 @@ def spawn():
 BUCKET = "curate-test"
 
 
-@pytest.fixture(scope="session")
-def s3():
-    """A moto S3 server on 127.0.0.1 that checks signatures; yields the storage options
-    (endpoint, region, a user's keys, plain http) that reach its bucket."""
+def start_moto_s3(bucket: str):
+    """A moto S3 server on 127.0.0.1 that checks signatures, with `bucket` made: (the
+    server, the storage options (endpoint, region, a user's keys, plain http) that reach
+    it)."""
     import json
 
     import boto3
@@ -255,8 +255,15 @@ def s3():
          "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
     boto3.client("s3", aws_access_key_id=key["AccessKeyId"],
                  aws_secret_access_key=key["SecretAccessKey"], **setup
-                 ).create_bucket(Bucket=BUCKET)
-    yield {"aws_endpoint": endpoint, "aws_region": "us-east-1", "allow_http": "true",
-           "aws_access_key_id": key["AccessKeyId"],
-           "aws_secret_access_key": key["SecretAccessKey"]}
+                 ).create_bucket(Bucket=bucket)
+    return server, {"aws_endpoint": endpoint, "aws_region": "us-east-1", "allow_http": "true",
+                    "aws_access_key_id": key["AccessKeyId"],
+                    "aws_secret_access_key": key["SecretAccessKey"]}
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """`start_moto_s3` with BUCKET, for the session."""
+    server, options = start_moto_s3(BUCKET)
+    yield options
     server.stop()

@@ -17,7 +17,7 @@ from curate.media import objstore
 from curate.media.decode import MediaError
 from curate.stages.image.ingest_images import IngestImages
 
-from .conftest import BUCKET, ROOT, free_port
+from .conftest import BUCKET, ROOT
 
 MEDIA = ROOT / "examples" / "media"
 #: The demo's folders (the tar shard aside: shards are read from local paths for now).
@@ -40,6 +40,12 @@ def media_on_s3(s3):
     for k in range(12):
         s3c.put_object(Bucket=BUCKET, Key=f"small/{'ab'[k % 2]}/{k:02d}.bin",
                        Body=bytes([k]) * (k + 1))
+    # what consoles and desktops leave: folder markers and hidden files
+    photo = (MEDIA / "photos" / "coffee.jpg").read_bytes()
+    for key, body in [("tree/", b""), ("tree/top.jpg", photo), ("tree/sub/", b""),
+                      ("tree/sub/deep.jpg", photo), ("tree/sub/.DS_Store", b"x"),
+                      ("tree/._top.jpg", b"x"), ("tree/sub/note.png", photo)]:
+        s3c.put_object(Bucket=BUCKET, Key=key, Body=body)
     return s3
 
 
@@ -64,16 +70,21 @@ def test_each_failure_is_one_line_saying_what_to_check(media_on_s3):
         "s3://no-such-bucket/x.jpg": (options, "missing", "no bucket s3://no-such-bucket"),
         f"s3://{BUCKET}/small/a/00.bin": ({**options, "aws_secret_access_key": "wrong"},
                                           "denied", "check the keys"),
-        f"s3://{BUCKET}/small/b/01.bin": ({**options, "aws_endpoint": f"http://127.0.0.1:"
-                                           f"{free_port()}", "max_retries": "1",
-                                           "retry_timeout_s": "2", "connect_timeout": "1s"},
+        f"s3://{BUCKET}/small/b/01.bin": ({**options, "aws_endpoint": "http://127.0.0.1:1",
+                                           "max_retries": "1", "retry_timeout_s": "2",
+                                           "connect_timeout": "1s"},
                                           "unreachable", "check the endpoint"),
+        f"s3://{BUCKET}/small/b/03.bin": ({**options, "no_such_option": "x"}, "unreadable",
+                                          "cannot be opened with these storage_options"),
     }
     for uri, (given, code, says) in cases.items():
         with pytest.raises(MediaError) as caught:
             objstore.read(uri, given, 1000)
         assert caught.value.code == code and says in str(caught.value), str(caught.value)
         assert "\n" not in str(caught.value) and uri in str(caught.value)
+    for bad in ({"max_retries": "many"}, {"retry_timeout_s": "-1"}):  # refused by the config
+        with pytest.raises(ValueError, match=f"storage_options.{next(iter(bad))}"):
+            IngestImages(paths=[f"s3://{BUCKET}/small/"], storage_options=bad)
 
 
 def test_prefixes_globs_and_single_objects_are_listed(media_on_s3):
@@ -88,6 +99,12 @@ def test_prefixes_globs_and_single_objects_are_listed(media_on_s3):
     assert listed(f"s3://{BUCKET}/media/photos/*.jpg") == [u for u in photos
                                                           if u.endswith(".jpg")]
     assert listed(photos[0]) == photos[:1]
+    tree = f"s3://{BUCKET}/tree"  # as glob.glob(recursive=True) reads a local copy
+    assert listed(f"{tree}/") == [f"{tree}/sub/deep.jpg", f"{tree}/sub/note.png",
+                                  f"{tree}/top.jpg"]
+    assert listed(f"{tree}/*.jpg") == [f"{tree}/top.jpg"]
+    assert listed(f"{tree}/**/*.jpg") == [f"{tree}/sub/deep.jpg", f"{tree}/top.jpg"]
+    assert listed(f"{tree}/s?b/[mn]*") == [f"{tree}/sub/note.png"]
     everything = listed(f"s3://{BUCKET}/media")
     assert len(everything) == sum(len(list((MEDIA / f).iterdir())) for f in FOLDERS)
     for path, says in [(f"s3://{BUCKET}/media/nothing-here.jpg", "no such object"),

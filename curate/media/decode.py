@@ -28,7 +28,10 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 #: memory says nothing about the file).
 #: `changed`: a file whose bytes differ from those its row was made from (found when a
 #: stage reads a stored row again): the next run reads its input again whole.
-TRANSIENT_CODES = ("http_timeout", "http_error", "out_of_memory", "changed")
+#: `unreachable`, `denied`: an object store that failed (after retries) or refused (keys
+#: that expired midway) may answer next time.
+TRANSIENT_CODES = ("http_timeout", "http_error", "out_of_memory", "changed", "unreachable",
+                   "denied")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -24,19 +24,24 @@ from curate.media.decode import MediaError
 
 #: URI schemes read through an object store.
 SCHEMES = ("s3://", "s3a://", "gs://", "az://", "abfs://", "abfss://")
-#: `storage_options` keys Lance reads itself, unknown to object_store.
-LANCE_ONLY = frozenset({"client_max_retries", "client_retry_timeout", "download_retry_count",
-                        "expires_at_millis", "use_opendal"})
+#: `storage_options` keys Lance reads itself, unknown to object_store: dropped, except
+#: its retry settings, which mean the same here (`LANCE_RETRY`).
+LANCE_ONLY = frozenset({"download_retry_count", "expires_at_millis", "use_opendal"})
+LANCE_RETRY = {"client_max_retries": "max_retries", "client_retry_timeout": "retry_timeout_s"}
 #: `storage_options` keys that set the HTTP client rather than the store.
 CLIENT_KEYS = frozenset({"allow_http", "allow_invalid_certificates", "timeout",
                          "connect_timeout", "proxy_url", "pool_idle_timeout",
                          "http1_only", "http2_only", "user_agent"})
-#: `storage_options` keys for retries of transient failures (with backoff): how many, and
-#: for how long in all (seconds).
+#: `storage_options` keys of curate's own for retries of transient failures (with
+#: backoff): how many, and for how long in all (seconds).
 RETRY_KEYS = frozenset({"max_retries", "retry_timeout_s"})
+RETRY_DEFAULTS = {"max_retries": 10, "retry_timeout_s": 180.0}
+#: The retries of a driver's first listing, which must fail fast on a wrong endpoint.
+QUICK_RETRY = {"max_retries": "2", "retry_timeout_s": "15"}
 #: Which store's keys each scheme takes (`anonymous` becomes `<store>_skip_signature`).
 SIGNERS = {"s3": "aws", "s3a": "aws", "gs": "google", "az": "azure", "abfs": "azure",
            "abfss": "azure"}
+TRUE = ("true", "1", "yes", "on")
 #: Objects per listing page.
 PAGE = 1000
 
@@ -52,31 +57,61 @@ def split_uri(uri: str) -> tuple[str, str]:
     return f"{scheme}://{bucket}", key
 
 
-def _options(options: dict[str, str] | None) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((str(k).lower(), str(v)) for k, v in (options or {}).items()
-                        if str(k).lower() not in LANCE_ONLY))
+def normalized(options: dict | None) -> tuple[tuple[str, str], ...]:
+    """`storage_options` as the stores are keyed: lower-case string keys and values,
+    Lance's own keys dropped or mapped."""
+    out = {}
+    for key, value in (options or {}).items():
+        key = str(key).lower()
+        if key in LANCE_ONLY:
+            continue
+        out[LANCE_RETRY.get(key, key)] = str(value)
+    return tuple(sorted(out.items()))
+
+
+def check_options(options: dict | None) -> None:
+    """Raise ValueError naming the option that cannot be used (a config check)."""
+    given = dict(normalized(options))
+    for key in RETRY_KEYS & set(given):
+        try:
+            value = float(given[key])
+        except ValueError:
+            raise ValueError(f"storage_options.{key} must be a number, not "
+                             f"{given[key]!r}") from None
+        if value < 0 or (key == "max_retries" and not value.is_integer()):
+            raise ValueError(f"storage_options.{key} must be a whole number >= 0" if
+                             key == "max_retries" else f"storage_options.{key} must be >= 0")
 
 
 @functools.lru_cache(maxsize=64)
 def _store(root: str, options: tuple[tuple[str, str], ...]):
-    """One store per bucket and options, per process (it holds a connection pool)."""
+    """One store per bucket and options, per process (it holds a connection pool;
+    credentials it finds in the environment are read when it is made)."""
     from obstore.store import from_url
 
     config = {k: v for k, v in options if k not in CLIENT_KEYS and k not in RETRY_KEYS}
-    client = {k: (v.lower() == "true" if v.lower() in ("true", "false") else v)
-              for k, v in options if k in CLIENT_KEYS}
-    if config.pop("anonymous", "false").lower() == "true":
+    client = {k: (v.lower() in TRUE if v.lower() in (*TRUE, "false", "0", "no", "off")
+                  else v) for k, v in options if k in CLIENT_KEYS}
+    if config.pop("anonymous", "false").lower() in TRUE:
         config[f"{SIGNERS[root.partition(':')[0]]}_skip_signature"] = "true"
-    given = dict(options)
-    retry = {"max_retries": int(given.get("max_retries", 10)),
-             "retry_timeout": timedelta(seconds=float(given.get("retry_timeout_s", 180)))}
+    given = {**RETRY_DEFAULTS, **dict(options)}
+    retry = {"max_retries": int(float(given["max_retries"])),
+             "retry_timeout": timedelta(seconds=float(given["retry_timeout_s"]))}
     return from_url(root, config=config, client_options=client, retry_config=retry)
 
 
-def store_of(uri: str, options: dict[str, str] | None):
-    """(the store holding `uri`, the object's key)."""
+def store_of(uri: str, options: dict | None, quick: bool = False):
+    """(the store holding `uri`, the object's key); `quick`: few retries (a check that
+    must fail fast). A store that cannot be made is a MediaError."""
     root, key = split_uri(uri)
-    return _store(root, _options(options)), key
+    given = dict(normalized(options))
+    if quick:
+        given.update(QUICK_RETRY)
+    try:
+        return _store(root, tuple(sorted(given.items()))), key
+    except Exception as exc:  # an option the store refuses, a malformed URI
+        raise MediaError("unreadable", f"{uri}: the object store cannot be opened with "
+                         f"these storage_options: {str(exc).splitlines()[0][:300]}") from None
 
 
 def error_of(uri: str, exc: Exception) -> MediaError:
@@ -84,8 +119,8 @@ def error_of(uri: str, exc: Exception) -> MediaError:
     `unreachable` or `unreadable`."""
     from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
 
-    text = str(exc)
-    root = split_uri(uri)[0]
+    root, key = split_uri(uri)
+    text = str(exc).replace(key, "") if key else str(exc)  # a key may hold any word
     if "NoSuchBucket" in text:  # a listing says so in a generic error
         return MediaError("missing", f"{uri}: there is no bucket {root}; check its name "
                           "and the endpoint")
@@ -95,14 +130,14 @@ def error_of(uri: str, exc: Exception) -> MediaError:
             "403 Forbidden" in text or "AccessDenied" in text:
         return MediaError("denied", f"{uri}: access denied; check the keys (storage_options "
                           "or the environment) and the policy on this prefix")
-    if "error sending request" in text or "connect" in text.lower():
+    if "error sending request" in text or "onnection refused" in text:
         return MediaError("unreachable", f"{uri}: the object store cannot be reached; check "
                           "the endpoint (aws_endpoint) and the network")
     first = text.splitlines()[0] if text else type(exc).__name__
     return MediaError("unreadable", f"{uri}: {first[:300]}")
 
 
-def read(uri: str, options: dict[str, str] | None, max_bytes: int) -> bytes:
+def read(uri: str, options: dict | None, max_bytes: int) -> bytes:
     """An object's bytes; one larger than `max_bytes` is refused before its body is read."""
     import obstore
 
@@ -119,44 +154,78 @@ def read(uri: str, options: dict[str, str] | None, max_bytes: int) -> bytes:
         raise error_of(uri, exc) from None
 
 
-def read_head(uri: str, options: dict[str, str] | None) -> int:
+def read_head(uri: str, options: dict | None, quick: bool = False) -> int:
     """An object's size (it is there and may be read)."""
     import obstore
 
-    store, key = store_of(uri, options)
+    store, key = store_of(uri, options, quick)
     try:
         return obstore.head(store, key)["size"]
     except Exception as exc:
         raise error_of(uri, exc) from None
 
 
-def list_pages(prefix: str, options: dict[str, str] | None,
-               page: int = PAGE) -> Iterator[list[tuple[str, int]]]:
+def _no_markers(items):
+    """Objects without the empty "folder" markers consoles write (`photos/`, which the
+    store lists as an empty object `photos` before `photos/...`)."""
+    held = None
+    for path, size in items:
+        if held is not None and not path.startswith(held[0] + "/"):
+            yield held
+        held = None
+        if size == 0:
+            held = (path, size)
+        else:
+            yield path, size
+    if held is not None:
+        yield held
+
+
+def list_pages(prefix: str, options: dict | None, page: int = PAGE,
+               quick: bool = False) -> Iterator[list[tuple[str, int]]]:
     """The objects under `prefix` (whole path segments: `s3://b/photos` holds
     `s3://b/photos/x.jpg`, not `s3://b/photos2/y.jpg`) as pages of (URI, size), in key
-    order; never the whole listing at once."""
+    order; never the whole listing at once. Folder markers are left out."""
     import obstore
 
-    store, key = store_of(prefix, options)
+    store, key = store_of(prefix, options, quick)
     root = split_uri(prefix)[0]
+    base = key.rstrip("/")
+
+    def listed():
+        for found in obstore.list(store, base or None, chunk_size=page):
+            yield [(f"{root}/{m['path']}", m["size"]) for m in found
+                   if m["path"] != base]
+
     try:
-        for found in obstore.list(store, key.rstrip("/") or None, chunk_size=page):
-            yield [(f"{root}/{meta['path']}", meta["size"]) for meta in found]
+        out: list[tuple[str, int]] = []
+        for item in _no_markers(entry for found in listed() for entry in found):
+            out.append(item)
+            if len(out) >= page:
+                yield out
+                out = []
+        if out:
+            yield out
     except Exception as exc:  # the listing failed: the whole prefix is unreadable
         raise error_of(prefix, exc) from None
 
 
-def list_level(prefix: str, options: dict[str, str] | None) -> tuple[list[tuple[str, int]],
-                                                                      list[str]]:
+def list_level(prefix: str, options: dict | None, quick: bool = False
+               ) -> tuple[list[tuple[str, int]], list[str]]:
     """(objects right under `prefix`, the prefixes one level down), for a driver that
-    splits a listing into tasks."""
+    splits a listing into tasks (all of the level's pages: a flat prefix of millions of
+    keys is listed here whole). Folder markers are left out."""
     import obstore
 
-    store, key = store_of(prefix, options)
+    store, key = store_of(prefix, options, quick)
     root = split_uri(prefix)[0]
+    base = key.rstrip("/")
     try:
-        found = obstore.list_with_delimiter(store, key.rstrip("/") or None)
+        found = obstore.list_with_delimiter(store, base or None)
     except Exception as exc:
         raise error_of(prefix, exc) from None
-    return ([(f"{root}/{m['path']}", m["size"]) for m in found["objects"]],
-            [f"{root}/{p}" for p in found["common_prefixes"]])
+    prefixes = [f"{root}/{p}" for p in found["common_prefixes"]]
+    marks = set(prefixes)
+    files = [(f"{root}/{m['path']}", m["size"]) for m in found["objects"]
+             if m["path"] != base and not (m["size"] == 0 and f"{root}/{m['path']}" in marks)]
+    return files, prefixes

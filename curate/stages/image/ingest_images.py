@@ -7,6 +7,7 @@ import functools
 import glob
 import hashlib
 import os
+import re
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from curate.errors import RunError
 from curate.media import objstore
@@ -57,8 +58,15 @@ class IngestParams(StageParams):
         default_factory=dict,
         description="how to reach s3:// (gs://, az://) paths: the keys the store takes "
         "(aws_endpoint, aws_region, aws_access_key_id, aws_secret_access_key, allow_http, "
-        "anonymous, ...); empty: the environment's credentials",
+        "anonymous, ...) and max_retries / retry_timeout_s; empty: the environment's "
+        "credentials",
     )
+
+    @field_validator("storage_options")
+    @classmethod
+    def _storage_options(cls, value: dict[str, str]) -> dict[str, str]:
+        objstore.check_options(value)
+        return value
     uri_column: str = Field("uri", description="manifest column holding each file's path or URL")
     caption_column: str | None = Field(
         None,
@@ -175,24 +183,31 @@ class IngestImages(Source):
         return entries
 
     def _object_entries(self, index: int, entry: str, where: str) -> list[dict[str, Any]]:
-        """Driver side, for an object URI: the objects and prefixes of its top level, or
-        the prefix before a glob's first wildcard (its worker matches the keys). The first
-        listing page is read here, so a wrong bucket, bad keys or an unreachable endpoint
-        fail before any work."""
+        """Driver side, for an object URI: the objects and prefixes of its top level, or,
+        for a glob, the prefix before its first wildcard (one task lists it and matches
+        the keys). Listing here, with few retries, makes a wrong bucket, bad keys or an
+        unreachable endpoint fail before any work."""
         options = self.params.storage_options
         wild = next((k for k, ch in enumerate(entry) if ch in "*?["), -1)
         try:
             if wild >= 0:
                 prefix = entry[:wild].rpartition("/")[0]
-                next(iter(objstore.list_pages(prefix, options, page=1)), None)
+                if "://" not in prefix or not objstore.split_uri(prefix)[0].split("://")[1]:
+                    raise RunError(f"{where}: {entry!r}: a wildcard in the bucket's name is "
+                                   "not supported; name the bucket")
+                next(iter(objstore.list_pages(prefix, options, page=1, quick=True)), None)
                 return [{"index": index, "entry": entry, "prefix": prefix, "match": entry}]
-            files, prefixes = objstore.list_level(entry, options)
+            files, prefixes = objstore.list_level(entry, options, quick=True)
             if not files and not prefixes:
-                objstore.read_head(entry, options)  # a single object, or nothing there
+                if entry.endswith("/") or not objstore.split_uri(entry)[1]:
+                    raise RunError(f"{where}: {entry!r} holds no objects")
+                objstore.read_head(entry, options, quick=True)  # a single object, or none
                 files = [(entry, 0)]
         except MediaError as exc:
             raise RunError(f"{where}: {exc.detail}") from None
-        uris = [uri for uri, _ in files]
+        # hidden names left out, as in a local directory (`_top_level`)
+        uris = [uri for uri, _ in files if not uri.rpartition("/")[2].startswith(".")]
+        prefixes = [p for p in prefixes if not p.rpartition("/")[2].startswith(".")]
         return ([{"index": index, "entry": entry, "prefix": p} for p in prefixes]
                 + [{"index": index, "entry": entry, "files": uris[lo:lo + LIST_CHUNK]}
                    for lo in range(0, len(uris), LIST_CHUNK)])
@@ -245,15 +260,19 @@ class IngestImages(Source):
             yield from self._file_items(path)
 
     def _object_items(self, unit: dict[str, Any]):
-        """The objects under a listing unit's prefix, page by page (those matching its
-        glob, when it has one)."""
-        import fnmatch
-
-        match = unit.get("match")
-        for page in objstore.list_pages(unit["prefix"], self.params.storage_options):
-            for uri, _ in page:
-                if match is None or fnmatch.fnmatchcase(uri, match):
+        """The objects under a listing unit's prefix, page by page: those a local listing
+        would give (no hidden names; those matching its glob, as `glob` matches paths,
+        when it has one)."""
+        match = glob_pattern(unit["match"]) if "match" in unit else None
+        start = len(unit["prefix"])
+        try:
+            for page in objstore.list_pages(unit["prefix"], self.params.storage_options):
+                for uri, _ in page:
+                    if "/." in uri[start:] or (match and not match.fullmatch(uri)):
+                        continue
                     yield from self._file_items(uri)
+        except MediaError as exc:  # the listing of this prefix failed (after retries)
+            raise RunError(f"{self.name}.paths.{unit['index']}: {exc.detail}") from None
 
     def _file_items(self, path: str):
         if objstore.is_object_uri(path):
@@ -301,6 +320,37 @@ class IngestImages(Source):
                 uri = uri.removeprefix("file://")
                 uri = str((base / os.path.expanduser(uri)).resolve())
             yield {"uri": uri, "alt_text": caption}
+
+
+def glob_pattern(pattern: str) -> re.Pattern:
+    """A glob over object URIs as `glob.glob(..., recursive=True)` reads it over paths:
+    `*`, `?` and `[...]` stay within one path segment, `**` as a whole segment spans any
+    number of them (none included)."""
+    out = []
+    parts = pattern.split("/")
+    for k, part in enumerate(parts):
+        last = k == len(parts) - 1
+        if part == "**":
+            out.append(".*" if last else "(?:[^/]*/)*")
+            continue
+        i = 0
+        while i < len(part):
+            ch = part[i]
+            if ch == "*":
+                out.append("[^/]*")
+            elif ch == "?":
+                out.append("[^/]")
+            elif ch == "[" and "]" in part[i + 2:]:
+                end = part.index("]", i + 2)
+                body = part[i + 1:end]
+                out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+                i = end
+            else:
+                out.append(re.escape(ch))
+            i += 1
+        if not last:
+            out.append("/")
+    return re.compile("".join(out))
 
 
 def _top_level(path: str) -> tuple[list[str], list[str]]:

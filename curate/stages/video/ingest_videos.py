@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 from pydantic import Field
 
+from curate.media import objstore
 from curate.media.decode import HttpOptions, MediaError, file_size, read_http
 from curate.media.video import VIDEO_SUFFIXES, VideoInfo, VideoSource, file_hash, probe
 from curate.stage import Resources, StageParams
@@ -152,6 +153,9 @@ def _source(uri: str, offset: int, size: int, max_bytes: int, http: HttpOptions
             ) -> tuple[VideoSource, str, int]:
     """Where to read a video, its content hash and size. Local files and tar members are
     read in place (hashed in chunks); a URL's bytes are held in memory, up to max_bytes."""
+    if objstore.is_object_uri(uri):
+        raise MediaError("unsupported", "videos are read from local paths or URLs for now, "
+                         "not from object storage")
     if _is_url(uri):
         data = read_http(uri, max_bytes, http)
         return VideoSource(data=data), hashlib.sha256(data).hexdigest(), len(data)
