@@ -224,9 +224,10 @@ def stamps(chain: list[Stage]) -> dict[str, str]:
         lineage = sorted({made_by[c] for c in stage.reads() if c in made_by})
         body = {"type": stage.type, **stage.row_fingerprint(), "reads": lineage}
         # on clips, a column read per frame makes other values than the clip's mean
-        per_frame = {c for s in frame_feeders(chain, index) for c in s.written_names()}
-        if per_frame & set(stage.reads()):
-            body["per_frame"] = sorted(per_frame & set(stage.reads()))
+        per_frame = {c for s in frame_feeders(chain, index) for c in s.written_names()
+                     if c in stage.reads()}
+        if per_frame:
+            body["per_frame"] = sorted(per_frame)
         row = _hash(body)
         out[stage.name] = f"{row}/{_hash(stage.verdict_fingerprint())}"
         for column in stage.written_names():

@@ -181,7 +181,6 @@ def _compute_part(table: pa.Table, made_by: list[Stage], stage: RowStage, stamp:
     on_frames = any(cuts_clips(s) for s in made_by) and not stage.takes_clips
     fed_by = [pickle.loads(pickle.dumps(s)) for s in fed_by]
     wants_media = stage.needs_pixels() or model or bool(fed_by)
-    set_up: list[bool] = []
     types = stage.writes()
     size = stage.resources.batch_size
     chunks = [table.slice(start, size) for start in range(0, table.num_rows, size)]
@@ -196,10 +195,6 @@ def _compute_part(table: pa.Table, made_by: list[Stage], stage: RowStage, stamp:
         if on_frames and media is not None:
             counts = frames.frame_counts(media, rows.num_rows)
             rows, media = rows.take(pa.array(frames.owners(counts))), frames.frames_of(media)
-            if fed_by and not set_up:  # the feeders run on this thread only: set up here
-                for feeder in fed_by:
-                    feeder.setup()
-                set_up.append(True)
             for feeder in fed_by:
                 for name, values in _on(feeder, rows, media).items():
                     at = rows.column_names.index(name) if name in rows.column_names else -1
@@ -214,6 +209,9 @@ def _compute_part(table: pa.Table, made_by: list[Stage], stage: RowStage, stamp:
     # the next batch is read, decoded and prepared on a thread (PIL, libjpeg-turbo and
     # NumPy let go of the GIL) while the stage works on this one, as in a run's pools
     with ThreadPoolExecutor(1) as reader:
+        # the feeders run on the reading thread only: set up there, first
+        for setting_up in [reader.submit(feeder.setup) for feeder in fed_by]:
+            setting_up.result()
         ahead = reader.submit(ready, chunks[0]) if chunks else None
         for k in range(len(chunks)):
             rows, media, unread, counts = ahead.result()

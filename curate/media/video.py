@@ -355,13 +355,15 @@ def write_video(path: str, frames_rgb, fps: int = 24, codec: str = "libx264",
                 output.mux(packet)
 
 
-def file_hash(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
-    """(content hash, size) of a file, read in chunks (videos are not read whole)."""
+def file_hash(source: str | VideoSource, chunk: int = 1 << 20) -> tuple[str, int]:
+    """(content hash, size) of a file, or of the bytes a VideoSource names (a tar member),
+    read in chunks (videos are not read whole)."""
     import hashlib
 
     digest = hashlib.sha256()  # the same hash as an image's content_hash
     size = 0
-    with open(path, "rb") as fh:
+    opened = source.open() if isinstance(source, VideoSource) else source
+    with open(opened, "rb") if isinstance(opened, str) else opened as fh:
         while block := fh.read(chunk):
             digest.update(block)
             size += len(block)

@@ -183,11 +183,7 @@ def _source(uri: str, offset: int, size: int, max_bytes: int, http: HttpOptions
 @functools.lru_cache(maxsize=64)
 def _member_hash(path: str, offset: int, size: int, mtime_ns: int) -> str:
     """A tar member's hash, read once per process while its shard is unchanged."""
-    digest = hashlib.sha256()
-    with VideoSource(path, offset, size).open() as member:
-        while block := member.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_hash(VideoSource(path, offset, size))[0]
 
 
 @functools.lru_cache(maxsize=16)
