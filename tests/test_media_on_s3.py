@@ -105,6 +105,7 @@ def test_prefixes_globs_and_single_objects_are_listed(media_on_s3):
     assert listed(f"{tree}/*.jpg") == [f"{tree}/top.jpg"]
     assert listed(f"{tree}/**/*.jpg") == [f"{tree}/sub/deep.jpg", f"{tree}/top.jpg"]
     assert listed(f"{tree}/s?b/[mn]*") == [f"{tree}/sub/note.png"]
+    assert listed(f"{tree}/._top.jpg") == [f"{tree}/._top.jpg"]  # named: read, as locally
     everything = listed(f"s3://{BUCKET}/media")
     assert len(everything) == sum(len(list((MEDIA / f).iterdir())) for f in FOLDERS)
     for path, says in [(f"s3://{BUCKET}/media/nothing-here.jpg", "no such object"),

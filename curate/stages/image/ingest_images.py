@@ -147,7 +147,8 @@ class IngestImages(Source):
         changed since (another content hash)."""
         columns, images = load_inputs(self, listed_again(rows))
         unread = unread_reasons(rows["error"].to_pylist(), columns["error"].to_pylist(),
-                         rows["content_hash"].to_pylist(), columns["content_hash"].to_pylist())
+                                rows["content_hash"].to_pylist(),
+                                columns["content_hash"].to_pylist())
         return [None if why else image for image, why in zip(images, unread)], unread
 
     # --- listing ----------------------------------------------------------------------------
@@ -198,16 +199,16 @@ class IngestImages(Source):
                 next(iter(objstore.list_pages(prefix, options, page=1, quick=True)), None)
                 return [{"index": index, "entry": entry, "prefix": prefix, "match": entry}]
             files, prefixes = objstore.list_level(entry, options, quick=True)
+            # hidden names left out, as in a local directory (`_top_level`)
+            uris = [uri for uri, _ in files if not uri.rpartition("/")[2].startswith(".")]
+            prefixes = [p for p in prefixes if not p.rpartition("/")[2].startswith(".")]
             if not files and not prefixes:
                 if entry.endswith("/") or not objstore.split_uri(entry)[1]:
                     raise RunError(f"{where}: {entry!r} holds no objects")
                 objstore.read_head(entry, options, quick=True)  # a single object, or none
-                files = [(entry, 0)]
+                uris = [entry]
         except MediaError as exc:
             raise RunError(f"{where}: {exc.detail}") from None
-        # hidden names left out, as in a local directory (`_top_level`)
-        uris = [uri for uri, _ in files if not uri.rpartition("/")[2].startswith(".")]
-        prefixes = [p for p in prefixes if not p.rpartition("/")[2].startswith(".")]
         return ([{"index": index, "entry": entry, "prefix": p} for p in prefixes]
                 + [{"index": index, "entry": entry, "files": uris[lo:lo + LIST_CHUNK]}
                    for lo in range(0, len(uris), LIST_CHUNK)])
