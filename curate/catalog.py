@@ -70,7 +70,7 @@ class Catalog:
         self.search_column = search_column
         self._handles: tuple[float, Any, Any] | None = None  # (checked at, table, dataset)
         self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()
-        self.reader = MediaReader()
+        self.reader = MediaReader(storage_options=store.media_storage_options)
         self._lock = threading.Lock()
         self._clips = None  # a ClipCache, made on the first clip asked for
         if self.store.table() is None:

@@ -289,7 +289,8 @@ def report(
 
 @app.command()
 def export(
-    out: Annotated[Path, typer.Option(help="directory to write the shards or parts into")],
+    out: Annotated[str, typer.Option(
+        help="directory, or object-store prefix (s3://bucket/prefix), to write into")],
     format: Annotated[str, typer.Option(help="webdataset | parquet")] = "webdataset",
     config: Annotated[Opt[Path], typer.Option(help="pipeline config naming the store")] = None,
     store: Annotated[Opt[str], typer.Option(help="LanceDB store URI")] = None,
@@ -313,6 +314,10 @@ def export(
     media: Annotated[str, typer.Option(help="parquet: bytes | uri")] = "bytes",
     version: Annotated[Opt[str], typer.Option(help="table version or tag")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an earlier export in --out")] = False,
+    storage_option: Annotated[Opt[list[str]], typer.Option(
+        help="KEY=VALUE, repeated: how to reach an object-store --out (aws_endpoint, "
+             "aws_region, ...); default: the store's media_storage_options, else the "
+             "environment's credentials")] = None,
     address: Annotated[Opt[str], typer.Option(help="Ray cluster to join; default: local")] = None,
     executor: Annotated[str, typer.Option(
         help="ray | local (threads here) | auto: local for a table of up to 20,000 rows "
@@ -324,7 +329,12 @@ def export(
     from curate.export import parse_options
 
     store_config = _store_of(config, store, table)
-    raw = {"format": format, "out": str(out), "where": where, "all": all_rows,
+    pairs = [item.partition("=") for item in storage_option or []]
+    if any(not key or not sep for key, sep, _ in pairs):
+        err.print("[red]error:[/] --storage-option takes KEY=VALUE", highlight=False)
+        raise typer.Exit(2)
+    raw = {"format": format, "out": out, "where": where, "all": all_rows,
+           "storage_options": {key: value for key, _, value in pairs},
            "limit": limit, "seed": seed, "shard_size": shard_size,
            "shard_bytes": shard_bytes, "prefix": prefix, "image_format": image_format,
            "max_side": max_side, "buckets": buckets, "group_by_bucket": group_by_bucket,

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -19,6 +20,7 @@ from pydantic import (
 )
 
 from curate.errors import ConfigError
+from curate.media.objstore import checked
 from curate.registry import get_stage_class, stage_type_names
 from curate.stage import StageParams
 
@@ -33,6 +35,10 @@ class StoreConfig(BaseModel):
     storage_options: dict[str, str] = Field(
         default_factory=dict, description="passed to LanceDB (object-store credentials, ...)"
     )
+    media_storage_options: Annotated[dict[str, str], AfterValidator(checked)] = Field(
+        default_factory=dict, description="how serve, export and LanceDataset reach media "
+        "rows in object storage (s3://, gs://, az:// uris): the keys a source's "
+        "storage_options take; empty: the environment's credentials")
 
 
 class RunConfig(BaseModel):

@@ -47,7 +47,8 @@ class LanceDataset(IterableDataset):
                  columns: list[str] | None = None, decode: bool = True,
                  max_side: int | None = None, transform: Callable | None = None,
                  rank: int = 0, world_size: int = 1, start: int = 0, unit_rows: int = 256,
-                 storage_options: dict[str, str] | None = None):
+                 storage_options: dict[str, str] | None = None,
+                 media_storage_options: dict[str, str] | None = None):
         import lance
 
         from curate.table.layout import table_path
@@ -58,6 +59,7 @@ class LanceDataset(IterableDataset):
         # workers to fork
         self.path = table_path(uri, table)
         self.storage_options = storage_options or None
+        self.media_storage_options = dict(media_storage_options or {})
         try:
             dataset = lance.dataset(self.path, version=version,
                                     storage_options=self.storage_options)
@@ -139,7 +141,7 @@ class LanceDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         dataset = lance.dataset(self.path, version=self.version,
                                 storage_options=self.storage_options)
-        reader = MediaReader()
+        reader = MediaReader(storage_options=self.media_storage_options)
         for unit in self.my_units(worker, workers):
             rows = self._scan(dataset, self.units[unit], self.read_columns).to_pylist()
             if unit == self._first_unit:

@@ -5,23 +5,33 @@ checking signatures)."""
 
 from __future__ import annotations
 
+import importlib
+import json
 import shutil
+import tarfile
 
 import boto3
 import lancedb
 import pytest
+import yaml
 
 from curate import Pipeline, load_config
+from curate.config import StoreConfig
 from curate.errors import RunError
+from curate.export import ExportError, export
 from curate.media import objstore
-from curate.media.decode import MediaError
+from curate.media.decode import MediaError, content_hash, error_code, list_tar
+from curate.media.reader import MediaReader
+from curate.media.video import VideoSource, probe
 from curate.stages.image.ingest_images import IngestImages
 
-from .conftest import BUCKET, ROOT
+from .conftest import BUCKET, ROOT, serve_settings
 
 MEDIA = ROOT / "examples" / "media"
-#: The demo's folders (the tar shard aside: shards are read from local paths for now).
+VIDEOS = ROOT / "examples" / "videos"
+#: The demo's folders (its tar shard goes under shards/).
 FOLDERS = ("photos", "variants", "low_quality", "broken", "odd")
+SHARD = "shard-000000.tar"
 
 
 def client(options):
@@ -30,13 +40,32 @@ def client(options):
                         aws_secret_access_key=options["aws_secret_access_key"])
 
 
+def manifest_lines(base: str, where: str) -> str:
+    """A manifest naming files under `extra/` three ways: a key (path) relative to the
+    manifest, the whole URI (path), and one that is not there."""
+    return "".join(json.dumps(row) + "\n" for row in [
+        {"uri": "../extra/coffee.jpg", "caption": "a cup"},
+        {"uri": f"{base}/extra/logo.png", "caption": "a logo"},
+        {"uri": "../extra/gone.jpg", "caption": where}])
+
+
 @pytest.fixture(scope="module")
 def media_on_s3(s3):
-    """The demo's folders uploaded under media/ (and 12 small objects under small/)."""
+    """The demo's folders uploaded under media/, its shard under shards/, a manifest under
+    lists/ naming files under extra/, the demo videos under videos/ (and 12 small objects
+    under small/)."""
     s3c = client(s3)
     for folder in FOLDERS:
         for path in sorted((MEDIA / folder).iterdir()):
             s3c.upload_file(str(path), BUCKET, f"media/{folder}/{path.name}")
+    s3c.upload_file(str(MEDIA / SHARD), BUCKET, f"shards/{SHARD}")
+    s3c.upload_file(str(MEDIA / "photos" / "coffee.jpg"), BUCKET, "extra/coffee.jpg")
+    s3c.upload_file(str(MEDIA / "odd" / "logo_rgba.png"), BUCKET, "extra/logo.png")
+    s3c.put_object(Bucket=BUCKET, Key="lists/extra.jsonl",
+                   Body=manifest_lines(f"s3://{BUCKET}", "bucket").encode())
+    for path in sorted(VIDEOS.rglob("*")):
+        if path.is_file():
+            s3c.upload_file(str(path), BUCKET, f"videos/{path.relative_to(VIDEOS)}")
     for k in range(12):
         s3c.put_object(Bucket=BUCKET, Key=f"small/{'ab'[k % 2]}/{k:02d}.bin",
                        Body=bytes([k]) * (k + 1))
@@ -114,44 +143,308 @@ def test_prefixes_globs_and_single_objects_are_listed(media_on_s3):
             listed(path)
 
 
-def test_a_run_over_a_bucket_decides_as_over_a_local_folder(ray_session, media_on_s3,
-                                                            tmp_path):
-    """The same files, from the bucket and from a local copy: the same rows, hashes and
-    verdicts (the uris aside)."""
-    local = tmp_path / "media"
+def local_copy(root):
+    """The bucket's media/, shards/, lists/ and extra/ as a local folder."""
     for folder in FOLDERS:
-        shutil.copytree(MEDIA / folder, local / folder)
+        shutil.copytree(MEDIA / folder, root / "media" / folder)
+    (root / "shards").mkdir()
+    shutil.copy(MEDIA / SHARD, root / "shards")
+    (root / "extra").mkdir()
+    shutil.copy(MEDIA / "photos" / "coffee.jpg", root / "extra")
+    shutil.copy(MEDIA / "odd" / "logo_rgba.png", root / "extra" / "logo.png")
+    (root / "lists").mkdir()
+    (root / "lists" / "extra.jsonl").write_text(manifest_lines(str(root), "bucket"))
+    return root
 
-    def run(paths, store):
-        raw = {"name": "s3-media", "store": {"uri": str(store)},
+
+def compared(rows: list[dict], root: str, keep: tuple[str, ...]) -> tuple[dict, dict]:
+    """Rows by their uri under `root` (columns `keep`, an error by its code: a missing
+    file and a missing object say so in their own words), and each group of copies with
+    how many of it are kept."""
+    names = {r["sample_id"]: r["uri"].removeprefix(root) for r in rows}
+    parent = {r["sample_id"]: r["duplicate_of"] for r in rows if r["duplicate_of"]}
+
+    def first(sample_id):
+        while sample_id in parent:
+            sample_id = parent[sample_id]
+        return sample_id
+
+    groups: dict[str, set] = {}
+    for r in rows:
+        groups.setdefault(first(r["sample_id"]), set()).add(names[r["sample_id"]])
+    # which copy of identical files is kept follows the sample_ids, made from the uris
+    kept = {frozenset(g): sum(r["selected"] for r in rows if names[r["sample_id"]] in g)
+            for g in groups.values()}
+    table = {names[r["sample_id"]]: {**{k: r[k] for k in keep},
+                                     "error": error_code(r["error"])} for r in rows}
+    return table, kept
+
+
+@pytest.fixture(scope="module")
+def image_stores(ray_session, media_on_s3, tmp_path_factory):
+    """The same files (folders, a WebDataset shard, a manifest of relative keys and whole
+    URIs) run from the bucket and from a local copy: {"bucket"/"local": (store, root)}."""
+    root = tmp_path_factory.mktemp("s3-images")
+    local = local_copy(root / "local")
+    stores = {}
+    for name, where in (("bucket", f"s3://{BUCKET}"), ("local", str(local))):
+        raw = {"name": "s3-media", "store": {"uri": str(root / name)},
                "run": {"executor": "local"},
-               "stages": [{"type": "ingest_images", "paths": paths,
+               "stages": [{"type": "ingest_images",
+                           "paths": [f"{where}/media/", f"{where}/shards/{SHARD}",
+                                     f"{where}/lists/extra.jsonl"],
                            "storage_options": media_on_s3},
                           {"type": "image_quality", "min_side": 128, "min_blur": 10},
                           {"type": "exact_dedup"},
                           {"type": "phash_dedup", "max_distance": 8}]}
         assert Pipeline.from_config(load_config(raw)).run(progress=False).status == \
             "finished"
+        stores[name] = (root / name, where)
+    return stores
+
+
+def test_a_run_over_a_bucket_decides_as_over_a_local_folder(image_stores):
+    """The same rows, hashes and verdicts from the bucket as from the local copy (the
+    uris aside)."""
+    def compare(name):
+        store, root = image_stores[name]
         rows = lancedb.connect(str(store)).open_table("samples").to_arrow().to_pylist()
-        names = {r["sample_id"]: r["uri"].split("media/", 1)[1] for r in rows}
-        keep = ("content_hash", "width", "height", "format", "error", "quality_reason")
-        parent = {r["sample_id"]: r["duplicate_of"] for r in rows if r["duplicate_of"]}
+        return compared(rows, f"{root}/", ("content_hash", "width", "height", "format",
+                                           "alt_text", "quality_reason"))
 
-        def root(sample_id):
-            while sample_id in parent:
-                sample_id = parent[sample_id]
-            return sample_id
-
-        groups: dict[str, set] = {}
-        for r in rows:
-            groups.setdefault(root(r["sample_id"]), set()).add(names[r["sample_id"]])
-        # which copy of identical files is kept follows the sample_ids, made from the uris
-        kept = {frozenset(g): sum(r["selected"] for r in rows
-                                  if names[r["sample_id"]] in g) for g in groups.values()}
-        return {names[r["sample_id"]]: {k: r[k] for k in keep} for r in rows}, kept
-
-    from_bucket, bucket_groups = run([f"s3://{BUCKET}/media/"], tmp_path / "s3-store")
-    from_disk, disk_groups = run([str(local)], tmp_path / "local-store")
+    from_bucket, bucket_groups = compare("bucket")
+    from_disk, disk_groups = compare("local")
     assert from_bucket == from_disk and bucket_groups == disk_groups
+    shard = [name for name in from_bucket if name.startswith(f"shards/{SHARD}#")]
+    assert len(shard) > 1 and any(from_bucket[n]["alt_text"] for n in shard)
+    assert from_bucket["extra/coffee.jpg"]["alt_text"] == "a cup"
+    assert from_bucket["extra/logo.png"]["content_hash"]
+    assert from_bucket["extra/gone.jpg"]["error"] == "missing"
     assert any(r["error"] for r in from_bucket.values())
     assert any(len(g) > 1 for g in bucket_groups)
+
+
+def samples_of_webdataset(shards: list[str], options) -> dict[str, dict]:
+    """Every sample of the shards, read by the webdataset package, the shards opened by
+    boto3 (a client of its own, not curate's)."""
+    import webdataset as wds
+    opening = importlib.import_module("webdataset.gopen")
+
+    s3c = client(options)
+
+    def opener(url, mode="rb", bufsize=8192, **kw):
+        bucket, _, key = url.removeprefix("s3://").partition("/")
+        return s3c.get_object(Bucket=bucket, Key=key)["Body"]
+
+    opening.gopen_schemes["s3"] = opener
+    try:
+        return {s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")}
+                for s in wds.WebDataset(shards, shardshuffle=False, nodesplitter=None)}
+    finally:
+        del opening.gopen_schemes["s3"]
+
+
+def test_an_export_to_a_bucket_reads_back_with_webdataset_and_pyarrow(
+        image_stores, media_on_s3, tmp_path):
+    """`curate export --out s3://...` from the table made from the bucket: shards and
+    parts read back by the webdataset package and pyarrow.dataset hold what an export of
+    the local table to a local folder holds; the index comes last; a second export into
+    the prefix is refused unless overwrite."""
+    import pyarrow.dataset as ds
+    from pyarrow import fs
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    store, _ = image_stores["bucket"]
+    config = StoreConfig(uri=str(store), media_storage_options=media_on_s3)
+    out = f"s3://{BUCKET}/exports/wds"
+    summary = export(config, {"out": out, "shard_size": 4})
+    local = export(StoreConfig(uri=str(image_stores["local"][0])),
+                   {"out": str(tmp_path / "wds"), "shard_size": 4})
+    s3c = client(media_on_s3)
+    index = json.loads(s3c.get_object(Bucket=BUCKET, Key="exports/wds/index.json")["Body"]
+                       .read())
+    # the same index but for the shards' contents (rows are ordered by sample_id, a hash
+    # of the uri)
+    local_index = json.loads((tmp_path / "wds" / "index.json").read_text())
+    assert [s["samples"] for s in index["shards"]] == [
+        s["samples"] for s in local_index["shards"]]
+    assert {k: v for k, v in index.items() if k not in ("store", "run_id", "shards")} == {
+        k: v for k, v in local_index.items() if k not in ("store", "run_id", "shards")}
+    listed = [o["Key"] for o in s3c.list_objects_v2(Bucket=BUCKET, Prefix="exports/wds/")
+              ["Contents"]]
+    assert sorted(listed) == sorted(["exports/wds/index.json"] + [
+        f"exports/wds/{s['name']}" for s in index["shards"]])  # no temporary objects
+    from_bucket = samples_of_webdataset([f"{out}/{s['name']}" for s in index["shards"]],
+                                        media_on_s3)
+    from_disk = samples_of_webdataset(sorted(str(p) for p in (tmp_path / "wds").glob("*.tar")),
+                                      media_on_s3)
+
+    def by_hash(samples):
+        out = {}
+        for files in samples.values():
+            media = next(k for k in files if k not in ("json", "txt"))
+            meta = json.loads(files["json"])
+            # the original bytes: their hash is the row's, the same from either place
+            out[content_hash(files[media])] = (files[media], files.get("txt"), meta["blur"])
+        return out
+
+    assert summary.written == local.written == len(from_bucket) > 4
+    assert by_hash(from_bucket) == by_hash(from_disk)
+    with pytest.raises(ExportError, match="already holds an export"):
+        export(config, {"out": out})
+    assert export(config, {"out": out, "overwrite": True, "shard_size": 100}).written == \
+        summary.written
+
+    # the command: media reached with the config's store.media_storage_options, the
+    # prefix written with --storage-option
+    named = tmp_path / "config.yaml"
+    named.write_text(yaml.safe_dump({
+        "name": "s3-media", "store": {"uri": str(store), "media_storage_options": media_on_s3},
+        "stages": [{"type": "ingest_images", "paths": [f"s3://{BUCKET}/media/"]}]}))
+    args = ["export", "--config", str(named), "--format", "parquet", "--shard-size", "5",
+            "--out", f"s3://{BUCKET}/exports/pq", "--no-progress"]
+    args += [f"--storage-option={k}={v}" for k, v in media_on_s3.items()]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"into s3://{BUCKET}/exports/pq" in result.output
+    parts = fs.S3FileSystem(
+        access_key=media_on_s3["aws_access_key_id"],
+        secret_key=media_on_s3["aws_secret_access_key"], region="us-east-1", scheme="http",
+        endpoint_override=media_on_s3["aws_endpoint"].removeprefix("http://"))
+    table = ds.dataset(f"{BUCKET}/exports/pq", filesystem=parts, format="parquet",
+                       exclude_invalid_files=True).to_table()
+    assert sorted(content_hash(m) for m in table["media"].to_pylist()) == sorted(
+        by_hash(from_bucket))
+
+
+def test_objects_are_read_in_place_by_ranges(media_on_s3):
+    """An object read as a seekable file gives the local file's bytes at every offset;
+    a shard's members are found where the local shard has them; the reader behind serve
+    and export reads objects, shard members and videos."""
+    options = media_on_s3
+    local = (VIDEOS / "cuts.mp4").read_bytes()
+    with objstore.ObjectFile(f"s3://{BUCKET}/videos/cuts.mp4", options, buffer=4096) as f:
+        for offset, size in [(0, 10), (len(local) - 7, 100), (123_457, 65_536), (5, 0)]:
+            f.seek(offset)
+            assert f.read(size) == local[offset:offset + size]
+        assert f.seek(0, 2) == len(local)
+    with objstore.ObjectFile(f"s3://{BUCKET}/shards/{SHARD}", options) as shard:
+        listed = [(m.name, m.offset_data, m.size) for m in list_tar(shard)]
+    assert listed == [(m.name, m.offset_data, m.size) for m in list_tar(str(MEDIA / SHARD))]
+    reader = MediaReader(storage_options=options)
+    name, _, size = listed[0]
+    with tarfile.open(MEDIA / SHARD) as tar:
+        member = tar.extractfile(name).read()
+    assert reader.read(f"s3://{BUCKET}/shards/{SHARD}#{name}", size) == member
+    photo = (MEDIA / "photos" / "coffee.jpg").read_bytes()
+    assert reader.read_checked(f"s3://{BUCKET}/extra/coffee.jpg", len(photo),
+                               content_hash(photo)) == photo
+    source = reader.video_source(f"s3://{BUCKET}/videos/cuts.mp4", content_hash(local))
+    assert probe(source) == probe(VideoSource(str(VIDEOS / "cuts.mp4")))
+    with pytest.raises(MediaError, match="changed since it was ingested"):
+        reader.video_source(f"s3://{BUCKET}/videos/slideshow.mp4", content_hash(local))
+
+
+def video_run(root: str, store, options, extra: list) -> tuple[object, list[dict]]:
+    raw = {"name": "s3-videos", "store": {"uri": str(store), "table": "clips"},
+           "run": {"executor": "local"},
+           "stages": [{"type": "ingest_videos", "paths": [f"{root}/videos/"],
+                       "storage_options": options},
+                      {"type": "split_clips", "method": "scenes", "min_clip_s": 1.0,
+                       "max_clip_s": 4.0, "frames_per_clip": 3},
+                      {"type": "motion_score", "min_score": 0.5},
+                      {"type": "exact_dedup"}, *extra]}
+    summary = Pipeline.from_config(load_config(raw)).run(progress=False)
+    assert summary.status == "finished"
+    return summary, lancedb.connect(str(store)).open_table("clips").to_arrow().to_pylist()
+
+
+@pytest.fixture(scope="module")
+def video_stores(ray_session, media_on_s3, tmp_path_factory):
+    """The demo videos cut into clips from the bucket (read in place) and from a local
+    folder."""
+    root = tmp_path_factory.mktemp("s3-videos")
+    local = root / "local"
+    shutil.copytree(VIDEOS, local / "videos")
+    stores = {"bucket": root / "from-bucket", "local": root / "from-disk"}
+    video_run(f"s3://{BUCKET}", stores["bucket"], media_on_s3, [])
+    video_run(str(local), stores["local"], media_on_s3, [])
+    return stores, str(local)
+
+
+def test_videos_in_a_bucket_are_cut_as_local_ones(video_stores, media_on_s3, tmp_path):
+    """Clips cut from videos in the bucket equal those cut from a local copy, and a stage
+    added later reads each clip's frames again from the bucket by its span (no video
+    read whole into memory), giving what a fresh local run gives."""
+    stores, local = video_stores
+    keep = ("clip_start_s", "clip_end_s", "frame_times", "source_hash", "content_hash",
+            "motion", "num_frames", "selected")
+
+    def rows_of(store):
+        return lancedb.connect(str(store)).open_table("clips").to_arrow().to_pylist()
+
+    def by_clip(rows, root):
+        return {(r["uri"].removeprefix(root), r["clip_start_s"]): {
+            **{k: r.get(k) for k in keep}, "error": error_code(r["error"])} for r in rows}
+
+    bucket = by_clip(rows_of(stores["bucket"]), f"s3://{BUCKET}/")
+    assert bucket == by_clip(rows_of(stores["local"]), f"{local}/")
+    assert sum(1 for r in bucket.values() if r["clip_start_s"] is not None) > 3
+    assert {r["error"] for r in bucket.values()} >= {"empty", "truncated", "not_a_video"}
+    assert any(uri.startswith("videos/shard-videos.tar#") for uri, _ in bucket)
+
+    extra = [{"type": "image_quality", "min_side": 64, "min_blur": 5}]
+    again = shutil.copytree(stores["bucket"], tmp_path / "again")
+    summary, rows = video_run(f"s3://{BUCKET}", again, media_on_s3, extra)
+    counts = {s.name: s for s in summary.stages}
+    assert counts["split_clips"].rows_computed == 0  # nothing cut again
+    assert counts["image_quality"].rows_computed > 0
+    _, fresh = video_run(local, tmp_path / "fresh", media_on_s3, extra)
+    quality = ("blur", "quality_reason", "selected")
+
+    def scores(rows, root):
+        return {(r["uri"].removeprefix(root), r["clip_start_s"]): {k: r[k] for k in quality}
+                for r in rows}
+
+    assert scores(rows, f"s3://{BUCKET}/") == scores(fresh, f"{local}/")
+
+
+def test_serve_plays_clips_cut_from_a_video_in_the_bucket(video_stores, media_on_s3,
+                                                          tmp_path):
+    """The real Serve app over the table made from the bucket: a clip's media is a cut of
+    just that clip, read from the bucket by ranges with store.media_storage_options; a
+    source overwritten in the bucket is refused as changed."""
+    import requests
+
+    from curate.serve.config import load_serve_config
+    from curate.serve.server import start, stop
+
+    stores, _ = video_stores
+    store = shutil.copytree(stores["bucket"], tmp_path / "served")
+    settings = serve_settings(store)
+    settings["store"].update(table="clips", media_storage_options=media_on_s3)
+    url = start(load_serve_config(settings))
+    try:
+        rows = requests.get(f"{url}/samples", timeout=60, params={
+            "where": "media_type = 'video_clip' AND uri LIKE '%slideshow.mp4'",
+            "limit": 10}).json()["rows"]
+        assert rows
+        for row in rows:
+            got = requests.get(f"{url}/samples/{row['sample_id']}/media", timeout=120)
+            assert got.status_code == 200, got.text
+            path = tmp_path / f"{row['clip_index']}.mp4"
+            path.write_bytes(got.content)
+            assert probe(VideoSource(str(path))).num_frames == row["num_frames"]
+        s3c = client(media_on_s3)
+        original = (VIDEOS / "slideshow.mp4").read_bytes()
+        s3c.put_object(Bucket=BUCKET, Key="videos/slideshow.mp4", Body=original[:-4] + b"abcd")
+        try:
+            got = requests.get(f"{url}/samples/{rows[0]['sample_id']}/media",
+                               params={"format": "webm"}, timeout=120)
+            assert got.status_code == 410 and "changed" in got.json()["error"]
+        finally:
+            s3c.put_object(Bucket=BUCKET, Key="videos/slideshow.mp4", Body=original)
+    finally:
+        stop()

@@ -9,22 +9,29 @@ ingest) and write the files. The export is recorded in `<table>_runs`.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from curate.config import StoreConfig
 from curate.engine.backend import InlineBackend, choose
 from curate.errors import ConfigError, CurateError, storage_message
 from curate.export.buckets import parse_buckets
+from curate.export.outputs import Output
 from curate.export.sharding import BINS, Order, WriterTask, histogram, plan, split
 from curate.export.writers import (
     MediaOptions,
@@ -34,6 +41,7 @@ from curate.export.writers import (
     write_webdataset,
 )
 from curate.filters import FilterError, combine
+from curate.media.objstore import checked, normalized
 from curate.stage import Stage
 from curate.table.layout import now
 
@@ -62,7 +70,8 @@ class ExportOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: Literal["webdataset", "parquet"] = "webdataset"
-    out: str = Field(description="directory to write into")
+    out: str = Field(description="directory, or object-store prefix (s3://bucket/prefix), "
+                     "to write into")
     where: str | None = Field(None, description="filter (the API's language)")
     all: bool = Field(False, description="every row, not only selected ones")
     limit: int | None = Field(None, ge=1, description="at most this many samples")
@@ -82,6 +91,10 @@ class ExportOptions(BaseModel):
         "auto", description="ray: tasks on a Ray cluster; local: threads in this process; "
         "auto: local for a small table when no cluster is given, else ray")
     overwrite: bool = False
+    storage_options: Annotated[dict[str, str], AfterValidator(checked)] = Field(
+        default_factory=dict, description="how to reach an object-store --out (the keys a "
+        "source's storage_options take); empty: the store's media_storage_options, else "
+        "the environment's credentials")
 
     @field_validator("buckets")
     @classmethod
@@ -135,7 +148,7 @@ class ExportSummary:
 
     @property
     def index(self) -> str:
-        return os.path.join(self.out, INDEX[self.format])
+        return Output(self.out).path(INDEX[self.format])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,12 +162,12 @@ def _split_task(part: pa.Table, order: Order, tasks: list[WriterTask]):
     return pieces if len(pieces) > 1 else pieces[0]
 
 
-def _write_task(options: ExportOptions, task: WriterTask, columns: list[str], out: str,
-                *pieces: pa.Table) -> Written:
+def _write_task(options: ExportOptions, task: WriterTask, columns: list[str], out: Output,
+                reach: tuple[tuple[str, str], ...], *pieces: pa.Table) -> Written:
     from curate.parts import concat
 
     rows = with_buckets(concat(pieces), options.bucket_list())
-    media = MediaOptions(options.image_format, options.max_side, options.quality)
+    media = MediaOptions(options.image_format, options.max_side, options.quality, reach)
     if options.format == "webdataset":
         return write_webdataset(rows, task, out, columns, media, options.size(),
                                 options.shard_bytes)
@@ -184,7 +197,7 @@ class _TaskWriters:
                                                  (order,))),
                    np.zeros((order.groups, BINS), np.int64))
 
-    def write(self, tasks, options, columns, out, order):
+    def write(self, tasks, options, columns, out, order, reach):
         if not tasks:
             return
         splitter = self.backend.task(_split_task)
@@ -193,7 +206,7 @@ class _TaskWriters:
         if len(tasks) == 1:
             pieces = [[p] for p in pieces]
         writer = self.backend.task(_write_task, max_retries=2)
-        refs = [writer.remote(options, task, columns, out, *[p[i] for p in pieces])
+        refs = [writer.remote(options, task, columns, out, reach, *[p[i] for p in pieces])
                 for i, task in enumerate(tasks)]
         yield from self.backend.as_completed(refs)
 
@@ -211,14 +224,15 @@ class _ThreadWriters:
         self.rows = self.dataset.to_table(columns=read, filter=where)
         return histogram(self.rows, order)
 
-    def write(self, tasks, options, columns, out, order):
+    def write(self, tasks, options, columns, out, order, reach):
         from concurrent.futures import ThreadPoolExecutor, as_completed
 
         if not tasks:
             return
         pieces = split(self.rows, order, tasks)
         with ThreadPoolExecutor(max_workers=self.threads) as pool:
-            futures = {pool.submit(_write_task, options, task, columns, out, pieces[i]): i
+            futures = {pool.submit(_write_task, options, task, columns, out, reach,
+                                   pieces[i]): i
                        for i, task in enumerate(tasks)}
             for future in as_completed(futures):
                 yield futures[future], future.result()
@@ -266,19 +280,21 @@ def _ours(name: str, prefix: str) -> bool:
                              and name.endswith((".tar", ".parquet", ".part")))
 
 
-def _prepare_out(out: str, prefix: str, overwrite: bool) -> None:
-    os.makedirs(out, exist_ok=True)
-    earlier = sorted(n for n in os.listdir(out) if _ours(n, prefix))
+def _prepare_out(out: Output, prefix: str, overwrite: bool) -> None:
+    try:
+        earlier = [n for n in out.prepare() if _ours(n, prefix)]
+    except OSError as exc:
+        raise ExportError(f"cannot write into {out.root}: {exc}") from None
     if earlier and not overwrite:
-        raise ExportError(f"{out} already holds an export ({', '.join(earlier[:3])}"
+        raise ExportError(f"{out.root} already holds an export ({', '.join(earlier[:3])}"
                           f"{' ...' if len(earlier) > 3 else ''}); pass --overwrite to "
                           "replace it, or choose another --out")
     for name in earlier:
-        os.unlink(os.path.join(out, name))
+        out.remove(name)
 
 
 def _final_names(results: list[Written], tasks: list[WriterTask], options: ExportOptions,
-                 buckets: tuple[str, ...]) -> list[dict[str, Any]]:
+                 buckets: tuple[str, ...], out: Output) -> list[dict[str, Any]]:
     """The files in order, renamed from their task-local names to consecutive ones."""
     files, numbers = [], Counter()
     for task, written in zip(tasks, results):
@@ -293,7 +309,7 @@ def _final_names(results: list[Written], tasks: list[WriterTask], options: Expor
                 name = f"{options.prefix}{middle}-{n:06d}.tar"
             else:
                 name = f"part-{n:05d}.parquet"
-            os.replace(item["path"], os.path.join(options.out, name))
+            out.rename(item["name"], name)
             entry = {"name": name, "samples": item["samples"], "bytes": item["bytes"]}
             if bucket:
                 entry["bucket"] = bucket
@@ -323,8 +339,9 @@ def export(store_config: StoreConfig, options: ExportOptions | dict[str, Any],
         raise ExportError(str(exc)) from None
     buckets = options.bucket_list()
     columns = _columns(options, dataset.schema, bool(buckets))
-    out = os.path.abspath(options.out)
-    options = options.model_copy(update={"out": out})
+    out = Output.of(options.out, options.storage_options
+                    or store_config.media_storage_options)
+    options = options.model_copy(update={"out": out.root})
     _prepare_out(out, options.prefix, options.overwrite)
     order = Order(options.seed, buckets, options.group_by_bucket)
     read = [c for c in dict.fromkeys([*MEDIA_COLUMNS, *columns]) if c in names]
@@ -343,11 +360,12 @@ def export(store_config: StoreConfig, options: ExportOptions | dict[str, Any],
     results: dict[int, Written] = {}
     with progress_bar(progress) as bar:
         bar_task = bar.add_task(f"export {options.format}", total=selected, rate="")
-        for index, written in writers.write(tasks, options, columns, out, order):
+        reach = normalized(store_config.media_storage_options)
+        for index, written in writers.write(tasks, options, columns, out, order, reach):
             results[index] = written
             bar.advance(bar_task, tasks[index].stop - tasks[index].start)
     ordered = [results[i] for i in range(len(tasks))]
-    files = _final_names(ordered, tasks, options, buckets)
+    files = _final_names(ordered, tasks, options, buckets, out)
     skipped: Counter = Counter()
     examples: dict[str, str] = {}
     for written in ordered:
@@ -355,17 +373,19 @@ def export(store_config: StoreConfig, options: ExportOptions | dict[str, Any],
         for k, v in written.examples.items():
             examples.setdefault(k, v)
     summary = ExportSummary(
-        format=options.format, out=out, table=store.name, store_uri=store.uri,
+        format=options.format, out=out.root, table=store.name, store_uri=store.uri,
         version=int(dataset.version), filter=where, selected=selected,
         written=sum(f["samples"] for f in files), files=files, skipped=dict(skipped),
         skipped_examples=examples, seconds=time.perf_counter() - clock,
         run_id=f"export-{uuid.uuid4().hex[:12]}")
-    _write_index(summary, options, columns)
+    _write_index(summary, options, columns, out)
     _record(store, summary, options, started)
     return summary
 
 
-def _write_index(summary: ExportSummary, options: ExportOptions, columns: list[str]) -> None:
+def _write_index(summary: ExportSummary, options: ExportOptions, columns: list[str],
+                 out: Output) -> None:
+    """The index, written last: a reader that finds it finds every file it names."""
     index = {
         "format": summary.format, "table": summary.table, "store": summary.store_uri,
         "version": summary.version, "filter": summary.filter, "seed": options.seed,
@@ -378,18 +398,15 @@ def _write_index(summary: ExportSummary, options: ExportOptions, columns: list[s
         "shards" if summary.format == "webdataset" else "parts": summary.files,
         "run_id": summary.run_id,
     }
-    path = os.path.join(summary.out, INDEX[summary.format])
-    with open(path + ".part", "w") as fh:
-        json.dump(index, fh, indent=2)
-    os.replace(path + ".part", path)
+    out.write_text(INDEX[summary.format], json.dumps(index, indent=2))
 
 
 def _record(store, summary: ExportSummary, options: ExportOptions, started) -> None:
     """The export in `<table>_runs` (kind `export`): what, where, from which version."""
     record = {
         "run_id": summary.run_id, "kind": "export", "pipeline": f"export:{summary.format}",
-        "status": "finished", "config_yaml": yaml.safe_dump(options.model_dump(mode="json"),
-                                                            sort_keys=False),
+        "status": "finished", "config_yaml": yaml.safe_dump(options.model_dump(
+                   mode="json", exclude={"storage_options"}), sort_keys=False),
         "started_at": started, "finished_at": now(), "seconds": summary.seconds,
         "version_before": summary.version, "version_after": summary.version,
         "rows_total": summary.selected, "rows_processed": summary.written,

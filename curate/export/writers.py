@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.export.outputs import Output
 from curate.export.sharding import WriterTask, ranked
 from curate.media.decode import MediaError, decode_image
 from curate.media.reader import MediaReader
@@ -40,6 +41,8 @@ class MediaOptions:
     image_format: str | None = None  # jpg | png | webp: re-encode; None: original bytes
     max_side: int | None = None  # downscale (images re-encoded, clips cut) to this side
     quality: int = 95
+    #: how media in object storage is reached (the store's media_storage_options)
+    storage_options: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -57,7 +60,7 @@ class MediaFetcher:
 
     def __init__(self, options: MediaOptions):
         self.options = options
-        self.reader = MediaReader()
+        self.reader = MediaReader(storage_options=dict(options.storage_options))
 
     def fetch(self, row: dict[str, Any]) -> tuple[bytes, str]:
         if row.get("error"):
@@ -155,9 +158,9 @@ class _Shard:
     its padding in one go: tarfile's own copy loop moves 16 KiB at a time under the GIL,
     which halves what two writer threads achieve on photos."""
 
-    def __init__(self, path: str):
-        self.path = path
-        self.file = open(path, "wb")  # noqa: SIM115  (closed in close(), after many rows)
+    def __init__(self, out: Output, name: str):
+        self.name = name
+        self.file = out.create(name)  # closed in close(), after many rows
         self.samples = 0
 
     def add(self, name: str, data: bytes) -> None:
@@ -177,11 +180,12 @@ class _Shard:
         # writes it
         self.file.write(b"\0" * (2 * tarfile.BLOCKSIZE))
         self.file.write(b"\0" * (-self.file.tell() % tarfile.RECORDSIZE))
+        size = self.file.tell()
         self.file.close()
-        return {"path": self.path, "samples": self.samples, "bytes": os.path.getsize(self.path)}
+        return {"name": self.name, "samples": self.samples, "bytes": size}
 
 
-def write_webdataset(rows: pa.Table, task: WriterTask, out: str, columns: list[str],
+def write_webdataset(rows: pa.Table, task: WriterTask, out: Output, columns: list[str],
                      media: MediaOptions, shard_size: int, shard_bytes: int | None
                      ) -> Written:
     """The task's ranks as tar shards of `shard_size` samples (or about `shard_bytes`):
@@ -197,8 +201,7 @@ def write_webdataset(rows: pa.Table, task: WriterTask, out: str, columns: list[s
         if shard is None or full:
             if shard is not None:
                 written.files.append(shard.close())
-            shard = _Shard(os.path.join(out, f".task{task.index:05d}-{len(written.files):05d}"
-                                             ".tar.part"))
+            shard = _Shard(out, f".task{task.index:05d}-{len(written.files):05d}.tar.part")
         key = row["sample_id"]
         shard.add(f"{key}.{ext}", data)
         text = _text(row)
@@ -212,7 +215,7 @@ def write_webdataset(rows: pa.Table, task: WriterTask, out: str, columns: list[s
     return written
 
 
-def write_parquet(rows: pa.Table, task: WriterTask, out: str, columns: list[str],
+def write_parquet(rows: pa.Table, task: WriterTask, out: Output, columns: list[str],
                   media: MediaOptions, with_bytes: bool, part_rows: int) -> Written:
     """The task's ranks as Parquet parts of `part_rows` rows: the metadata columns, `text`
     (caption or alt text), and the media as `media` bytes with `media_ext` (or only the
@@ -237,16 +240,19 @@ def write_parquet(rows: pa.Table, task: WriterTask, out: str, columns: list[str]
     def close() -> None:
         flush()
         part["writer"].close()
-        written.files.append({"path": part["path"], "samples": part["samples"],
-                              "bytes": os.path.getsize(part["path"])})
+        size = part["file"].tell()
+        part["file"].close()
+        written.files.append({"name": part["name"], "samples": part["samples"],
+                              "bytes": size})
 
     for row, data, ext in _samples(rows, fetcher, written):
         if part is None or part["samples"] >= part_rows:
             if part is not None:
                 close()
-            path = os.path.join(out, f".task{task.index:05d}-{len(written.files):05d}"
-                                     ".parquet.part")
-            part = {"path": path, "samples": 0, "writer": pq.ParquetWriter(path, schema)}
+            name = f".task{task.index:05d}-{len(written.files):05d}.parquet.part"
+            file = out.create(name)
+            part = {"name": name, "file": file, "samples": 0,
+                    "writer": pq.ParquetWriter(file, schema)}
         item = {f.name: row.get(f.name) for f in fields}
         item["text"] = _text(row)
         if with_bytes:

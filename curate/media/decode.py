@@ -56,6 +56,41 @@ class MediaError(Exception):
         super().__init__(f"{code}: {detail}")
 
 
+class Window(io.RawIOBase):
+    """A read-only, seekable file over `size` bytes from `offset` of something larger (a
+    tar member, an object read by ranges): subclasses say how to read at an offset."""
+
+    def __init__(self, offset: int, size: int):
+        super().__init__()
+        self._offset, self._size, self._pos = offset, size, 0
+
+    def _read_at(self, offset: int, size: int):
+        raise NotImplementedError
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = min(max(base + pos, 0), self._size)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        want = min(len(buffer), self._size - self._pos)
+        if want <= 0:
+            return 0
+        data = self._read_at(self._offset + self._pos, want)
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
 def error_code(message: str | None) -> str | None:
     """The code at the start of an error or verdict text (`blur 3.1 < 40` -> `blur`)."""
     if not message:
@@ -544,7 +579,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
         raise MediaError("unsupported_mode", f"cannot convert mode {mode} to RGB: {exc}") from None
 
 
-def list_tar(tar_path: str) -> list[tarfile.TarInfo]:
-    """Regular-file members of an uncompressed tar shard, with their data offsets."""
-    with tarfile.open(tar_path, "r:") as tar:
+def list_tar(shard) -> list[tarfile.TarInfo]:
+    """Regular-file members of an uncompressed tar shard (a path, or a seekable file:
+    an object read by ranges), with their data offsets."""
+    given = {"name": shard} if isinstance(shard, str) else {"fileobj": shard}
+    with tarfile.open(mode="r:", **given) as tar:
         return [m for m in tar.getmembers() if m.isfile()]

@@ -17,10 +17,12 @@ library with backoff.
 from __future__ import annotations
 
 import functools
+import io
+import posixpath
 from collections.abc import Iterator
 from datetime import timedelta
 
-from curate.media.decode import MediaError
+from curate.media.decode import MediaError, Window
 
 #: URI schemes read through an object store.
 SCHEMES = ("s3://", "s3a://", "gs://", "az://", "abfs://", "abfss://")
@@ -57,6 +59,12 @@ def split_uri(uri: str) -> tuple[str, str]:
     return f"{scheme}://{bucket}", key
 
 
+def joined(base: str, relative: str) -> str:
+    """A key relative to a prefix (`s3://b/lists` + `../img/1.jpg` -> `s3://b/img/1.jpg`)."""
+    root, key = split_uri(base)
+    return f"{root}/{posixpath.normpath(posixpath.join(key, relative)).lstrip('/')}"
+
+
 def normalized(options: dict | None) -> tuple[tuple[str, str], ...]:
     """`storage_options` as the stores are keyed: lower-case string keys and values,
     Lance's own keys dropped or mapped."""
@@ -81,6 +89,12 @@ def check_options(options: dict | None) -> None:
         if value < 0 or (key == "max_retries" and not value.is_integer()):
             raise ValueError(f"storage_options.{key} must be a whole number >= 0" if
                              key == "max_retries" else f"storage_options.{key} must be >= 0")
+
+
+def checked(options: dict[str, str]) -> dict[str, str]:
+    """`options`, checked (a validator of config fields that hold storage_options)."""
+    check_options(options)
+    return options
 
 
 @functools.lru_cache(maxsize=64)
@@ -156,13 +170,150 @@ def read(uri: str, options: dict | None, max_bytes: int) -> bytes:
 
 def read_head(uri: str, options: dict | None, quick: bool = False) -> int:
     """An object's size (it is there and may be read)."""
+    return head(uri, options, quick)[0]
+
+
+def head(uri: str, options: dict | None, quick: bool = False) -> tuple[int, str]:
+    """(size, version tag) of an object: the tag (its ETag, or its modification time where
+    the store gives none) changes whenever the object is written again."""
     import obstore
 
     store, key = store_of(uri, options, quick)
     try:
-        return obstore.head(store, key)["size"]
+        meta = obstore.head(store, key)
     except Exception as exc:
         raise error_of(uri, exc) from None
+    return meta["size"], str(meta.get("e_tag") or meta.get("version")
+                             or meta["last_modified"].isoformat())
+
+
+def read_range(uri: str, options: dict | None, offset: int, size: int) -> bytes:
+    """`size` bytes of an object from `offset` (one range request): a tar member."""
+    import obstore
+
+    store, key = store_of(uri, options)
+    if size == 0:
+        return b""
+    try:
+        data = obstore.get_range(store, key, start=offset, length=size)
+    except Exception as exc:
+        raise error_of(uri, exc) from None
+    if len(data) != size:
+        raise MediaError("truncated", f"{uri} ends early ({len(data)}/{size} bytes from "
+                         f"{offset})")
+    return bytes(data)
+
+
+class ObjectFile(Window):
+    """A read-only, seekable file over an object (or over `size` bytes of it from
+    `offset`: a tar member), read with range requests of at least `buffer` bytes, so
+    PyAV and tarfile read an object in place: a video is never downloaded whole, nor
+    held in memory. A failed read raises OSError with the one-line reason."""
+
+    def __init__(self, uri: str, options: dict | None, offset: int = 0, size: int = -1,
+                 buffer: int = 1 << 20):
+        import obstore
+
+        store, key = store_of(uri, options)
+        try:
+            reader = obstore.open_reader(store, key, buffer_size=buffer)
+        except Exception as exc:
+            raise error_of(uri, exc) from None
+        super().__init__(offset, reader.size - offset if size < 0 else size)
+        self.uri, self._file = uri, reader
+
+    def _read_at(self, offset: int, size: int):
+        try:
+            self._file.seek(offset)
+            return memoryview(self._file.read(size))
+        except Exception as exc:  # what obstore raises mid-object (after its retries)
+            raise OSError(error_of(self.uri, exc).detail) from None
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+
+class ObjectWriter(io.RawIOBase):
+    """A write-only file that becomes an object when closed: parts of `buffer` bytes are
+    uploaded as they fill (a multipart upload, several parts at once), so a large shard
+    is never held whole; a small one is one PUT. `tell` counts the bytes written."""
+
+    def __init__(self, uri: str, options: dict | None, buffer: int = 16 << 20):
+        import obstore
+
+        super().__init__()
+        self.uri, self.written = uri, 0
+        store, key = store_of(uri, options)
+        try:
+            self._file = obstore.open_writer(store, key, buffer_size=buffer)
+        except Exception as exc:
+            raise error_of(uri, exc) from None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        try:
+            self._file.write(data)
+        except Exception as exc:
+            raise OSError(error_of(self.uri, exc).detail) from None
+        self.written += size
+        return size
+
+    def tell(self) -> int:
+        return self.written
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._file.close()
+            except Exception as exc:
+                raise OSError(error_of(self.uri, exc).detail) from None
+            finally:
+                super().close()
+
+
+def put(uri: str, options: dict | None, data: bytes) -> None:
+    """An object written whole (one request: it appears complete or not at all)."""
+    import obstore
+
+    store, key = store_of(uri, options)
+    try:
+        obstore.put(store, key, data)
+    except Exception as exc:
+        raise error_of(uri, exc) from None
+
+
+def delete(uri: str, options: dict | None) -> None:
+    import obstore
+
+    store, key = store_of(uri, options)
+    try:
+        obstore.delete(store, key)
+    except Exception as exc:
+        raise error_of(uri, exc) from None
+
+
+def rename(source: str, target: str, options: dict | None) -> None:
+    """An object moved to another key of its bucket (a copy in the store, then a delete:
+    its bytes do not pass through this process)."""
+    import obstore
+
+    store, key = store_of(source, options)
+    try:
+        obstore.rename(store, key, split_uri(target)[1])
+    except Exception as exc:
+        raise error_of(source, exc) from None
+
+
+def open_file(path: str, options: dict | None):
+    """A seekable binary file: a local path opened, or an object read by ranges."""
+    if is_object_uri(path):
+        return ObjectFile(path, options)
+    return open(path, "rb")
 
 
 def _no_markers(items):

@@ -16,7 +16,8 @@ from fractions import Fraction
 import numpy as np
 from PIL import Image
 
-from curate.media.decode import MediaError
+from curate.media import objstore
+from curate.media.decode import MediaError, Window
 
 #: WebDataset members and file suffixes that hold a video.
 VIDEO_SUFFIXES = ("mp4", "webm", "mkv", "mov", "avi", "m4v")
@@ -33,37 +34,16 @@ def _av():
     return av
 
 
-class TarMember(io.RawIOBase):
+class TarMember(Window):
     """A read-only, seekable view of one member of a tar file (PyAV reads it in place)."""
 
     def __init__(self, path: str, offset: int, size: int):
-        super().__init__()
+        super().__init__(offset, size)
         self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
-        self._offset, self._size, self._pos = offset, size, 0
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._size}[whence]
-        self._pos = min(max(base + pos, 0), self._size)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readinto(self, buffer) -> int:
-        want = min(len(buffer), self._size - self._pos)
-        if want <= 0:
-            return 0
-        self._file.seek(self._offset + self._pos)
-        data = self._file.read(want)
-        buffer[:len(data)] = data
-        self._pos += len(data)
-        return len(data)
+    def _read_at(self, offset: int, size: int) -> bytes:
+        self._file.seek(offset)
+        return self._file.read(size)
 
     def close(self) -> None:
         self._file.close()
@@ -72,16 +52,22 @@ class TarMember(io.RawIOBase):
 
 @dataclass(frozen=True)
 class VideoSource:
-    """Where a video's bytes are: a local path, a tar member or bytes in memory (a URL)."""
+    """Where a video's bytes are: a local path, a tar member (`offset`, `size`), bytes in
+    memory (a URL), or an object in object storage (`path` is its URI, `options` the
+    store's storage_options), read in place by range requests."""
 
     path: str | None = None
     offset: int = -1
     size: int = -1
     data: bytes | None = None
+    options: tuple[tuple[str, str], ...] = ()
 
     def open(self):
         if self.data is not None:
             return io.BytesIO(self.data)
+        if self.path is not None and objstore.is_object_uri(self.path):
+            return objstore.ObjectFile(self.path, dict(self.options), max(self.offset, 0),
+                                       self.size)
         if self.offset >= 0:
             return TarMember(self.path, self.offset, self.size)
         return self.path
@@ -102,6 +88,8 @@ class VideoInfo:
 def _open(av, source: VideoSource):
     try:
         return av.open(source.open(), mode="r")
+    except MediaError:  # an object that cannot be opened says why itself
+        raise
     except FileNotFoundError as exc:
         raise MediaError("missing", f"no such file: {exc.filename}") from None
     except av.FFmpegError as exc:

@@ -10,12 +10,12 @@ import os
 import re
 import tarfile
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field
 
 from curate.errors import RunError
 from curate.media import objstore
@@ -37,6 +37,8 @@ TAR_SUFFIXES = (".tar",)
 #: WebDataset members that hold the image of a sample, in order of preference.
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "avif")
 MAX_CAPTION_BYTES = 64 * 1024
+#: Largest manifest read from object storage (it is read whole, by one listing task).
+MAX_MANIFEST_BYTES = 2_000_000_000
 
 #: Files per listing unit at the top of a directory (sub-directories are units of their own).
 LIST_CHUNK = 10_000
@@ -47,14 +49,10 @@ def sample_id_for(uri: str) -> str:
     return hashlib.blake2b(uri.encode(), digest_size=16).hexdigest()
 
 
-class IngestParams(StageParams):
-    paths: list[str] = Field(
-        min_length=1,
-        description="files, directories (recursive), globs, manifests (.parquet/.csv/.jsonl "
-        "with a uri column), WebDataset .tar shards, http(s) URLs, or objects and prefixes "
-        "in object storage (s3://bucket/prefix/, gs://, az://; globs too)",
-    )
-    storage_options: dict[str, str] = Field(
+class ObjectStoreParams(StageParams):
+    """The params of a source that may read object storage."""
+
+    storage_options: Annotated[dict[str, str], AfterValidator(objstore.checked)] = Field(
         default_factory=dict,
         description="how to reach s3:// (gs://, az://) paths: the keys the store takes "
         "(aws_endpoint, aws_region, aws_access_key_id, aws_secret_access_key, allow_http, "
@@ -62,11 +60,15 @@ class IngestParams(StageParams):
         "credentials",
     )
 
-    @field_validator("storage_options")
-    @classmethod
-    def _storage_options(cls, value: dict[str, str]) -> dict[str, str]:
-        objstore.check_options(value)
-        return value
+
+class IngestParams(ObjectStoreParams):
+    paths: list[str] = Field(
+        min_length=1,
+        description="files, directories (recursive), globs, manifests (.parquet/.csv/.jsonl "
+        "with a uri column), WebDataset .tar shards, http(s) URLs, or objects and prefixes "
+        "in object storage (s3://bucket/prefix/, gs://, az://; globs, manifests and shards "
+        "too)",
+    )
     uri_column: str = Field("uri", description="manifest column holding each file's path or URL")
     caption_column: str | None = Field(
         None,
@@ -145,7 +147,7 @@ class IngestImages(Source):
         """The images of stored rows, read again by `uri` (a tar member found again in its
         shard), and why a row could not be read again: it fails now, or its bytes
         changed since (another content hash)."""
-        columns, images = load_inputs(self, listed_again(rows))
+        columns, images = load_inputs(self, listed_again(rows, self.params.storage_options))
         unread = unread_reasons(rows["error"].to_pylist(), columns["error"].to_pylist(),
                                 rows["content_hash"].to_pylist(),
                                 columns["content_hash"].to_pylist())
@@ -276,24 +278,19 @@ class IngestImages(Source):
             raise RunError(f"{self.name}.paths.{unit['index']}: {exc.detail}") from None
 
     def _file_items(self, path: str):
-        if objstore.is_object_uri(path):
-            if path.lower().endswith(MANIFEST_SUFFIXES + TAR_SUFFIXES):
-                yield {"uri": path, "_error": "unsupported: manifests and .tar shards are "
-                       "read from local paths or URLs for now, not from object storage"}
-            else:
-                yield {"uri": path}
-            return
-        path = os.path.abspath(path)
+        if not objstore.is_object_uri(path):
+            path = os.path.abspath(path)
         lower = path.lower()
         if lower.endswith(MANIFEST_SUFFIXES):
             yield from self._manifest_items(path)
         elif lower.endswith(TAR_SUFFIXES):
-            yield from _tar_items(path, self.member_suffixes, self.media_kind)
+            yield from _tar_items(path, self.member_suffixes, self.media_kind,
+                                  self.params.storage_options)
         else:
             yield {"uri": path}
 
     def _manifest_items(self, path: str):
-        table = _read_manifest(path)
+        table = _read_manifest(path, self.params.storage_options)
         names = table.column_names
         uri_col = self.params.uri_column
         if uri_col not in names:
@@ -310,14 +307,19 @@ class IngestImages(Source):
         captions = (
             pc.cast(table[cap_col], pa.string()).to_pylist() if cap_col else [None] * len(uris)
         )
-        base = Path(path).parent
+        in_store = objstore.is_object_uri(path)
+        base = path.rpartition("/")[0] if in_store else Path(path).parent
         for n, (uri, caption) in enumerate(zip(uris, captions)):
             if not uri or not uri.strip():
                 yield {"uri": f"{path}#row={n}", "_error": f"missing_uri: row {n} has no "
                        f"{uri_col}", "alt_text": caption}
                 continue
             uri = uri.strip()
-            if not _is_url(uri):
+            if _is_url(uri) or objstore.is_object_uri(uri):
+                pass
+            elif in_store:  # a key relative to the manifest's own prefix
+                uri = objstore.joined(base, uri)
+            else:
                 uri = uri.removeprefix("file://")
                 uri = str((base / os.path.expanduser(uri)).resolve())
             yield {"uri": uri, "alt_text": caption}
@@ -379,29 +381,36 @@ def _unit_files(unit: dict[str, Any]):
                 yield os.path.join(root, name)
 
 
-def _read_manifest(path: str) -> pa.Table:
+def _read_manifest(path: str, options: dict | None = None) -> pa.Table:
+    """A manifest, from a local path or an object (read whole: a manifest is the list of
+    inputs of one listing task)."""
     try:
+        source = path
+        if objstore.is_object_uri(path):
+            source = pa.BufferReader(objstore.read(path, options, MAX_MANIFEST_BYTES))
         if path.lower().endswith(".parquet"):
             import pyarrow.parquet as pq
 
-            return pq.read_table(path)
+            return pq.read_table(source)
         if path.lower().endswith(".csv"):
             import pyarrow.csv as pcsv
 
-            return pcsv.read_csv(path)
+            return pcsv.read_csv(source)
         import pyarrow.json as pjson
 
-        return pjson.read_json(path)
-    except (pa.ArrowInvalid, OSError) as exc:
+        return pjson.read_json(source)
+    except (pa.ArrowInvalid, OSError, MediaError) as exc:
         raise RunError(f"cannot read manifest {path}: {exc}") from None
 
 
-def _tar_items(path: str, suffixes: tuple[str, ...], kind: str):
+def _tar_items(path: str, suffixes: tuple[str, ...], kind: str, options: dict | None = None):
     """WebDataset samples: members grouped by key (name up to the first dot of the basename);
-    the first member with one of `suffixes` is the sample's media."""
+    the first member with one of `suffixes` is the sample's media. A shard in object
+    storage is read in place by ranges (its headers, and the captions), never whole."""
     try:
-        members = list_tar(path)
-    except (tarfile.TarError, OSError) as exc:
+        with objstore.open_file(path, options) as shard:
+            members = list_tar(shard)
+    except (tarfile.TarError, OSError, MediaError) as exc:
         yield {"uri": path, "_error": f"unreadable: not a readable tar shard: {exc}"}
         return
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
@@ -414,9 +423,12 @@ def _tar_items(path: str, suffixes: tuple[str, ...], kind: str):
         image = next((parts[e] for e in suffixes if e in parts), None)
         caption = None
         if "txt" in parts and parts["txt"].size <= MAX_CAPTION_BYTES:
-            with open(path, "rb") as fh:
-                fh.seek(parts["txt"].offset_data)
-                caption = fh.read(parts["txt"].size).decode("utf-8", "replace").strip()
+            text = parts["txt"]
+            try:
+                caption = read_member(path, text.offset_data, text.size, options).decode(
+                    "utf-8", "replace").strip()
+            except (OSError, MediaError):
+                caption = None  # the sample's media says whether the shard is readable
         if image is None:
             yield {"uri": f"{path}#{key}", "alt_text": caption,
                    "_error": f"not_an_{kind}: sample has no {kind} member ({', '.join(parts)})"}
@@ -425,33 +437,65 @@ def _tar_items(path: str, suffixes: tuple[str, ...], kind: str):
                    "_offset": image.offset_data, "_size": image.size}
 
 
+def read_member(path: str, offset: int, size: int, options: dict | None = None) -> bytes:
+    """`size` bytes of a shard from `offset`: a local file, or one range of an object."""
+    if objstore.is_object_uri(path):
+        return objstore.read_range(path, options, offset, size)
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        return fh.read(size)
+
+
 @functools.lru_cache(maxsize=64)
-def _shard_members(tar_path: str, mtime_ns: int, size: int) -> dict[str, tuple[int, int]]:
+def _shard_members(tar_path: str, version: Any, size: int,
+                   options: tuple = ()) -> dict[str, tuple[int, int]]:
     try:
-        return {m.name: (m.offset_data, m.size) for m in list_tar(tar_path)}
-    except (tarfile.TarError, OSError):
+        with objstore.open_file(tar_path, dict(options)) as shard:
+            return {m.name: (m.offset_data, m.size) for m in list_tar(shard)}
+    except (tarfile.TarError, OSError, MediaError):
         return {}
 
 
-def _tar_members(tar_path: str) -> dict[str, tuple[int, int]]:
+def _tar_members(tar_path: str, options: dict | None = None) -> dict[str, tuple[int, int]]:
     """(data offset, size) of each member of a shard, listed once per process while the
-    shard is unchanged (a recomputed stage reads its rows again batch by batch)."""
+    shard is unchanged (a recomputed stage reads its rows again batch by batch): a local
+    file by its mtime and size, an object by its version tag and size."""
+    if objstore.is_object_uri(tar_path):
+        size, tag = objstore.head(tar_path, options)
+        return _shard_members(tar_path, tag, size, objstore.normalized(options))
     stat = os.stat(tar_path)
     return _shard_members(tar_path, stat.st_mtime_ns, stat.st_size)
 
 
-def listed_again(rows: pa.Table) -> pa.Table:
+def listed_again(rows: pa.Table, options: dict | None = None) -> pa.Table:
     """Stored rows (`input_id`, `uri`, `error`) as the listing hands inputs to `load`: a
-    tar member found again in its shard, a row that has an error left unread."""
+    tar member found again in its shard (a local one, or an object's, reached with
+    `options`), a row that has an error left unread."""
     n = rows.num_rows
     had = rows["error"].to_pylist()
     errors = list(had)
     offsets, sizes = [-1] * n, [0] * n
+    shards: dict[str, dict | MediaError] = {}  # each shard looked at once per batch
     for i, uri in enumerate(rows["uri"].to_pylist()):
         tar_path, _, member = uri.partition("#")
-        if had[i] or not member or _is_url(uri) or not os.path.isfile(tar_path):
+        if had[i] or not member or _is_url(uri):
             continue
-        found = _tar_members(tar_path).get(member)
+        if tar_path not in shards:
+            if objstore.is_object_uri(tar_path):
+                try:
+                    shards[tar_path] = _tar_members(tar_path, options)
+                except MediaError as exc:
+                    shards[tar_path] = exc
+            else:
+                shards[tar_path] = (_tar_members(tar_path) if os.path.isfile(tar_path)
+                                    else None)
+        members = shards[tar_path]
+        if members is None:
+            continue  # a local shard gone: `load` says it is missing
+        if isinstance(members, MediaError):
+            errors[i] = str(members)
+            continue
+        found = members.get(member)
         if found is None:
             errors[i] = f"missing: no member {member} in the shard any more"
         else:
@@ -498,11 +542,19 @@ def load_inputs(stage: IngestImages, batch: pa.Table) -> tuple[dict[str, pa.Arra
         try:
             if _is_url(uri):
                 data = read_http(uri, p.max_bytes, http)
-            elif objstore.is_object_uri(uri):
-                data = objstore.read(uri, p.storage_options, p.max_bytes)
             elif offsets[i] >= 0:
                 tar_path, _, member = uri.partition("#")
-                data = read_tar_member(tar_path, member, offsets[i], sizes[i], p.max_bytes)
+                if objstore.is_object_uri(tar_path):
+                    if sizes[i] > p.max_bytes:
+                        raise MediaError("too_large", f"{sizes[i]} bytes > max_bytes "
+                                         f"{p.max_bytes}")
+                    data = objstore.read_range(tar_path, p.storage_options, offsets[i],
+                                               sizes[i])
+                else:
+                    data = read_tar_member(tar_path, member, offsets[i], sizes[i],
+                                           p.max_bytes)
+            elif objstore.is_object_uri(uri):
+                data = objstore.read(uri, p.storage_options, p.max_bytes)
             else:
                 data = read_local(uri, p.max_bytes)
             cols["num_bytes"][i] = len(data)

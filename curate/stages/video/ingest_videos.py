@@ -13,17 +13,23 @@ from pydantic import Field
 from curate.media import objstore
 from curate.media.decode import HttpOptions, MediaError, file_size, read_http
 from curate.media.video import VIDEO_SUFFIXES, VideoInfo, VideoSource, file_hash, probe
-from curate.stage import Resources, StageParams
+from curate.stage import Resources
 from curate.stages._common import CAPTION_COLUMNS, _is_url
-from curate.stages.image.ingest_images import IngestImages, listed_again, unread_reasons
+from curate.stages.image.ingest_images import (
+    IngestImages,
+    ObjectStoreParams,
+    listed_again,
+    unread_reasons,
+)
 
 
-class IngestVideosParams(StageParams):
+class IngestVideosParams(ObjectStoreParams):
     paths: list[str] = Field(
         min_length=1,
         description="files, directories (recursive), globs, manifests (.parquet/.csv/.jsonl "
-        "with a uri column), WebDataset .tar shards (.mp4/.webm/.mkv/.mov members), or "
-        "http(s) URLs",
+        "with a uri column), WebDataset .tar shards (.mp4/.webm/.mkv/.mov members), "
+        "http(s) URLs, or objects and prefixes in object storage (s3://bucket/prefix/, "
+        "gs://, az://; read in place by range requests)",
     )
     uri_column: str = Field("uri", description="manifest column holding each file's path or URL")
     caption_column: str | None = Field(
@@ -87,7 +93,7 @@ class IngestVideos(IngestImages):
         inputs = rows.select(["input_id", "uri"]).take(pa.array(list(first.values()),
                                                                   pa.int64()))
         inputs = inputs.append_column("error", pa.nulls(inputs.num_rows, pa.string()))
-        items = listed_again(inputs)
+        items = listed_again(inputs, self.params.storage_options)
         loaded, media = self.load(items.append_column("alt_text", pa.nulls(items.num_rows,
                                                                            pa.string())))
         slot = {uri: k for k, uri in enumerate(first)}  # each input's place in `loaded`
@@ -127,7 +133,8 @@ class IngestVideos(IngestImages):
                 cols["error"][i] = error
                 continue
             try:
-                source, digest, size = _source(uri, offsets[i], sizes[i], p.max_bytes, http)
+                source, digest, size = _source(uri, offsets[i], sizes[i], p.max_bytes, http,
+                                               p.storage_options)
                 cols["num_bytes"][i], cols["content_hash"][i] = size, digest
                 if size == 0:
                     raise MediaError("empty", "the file has no bytes")
@@ -149,18 +156,28 @@ class IngestVideos(IngestImages):
         return rows, media
 
 
-def _source(uri: str, offset: int, size: int, max_bytes: int, http: HttpOptions
-            ) -> tuple[VideoSource, str, int]:
-    """Where to read a video, its content hash and size. Local files and tar members are
-    read in place (hashed in chunks); a URL's bytes are held in memory, up to max_bytes."""
-    if objstore.is_object_uri(uri):
-        raise MediaError("unsupported", "videos are read from local paths or URLs for now, "
-                         "not from object storage")
+def _source(uri: str, offset: int, size: int, max_bytes: int, http: HttpOptions,
+            options: dict | None = None) -> tuple[VideoSource, str, int]:
+    """Where to read a video, its content hash and size. Local files, tar members and
+    objects are read in place (hashed in chunks, an object streamed by ranges); a URL's
+    bytes are held in memory, up to max_bytes."""
     if _is_url(uri):
         data = read_http(uri, max_bytes, http)
         return VideoSource(data=data), hashlib.sha256(data).hexdigest(), len(data)
+    path = uri.partition("#")[0] if offset >= 0 else uri
+    if objstore.is_object_uri(path):
+        whole, tag = objstore.head(path, options)
+        if offset < 0:
+            size = whole
+        if size > max_bytes:
+            raise MediaError("too_large", f"{size} bytes > max_bytes {max_bytes}")
+        source = VideoSource(path, offset, size, options=objstore.normalized(options))
+        try:
+            digest = _object_hash(source, tag)
+        except OSError as exc:  # a read failed midway, after the store's retries
+            raise MediaError("unreadable", str(exc)) from None
+        return source, digest, size
     if offset >= 0:
-        path = uri.partition("#")[0]
         if size > max_bytes:
             raise MediaError("too_large", f"{size} bytes > max_bytes {max_bytes}")
         try:
@@ -184,6 +201,13 @@ def _source(uri: str, offset: int, size: int, max_bytes: int, http: HttpOptions
 def _member_hash(path: str, offset: int, size: int, mtime_ns: int) -> str:
     """A tar member's hash, read once per process while its shard is unchanged."""
     return file_hash(VideoSource(path, offset, size))[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _object_hash(source: VideoSource, tag: str) -> str:
+    """An object's (or a member of a shard in object storage) hash, streamed once per
+    process while the object keeps its version tag."""
+    return file_hash(source, chunk=8 << 20)[0]
 
 
 @functools.lru_cache(maxsize=16)
