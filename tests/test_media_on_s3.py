@@ -20,7 +20,13 @@ from curate.config import StoreConfig
 from curate.errors import RunError
 from curate.export import ExportError, export
 from curate.media import objstore
-from curate.media.decode import MediaError, content_hash, error_code, list_tar
+from curate.media.decode import (
+    TRANSIENT_CODES,
+    MediaError,
+    content_hash,
+    error_code,
+    list_tar,
+)
 from curate.media.reader import MediaReader
 from curate.media.video import VideoSource, probe
 from curate.stages.image.ingest_images import IngestImages
@@ -32,6 +38,71 @@ VIDEOS = ROOT / "examples" / "videos"
 #: The demo's folders (its tar shard goes under shards/).
 FOLDERS = ("photos", "variants", "low_quality", "broken", "odd")
 SHARD = "shard-000000.tar"
+
+
+class FlakyEndpoint:
+    """An HTTP proxy on loopback in front of the S3 server that answers `503 SlowDown` to
+    the requests `fail(number, method, path)` picks and forwards the others unchanged
+    (the Host header too, so signatures still hold)."""
+
+    SLOW_DOWN = (b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate."
+                 b"</Message></Error>")
+
+    def __init__(self, options: dict, fail):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        target = int(options["aws_endpoint"].rsplit(":", 1)[1])
+        self.requests = self.failed = 0
+        lock, proxy = threading.Lock(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    proxy.requests += 1
+                    refuse = fail(proxy.requests, self.command, self.path)
+                    proxy.failed += bool(refuse)
+                if refuse:
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(proxy.SLOW_DOWN)))
+                    self.end_headers()
+                    self.wfile.write(proxy.SLOW_DOWN)
+                    return
+                server = http.client.HTTPConnection("127.0.0.1", target, timeout=60)
+                server.request(self.command, self.path, body=body, headers=dict(self.headers))
+                answer = server.getresponse()
+                data = answer.read()
+                server.close()
+                self.send_response(answer.status)
+                for key, value in answer.getheaders():  # a HEAD keeps the object's length
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", answer.getheader("Content-Length")
+                                 if self.command == "HEAD" else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.options = {**options, "aws_endpoint":
+                        f"http://127.0.0.1:{self.server.server_address[1]}"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def client(options):
@@ -282,16 +353,23 @@ def test_an_export_to_a_bucket_reads_back_with_webdataset_and_pyarrow(
                                       media_on_s3)
 
     def by_hash(samples):
+        """The media (the original bytes: their hash is the row's, the same from either
+        place) and blur of each sample. Which of identical copies is kept follows the
+        sample_ids, so their captions are checked against the table instead."""
         out = {}
         for files in samples.values():
             media = next(k for k in files if k not in ("json", "txt"))
-            meta = json.loads(files["json"])
-            # the original bytes: their hash is the row's, the same from either place
-            out[content_hash(files[media])] = (files[media], files.get("txt"), meta["blur"])
+            out[content_hash(files[media])] = (files[media], json.loads(files["json"])["blur"])
         return out
 
     assert summary.written == local.written == len(from_bucket) > 4
     assert by_hash(from_bucket) == by_hash(from_disk)
+    table = {r["sample_id"]: r for r in lancedb.connect(str(store)).open_table("samples")
+             .to_arrow().to_pylist()}
+    for key, files in from_bucket.items():
+        assert files.get("txt", b"").decode() == (table[key]["alt_text"] or "")
+        media = next(k for k in files if k not in ("json", "txt"))
+        assert content_hash(files[media]) == table[key]["content_hash"]
     with pytest.raises(ExportError, match="already holds an export"):
         export(config, {"out": out})
     assert export(config, {"out": out, "overwrite": True, "shard_size": 100}).written == \
@@ -448,3 +526,48 @@ def test_serve_plays_clips_cut_from_a_video_in_the_bucket(video_stores, media_on
             s3c.put_object(Bucket=BUCKET, Key="videos/slideshow.mp4", Body=original)
     finally:
         stop()
+
+
+def test_a_burst_of_503s_is_survived_and_an_object_that_keeps_failing_is_read_next_run(
+        ray_session, media_on_s3, tmp_path):
+    """Through an endpoint that answers 503 SlowDown to every second request of the first
+    20, a run over a prefix and a shard finishes with every row as a healthy endpoint
+    gives it (the store's retries with backoff); an object that fails every time is one
+    row saying so while the run goes on, and the next run reads that row again."""
+    def raw(options, store):
+        return {"name": "flaky", "store": {"uri": str(store)}, "run": {"executor": "local"},
+                "stages": [{"type": "ingest_images", "storage_options": options,
+                            "paths": [f"s3://{BUCKET}/media/photos/",
+                                      f"s3://{BUCKET}/shards/{SHARD}"]}]}
+
+    def rows(store):
+        table = lancedb.connect(str(store)).open_table("samples").to_arrow()
+        return {r["uri"]: (r["content_hash"], r["error"]) for r in table.to_pylist()}
+
+    healthy = tmp_path / "healthy"
+    Pipeline.from_config(load_config(raw(media_on_s3, healthy))).run(progress=False)
+    expected = rows(healthy)  # the shard's own damaged samples aside, every row is read
+    assert not any(error_code(error) in TRANSIENT_CODES for _, error in expected.values())
+
+    with FlakyEndpoint(media_on_s3, lambda n, method, path: n <= 20 and n % 2 == 0) as flaky:
+        store = tmp_path / "burst"
+        summary = Pipeline.from_config(load_config(raw(flaky.options, store))).run(
+            progress=False)
+        assert summary.status == "finished" and flaky.failed == 10
+    assert rows(store) == expected
+
+    def coffee_fails(n, method, path):
+        return method == "GET" and path.startswith(f"/{BUCKET}/media/photos/coffee.jpg")
+
+    with FlakyEndpoint(media_on_s3, coffee_fails) as flaky:
+        store = tmp_path / "one-fails"
+        options = {**flaky.options, "max_retries": "1", "retry_timeout_s": "5"}
+        Pipeline.from_config(load_config(raw(options, store))).run(progress=False)
+        failing = rows(store)
+        coffee = f"s3://{BUCKET}/media/photos/coffee.jpg"
+        assert failing[coffee][1].startswith("unavailable: ") and "503" in failing[coffee][1]
+        assert "\n" not in failing[coffee][1]
+        assert {u: v for u, v in failing.items() if u != coffee} == {
+            u: v for u, v in expected.items() if u != coffee}
+    Pipeline.from_config(load_config(raw(media_on_s3, store))).run(progress=False)
+    assert rows(store) == expected

@@ -31,7 +31,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 #: `unreachable`, `denied`: an object store that failed (after retries) or refused (keys
 #: that expired midway) may answer next time.
 TRANSIENT_CODES = ("http_timeout", "http_error", "out_of_memory", "changed", "unreachable",
-                   "denied")
+                   "denied", "unavailable")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import io
 import posixpath
+import re
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -147,6 +148,14 @@ def error_of(uri: str, exc: Exception) -> MediaError:
     if "error sending request" in text or "onnection refused" in text:
         return MediaError("unreachable", f"{uri}: the object store cannot be reached; check "
                           "the endpoint (aws_endpoint) and the network")
+    failing = re.search(r"status code: (5\d\d[^:]*)", text)
+    if failing:  # throttling or a server error, still there after the retries
+        tries = re.search(r"after (\d+) retries", text)
+        return MediaError("unavailable", f"{uri}: the object store kept answering "
+                          f"{failing.group(1).strip()}"
+                          f"{f' through {tries.group(1)} retries' if tries else ''}; the "
+                          "next run reads it again (storage_options max_retries and "
+                          "retry_timeout_s wait longer)")
     first = text.splitlines()[0] if text else type(exc).__name__
     return MediaError("unreadable", f"{uri}: {first[:300]}")
 
