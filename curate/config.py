@@ -82,7 +82,8 @@ class Config(BaseModel):
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The config as the run record keeps it: secrets in storage options redacted."""
+        return yaml.safe_dump(redacted(self.to_dict()), sort_keys=False)
 
     def config_hash(self) -> str:
         """Hash of everything that can change the table (not where it is or how it runs)."""
@@ -90,6 +91,28 @@ class Config(BaseModel):
         body.pop("run", None)
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+#: Words of option names that hold a secret (`aws_secret_access_key`, `aws_session_token`,
+#: `azure_storage_account_key`, `google_service_account_key`, `azure_client_secret`, ...).
+SECRET_WORDS = ("secret", "token", "password", "_key", "sas")
+
+
+def redacted(value: Any) -> Any:
+    """`value` with the secrets of every `*storage_options` mapping in it replaced by
+    `<redacted>` (key ids, regions and endpoints kept: they say where, not who)."""
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, item in value.items():
+        if str(key).endswith("storage_options") and isinstance(item, dict):
+            item = {k: "<redacted>" if any(w in str(k).lower() for w in SECRET_WORDS)
+                    and not str(k).lower().endswith("_key_id") else v
+                    for k, v in item.items()}
+        out[key] = redacted(item)
+    return out
 
 
 # --- loading -----------------------------------------------------------------------------

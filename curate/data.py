@@ -40,7 +40,9 @@ class LanceDataset(IterableDataset):
 
     `where` is the API's filter language; `selected` (default True) keeps only the curated
     rows (None: every row). `version` is a table version number or tag. Rows whose media
-    vanished or changed since ingest are skipped and counted in `skipped` (per worker)."""
+    vanished or changed since ingest are skipped and counted in `skipped` (per worker).
+    `storage_options` reach the table, `media_storage_options` media rows in object
+    storage (empty: the environment's credentials)."""
 
     def __init__(self, uri: str, table: str = "samples", *, where: str | None = None,
                  selected: bool | None = True, version: int | str | None = None,

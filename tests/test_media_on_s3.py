@@ -17,6 +17,7 @@ import yaml
 
 from curate import Pipeline, load_config
 from curate.config import StoreConfig
+from curate.data import LanceDataset
 from curate.errors import RunError
 from curate.export import ExportError, export
 from curate.media import objstore
@@ -274,9 +275,9 @@ def image_stores(ray_session, media_on_s3, tmp_path_factory):
     return stores
 
 
-def test_a_run_over_a_bucket_decides_as_over_a_local_folder(image_stores):
+def test_a_run_over_a_bucket_decides_as_over_a_local_folder(image_stores, media_on_s3):
     """The same rows, hashes and verdicts from the bucket as from the local copy (the
-    uris aside)."""
+    uris aside); the run record keeps the config without the secret key."""
     def compare(name):
         store, root = image_stores[name]
         rows = lancedb.connect(str(store)).open_table("samples").to_arrow().to_pylist()
@@ -285,6 +286,11 @@ def test_a_run_over_a_bucket_decides_as_over_a_local_folder(image_stores):
 
     from_bucket, bucket_groups = compare("bucket")
     from_disk, disk_groups = compare("local")
+    record = lancedb.connect(str(image_stores["bucket"][0])).open_table("samples_runs") \
+        .to_arrow()["config_yaml"][0].as_py()
+    assert media_on_s3["aws_secret_access_key"] not in record
+    assert yaml.safe_load(record)["stages"][0]["storage_options"] == {
+        **media_on_s3, "aws_secret_access_key": "<redacted>"}
     assert from_bucket == from_disk and bucket_groups == disk_groups
     shard = [name for name in from_bucket if name.startswith(f"shards/{SHARD}#")]
     assert len(shard) > 1 and any(from_bucket[n]["alt_text"] for n in shard)
@@ -370,6 +376,12 @@ def test_an_export_to_a_bucket_reads_back_with_webdataset_and_pyarrow(
         assert files.get("txt", b"").decode() == (table[key]["alt_text"] or "")
         media = next(k for k in files if k not in ("json", "txt"))
         assert content_hash(files[media]) == table[key]["content_hash"]
+    # a training loader over the same table reads the same images from the bucket
+    loaded = {s["sample_id"]: s["image"] for s in LanceDataset(
+        str(store), columns=["sample_id"], media_storage_options=media_on_s3)}
+    assert sorted(loaded) == sorted(from_bucket) and not any(
+        im.size != (table[k]["width"], table[k]["height"]) for k, im in loaded.items()
+        if max(table[k]["width"], table[k]["height"]) <= 1024)
     with pytest.raises(ExportError, match="already holds an export"):
         export(config, {"out": out})
     assert export(config, {"out": out, "overwrite": True, "shard_size": 100}).written == \
