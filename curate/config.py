@@ -86,8 +86,9 @@ class Config(BaseModel):
         return yaml.safe_dump(redacted(self.to_dict()), sort_keys=False)
 
     def config_hash(self) -> str:
-        """Hash of everything that can change the table (not where it is or how it runs)."""
-        body = self.to_dict()
+        """Hash of everything that can change the table (not where it is or how it runs,
+        nor the keys it reads with: rotated secrets leave a table up to date)."""
+        body = redacted(self.to_dict())
         body.pop("run", None)
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -108,11 +109,27 @@ def redacted(value: Any) -> Any:
     out = {}
     for key, item in value.items():
         if str(key).endswith("storage_options") and isinstance(item, dict):
-            item = {k: "<redacted>" if any(w in str(k).lower() for w in SECRET_WORDS)
+            item = {k: REDACTED if any(w in str(k).lower() for w in SECRET_WORDS)
                     and not str(k).lower().endswith("_key_id") else v
                     for k, v in item.items()}
         out[key] = redacted(item)
     return out
+
+
+REDACTED = "<redacted>"
+
+
+def unredacted(value: Any, options: dict[str, str]) -> Any:
+    """A recorded config (`redacted`) made usable again: every `storage_options` that
+    lost a secret becomes `options` (the reader's own, e.g. store.media_storage_options;
+    empty: the environment's credentials)."""
+    if isinstance(value, list):
+        return [unredacted(v, options) for v in value]
+    if not isinstance(value, dict):
+        return value
+    return {key: dict(options) if str(key).endswith("storage_options") and isinstance(
+        item, dict) and REDACTED in item.values() else unredacted(item, options)
+        for key, item in value.items()}
 
 
 # --- loading -----------------------------------------------------------------------------

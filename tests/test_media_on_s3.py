@@ -6,9 +6,12 @@ checking signatures)."""
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import shutil
+import signal
 import tarfile
+import time
 
 import boto3
 import lancedb
@@ -31,6 +34,7 @@ from curate.media.decode import (
 from curate.media.reader import MediaReader
 from curate.media.video import VideoSource, probe
 from curate.stages.image.ingest_images import IngestImages
+from curate.stages.video.ingest_videos import IngestVideos
 
 from .conftest import BUCKET, ROOT, serve_settings
 
@@ -44,18 +48,19 @@ SHARD = "shard-000000.tar"
 class FlakyEndpoint:
     """An HTTP proxy on loopback in front of the S3 server that answers `503 SlowDown` to
     the requests `fail(number, method, path)` picks and forwards the others unchanged
-    (the Host header too, so signatures still hold)."""
+    (the Host header too, so signatures still hold), each after `delay_s` seconds."""
 
     SLOW_DOWN = (b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate."
                  b"</Message></Error>")
 
-    def __init__(self, options: dict, fail):
+    def __init__(self, options: dict, fail, delay_s: float = 0.0):
         import http.client
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         target = int(options["aws_endpoint"].rsplit(":", 1)[1])
         self.requests = self.failed = 0
+        self.delay_s = delay_s
         lock, proxy = threading.Lock(), self
 
         class Handler(BaseHTTPRequestHandler):
@@ -70,6 +75,7 @@ class FlakyEndpoint:
                     proxy.requests += 1
                     refuse = fail(proxy.requests, self.command, self.path)
                     proxy.failed += bool(refuse)
+                time.sleep(proxy.delay_s)
                 if refuse:
                     self.send_response(503)
                     self.send_header("Content-Length", str(len(proxy.SLOW_DOWN)))
@@ -384,6 +390,8 @@ def test_an_export_to_a_bucket_reads_back_with_webdataset_and_pyarrow(
         if max(table[k]["width"], table[k]["height"]) <= 1024)
     with pytest.raises(ExportError, match="already holds an export"):
         export(config, {"out": out})
+    with pytest.raises(ExportError, match="shard_bytes 6,442,450,944 is over"):
+        export(config, {"out": f"{out}-big", "shard_bytes": 6 * 1024**3})
     assert export(config, {"out": out, "overwrite": True, "shard_size": 100}).written == \
         summary.written
 
@@ -423,6 +431,20 @@ def test_objects_are_read_in_place_by_ranges(media_on_s3):
     with objstore.ObjectFile(f"s3://{BUCKET}/shards/{SHARD}", options) as shard:
         listed = [(m.name, m.offset_data, m.size) for m in list_tar(shard)]
     assert listed == [(m.name, m.offset_data, m.size) for m in list_tar(str(MEDIA / SHARD))]
+    # tarfile seeks past each member to the next 512-byte header: the file's own buffer
+    # serves them, one range request per 64 KB of the shard, not one per member
+    many = io.BytesIO()
+    with tarfile.open(fileobj=many, mode="w") as tar:
+        for k in range(200):
+            info = tarfile.TarInfo(f"{k:04d}.txt")
+            info.size = 1000
+            tar.addfile(info, io.BytesIO(bytes([k % 256]) * 1000))
+    client(options).put_object(Bucket=BUCKET, Key="shards/many.tar", Body=many.getvalue())
+    with FlakyEndpoint(options, lambda *request: False) as counted:
+        with objstore.ObjectFile(f"s3://{BUCKET}/shards/many.tar", counted.options,
+                                 buffer=65_536) as shard:
+            assert len(list_tar(shard)) == 200
+        assert counted.requests <= -(-len(many.getvalue()) // 65_536) + 1  # and a HEAD
     reader = MediaReader(storage_options=options)
     name, _, size = listed[0]
     with tarfile.open(MEDIA / SHARD) as tar:
@@ -435,6 +457,18 @@ def test_objects_are_read_in_place_by_ranges(media_on_s3):
     assert probe(source) == probe(VideoSource(str(VIDEOS / "cuts.mp4")))
     with pytest.raises(MediaError, match="changed since it was ingested"):
         reader.video_source(f"s3://{BUCKET}/videos/slideshow.mp4", content_hash(local))
+
+    # a writer's object appears when it is closed, never when it is given up or dropped
+    for end in ("close", "abort", "drop"):
+        writer = objstore.ObjectWriter(f"s3://{BUCKET}/written/{end}", options, buffer=5 << 20)
+        writer.write(b"x" * (6 << 20))  # a part is uploaded already
+        if end == "drop":
+            del writer
+        else:
+            getattr(writer, end)()
+    keys = [o["Key"] for o in client(options).list_objects_v2(
+        Bucket=BUCKET, Prefix="written/").get("Contents", [])]
+    assert keys == ["written/close"]
 
 
 def video_run(root: str, store, options, extra: list) -> tuple[object, list[dict]]:
@@ -583,3 +617,49 @@ def test_a_burst_of_503s_is_survived_and_an_object_that_keeps_failing_is_read_ne
             u: v for u, v in expected.items() if u != coffee}
     Pipeline.from_config(load_config(raw(media_on_s3, store))).run(progress=False)
     assert rows(store) == expected
+
+    # a video whose reads keep failing after its size was read: a row to read again
+    def ranges_fail(n, method, path):
+        return method == "GET" and path.startswith(f"/{BUCKET}/videos/cuts.mp4")
+
+    with FlakyEndpoint(media_on_s3, ranges_fail) as flaky:
+        source = IngestVideos(paths=[f"s3://{BUCKET}/videos/cuts.mp4"], storage_options={
+            **flaky.options, "max_retries": "1", "retry_timeout_s": "5"})
+        loaded, _ = source.load(source.list_inputs())
+        assert loaded["error"][0].as_py().startswith("unavailable: "), loaded["error"][0]
+
+
+def test_a_run_over_a_bucket_killed_midway_resumes_to_the_same_table(
+        ray_session, media_on_s3, tmp_path, spawn):
+    """`curate run` over a prefix, killed with SIGKILL after its first commit (its reads
+    slowed by a proxy), then run again: the table of one uninterrupted run."""
+    from curate.media.samples import write_photos
+
+    from .test_resume import interrupted, rows_in, table_of
+
+    photos = write_photos(tmp_path / "photos", 40, size=(320, 240), seed=3)
+    s3c = client(media_on_s3)
+    for path in photos:
+        s3c.upload_file(str(path), BUCKET, f"many/{path.name}")
+
+    def config(options, store):
+        return {"name": "resume-s3", "store": {"uri": str(store)},
+                "run": {"commit_every": 4, "num_cpus": 2, "executor": "local"},
+                "stages": [{"type": "ingest_images", "paths": [f"s3://{BUCKET}/many/"],
+                            "storage_options": options, "resources": {"batch_size": 2}},
+                           {"type": "image_quality", "min_side": 128, "min_blur": 50},
+                           {"type": "exact_dedup"},
+                           {"type": "phash_dedup", "max_distance": 10}]}
+
+    reference = tmp_path / "reference"
+    Pipeline.from_config(load_config(config(media_on_s3, reference))).run(progress=False)
+    store = tmp_path / "store"
+    with FlakyEndpoint(media_on_s3, lambda *request: False, delay_s=0.25) as slow:
+        interrupted(tmp_path, config(slow.options, store), store, signal.SIGKILL, spawn)
+        kept = rows_in(store)
+        assert 0 < kept < len(photos), "the run was not killed midway"
+        slow.delay_s = 0.0
+        resumed = Pipeline.from_config(load_config(config(slow.options, store))).run(
+            progress=False)
+    assert resumed.status == "finished" and resumed.rows_processed == len(photos) - kept
+    assert table_of(store).equals(table_of(reference))

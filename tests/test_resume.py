@@ -57,8 +57,14 @@ def rows_in(store) -> int:
 
 def interrupt_midway(tmp_path, media, store, sig, executor,
                      spawn) -> subprocess.CompletedProcess:
+    return interrupted(tmp_path, config_for(media, store, executor), store, sig, spawn)
+
+
+def interrupted(tmp_path, config: dict, store, sig, spawn) -> subprocess.CompletedProcess:
+    """`curate run` of `config` in a subprocess, sent `sig` right after its first commit
+    (a SIGKILL takes whatever it started down with it)."""
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config_for(media, store, executor)))
+    path.write_text(yaml.safe_dump(config))
     proc = spawn(  # its own process group, as a terminal job would have
         [sys.executable, "-m", "curate", "run", str(path), "--no-progress"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -41,6 +41,7 @@ from curate.export.writers import (
     write_webdataset,
 )
 from curate.filters import FilterError, combine
+from curate.media.decode import MediaError
 from curate.media.objstore import checked, normalized
 from curate.stage import Stage
 from curate.table.layout import now
@@ -177,6 +178,9 @@ def _write_task(options: ExportOptions, task: WriterTask, columns: list[str], ou
 
 # --- where the tasks run --------------------------------------------------------------
 
+#: The largest object S3 copies in one request: a shard is renamed by a copy.
+MAX_COPY = 5 * 1024**3
+
 #: Rows of a table that `executor: auto` exports in this process when no cluster is given:
 #: below this, starting a local Ray costs more than the parallel writers save.
 LOCAL_ROWS = 20_000
@@ -289,8 +293,13 @@ def _prepare_out(out: Output, prefix: str, overwrite: bool) -> None:
         raise ExportError(f"{out.root} already holds an export ({', '.join(earlier[:3])}"
                           f"{' ...' if len(earlier) > 3 else ''}); pass --overwrite to "
                           "replace it, or choose another --out")
-    for name in earlier:
-        out.remove(name)
+    # the index first: a reader never finds one naming files that are gone
+    for name in sorted(earlier, key=lambda n: (n not in INDEX.values(), n)):
+        try:
+            out.remove(name)
+        except (MediaError, OSError) as exc:
+            raise ExportError(f"cannot remove {out.path(name)} of the earlier export: "
+                              f"{exc}") from None
 
 
 def _final_names(results: list[Written], tasks: list[WriterTask], options: ExportOptions,
@@ -309,7 +318,10 @@ def _final_names(results: list[Written], tasks: list[WriterTask], options: Expor
                 name = f"{options.prefix}{middle}-{n:06d}.tar"
             else:
                 name = f"part-{n:05d}.parquet"
-            out.rename(item["name"], name)
+            try:
+                out.rename(item["name"], name)
+            except (MediaError, OSError) as exc:
+                raise ExportError(f"cannot name {out.path(name)}: {exc}") from None
             entry = {"name": name, "samples": item["samples"], "bytes": item["bytes"]}
             if bucket:
                 entry["bucket"] = bucket
@@ -342,6 +354,9 @@ def export(store_config: StoreConfig, options: ExportOptions | dict[str, Any],
     out = Output.of(options.out, options.storage_options
                     or store_config.media_storage_options)
     options = options.model_copy(update={"out": out.root})
+    if out.root.startswith(("s3://", "s3a://")) and (options.shard_bytes or 0) > MAX_COPY:
+        raise ExportError(f"shard_bytes {options.shard_bytes:,} is over the {MAX_COPY:,} "
+                          "bytes an S3 object can be copied (renamed) in one request")
     _prepare_out(out, options.prefix, options.overwrite)
     order = Order(options.seed, buckets, options.group_by_bucket)
     read = [c for c in dict.fromkeys([*MEDIA_COLUMNS, *columns]) if c in names]
@@ -398,7 +413,11 @@ def _write_index(summary: ExportSummary, options: ExportOptions, columns: list[s
         "shards" if summary.format == "webdataset" else "parts": summary.files,
         "run_id": summary.run_id,
     }
-    out.write_text(INDEX[summary.format], json.dumps(index, indent=2))
+    try:
+        out.write_text(INDEX[summary.format], json.dumps(index, indent=2))
+    except (MediaError, OSError) as exc:
+        raise ExportError(f"the files are written, but not the index "
+                          f"{out.path(INDEX[summary.format])}: {exc}") from None
 
 
 def _record(store, summary: ExportSummary, options: ExportOptions, started) -> None:

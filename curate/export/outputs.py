@@ -10,6 +10,18 @@ from curate.media import objstore
 from curate.media.decode import MediaError
 
 
+def discard(file) -> None:
+    """Give up a file `Output.create` made: an object's upload is aborted (nothing of it
+    shows), a local file is closed (its temporary name is left for --overwrite)."""
+    if file.closed:
+        return
+    abort = getattr(file, "abort", None)
+    if abort is not None:
+        abort()
+    else:
+        file.close()
+
+
 @dataclass(frozen=True)
 class Output:
     """A folder an export writes its files into. `options`: the store's storage_options

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.export.outputs import Output
+from curate.export.outputs import Output, discard
 from curate.export.sharding import WriterTask, ranked
 from curate.media.decode import MediaError, decode_image
 from curate.media.reader import MediaReader
@@ -184,6 +184,10 @@ class _Shard:
         self.file.close()
         return {"name": self.name, "samples": self.samples, "bytes": size}
 
+    def abort(self) -> None:
+        """Give the shard up (a multipart upload is aborted: nothing half-written shows)."""
+        discard(self.file)
+
 
 def write_webdataset(rows: pa.Table, task: WriterTask, out: Output, columns: list[str],
                      media: MediaOptions, shard_size: int, shard_bytes: int | None
@@ -194,24 +198,29 @@ def write_webdataset(rows: pa.Table, task: WriterTask, out: Output, columns: lis
     written = Written()
     fetcher = MediaFetcher(media)
     shard: _Shard | None = None
-    for row, data, ext in _samples(rows, fetcher, written):
-        full = shard is not None and (
-            shard.samples >= shard_size
-            or (shard_bytes is not None and shard.tell() + len(data) > shard_bytes))
-        if shard is None or full:
-            if shard is not None:
-                written.files.append(shard.close())
-            shard = _Shard(out, f".task{task.index:05d}-{len(written.files):05d}.tar.part")
-        key = row["sample_id"]
-        shard.add(f"{key}.{ext}", data)
-        text = _text(row)
-        if text is not None:
-            shard.add(f"{key}.txt", text.encode())
-        meta = metadata(row, columns)
-        shard.add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-        shard.samples += 1
-    if shard is not None:
-        written.files.append(shard.close())
+    try:
+        for row, data, ext in _samples(rows, fetcher, written):
+            full = shard is not None and (
+                shard.samples >= shard_size
+                or (shard_bytes is not None and shard.tell() + len(data) > shard_bytes))
+            if shard is None or full:
+                if shard is not None:
+                    written.files.append(shard.close())
+                shard = _Shard(out, f".task{task.index:05d}-{len(written.files):05d}.tar.part")
+            key = row["sample_id"]
+            shard.add(f"{key}.{ext}", data)
+            text = _text(row)
+            if text is not None:
+                shard.add(f"{key}.txt", text.encode())
+            meta = metadata(row, columns)
+            shard.add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+            shard.samples += 1
+        if shard is not None:
+            written.files.append(shard.close())
+    except BaseException:
+        if shard is not None:
+            shard.abort()
+        raise
     return written
 
 
@@ -240,27 +249,40 @@ def write_parquet(rows: pa.Table, task: WriterTask, out: Output, columns: list[s
     def close() -> None:
         flush()
         part["writer"].close()
-        size = part["file"].tell()
-        part["file"].close()
+        if part["file"] is None:
+            size = os.path.getsize(out.path(part["name"]))
+        else:
+            size = part["file"].tell()
+            part["file"].close()
         written.files.append({"name": part["name"], "samples": part["samples"],
                               "bytes": size})
 
-    for row, data, ext in _samples(rows, fetcher, written):
-        if part is None or part["samples"] >= part_rows:
-            if part is not None:
-                close()
-            name = f".task{task.index:05d}-{len(written.files):05d}.parquet.part"
-            file = out.create(name)
-            part = {"name": name, "file": file, "samples": 0,
-                    "writer": pq.ParquetWriter(file, schema)}
-        item = {f.name: row.get(f.name) for f in fields}
-        item["text"] = _text(row)
-        if with_bytes:
-            item["media"], item["media_ext"] = data, ext
-        group.append(item)
-        part["samples"] += 1
-        if len(group) >= PARQUET_GROUP_ROWS:
-            flush()
-    if part is not None:
-        close()
+    def start() -> dict[str, Any]:
+        name = f".task{task.index:05d}-{len(written.files):05d}.parquet.part"
+        # a local part by its path: Arrow writes it without taking the GIL
+        file = out.create(name) if out.in_store else None
+        opened = {"name": name, "file": file, "samples": 0}
+        opened["writer"] = pq.ParquetWriter(file if file else out.path(name), schema)
+        return opened
+
+    try:
+        for row, data, ext in _samples(rows, fetcher, written):
+            if part is None or part["samples"] >= part_rows:
+                if part is not None:
+                    close()
+                part = start()
+            item = {f.name: row.get(f.name) for f in fields}
+            item["text"] = _text(row)
+            if with_bytes:
+                item["media"], item["media_ext"] = data, ext
+            group.append(item)
+            part["samples"] += 1
+            if len(group) >= PARQUET_GROUP_ROWS:
+                flush()
+        if part is not None:
+            close()
+    except BaseException:
+        if part is not None and part["file"] is not None:
+            discard(part["file"])
+        raise
     return written

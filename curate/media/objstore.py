@@ -213,34 +213,60 @@ def read_range(uri: str, options: dict | None, offset: int, size: int) -> bytes:
     return bytes(data)
 
 
+class StoreError(OSError):
+    """A read or write of an object that failed midway (after the store's retries), as
+    the file objects PyAV, tarfile and writers use raise it; `error` says why, with its
+    code."""
+
+    def __init__(self, error: MediaError):
+        super().__init__(error.detail)
+        self.error = error
+
+
+def media_error(exc: BaseException, code: str, detail: str) -> MediaError:
+    """The MediaError an object read raised inside `exc`'s chain, or MediaError(code,
+    detail): what a reader that caught an OSError from a file object should record."""
+    while exc is not None:
+        if isinstance(exc, StoreError):
+            return exc.error
+        exc = exc.__cause__ or exc.__context__
+    return MediaError(code, detail)
+
+
 class ObjectFile(Window):
     """A read-only, seekable file over an object (or over `size` bytes of it from
     `offset`: a tar member), read with range requests of at least `buffer` bytes, so
     PyAV and tarfile read an object in place: a video is never downloaded whole, nor
-    held in memory. A failed read raises OSError with the one-line reason."""
+    held in memory. A failed read raises `StoreError`.
+
+    It keeps its own buffer, the last range it fetched: obstore's buffered reader drops
+    its buffer on every seek, and tarfile and PyAV seek between small reads (a tar
+    header every few KB), which would make each of them a request of `buffer` bytes."""
 
     def __init__(self, uri: str, options: dict | None, offset: int = 0, size: int = -1,
                  buffer: int = 1 << 20):
-        import obstore
-
         store, key = store_of(uri, options)
-        try:
-            reader = obstore.open_reader(store, key, buffer_size=buffer)
-        except Exception as exc:
-            raise error_of(uri, exc) from None
-        super().__init__(offset, reader.size - offset if size < 0 else size)
-        self.uri, self._file = uri, reader
+        if size < 0:
+            size = head(uri, options)[0] - offset
+        super().__init__(offset, size)
+        self.uri, self._store, self._key, self._block = uri, store, key, buffer
+        self._held, self._held_at = memoryview(b""), 0
 
     def _read_at(self, offset: int, size: int):
-        try:
-            self._file.seek(offset)
-            return memoryview(self._file.read(size))
-        except Exception as exc:  # what obstore raises mid-object (after its retries)
-            raise OSError(error_of(self.uri, exc).detail) from None
+        held_from = offset - self._held_at
+        if not 0 <= held_from <= len(self._held) - size:
+            import obstore
+
+            length = min(max(size, self._block), self._offset + self._size - offset)
+            try:
+                data = obstore.get_range(self._store, self._key, start=offset, length=length)
+            except Exception as exc:  # what obstore raises mid-object (after its retries)
+                raise StoreError(error_of(self.uri, exc)) from None
+            self._held, self._held_at, held_from = memoryview(data), offset, 0
+        return self._held[held_from:held_from + size]
 
     def close(self) -> None:
-        if not self.closed:
-            self._file.close()
+        self._held = memoryview(b"")
         super().close()
 
 
@@ -268,7 +294,7 @@ class ObjectWriter(io.RawIOBase):
         try:
             self._file.write(data)
         except Exception as exc:
-            raise OSError(error_of(self.uri, exc).detail) from None
+            raise StoreError(error_of(self.uri, exc)) from None
         self.written += size
         return size
 
@@ -276,13 +302,29 @@ class ObjectWriter(io.RawIOBase):
         return self.written
 
     def close(self) -> None:
+        """Finish the upload: the object appears whole."""
         if not self.closed:
             try:
                 self._file.close()
             except Exception as exc:
-                raise OSError(error_of(self.uri, exc).detail) from None
+                raise StoreError(error_of(self.uri, exc)) from None
             finally:
                 super().close()
+
+    def abort(self) -> None:
+        """Give the upload up: no object appears (uploaded parts are deleted)."""
+        if not self.closed:
+            try:
+                self._file.__exit__(OSError, OSError("aborted"), None)
+            except Exception:  # an abort that fails leaves parts the bucket's rules clean
+                pass
+            finally:
+                super().close()
+
+    def __del__(self) -> None:
+        # a writer dropped unclosed (its task failed) must not publish half an object,
+        # as io's own finalizer would by calling close()
+        self.abort()
 
 
 def put(uri: str, options: dict | None, data: bytes) -> None:

@@ -63,7 +63,7 @@ class MediaReader:
             except MediaError:
                 raise
             except Exception as exc:  # tarfile raises many kinds for a damaged shard
-                raise MediaError("unreadable", f"{path}: {exc}") from None
+                raise objstore.media_error(exc, "unreadable", f"{path}: {exc}") from None
             with self._lock:
                 self._tars[key] = members
         if member not in members:
@@ -113,7 +113,8 @@ class MediaReader:
             try:
                 known = file_hash(source, chunk=8 << 20)[0]
             except OSError as exc:
-                raise MediaError("unreadable", f"{source.path}: {exc}") from None
+                raise objstore.media_error(exc, "unreadable", f"{source.path}: {exc}") \
+                    from None
             with self._lock:
                 self._hashes[key] = known
         return known

@@ -18,6 +18,7 @@ from PIL import Image
 
 from curate.media import objstore
 from curate.media.decode import MediaError, Window
+from curate.media.objstore import media_error as failed
 
 #: WebDataset members and file suffixes that hold a video.
 VIDEO_SUFFIXES = ("mp4", "webm", "mkv", "mov", "avi", "m4v")
@@ -102,7 +103,7 @@ def _open(av, source: VideoSource):
                              "the file was cut off") from None
         raise MediaError("not_a_video", f"FFmpeg cannot open it: {_why(exc)}") from None
     except OSError as exc:
-        raise MediaError("unreadable", str(exc)) from None
+        raise failed(exc, "unreadable", str(exc)) from None
     except Exception as exc:  # whatever else PyAV raises on these bytes
         raise MediaError("not_a_video", f"PyAV cannot open it: {_why(exc)}") from None
 
@@ -131,7 +132,7 @@ def probe(source: VideoSource, max_duration_s: float | None = None) -> VideoInfo
         except MediaError:
             raise
         except Exception as exc:  # whatever PyAV raises on these bytes
-            raise MediaError("undecodable", f"the video stream cannot be read: {_why(exc)}") \
+            raise failed(exc, "undecodable", f"the video stream cannot be read: {_why(exc)}") \
                 from None
 
 
@@ -157,7 +158,7 @@ def _probe(av, container, max_duration_s: float | None) -> VideoInfo:
     try:
         first = next(container.decode(stream), None)
     except Exception as exc:  # FFmpeg errors and anything else PyAV raises
-        raise MediaError("undecodable", f"{codec} stream does not decode: {_why(exc)}") \
+        raise failed(exc, "undecodable", f"{codec} stream does not decode: {_why(exc)}") \
             from None
     if first is None:
         raise MediaError("zero_frames", "no frame of the video stream decodes")
@@ -238,7 +239,7 @@ def frames(source: VideoSource, start_s: float = 0.0) -> Iterator[Frame]:
         except MediaError:
             raise
         except Exception as exc:
-            raise MediaError("undecodable", f"the video stream cannot be read: {_why(exc)}") \
+            raise failed(exc, "undecodable", f"the video stream cannot be read: {_why(exc)}") \
                 from None
         index = 0
         previous: Fraction | None = None  # time of the frame before, seconds from start
@@ -253,8 +254,8 @@ def frames(source: VideoSource, start_s: float = 0.0) -> Iterator[Frame]:
                 duration = frame.duration * base if frame.duration else step
             except Exception as exc:  # FFmpeg errors and anything else PyAV raises
                 at = f"{float(previous):.3f} s" if previous is not None else "the start"
-                raise MediaError("undecodable", f"decoding stopped at frame {index} (after "
-                                 f"{at}): {_why(exc)}") from None
+                raise failed(exc, "undecodable", f"decoding stopped at frame {index} (after "
+                             f"{at}): {_why(exc)}") from None
             if stamp is not None:
                 time = max(stamp * base - start, previous or Fraction(0))
             elif previous is None:

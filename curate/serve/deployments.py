@@ -65,7 +65,7 @@ class FeatureService:
     model work scales in the segment deployments."""
 
     def __init__(self, cfg: ServeConfig, config_yaml: str | None, segments: list):
-        config = pipeline_config(cfg.pipeline, config_yaml)
+        config = pipeline_config(cfg.pipeline, config_yaml, cfg.store.media_storage_options)
         self.cfg = cfg
         self.plan = FeaturePlan.from_config(config, cfg.features, also=[cfg.search.column])
         self.offered = list(cfg.features if cfg.features is not None else self.plan.columns)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import yaml
 
-from curate.config import Config, load_config
+from curate.config import Config, load_config, unredacted
 from curate.engine.workers import SegmentWorker
 from curate.errors import ConfigError
 from curate.plan import build_stages, segments
@@ -36,14 +36,16 @@ UPLOAD_PREFIX = "upload:sha256:"
 RETRY_S = 30.0
 
 
-def pipeline_config(pipeline: str | None, last_run_yaml: str | None) -> Config | None:
-    """The pipeline whose stages compute features: a file, else the latest run's config."""
+def pipeline_config(pipeline: str | None, last_run_yaml: str | None,
+                    media_options: dict[str, str] | None = None) -> Config | None:
+    """The pipeline whose stages compute features: a file, else the latest run's config
+    (whose redacted storage options become `media_options`)."""
     if pipeline:
         return load_config(pipeline)
     if not last_run_yaml:
         return None
     try:
-        return load_config(yaml.safe_load(last_run_yaml))
+        return load_config(unredacted(yaml.safe_load(last_run_yaml), media_options or {}))
     except ConfigError as exc:
         raise ConfigError(exc.problems, "the config recorded by the latest run") from None
 

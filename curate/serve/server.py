@@ -56,7 +56,7 @@ def build_app(cfg: ServeConfig):
 
     last = Catalog(cfg.store).last_run()  # a missing table is an error that says so
     config_yaml = last["config_yaml"] if last else None
-    config = pipeline_config(cfg.pipeline, config_yaml)
+    config = pipeline_config(cfg.pipeline, config_yaml, cfg.store.media_storage_options)
     ingress = serve.deployment(Api).options(
         num_replicas=cfg.ingress.replicas,
         ray_actor_options={"num_cpus": cfg.ingress.cpus},

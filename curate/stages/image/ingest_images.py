@@ -318,7 +318,14 @@ class IngestImages(Source):
             if _is_url(uri) or objstore.is_object_uri(uri):
                 pass
             elif in_store:  # a key relative to the manifest's own prefix
-                uri = objstore.joined(base, uri)
+                joined = objstore.joined(base, uri)
+                if uri.startswith(("/", "~", "file:")) or "/../" in joined + "/":
+                    yield {"uri": f"{path}#row={n}", "alt_text": caption,
+                           "_error": f"unsupported: row {n} names {uri!r}, a local path or "
+                           "one out of the bucket; a manifest in object storage names keys "
+                           "relative to itself or whole URIs"}
+                    continue
+                uri = joined
             else:
                 uri = uri.removeprefix("file://")
                 uri = str((base / os.path.expanduser(uri)).resolve())
@@ -410,8 +417,12 @@ def _tar_items(path: str, suffixes: tuple[str, ...], kind: str, options: dict | 
     try:
         with objstore.open_file(path, options) as shard:
             members = list_tar(shard)
-    except (tarfile.TarError, OSError, MediaError) as exc:
-        yield {"uri": path, "_error": f"unreadable: not a readable tar shard: {exc}"}
+    except MediaError as exc:  # an object that cannot be read: missing, denied, ...
+        yield {"uri": path, "_error": str(exc)}
+        return
+    except (tarfile.TarError, OSError) as exc:
+        failure = objstore.media_error(exc, "unreadable", f"not a readable tar shard: {exc}")
+        yield {"uri": path, "_error": str(failure)}
         return
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
     for m in members:
@@ -449,22 +460,27 @@ def read_member(path: str, offset: int, size: int, options: dict | None = None) 
 @functools.lru_cache(maxsize=64)
 def _shard_members(tar_path: str, version: Any, size: int,
                    options: tuple = ()) -> dict[str, tuple[int, int]]:
-    try:
-        with objstore.open_file(tar_path, dict(options)) as shard:
-            return {m.name: (m.offset_data, m.size) for m in list_tar(shard)}
-    except (tarfile.TarError, OSError, MediaError):
-        return {}
+    with objstore.open_file(tar_path, dict(options)) as shard:
+        return {m.name: (m.offset_data, m.size) for m in list_tar(shard)}
 
 
 def _tar_members(tar_path: str, options: dict | None = None) -> dict[str, tuple[int, int]]:
     """(data offset, size) of each member of a shard, listed once per process while the
     shard is unchanged (a recomputed stage reads its rows again batch by batch): a local
-    file by its mtime and size, an object by its version tag and size."""
+    file by its mtime and size (a damaged one has no members), an object by its version
+    tag and size (one that cannot be read now raises MediaError, and is not cached)."""
     if objstore.is_object_uri(tar_path):
         size, tag = objstore.head(tar_path, options)
-        return _shard_members(tar_path, tag, size, objstore.normalized(options))
+        try:
+            return _shard_members(tar_path, tag, size, objstore.normalized(options))
+        except (tarfile.TarError, OSError) as exc:
+            raise objstore.media_error(exc, "unreadable", f"{tar_path}: not a readable tar "
+                                       f"shard: {exc}") from None
     stat = os.stat(tar_path)
-    return _shard_members(tar_path, stat.st_mtime_ns, stat.st_size)
+    try:
+        return _shard_members(tar_path, stat.st_mtime_ns, stat.st_size)
+    except (tarfile.TarError, OSError):
+        return {}
 
 
 def listed_again(rows: pa.Table, options: dict | None = None) -> pa.Table:
@@ -478,7 +494,7 @@ def listed_again(rows: pa.Table, options: dict | None = None) -> pa.Table:
     shards: dict[str, dict | MediaError] = {}  # each shard looked at once per batch
     for i, uri in enumerate(rows["uri"].to_pylist()):
         tar_path, _, member = uri.partition("#")
-        if had[i] or not member or _is_url(uri):
+        if had[i] or not member or _is_url(uri) or not tar_path.lower().endswith(TAR_SUFFIXES):
             continue
         if tar_path not in shards:
             if objstore.is_object_uri(tar_path):

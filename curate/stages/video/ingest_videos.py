@@ -175,7 +175,11 @@ def _source(uri: str, offset: int, size: int, max_bytes: int, http: HttpOptions,
         try:
             digest = _object_hash(source, tag)
         except OSError as exc:  # a read failed midway, after the store's retries
-            raise MediaError("unreadable", str(exc)) from None
+            raise objstore.media_error(exc, "unreadable", f"{uri}: {exc}") from None
+        if objstore.head(path, options)[1] != tag:  # written again while it was hashed
+            _object_hash.cache_clear()
+            raise MediaError("changed", f"{uri} was written again while it was read; the "
+                             "next run reads it again")
         return source, digest, size
     if offset >= 0:
         if size > max_bytes:
