@@ -10,7 +10,10 @@ process, so it bounds every client's rate; the figures compare clients against t
 server, not against a real object store. Listing: every key under a prefix, with
 obstore's pages (1,000 keys) and pyarrow's recursive FileSelector (one list). Reading:
 every object whole, on 16 threads for obstore and pyarrow.fs, one after another for
-boto3. The last line printed is a JSON object.
+boto3. Batches: the first 2,000 objects read as a decoding worker reads them, 32 to a
+batch, with curate's read-ahead (8 at once) against one after another, through a proxy
+that adds 20 ms to each request (a real store's first-byte latency; moto on loopback
+answers at once). The last line printed is a JSON object.
 """
 
 from __future__ import annotations
@@ -56,10 +59,15 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=100_000)
     parser.add_argument("--size", type=int, default=16_384, help="bytes per object")
     parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--batch-objects", type=int, default=2000,
+                        help="objects read in worker-sized batches (the first N)")
+    parser.add_argument("--latency-ms", type=float, default=20.0,
+                        help="added to each request of the batch reads (a real store's "
+                             "first-byte latency)")
     args = parser.parse_args()
 
     from curate.media import objstore
-    from tests.conftest import start_moto_s3
+    from tests.conftest import FlakyEndpoint, start_moto_s3
 
     server, options = start_moto_s3(BUCKET)
     client = boto(options)
@@ -105,17 +113,34 @@ def main() -> None:
         with ThreadPoolExecutor(args.threads) as pool:
             return sum(pool.map(one, keys))
 
+    sample = uris[:min(n, args.batch_objects)]
+    # a real store answers a GET after tens of ms; moto on loopback at once
+    distant = FlakyEndpoint(options, lambda *request: False, delay_s=args.latency_ms / 1000)
+
+    def batches(ahead: int):
+        """A decoding worker's reads: batches of 32 objects, each batch read with
+        `read_ahead` (curate's ingest_images, 8 at once), or one object after another
+        (ahead=1: what a worker did before), through a proxy adding `--latency-ms`."""
+        def work():
+            return sum(len(future.result()) for lo in range(0, len(sample), 32)
+                       for future in objstore.read_ahead(sample[lo:lo + 32], distant.options,
+                                                         1 << 30, ahead=ahead))
+        return work
+
     results = {}
-    for name, work, expect in [
+    for name, work, count in [
         ("list boto3 loop", list_boto, n), ("list obstore", list_obstore, n),
-        ("list pyarrow.fs", list_arrow, n), ("read boto3 loop", read_boto, n * args.size),
-        ("read obstore", read_obstore, n * args.size),
-        ("read pyarrow.fs", read_arrow, n * args.size),
+        ("list pyarrow.fs", list_arrow, n), ("read boto3 loop", read_boto, n),
+        ("read obstore", read_obstore, n), ("read pyarrow.fs", read_arrow, n),
+        ("batch one after another", batches(1), len(sample)),
+        ("batch read ahead", batches(8), len(sample)),
     ]:
         seconds, got = timed(work)
+        expect = count if name.startswith("list") else count * args.size
         assert got == expect, f"{name}: {got} != {expect}"
-        results[name] = round(n / seconds, 1)
+        results[name] = round(count / seconds, 1)
         print(f"{name}: {results[name]:,.0f} objects/s", flush=True)
+    distant.__exit__(None, None, None)
     server.stop()
     out = {
         "benchmark": "object_store", "objects": n, "bytes_each": args.size,
@@ -128,6 +153,9 @@ def main() -> None:
                                             / results["read boto3 loop"], 3),
         "read_obstore_vs_pyarrow": round(results["read obstore"]
                                          / results["read pyarrow.fs"], 3),
+        "batch_objects": len(sample), "batch_latency_ms": args.latency_ms,
+        "batch_read_ahead_vs_one_after_another": round(
+            results["batch read ahead"] / results["batch one after another"], 3),
     }
     print(json.dumps(out))
 

@@ -11,7 +11,6 @@ import json
 import shutil
 import signal
 import tarfile
-import time
 
 import boto3
 import lancedb
@@ -36,80 +35,13 @@ from curate.media.video import VideoSource, probe
 from curate.stages.image.ingest_images import IngestImages
 from curate.stages.video.ingest_videos import IngestVideos
 
-from .conftest import BUCKET, ROOT, serve_settings
+from .conftest import BUCKET, ROOT, FlakyEndpoint, serve_settings
 
 MEDIA = ROOT / "examples" / "media"
 VIDEOS = ROOT / "examples" / "videos"
 #: The demo's folders (its tar shard goes under shards/).
 FOLDERS = ("photos", "variants", "low_quality", "broken", "odd")
 SHARD = "shard-000000.tar"
-
-
-class FlakyEndpoint:
-    """An HTTP proxy on loopback in front of the S3 server that answers `503 SlowDown` to
-    the requests `fail(number, method, path)` picks and forwards the others unchanged
-    (the Host header too, so signatures still hold), each after `delay_s` seconds."""
-
-    SLOW_DOWN = (b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate."
-                 b"</Message></Error>")
-
-    def __init__(self, options: dict, fail, delay_s: float = 0.0):
-        import http.client
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        target = int(options["aws_endpoint"].rsplit(":", 1)[1])
-        self.requests = self.failed = 0
-        self.delay_s = delay_s
-        lock, proxy = threading.Lock(), self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with lock:
-                    proxy.requests += 1
-                    refuse = fail(proxy.requests, self.command, self.path)
-                    proxy.failed += bool(refuse)
-                time.sleep(proxy.delay_s)
-                if refuse:
-                    self.send_response(503)
-                    self.send_header("Content-Length", str(len(proxy.SLOW_DOWN)))
-                    self.end_headers()
-                    self.wfile.write(proxy.SLOW_DOWN)
-                    return
-                server = http.client.HTTPConnection("127.0.0.1", target, timeout=60)
-                server.request(self.command, self.path, body=body, headers=dict(self.headers))
-                answer = server.getresponse()
-                data = answer.read()
-                server.close()
-                self.send_response(answer.status)
-                for key, value in answer.getheaders():  # a HEAD keeps the object's length
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", answer.getheader("Content-Length")
-                                 if self.command == "HEAD" else str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = forward
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.options = {**options, "aws_endpoint":
-                        f"http://127.0.0.1:{self.server.server_address[1]}"}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def client(options):

@@ -177,6 +177,29 @@ def read(uri: str, options: dict | None, max_bytes: int) -> bytes:
         raise error_of(uri, exc) from None
 
 
+def read_ahead(uris: list[str], options: dict | None, max_bytes: int,
+               ahead: int = 8) -> Iterator:
+    """Futures of the objects' bytes (`read`), in order, with up to `ahead` of them read
+    at once on threads (a GET lets go of the GIL while it waits on the store). A
+    future's `result()` raises the MediaError of its object; the iterator itself never
+    raises."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not uris:
+        return
+    pool = ThreadPoolExecutor(max_workers=min(ahead, len(uris)),
+                              thread_name_prefix="curate-read")
+    try:
+        pending = [pool.submit(read, uri, options, max_bytes) for uri in uris[:ahead]]
+        for k in range(len(uris)):
+            if k + ahead < len(uris):
+                pending.append(pool.submit(read, uris[k + ahead], options, max_bytes))
+            yield pending[k]
+            pending[k] = None  # its bytes go with the row that took them
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def read_head(uri: str, options: dict | None, quick: bool = False) -> int:
     """An object's size (it is there and may be read)."""
     return head(uri, options, quick)[0]
