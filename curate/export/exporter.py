@@ -287,7 +287,7 @@ def _ours(name: str, prefix: str) -> bool:
 def _prepare_out(out: Output, prefix: str, overwrite: bool) -> None:
     try:
         earlier = [n for n in out.prepare() if _ours(n, prefix)]
-    except OSError as exc:
+    except (MediaError, OSError) as exc:
         raise ExportError(f"cannot write into {out.root}: {exc}") from None
     if earlier and not overwrite:
         raise ExportError(f"{out.root} already holds an export ({', '.join(earlier[:3])}"

@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass
 
 from curate.media import objstore
-from curate.media.decode import MediaError
 
 
 def discard(file) -> None:
@@ -48,10 +47,7 @@ class Output:
         if not self.in_store:
             os.makedirs(self.root, exist_ok=True)
             return sorted(os.listdir(self.root))
-        try:
-            files, _ = objstore.list_level(self.root + "/", dict(self.options), quick=True)
-        except MediaError as exc:
-            raise OSError(exc.detail) from None
+        files, _ = objstore.list_level(self.root + "/", dict(self.options), quick=True)
         return sorted(uri.rpartition("/")[2] for uri, _ in files)
 
     def create(self, name: str):

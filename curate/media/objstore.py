@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterator
 from datetime import timedelta
 
-from curate.media.decode import MediaError, Window
+from curate.media.decode import MediaError, Window, read_tar_member
 
 #: URI schemes read through an object store.
 SCHEMES = ("s3://", "s3a://", "gs://", "az://", "abfs://", "abfss://")
@@ -234,6 +234,17 @@ def read_range(uri: str, options: dict | None, offset: int, size: int) -> bytes:
         raise MediaError("truncated", f"{uri} ends early ({len(data)}/{size} bytes from "
                          f"{offset})")
     return bytes(data)
+
+
+def read_member(shard: str, member: str, offset: int, size: int, max_bytes: int,
+                options: dict | None = None) -> bytes:
+    """Bytes of one tar member, located by the offset found when the shard was listed:
+    from a local shard, or as one range of a shard in object storage."""
+    if not is_object_uri(shard):
+        return read_tar_member(shard, member, offset, size, max_bytes)
+    if size > max_bytes:
+        raise MediaError("too_large", f"{size:,} bytes > max_bytes {max_bytes:,}")
+    return read_range(shard, options, offset, size)
 
 
 class StoreError(OSError):

@@ -15,7 +15,6 @@ from curate.media.decode import (
     list_tar,
     read_http,
     read_local,
-    read_tar_member,
 )
 from curate.media.video import VideoSource
 
@@ -77,11 +76,7 @@ class MediaReader:
         path, sep, member = uri.partition("#")
         if sep and path.lower().endswith(".tar"):
             offset, length = self.tar_member(path, member)
-            if objstore.is_object_uri(path):
-                if length > max_bytes:
-                    raise MediaError("too_large", f"{length} bytes > max_bytes {max_bytes}")
-                return objstore.read_range(path, self.options, offset, length)
-            return read_tar_member(path, member, offset, length, max_bytes)
+            return objstore.read_member(path, member, offset, length, max_bytes, self.options)
         if objstore.is_object_uri(uri):
             return objstore.read(uri, self.options, max_bytes)
         return read_local(uri, max_bytes)

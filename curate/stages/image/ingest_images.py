@@ -27,7 +27,6 @@ from curate.media.decode import (
     list_tar,
     read_http,
     read_local,
-    read_tar_member,
 )
 from curate.stage import Source, StageParams, first_of_each_input
 from curate.stages._common import CAPTION_COLUMNS, _is_url
@@ -436,7 +435,8 @@ def _tar_items(path: str, suffixes: tuple[str, ...], kind: str, options: dict | 
         if "txt" in parts and parts["txt"].size <= MAX_CAPTION_BYTES:
             text = parts["txt"]
             try:
-                caption = read_member(path, text.offset_data, text.size, options).decode(
+                caption = objstore.read_member(path, text.name, text.offset_data, text.size,
+                                               MAX_CAPTION_BYTES, options).decode(
                     "utf-8", "replace").strip()
             except (OSError, MediaError):
                 caption = None  # the sample's media says whether the shard is readable
@@ -446,15 +446,6 @@ def _tar_items(path: str, suffixes: tuple[str, ...], kind: str, options: dict | 
         else:
             yield {"uri": f"{path}#{image.name}", "alt_text": caption,
                    "_offset": image.offset_data, "_size": image.size}
-
-
-def read_member(path: str, offset: int, size: int, options: dict | None = None) -> bytes:
-    """`size` bytes of a shard from `offset`: a local file, or one range of an object."""
-    if objstore.is_object_uri(path):
-        return objstore.read_range(path, options, offset, size)
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        return fh.read(size)
 
 
 @functools.lru_cache(maxsize=64)
@@ -568,15 +559,8 @@ def load_inputs(stage: IngestImages, batch: pa.Table) -> tuple[dict[str, pa.Arra
                 data = read_http(uri, p.max_bytes, http)
             elif offsets[i] >= 0:
                 tar_path, _, member = uri.partition("#")
-                if objstore.is_object_uri(tar_path):
-                    if sizes[i] > p.max_bytes:
-                        raise MediaError("too_large", f"{sizes[i]} bytes > max_bytes "
-                                         f"{p.max_bytes}")
-                    data = objstore.read_range(tar_path, p.storage_options, offsets[i],
-                                               sizes[i])
-                else:
-                    data = read_tar_member(tar_path, member, offsets[i], sizes[i],
-                                           p.max_bytes)
+                data = objstore.read_member(tar_path, member, offsets[i], sizes[i],
+                                            p.max_bytes, p.storage_options)
             else:
                 data = read_local(uri, p.max_bytes)
             cols["num_bytes"][i] = len(data)

@@ -176,10 +176,6 @@ def _source(uri: str, offset: int, size: int, max_bytes: int, http: HttpOptions,
             digest = _object_hash(source, tag)
         except OSError as exc:  # a read failed midway, after the store's retries
             raise objstore.media_error(exc, "unreadable", f"{uri}: {exc}") from None
-        if objstore.head(path, options)[1] != tag:  # written again while it was hashed
-            _object_hash.cache_clear()
-            raise MediaError("changed", f"{uri} was written again while it was read; the "
-                             "next run reads it again")
         return source, digest, size
     if offset >= 0:
         if size > max_bytes:
@@ -210,8 +206,13 @@ def _member_hash(path: str, offset: int, size: int, mtime_ns: int) -> str:
 @functools.lru_cache(maxsize=64)
 def _object_hash(source: VideoSource, tag: str) -> str:
     """An object's (or a member of a shard in object storage) hash, streamed once per
-    process while the object keeps its version tag."""
-    return file_hash(source, chunk=8 << 20)[0]
+    process while the object keeps its version tag; one written again while it was read
+    is refused (and nothing is cached)."""
+    digest = file_hash(source, chunk=8 << 20)[0]
+    if objstore.head(source.path, dict(source.options))[1] != tag:
+        raise MediaError("changed", f"{source.path} was written again while it was read; "
+                         "the next run reads it again")
+    return digest
 
 
 @functools.lru_cache(maxsize=16)
