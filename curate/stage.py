@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from curate.media import objstore
 
 if TYPE_CHECKING:
     from curate.parts import GlobalResult
@@ -39,6 +41,18 @@ class StageParams(BaseModel):
                              "stamp_<name> (default: type); letters, digits, _ and -. A new "
                              "name is a new stage: its columns are computed again")
     resources: Resources = Field(default_factory=Resources)
+
+
+class ObjectStoreParams(StageParams):
+    """The params of a stage that may name URIs in object storage."""
+
+    storage_options: Annotated[dict[str, str], AfterValidator(objstore.checked)] = Field(
+        default_factory=dict,
+        description="how to reach the s3:// (gs://, az://) URIs this stage names: the keys "
+        "the store takes (aws_endpoint, aws_region, aws_access_key_id, "
+        "aws_secret_access_key, allow_http, anonymous, ...) and max_retries / "
+        "retry_timeout_s; empty: the environment's credentials",
+    )
 
 
 class FrameScoreParams(StageParams):
@@ -172,8 +186,9 @@ class Stage:
 
     def fingerprint(self) -> dict[str, Any]:
         """What determines this stage's output (used to decide what must be recomputed)."""
-        fingerprint = self.configured_params.model_dump(mode="json",
-                                                        exclude={"resources", "name"})
+        # how the stage reaches object storage never changes what it computes
+        fingerprint = self.configured_params.model_dump(
+            mode="json", exclude={"resources", "name", "storage_options"})
         if fingerprint.get("reduction", "") is None:
             del fingerprint["reduction"]  # unset: tables of earlier releases stay current
         return fingerprint

@@ -595,3 +595,72 @@ def test_a_run_over_a_bucket_killed_midway_resumes_to_the_same_table(
             progress=False)
     assert resumed.status == "finished" and resumed.rows_processed == len(photos) - kept
     assert table_of(store).equals(table_of(reference))
+
+
+def test_models_and_heads_in_a_bucket_compute_what_local_ones_do(media_on_s3, tmp_path,
+                                                                 monkeypatch):
+    """clip_embed, caption (a VLM) and aesthetic_score loading their checkpoints and head
+    from the bucket give the columns the same files give from local paths; the run
+    records the checkpoint's revision from its listing, a rewritten file changes it, and
+    a missing checkpoint fails before any work, naming the key."""
+    from curate.config import ConfigError
+    from curate.models import file_sha256
+
+    from .conftest import tiny_models
+
+    monkeypatch.setenv("CURATE_CACHE", str(tmp_path / "cache"))
+    models = tiny_models()
+    s3c = client(media_on_s3)
+    for name in ("tiny-clip", "tiny-llava"):
+        for path in sorted((models / name).iterdir()):
+            s3c.upload_file(str(path), BUCKET, f"models/{name}/{path.name}")
+    head = models / "tiny-aesthetic.safetensors"
+    s3c.upload_file(str(head), BUCKET, f"heads/{head.name}")
+    sha = file_sha256(head)
+
+    def config(where: str, store: str) -> dict:
+        return {"name": "s3-models", "store": {"uri": str(tmp_path / store)},
+                "run": {"executor": "local"},
+                "stages": [{"type": "ingest_images", "paths": [str(MEDIA / "photos")]},
+                           {"type": "clip_embed", "model": f"{where}/tiny-clip",
+                            "text_column": "alt_text", "storage_options": media_on_s3},
+                           {"type": "aesthetic_score", "weights": f"{where}/{head.name}",
+                            "sha256": sha, "storage_options": media_on_s3},
+                           {"type": "caption", "model": f"{where}/tiny-llava",
+                            "max_new_tokens": 4, "storage_options": media_on_s3}]}
+
+    def columns(store: str) -> dict:
+        table = lancedb.connect(str(tmp_path / store)).open_table("samples").to_arrow()
+        table = table.sort_by("uri")
+        return {name: table[name].to_pylist() for name in
+                ("uri", "clip_embedding", "aesthetic_score", "caption")}
+
+    in_bucket = config(f"s3://{BUCKET}/models", "bucket")
+    in_bucket["stages"][2]["weights"] = f"s3://{BUCKET}/heads/{head.name}"
+    summary = Pipeline.from_config(load_config(in_bucket)).run(progress=False)
+    assert summary.status == "finished"
+    assert any("tiny-clip is a" in n and "stand-in" in n for n in summary.notices)
+    local = config(str(models), "local")
+    local["stages"][2]["weights"] = str(head)
+    Pipeline.from_config(load_config(local)).run(progress=False)
+    got, want = columns("bucket"), columns("local")
+    assert got == want and all(c is not None for c in got["caption"])
+    # the weights were read on this node once, into the cache, named by the listing
+    copies = sorted(p.name for p in (tmp_path / "cache" / "checkpoints").iterdir())
+    assert len(copies) == 4 and sum(n.endswith("-config") for n in copies) == 2
+    assert (tmp_path / "cache" / "weights" / sha / head.name).read_bytes() == \
+        head.read_bytes()
+
+    run = lancedb.connect(str(tmp_path / "bucket")).open_table("samples_runs").to_arrow()
+    recorded = {m["stage"]: m["revision"] for m in json.loads(run["models_json"][0].as_py())}
+    assert recorded["clip_embed"].startswith("objects:")
+    stage = Pipeline.from_config(load_config(in_bucket)).stages[1]
+    assert stage.weights_revision == recorded["clip_embed"]
+    s3c.put_object(Bucket=BUCKET, Key="models/tiny-clip/tokenizer_config.json",
+                   Body=(models / "tiny-clip" / "tokenizer_config.json").read_bytes() + b"\n")
+    assert Pipeline.from_config(load_config(in_bucket)).stages[1].weights_revision != \
+        recorded["clip_embed"]
+
+    in_bucket["stages"][1]["model"] = f"s3://{BUCKET}/models/none"
+    with pytest.raises(ConfigError, match=r"stages\.1\.model: .*models/none holds no objects"):
+        Pipeline.from_config(load_config(in_bucket)).run(progress=False)

@@ -215,8 +215,27 @@ def head(uri: str, options: dict | None, quick: bool = False) -> tuple[int, str]
         meta = obstore.head(store, key)
     except Exception as exc:
         raise error_of(uri, exc) from None
-    return meta["size"], str(meta.get("e_tag") or meta.get("version")
-                             or meta["last_modified"].isoformat())
+    return meta["size"], _tag(meta)
+
+
+def download(uri: str, options: dict | None, path: str, tag: str | None = None) -> None:
+    """The object, streamed into the local file `path` (never held whole); refused when
+    its version tag is no longer `tag` (it was written again since it was listed)."""
+    import obstore
+
+    store, key = store_of(uri, options)
+    try:
+        result = obstore.get(store, key)
+        if tag is not None and _tag(result.meta) != tag:
+            raise MediaError("changed", f"{uri} was written again since it was listed; "
+                             "run again")
+        with open(path, "wb") as out:
+            for chunk in result.stream(min_chunk_size=8 << 20):
+                out.write(chunk)
+    except MediaError:
+        raise
+    except Exception as exc:  # what obstore raises on this object or its store
+        raise error_of(uri, exc) from None
 
 
 def read_range(uri: str, options: dict | None, offset: int, size: int) -> bytes:
@@ -405,23 +424,31 @@ def _no_markers(items):
     """Objects without the empty "folder" markers consoles write (`photos/`, which the
     store lists as an empty object `photos` before `photos/...`)."""
     held = None
-    for path, size in items:
+    for item in items:
+        path, size = item[0], item[1]
         if held is not None and not path.startswith(held[0] + "/"):
             yield held
         held = None
         if size == 0:
-            held = (path, size)
+            held = item
         else:
-            yield path, size
+            yield item
     if held is not None:
         yield held
 
 
-def list_pages(prefix: str, options: dict | None, page: int = PAGE,
-               quick: bool = False) -> Iterator[list[tuple[str, int]]]:
+def _tag(meta) -> str:
+    """An object's version tag: its ETag, or its version or modification time where the
+    store gives none; it changes whenever the object is written again."""
+    return str(meta.get("e_tag") or meta.get("version") or meta["last_modified"].isoformat())
+
+
+def list_pages(prefix: str, options: dict | None, page: int = PAGE, quick: bool = False,
+               tags: bool = False) -> Iterator[list[tuple]]:
     """The objects under `prefix` (whole path segments: `s3://b/photos` holds
-    `s3://b/photos/x.jpg`, not `s3://b/photos2/y.jpg`) as pages of (URI, size), in key
-    order; never the whole listing at once. Folder markers are left out."""
+    `s3://b/photos/x.jpg`, not `s3://b/photos2/y.jpg`) as pages of (URI, size), or of
+    (URI, size, version tag) with `tags`, in key order; never the whole listing at once.
+    Folder markers are left out."""
     import obstore
 
     store, key = store_of(prefix, options, quick)
@@ -430,8 +457,8 @@ def list_pages(prefix: str, options: dict | None, page: int = PAGE,
 
     def listed():
         for found in obstore.list(store, base or None, chunk_size=page):
-            yield [(f"{root}/{m['path']}", m["size"]) for m in found
-                   if m["path"] != base]
+            yield [(f"{root}/{m['path']}", m["size"], *((_tag(m),) if tags else ()))
+                   for m in found if m["path"] != base]
 
     try:
         out: list[tuple[str, int]] = []

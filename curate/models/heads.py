@@ -1,6 +1,7 @@
 """Small heads over CLIP embeddings (LAION aesthetic predictor, NSFW heads).
 
-Weights come from a local path or an http(s) URL and are checked by sha256 before use.
+Weights come from a local path, an http(s) URL or an object in storage (`s3://`) and are
+checked by sha256 before use.
 A head is a stack of linear layers read from a PyTorch (`.pth`/`.pt`) or safetensors
 state dict in key order; it runs in numpy, so no torch is needed at inference.
 """
@@ -20,15 +21,18 @@ import numpy as np
 from curate.models import ModelError, file_sha256, require
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("CURATE_CACHE", "~/.cache/curate")).expanduser() / "weights"
+def fetch_weights(uri: str, sha256: str, options: dict | None = None,
+                  timeout: float = 60.0) -> Path:
+    """A local, verified copy of the weights at `uri` (a path, an http(s) URL, or an object
+    in storage reached with `options`; downloaded once into the cache)."""
+    from curate.media import objstore
+    from curate.models.checkpoints import cache_root, local_file
 
-
-def fetch_weights(uri: str, sha256: str, timeout: float = 60.0) -> Path:
-    """A local, verified copy of the weights at `uri` (downloaded once into the cache)."""
-    if uri.startswith(("http://", "https://")):
+    if objstore.is_object_uri(uri):
+        path = local_file(uri, options, f"weights/{sha256.lower()}")
+    elif uri.startswith(("http://", "https://")):
         name = Path(urllib.request.urlparse(uri).path).name or "weights"
-        path = cache_dir() / sha256 / name
+        path = cache_root() / "weights" / sha256 / name
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -44,6 +48,8 @@ def fetch_weights(uri: str, sha256: str, timeout: float = 60.0) -> Path:
             raise ModelError(f"weights file {uri} does not exist")
     actual = file_sha256(path)
     if actual != sha256.lower():
+        if cache_root() in path.parents:  # a wrong download is not kept for the next try
+            path.unlink(missing_ok=True)
         raise ModelError(f"weights at {uri} have sha256 {actual}, but the config expects "
                          f"{sha256}; check the file or the sha256 in the config")
     return path

@@ -12,15 +12,15 @@ from pydantic import Field, field_validator
 
 from curate.algos.vectors import to_matrix
 from curate.models import ModelError, in_fixed_batches, stand_in_notice
-from curate.stage import FrameScoreParams, RowStage
+from curate.stage import FrameScoreParams, ObjectStoreParams, RowStage
 
 
-class HeadParams(FrameScoreParams):
-    """A head over CLIP embeddings, by weights file or URL and its sha256."""
+class HeadParams(FrameScoreParams, ObjectStoreParams):
+    """A head over CLIP embeddings, by weights file, URL or object and its sha256."""
 
     embedding_column: str = Field("clip_embedding", description="CLIP image embedding column")
-    weights: str | None = Field(None, description="path or http(s) URL of the head's weights "
-                                "(.pth/.pt state dict or .safetensors)")
+    weights: str | None = Field(None, description="path, http(s) URL or object (s3://...) of the "
+                                "head's weights (.pth/.pt state dict or .safetensors)")
     sha256: str | None = Field(None, description="sha256 of the weights file; checked "
                                "before use")
 
@@ -43,7 +43,8 @@ class _HeadStage(RowStage):
     def _fetch(self):
         from curate.models.heads import fetch_weights
 
-        return fetch_weights(self.params.weights, self.params.sha256)
+        return fetch_weights(self.params.weights, self.params.sha256,
+                             self.params.storage_options)
 
     @cached_property
     def _checked(self):

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from curate.stage import Resources, StageParams
+from curate.stage import ObjectStoreParams, Resources
 from curate.stages._model import HubModelStage
 
 
@@ -36,8 +36,9 @@ def _placeholders(text: str | None) -> list[str]:
         raise ValueError(f"bad placeholder in {text!r}: {exc}") from None
 
 
-class VlmParams(StageParams):
-    model: str = Field(description="hub id or local directory of the VLM")
+class VlmParams(ObjectStoreParams):
+    model: str = Field(description="hub id, local directory or folder in object storage "
+                       "(s3://...) of the VLM")
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="transformers (CPU and GPU) or vllm (GPU; extra [vllm])")
     revision: str | None = Field(None, description="hub revision")
@@ -103,9 +104,11 @@ class _VlmStage(HubModelStage):
         return pa.array(packed, pa.list_(pa.binary()))
 
     def setup(self):
+        import dataclasses
+
         from curate.models.vlm import get_engine
 
-        self.engine = get_engine(self.spec)
+        self.engine = get_engine(dataclasses.replace(self.spec, model=self.checkpoint()))
 
     def sampling(self):
         from curate.models.vlm import Sampling

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from functools import cached_property
 from typing import Literal
 
@@ -9,19 +10,22 @@ import numpy as np
 from pydantic import Field
 
 from curate.algos.vectors import column_pixels, from_matrix, prepared_pixels, vector_type
+from curate.media import objstore
 from curate.models import in_fixed_batches
-from curate.stage import Resources, StageParams
+from curate.stage import ObjectStoreParams, Resources
 from curate.stages._model import HubModelStage
 
 
-class ClipEmbedParams(StageParams):
-    model: str = Field(description="hub id or local directory of a CLIP/SigLIP checkpoint "
-                       "(transformers), or an open_clip architecture name (open_clip)")
+class ClipEmbedParams(ObjectStoreParams):
+    model: str = Field(description="hub id, local directory or folder in object storage "
+                       "(s3://...) of a CLIP/SigLIP checkpoint (transformers), or an open_clip "
+                       "architecture name (open_clip)")
     backend: Literal["transformers", "open_clip"] = Field(
         "transformers", description="model library; open_clip needs `pip install "
         "'curate[openclip]'` and a torchvision that matches torch")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
-    pretrained: str | None = Field(None, description="open_clip weights tag or checkpoint path")
+    pretrained: str | None = Field(None, description="open_clip weights tag, or checkpoint "
+                                   "path or object (s3://...)")
     text_column: str | None = Field(
         None, description="also embed this text column (e.g. alt_text) as clip_text_embedding")
     device: str = Field("auto", description="auto (GPU when there is one), cpu, cuda, cuda:1")
@@ -30,8 +34,9 @@ class ClipEmbedParams(StageParams):
     resources: Resources = Field(default_factory=lambda: Resources(batch_size=64))
 
 
-def _embedding_dim(params: ClipEmbedParams) -> int:
-    """The embedding size, read from the model's config without loading weights."""
+def _embedding_dim(params: ClipEmbedParams, model: str) -> int:
+    """The embedding size, read from the config of `model` (the checkpoint's local place,
+    or its hub id) without loading weights."""
     if params.backend == "open_clip":
         from curate.models import require
 
@@ -39,7 +44,7 @@ def _embedding_dim(params: ClipEmbedParams) -> int:
         if config is None:
             raise ValueError(f"open_clip knows no model {params.model!r}")
         return int(config["embed_dim"])
-    config = _read_config(params.model, params.revision)
+    config = _read_config(model, params.revision)
     if config.get("projection_dim"):
         return int(config["projection_dim"])
     return int(config["vision_config"]["hidden_size"])  # SigLIP: no projection
@@ -70,7 +75,7 @@ class ClipEmbed(HubModelStage):
 
     @cached_property
     def dim(self) -> int:
-        return _embedding_dim(self.params)
+        return _embedding_dim(self.params, self.checkpoint(weights=False))
 
     def reads(self):
         return (self.params.text_column,) if self.params.text_column else ()
@@ -96,8 +101,16 @@ class ClipEmbed(HubModelStage):
         from curate.models.embedders import load_embedder
 
         p = self.params
-        return load_embedder(p.backend, p.model, revision=p.revision, device=p.device,
-                             dtype=p.dtype, pretrained=p.pretrained, load_weights=load_weights)
+        pretrained = p.pretrained
+        if pretrained and objstore.is_object_uri(pretrained) and load_weights:
+            from curate.models.checkpoints import local_file
+
+            tag = objstore.head(pretrained, p.storage_options)[1]
+            folder = hashlib.sha256(f"{pretrained}\n{tag}".encode()).hexdigest()[:16]
+            pretrained = str(local_file(pretrained, p.storage_options, f"weights/{folder}"))
+        return load_embedder(p.backend, self.checkpoint(load_weights), revision=p.revision,
+                             device=p.device, dtype=p.dtype, pretrained=pretrained,
+                             load_weights=load_weights)
 
     @cached_property
     def _preprocessor(self):

@@ -10,12 +10,12 @@ import os
 import re
 import tarfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import AfterValidator, Field
+from pydantic import Field
 
 from curate.errors import RunError
 from curate.media import objstore
@@ -28,7 +28,7 @@ from curate.media.decode import (
     read_http,
     read_local,
 )
-from curate.stage import Source, StageParams, first_of_each_input
+from curate.stage import ObjectStoreParams, Source, first_of_each_input
 from curate.stages._common import CAPTION_COLUMNS, _is_url
 
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson")
@@ -46,18 +46,6 @@ LIST_CHUNK = 10_000
 def sample_id_for(uri: str) -> str:
     """Stable id of an input: a hash of its URI (so every input file is exactly one row)."""
     return hashlib.blake2b(uri.encode(), digest_size=16).hexdigest()
-
-
-class ObjectStoreParams(StageParams):
-    """The params of a source that may read object storage."""
-
-    storage_options: Annotated[dict[str, str], AfterValidator(objstore.checked)] = Field(
-        default_factory=dict,
-        description="how to reach s3:// (gs://, az://) paths: the keys the store takes "
-        "(aws_endpoint, aws_region, aws_access_key_id, aws_secret_access_key, allow_http, "
-        "anonymous, ...) and max_retries / retry_timeout_s; empty: the environment's "
-        "credentials",
-    )
 
 
 class IngestParams(ObjectStoreParams):

@@ -13,11 +13,10 @@ from pydantic import Field
 from curate.media import objstore
 from curate.media.decode import HttpOptions, MediaError, file_size, read_http
 from curate.media.video import VIDEO_SUFFIXES, VideoInfo, VideoSource, file_hash, probe
-from curate.stage import Resources
+from curate.stage import ObjectStoreParams, Resources
 from curate.stages._common import CAPTION_COLUMNS, _is_url
 from curate.stages.image.ingest_images import (
     IngestImages,
-    ObjectStoreParams,
     listed_again,
     unread_reasons,
 )
