@@ -95,11 +95,39 @@ def test_listing_comes_in_pages_and_reads_give_the_bytes(media_on_s3):
     listed = client(options).list_objects_v2(Bucket=BUCKET, Prefix="small/")["Contents"]
     assert [item for page in pages for item in page] == [
         (f"s3://{BUCKET}/{o['Key']}", o["Size"]) for o in listed]
-    files, prefixes = objstore.list_level(f"s3://{BUCKET}/small/", options)
-    assert files == [] and prefixes == [f"s3://{BUCKET}/small/a", f"s3://{BUCKET}/small/b"]
+    assert list(objstore.walk_level(f"s3://{BUCKET}/small/", options, 3)) == [
+        ("prefix", f"s3://{BUCKET}/small/a"), ("prefix", f"s3://{BUCKET}/small/b")]
     assert objstore.read(f"s3://{BUCKET}/small/a/04.bin", options, 100) == bytes([4]) * 5
     with pytest.raises(MediaError, match="too_large"):
         objstore.read(f"s3://{BUCKET}/small/a/04.bin", options, 4)
+
+
+def test_a_flat_level_is_split_by_key_bounds_never_held_whole(media_on_s3, monkeypatch):
+    """The driver splits a level into runs of objects by their first and last keys and a
+    unit per prefix, skipping each prefix's keys; the units list exactly what a local
+    listing would (the level's objects, the prefixes' objects, no markers, no hidden
+    names), checked against boto3's own listing."""
+    from curate.stages.image import ingest_images
+
+    s3c = client(media_on_s3)
+    keys = [f"flat/{k:03d}.jpg" for k in range(23)] + [
+        "flat/010/", "flat/010/in.jpg", "flat/010-x.jpg", "flat/017/deep/a.jpg",
+        "flat/.hidden.jpg", "flat/017/.h.jpg", "flat/été.jpg",
+        "flat/été/b.jpg"]
+    for key in keys:
+        s3c.put_object(Bucket=BUCKET, Key=key, Body=b"" if key.endswith("/") else b"x")
+    monkeypatch.setattr(ingest_images, "LIST_CHUNK", 5)
+    stage = IngestImages(paths=[f"s3://{BUCKET}/flat/"], storage_options=media_on_s3)
+    units = stage.list_entries()
+    runs = [u for u in units if "last" in u]
+    assert all("files" not in u for u in units) and len(runs) == 6  # 26 under flat/
+    assert [u["prefix"] for u in units if "last" not in u] == [
+        f"s3://{BUCKET}/flat/010", f"s3://{BUCKET}/flat/017", f"s3://{BUCKET}/flat/été"]
+    listed = sorted(uri for u in units for uri in stage.list_entry(u)["uri"].to_pylist())
+    pages = s3c.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="flat/")
+    want = sorted(f"s3://{BUCKET}/{o['Key']}" for p in pages for o in p["Contents"]
+                  if not o["Key"].endswith("/") and "/." not in o["Key"])
+    assert listed == want and len(want) == 28
 
 
 def test_each_failure_is_one_line_saying_what_to_check(media_on_s3):

@@ -47,8 +47,8 @@ class Output:
         if not self.in_store:
             os.makedirs(self.root, exist_ok=True)
             return sorted(os.listdir(self.root))
-        files, _ = objstore.list_level(self.root + "/", dict(self.options), quick=True)
-        return sorted(uri.rpartition("/")[2] for uri, _ in files)
+        pages = objstore.list_run(self.root + "/", dict(self.options), quick=True)
+        return sorted(uri.rpartition("/")[2] for page in pages for uri, _ in page)
 
     def create(self, name: str):
         """A new file to write, binary, with `tell`."""

@@ -473,22 +473,95 @@ def list_pages(prefix: str, options: dict | None, page: int = PAGE, quick: bool 
         raise error_of(prefix, exc) from None
 
 
-def list_level(prefix: str, options: dict | None, quick: bool = False
-               ) -> tuple[list[tuple[str, int]], list[str]]:
-    """(objects right under `prefix`, the prefixes one level down), for a driver that
-    splits a listing into tasks (all of the level's pages: a flat prefix of millions of
-    keys is listed here whole). Folder markers are left out."""
+#: Greater than every key that starts with a given prefix: the largest character UTF-8
+#: encodes (stores order keys by their UTF-8 bytes).
+_LAST = "\U0010ffff"
+
+
+def _level(store, base: str, after: str | None = None, last: str | None = None):
+    """("object", key, size) and ("prefix", key) for what lies right under `base`, in key
+    order, from after `after` up to `last` (keys), never the whole level at once. Every
+    prefix costs one request: its keys are skipped by listing again from past them (object
+    stores have no paged listing by delimiter; obstore's `list_with_delimiter` gathers the
+    whole level). Folder markers (an empty `photos` before `photos/...`) are left out."""
     import obstore
 
+    lead = f"{base}/" if base else ""
+    offset = after
+    held = None  # an empty object, a marker if its folder follows
+    while True:
+        skipped = None
+        for found in obstore.list(store, base or None, offset=offset, chunk_size=PAGE):
+            for meta in found:
+                path = meta["path"]
+                if path == base:
+                    continue
+                if last is not None and path > last:
+                    break
+                name = path[len(lead):]
+                if "/" in name:
+                    skipped = name.split("/", 1)[0]
+                    break
+                if held is not None:
+                    yield held
+                held = ("object", path, meta["size"]) if meta["size"] == 0 else None
+                if held is None:
+                    yield "object", path, meta["size"]
+            else:
+                continue
+            break
+        if skipped is None:
+            break
+        if held is not None and held[1] != lead + skipped:
+            yield held
+        held = None
+        yield "prefix", lead + skipped
+        offset = f"{lead}{skipped}/{_LAST}"
+    if held is not None:
+        yield held
+
+
+def walk_level(prefix: str, options: dict | None, chunk: int, quick: bool = False
+               ) -> Iterator[tuple]:
+    """What a driver splits a prefix's listing into, holding none of its keys: ("prefix",
+    URI) for each prefix one level down, and ("objects", after, last) for each run of up
+    to `chunk` objects right under it (`list_run` lists one; `after` is None for the
+    first). Folder markers are left out."""
     store, key = store_of(prefix, options, quick)
     root = split_uri(prefix)[0]
-    base = key.rstrip("/")
+    after = latest = None
+    count = 0
     try:
-        found = obstore.list_with_delimiter(store, base or None)
+        for kind, path, *_ in _level(store, key.rstrip("/")):
+            if kind == "prefix":
+                yield "prefix", f"{root}/{path}"
+                continue
+            count, latest = count + 1, path
+            if count == chunk:
+                yield "objects", after, path
+                after, count = path, 0
+        if count:
+            yield "objects", after, latest
+    except Exception as exc:  # the listing failed: the whole prefix is unreadable
+        raise error_of(prefix, exc) from None
+
+
+def list_run(prefix: str, options: dict | None, after: str | None = None,
+             last: str | None = None, quick: bool = False
+             ) -> Iterator[list[tuple[str, int]]]:
+    """Pages of (URI, size) of the objects right under `prefix` (keys after `after` up to
+    `last`, where given: one run of `walk_level`)."""
+    store, key = store_of(prefix, options, quick)
+    root = split_uri(prefix)[0]
+    try:
+        out: list[tuple[str, int]] = []
+        for kind, path, *size in _level(store, key.rstrip("/"), after, last):
+            if kind == "object":
+                out.append((f"{root}/{path}", size[0]))
+                if len(out) >= PAGE:
+                    yield out
+                    out = []
+        if out:
+            yield out
     except Exception as exc:
         raise error_of(prefix, exc) from None
-    prefixes = [f"{root}/{p}" for p in found["common_prefixes"]]
-    marks = set(prefixes)
-    files = [(f"{root}/{m['path']}", m["size"]) for m in found["objects"]
-             if m["path"] != base and not (m["size"] == 0 and f"{root}/{m['path']}" in marks)]
-    return files, prefixes

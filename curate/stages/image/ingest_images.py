@@ -173,12 +173,15 @@ class IngestImages(Source):
         return entries
 
     def _object_entries(self, index: int, entry: str, where: str) -> list[dict[str, Any]]:
-        """Driver side, for an object URI: the objects and prefixes of its top level, or,
-        for a glob, the prefix before its first wildcard (one task lists it and matches
-        the keys). Listing here, with few retries, makes a wrong bucket, bad keys or an
-        unreachable endpoint fail before any work."""
+        """Driver side, for an object URI: a unit for each prefix of its top level and for
+        each run of up to LIST_CHUNK objects right under it (by key bounds: the driver
+        never holds the level's keys), or, for a glob, the prefix before its first
+        wildcard (one task lists it and matches the keys). Listing here, with few
+        retries, makes a wrong bucket, bad keys or an unreachable endpoint fail before
+        any work."""
         options = self.params.storage_options
         wild = next((k for k, ch in enumerate(entry) if ch in "*?["), -1)
+        units: list[dict[str, Any]] = []
         try:
             if wild >= 0:
                 prefix = entry[:wild].rpartition("/")[0]
@@ -187,20 +190,21 @@ class IngestImages(Source):
                                    "not supported; name the bucket")
                 next(iter(objstore.list_pages(prefix, options, page=1, quick=True)), None)
                 return [{"index": index, "entry": entry, "prefix": prefix, "match": entry}]
-            files, prefixes = objstore.list_level(entry, options, quick=True)
-            # hidden names left out, as in a local directory (`_top_level`)
-            uris = [uri for uri, _ in files if not uri.rpartition("/")[2].startswith(".")]
-            prefixes = [p for p in prefixes if not p.rpartition("/")[2].startswith(".")]
-            if not files and not prefixes:
+            level = entry.rstrip("/")
+            for kind, *place in objstore.walk_level(entry, options, LIST_CHUNK, quick=True):
+                if kind == "objects":
+                    units.append({"index": index, "entry": entry, "prefix": level,
+                                  "after": place[0], "last": place[1]})
+                elif not place[0].rpartition("/")[2].startswith("."):  # hidden: left out
+                    units.append({"index": index, "entry": entry, "prefix": place[0]})
+            if not units:
                 if entry.endswith("/") or not objstore.split_uri(entry)[1]:
                     raise RunError(f"{where}: {entry!r} holds no objects")
                 objstore.read_head(entry, options, quick=True)  # a single object, or none
-                uris = [entry]
+                units.append({"index": index, "entry": entry, "files": [entry]})
         except MediaError as exc:
             raise RunError(f"{where}: {exc.detail}") from None
-        return ([{"index": index, "entry": entry, "prefix": p} for p in prefixes]
-                + [{"index": index, "entry": entry, "files": uris[lo:lo + LIST_CHUNK]}
-                   for lo in range(0, len(uris), LIST_CHUNK)])
+        return units
 
     def list_entry(self, unit: dict[str, Any]) -> pa.Table:
         """Worker side: the inputs of one listing unit (`list_entries`), in order."""
@@ -255,8 +259,11 @@ class IngestImages(Source):
         when it has one)."""
         match = glob_pattern(unit["match"]) if "match" in unit else None
         start = len(unit["prefix"])
+        options = self.params.storage_options
+        pages = (objstore.list_run(unit["prefix"], options, unit["after"], unit["last"])
+                 if "last" in unit else objstore.list_pages(unit["prefix"], options))
         try:
-            for page in objstore.list_pages(unit["prefix"], self.params.storage_options):
+            for page in pages:
                 for uri, _ in page:
                     if "/." in uri[start:] or (match and not match.fullmatch(uri)):
                         continue
