@@ -13,7 +13,11 @@ every object whole, on 16 threads for obstore and pyarrow.fs, one after another 
 boto3. Batches: the first 2,000 objects read as a decoding worker reads them, 32 to a
 batch, with curate's read-ahead (8 at once) against one after another, through a proxy
 that adds 20 ms to each request (a real store's first-byte latency; moto on loopback
-answers at once). The last line printed is a JSON object.
+answers at once). Flat levels: N and 8N objects right under one prefix (`--flat N`), split
+into listing units by curate's driver (key bounds of runs of 10,000 objects, no keys held)
+against the level gathered whole (obstore's `list_with_delimiter`, what a driver splitting
+by prefix must otherwise hold): seconds and the driver's peak Python memory (tracemalloc).
+The last line printed is a JSON object.
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=20.0,
                         help="added to each request of the batch reads (a real store's "
                              "first-byte latency)")
+    parser.add_argument("--flat", type=int, default=5000,
+                        help="N: flat levels of N and 8N objects (0: none)")
     args = parser.parse_args()
 
     from curate.media import objstore
@@ -141,6 +147,7 @@ def main() -> None:
         results[name] = round(count / seconds, 1)
         print(f"{name}: {results[name]:,.0f} objects/s", flush=True)
     distant.__exit__(None, None, None)
+    flat = flat_levels(args, client, options) if args.flat else {}
     server.stop()
     out = {
         "benchmark": "object_store", "objects": n, "bytes_each": args.size,
@@ -156,8 +163,49 @@ def main() -> None:
         "batch_objects": len(sample), "batch_latency_ms": args.latency_ms,
         "batch_read_ahead_vs_one_after_another": round(
             results["batch read ahead"] / results["batch one after another"], 3),
+        "flat_levels": flat,
     }
     print(json.dumps(out))
+
+
+def flat_levels(args, client, options: dict) -> dict:
+    """The driver's split of a flat level of N and of 8N objects (curate's, by key bounds)
+    against the level gathered whole: seconds, peak traced memory, units."""
+    import tracemalloc
+
+    import obstore
+
+    from curate.media import objstore
+    from curate.stages.image.ingest_images import IngestImages
+
+    out = {}
+    for count in (args.flat, 8 * args.flat):
+        prefix = f"flat{count}"
+        with ThreadPoolExecutor(args.threads) as pool:
+            list(pool.map(lambda k: client.put_object(
+                Bucket=BUCKET, Key=f"{prefix}/{k:08d}.jpg", Body=b"x"), range(count)))
+        stage = IngestImages(paths=[f"s3://{BUCKET}/{prefix}/"], storage_options=options)
+
+        def whole():
+            store, _ = objstore.store_of(f"s3://{BUCKET}/{prefix}", options)
+            return obstore.list_with_delimiter(store, prefix)
+
+        row = {}
+        for name, work in [("split by key bounds", stage.list_entries),
+                           ("whole level", whole)]:
+            tracemalloc.start()
+            seconds, got = timed(work)
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            row[name] = {"seconds": round(seconds, 3), "peak_mib": round(peak / 2**20, 2)}
+            if name.startswith("split"):
+                row[name]["units"] = len(got)
+            else:
+                assert len(got["objects"]) == count
+            print(f"flat level of {count:,}: {name}: {seconds:.2f} s, peak "
+                  f"{peak / 2**20:.2f} MiB", flush=True)
+        out[count] = row
+    return out
 
 
 if __name__ == "__main__":
