@@ -39,6 +39,8 @@ def print_summary(summary: RunSummary, console: Console | None = None) -> None:
         if stage.report:
             facts = "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in stage.report.items())
             console.print(f"  {stage.name}: {facts}")
+    if summary.pools:
+        console.print(_pools_table(summary.pools))
     for notice in summary.notices:
         console.print(f"[yellow]Note:[/] {notice}")
     if summary.status != "up_to_date":
@@ -51,6 +53,20 @@ def print_summary(summary: RunSummary, console: Console | None = None) -> None:
             f"Table [bold]{summary.table}[/] at {summary.store_uri}, version "
             f"{summary.version_after} (tag {summary.tag})."
         )
+
+
+def _pools_table(pools: list[dict]) -> Table:
+    """The row stream's actor pools: what each worker reserved, how many workers, and how
+    many were busy on average (an idle GPU shows here)."""
+    table = Table(title="actor pools", title_justify="left")
+    for column in ("pool", "GPUs/worker", "CPUs/worker", "workers (start, min-max)",
+                   "busy workers", "rows/s"):
+        table.add_column(column, justify="left" if column == "pool" else "right")
+    for pool in pools:
+        table.add_row(" + ".join(pool["stages"]), f"{pool['gpus']:g}", f"{pool['cpus']:g}",
+                      f"{pool['workers']} ({pool['min_workers']}-{pool['max_workers']})",
+                      f"{pool['busy_workers']:.2f}", f"{pool['rows_per_s']:,.1f}")
+    return table
 
 
 def print_plan(plan, console: Console | None = None) -> None:

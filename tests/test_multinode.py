@@ -1,11 +1,13 @@
 """`curate run CONFIG --address HEAD:PORT` on a real two-node Ray cluster on this machine:
 a head with no CPUs (nothing runs beside the driver) and a worker node started in another
-working directory, both with Ray 2.60's token authentication, each stopped by its own
-process group. The config names its models and media by relative paths, as the demo does;
-the table must equal a local run's."""
+working directory, declaring 16 GPUs, both with Ray 2.60's token authentication, each
+stopped by its own process group. The config names its models and media by relative
+paths, as the demo does; the table must equal a local run's. GPU stages with no
+concurrency share the declared GPUs; a stage no node can hold is refused."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -24,6 +26,8 @@ import yaml
 from .conftest import ROOT, free_port, tiny_models
 
 RAY = Path(sys.executable).parent / "ray"
+#: GPUs the worker node declares (it has no CUDA: Ray schedules them as resources).
+GPUS = 16
 
 
 def _stop(processes: list[subprocess.Popen]) -> None:
@@ -78,6 +82,7 @@ def two_nodes():
         _wait_for(tmp / "head" / "ray_current_cluster", processes[0], "ray start --head")
         processes.append(subprocess.Popen(
             [str(RAY), "start", f"--address={address}", *common, "--num-cpus=2",
+             f"--num-gpus={GPUS}",  # declared: Ray schedules them; the models run on CPU
              f"--temp-dir={tmp / 'worker'}"],
             cwd=elsewhere, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True))
@@ -173,3 +178,71 @@ def test_local_paths_are_resolved_for_the_run_not_in_the_config(tmp_path, monkey
     assert local_path("/data/models/x") == "/data/models/x"
     assert local_path("media/**/*.jpg") == str(tmp_path / "media" / "**" / "*.jpg")
     assert local_path("~/x") == os.path.expanduser("~/x")
+
+
+def run_on(cluster: dict, raw: dict, path: Path, timeout: float = 300
+           ) -> subprocess.CompletedProcess:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return subprocess.run(
+        [sys.executable, "-m", "curate", "run", str(path), "--address", cluster["address"],
+         "--no-progress"], cwd=ROOT, env=cluster["env"], capture_output=True, text=True,
+        timeout=timeout)
+
+
+def gpu_cluster_config(store: Path) -> dict:
+    """configs/gpu-cluster.yaml as written (its stages, resources and thresholds), with
+    the stand-in models for the hub's, this machine's engine for vLLM, the demo's photos
+    for the manifest, and a local store."""
+    models = tiny_models()
+    raw = yaml.safe_load((ROOT / "configs" / "gpu-cluster.yaml").read_text())
+    raw["store"] = {"uri": str(store)}
+    stages = {s["type"]: s for s in raw["stages"]}
+    stages["ingest_images"]["paths"] = [str(ROOT / "examples" / "media" / "photos")]
+    stages["clip_embed"]["model"] = str(models / "tiny-clip")
+    for kind in ("caption", "vlm_score"):
+        stages[kind].update(model=str(models / "tiny-llava"), engine="transformers",
+                            max_new_tokens=4)
+        stages[kind].pop("vllm")
+    stages["image_quality"]["min_side"] = 64  # the photos are small
+    stages["clip_score"]["min_score"] = -1.0  # random embeddings: keep every row
+    return raw
+
+
+@pytest.mark.cluster
+def test_gpu_cluster_config_runs_with_pools_planned_within_the_gpus(two_nodes, tmp_path):
+    """configs/gpu-cluster.yaml (no concurrency set) on 16 declared GPUs: every GPU pool
+    gets workers, all of them start within the 16 GPUs, the run finishes with its captions,
+    and the record and the summary show each pool."""
+    run = run_on(two_nodes, gpu_cluster_config(tmp_path / "store"), tmp_path / "gpu.yaml")
+    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    (record,) = lancedb.connect(str(tmp_path / "store")).open_table("samples_runs") \
+        .to_arrow().to_pylist()
+    pools = json.loads(record["pools_json"])
+    gpu_pools = [p for p in pools if p["gpus"]]
+    assert [p["stages"][0] for p in gpu_pools] == ["clip_embed", "nsfw_score", "caption"]
+    assert gpu_pools[2]["stages"][:2] == ["caption", "vlm_score"]  # one engine, one pool
+    assert all(p["workers"] >= 1 and p["rows"] > 0 for p in gpu_pools)
+    assert sum(p["workers"] * p["gpus"] for p in gpu_pools) <= GPUS
+    for grown in gpu_pools:
+        others = sum(p["min_workers"] * p["gpus"] for p in gpu_pools if p is not grown)
+        assert grown["max_workers"] * grown["gpus"] + others <= GPUS
+    assert "actor pools" in run.stdout and "caption + vlm_score" in run.stdout
+    table = lancedb.connect(str(tmp_path / "store")).open_table("samples").to_arrow()
+    captioned = table.filter(pa.compute.is_valid(table["caption"]))
+    assert captioned.num_rows == gpu_pools[2]["rows"] > 0
+
+
+@pytest.mark.cluster
+def test_a_stage_no_node_can_hold_is_refused_before_any_work(two_nodes, tmp_path):
+    """A worker asking for more GPUs than any node has would wait forever; the run is
+    refused at once, in one line naming the key, and nothing is written."""
+    raw = gpu_cluster_config(tmp_path / "store")
+    raw["stages"] = raw["stages"][:5]
+    raw["stages"][4]["resources"]["gpus"] = GPUS + 1
+    run = run_on(two_nodes, raw, tmp_path / "big.yaml", timeout=120)
+    assert run.returncode != 0
+    assert (f"stages.4.resources.gpus: a worker of clip_embed asks for {GPUS + 1} GPUs, but "
+            f"no node of the cluster has more than {GPUS}") in run.stdout + run.stderr
+    runs = lancedb.connect(str(tmp_path / "store")).table_names()
+    assert "samples_runs" not in runs or not lancedb.connect(str(tmp_path / "store")) \
+        .open_table("samples_runs").count_rows()

@@ -4,46 +4,21 @@ workers (curate.table.fragments). Table-wide work runs as tasks, in curate.engin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pyarrow as pa
 
 from curate.engine.inflight import WORKER_RETRIES
+from curate.engine.pools import plan_pools
 from curate.engine.tasks import blocks
 from curate.engine.workers import FanOutWorker, SegmentWorker, worker_options
 from curate.plan import segments
 from curate.stage import FanOut, Stage
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PoolSize:
-    """How one actor pool is scheduled."""
-
-    batch_size: int
-    cpus: float
-    gpus: float
-    workers: int
-
-
-def _pool_size(stages: list[Stage], free_cpus: float, cluster_gpus: float) -> PoolSize:
-    batch_size = min(s.resources.batch_size for s in stages)
-    cpus = max(s.resources.cpus for s in stages)
-    gpus = max(s.resources.gpus for s in stages)
-    set_pools = [s.resources.concurrency for s in stages if s.resources.concurrency]
-    if set_pools:
-        workers = min(set_pools)
-    elif gpus:
-        workers = max(1, int(cluster_gpus // gpus))
-    elif stages[0].own_pool:
-        workers = 1  # a model on CPU: one worker, using its CPUs for threads
-    else:
-        workers = max(1, int(free_cpus // cpus))
-    return PoolSize(batch_size, cpus, gpus, workers)
 
 
 #: CPUs the fragment writers reserve (they mostly wait on storage).
@@ -53,21 +28,20 @@ WRITER_CPUS = 0.25
 def stream_fragments(
     backend, parts: list, counts: list[int], stages: list[Stage], row_stages_hash: str,
     stamps: dict[str, str], writer, write_rows: int, inflight=None,
+    planned: list | None = None,
 ) -> Iterator[pa.Table]:
     """Run the source and row stages over the listed inputs (`parts` in the object store)
     on Ray Data actor pools (one for decoding, one per model), then write the rows as
-    fragments on the workers; yield each written fragment's metadata as it completes."""
+    fragments on the workers; yield each written fragment's metadata as it completes.
+    `planned` receives the pools' sizes (curate.engine.pools)."""
     import ray
 
     pools = segments(stages)
     cluster = ray.cluster_resources()
-    have, gpus_there = cluster.get("CPU", 1), cluster.get("GPU", 0)
-    sizes: list[PoolSize] = [None] * len(pools)  # type: ignore[list-item]
-    free = have
-    for i in range(len(pools) - 1, 0, -1):  # model pools first; decoding gets the rest
-        sizes[i] = _pool_size(pools[i], free, gpus_there)
-        free -= sizes[i].cpus * sizes[i].workers
-    sizes[0] = _pool_size(pools[0], max(free, pools[0][0].resources.cpus), gpus_there)
+    have = cluster.get("CPU", 1)
+    sizes = plan_pools(pools, have, cluster.get("GPU", 0), sum(counts))
+    if planned is not None:
+        planned[:] = sizes
     wanted = sum(s.cpus * s.workers for s in sizes) + WRITER_CPUS
     scale = 1.0
     if wanted > have:
@@ -75,7 +49,7 @@ def stream_fragments(
         # fewer CPUs than pools, share them out (Ray's CPU counts are for scheduling).
         log.info("pools ask for %s CPUs, the cluster has %s; scaling down", wanted, have)
         scale = have / wanted * 0.99  # float sums must not exceed what the cluster has
-        sizes = [PoolSize(s.batch_size, s.cpus * scale, s.gpus, s.workers) for s in sizes]
+        sizes = [dataclasses.replace(s, cpus=s.cpus * scale) for s in sizes]
     # Small blocks keep work spread over the pool and results flowing back steadily;
     # capping their number keeps the driver's bookkeeping small on huge inputs.
     block_rows = max(sizes[0].batch_size, math.ceil(sum(counts) / 4000))
@@ -92,7 +66,7 @@ def stream_fragments(
             fn_constructor_kwargs={"stages": pool, "threads": threads, **options[i]},
             batch_size=size.batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=size.workers),
+            compute=size.strategy(),
             num_cpus=size.cpus,
             num_gpus=size.gpus or None,
             # a dead worker is replaced and its batch tried again, a few times: a batch

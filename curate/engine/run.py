@@ -21,6 +21,7 @@ from curate.config import Config
 from curate.engine import incremental
 from curate.engine.backend import InlineBackend, RayBackend, wants_ray
 from curate.engine.inflight import NAMED, WORKER_RETRIES, mark_set_aside, set_aside_reason
+from curate.engine.pools import pool_record
 from curate.engine.tasks import compact
 from curate.errors import (
     ConfigError,
@@ -31,7 +32,14 @@ from curate.errors import (
     root_cause,
 )
 from curate.logs import progress_bar
-from curate.plan import FINAL_COLUMNS, build_stages, row_stages_hash, stamps, table_schema
+from curate.plan import (
+    FINAL_COLUMNS,
+    build_stages,
+    row_stages_hash,
+    segments,
+    stamps,
+    table_schema,
+)
 from curate.stage import GlobalStage, RowStage, Stage
 from curate.table.layout import now
 from curate.table.store import Store
@@ -61,6 +69,8 @@ class RunSummary:
     models: list[dict] = field(default_factory=list)
     #: Where it ran: "ray" (Ray Data pools and tasks) or "local" (this process).
     executor: str = "ray"
+    #: The row stream's actor pools on Ray (curate.engine.pools.pool_record).
+    pools: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         body = self.__dict__.copy()
@@ -126,6 +136,8 @@ class _Execution:
         self.redecided: dict[str, int] = {}
         self.reused: dict[str, int] = {}
         self.rows_processed = 0
+        #: the row stream's actor pools: planned sizes and what they did (pools_json)
+        self.pools: list[dict] = []
 
     def preflight(self) -> None:
         """Problems only the running machine can see (model files, weights), before any
@@ -169,6 +181,8 @@ class _Execution:
         self.store.ensure_table(table_schema(self.stages))
         self.backend = (RayBackend(run_cfg.ray_address, run_cfg.num_cpus) if self.on_ray
                         else InlineBackend(run_cfg.num_cpus))
+        if self.on_ray:
+            self._check_gpus()
         version_before = self.store.version()
         config_hash = self.config.config_hash()
         previous = self.store.runs()
@@ -265,6 +279,7 @@ class _Execution:
             rows_processed=summary.rows_processed,
             stages_json=[s.to_dict() for s in summary.stages],
             stats_json=stats,
+            pools_json=self.pools or None,
         )
         self.store.save_run(record)
         return summary
@@ -296,7 +311,19 @@ class _Execution:
         if not self.on_ray and run_cfg.executor == "auto" and rows > run_cfg.local_max_inputs:
             self.backend = RayBackend(run_cfg.ray_address, run_cfg.num_cpus)
             self.on_ray = True
+            self._check_gpus()
         return self.backend
+
+    def _check_gpus(self) -> None:
+        """The GPU pools must fit the cluster's nodes (curate.engine.pools.check_gpus): a
+        worker that no node can hold would wait forever."""
+        import ray
+
+        from curate.engine.pools import check_gpus
+
+        nodes = [n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+        check_gpus(segments(self.chain), nodes,
+                   {s.name: i for i, s in enumerate(self.stages)}, self.config.name)
 
     def _note(self, work: dict) -> None:
         for name, done in work.items():
@@ -354,11 +381,13 @@ class _Execution:
             self.rows_processed += rows
 
         start = time.perf_counter()
+        seconds_before, computed_before = dict(self.seconds), dict(self.computed)
+        planned: list = []
         if self.on_ray:
             inflight = registry()
             stream = ray_stream.stream_fragments(self.backend, pending.parts, pending.counts,
                                                  chain, self.hash, self.stamps, writer, every,
-                                                 inflight)
+                                                 inflight, planned)
         else:  # no worker of its own can die here: a crash ends the run, which resumes
             inflight = None
             stream = local_stream.stream_fragments(pending.parts, pending.counts, chain,
@@ -397,6 +426,9 @@ class _Execution:
                 finally:
                     if inflight is not None:
                         _release(inflight)
+                    self.pools = [pool_record(size, time.perf_counter() - start,
+                                              seconds_before, self.seconds, computed_before,
+                                              self.computed) for size in planned]
 
     def _killer_batches(self, inflight) -> str | None:
         """After the stream failed: the batches that killed their workers on every try, set
@@ -495,6 +527,7 @@ class _Execution:
             notices=self.notices,
             models=self.models,
             executor=self.backend.name,
+            pools=self.pools,
         )
 
 

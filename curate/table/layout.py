@@ -34,6 +34,7 @@ RUN_SCHEMA = pa.schema(
         ("notices_json", pa.string()),
         ("set_aside_json", pa.string()),  # input_id -> why, inputs not to read again
         ("stats_json", pa.string()),  # counts and histograms of the table it left (/stats)
+        ("pools_json", pa.string()),  # the row stream's actor pools (curate.engine.pools)
         ("error", pa.string()),
     ]
 )
