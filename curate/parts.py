@@ -50,11 +50,14 @@ def aligned_columns(values: pa.Table, addresses: pa.Array | pa.ChunkedArray,
 @dataclass
 class GlobalResult:
     """New columns of a global stage: `parts` hold `_rowaddr` and the columns of `schema`;
-    rows not in them get `defaults` (or null)."""
+    rows not in them get `defaults` (or null), or keep their values (`keep`)."""
 
     parts: list[Part]
     schema: pa.Schema
     defaults: dict[str, Any] = field(default_factory=dict)
+    #: Rows not in `parts` keep the values they have (no defaults; nothing to write when
+    #: `parts` is empty).
+    keep: bool = False
 
 
 class MemoryExecutor:
@@ -90,7 +93,15 @@ class MemoryExecutor:
     def columns(self, result: GlobalResult) -> dict[str, pa.Array]:
         """The result as full columns aligned with the table."""
         rows = pa.array(np.arange(self.table.num_rows, dtype=np.uint64))
-        return aligned_columns(concat(result.parts), rows, result.schema, result.defaults)
+        if result.keep and not result.parts:
+            return {name: self.table[name] for name in result.schema.names}
+        out = aligned_columns(concat(result.parts), rows, result.schema, result.defaults)
+        if result.keep:
+            present = np.zeros(self.table.num_rows, bool)
+            present[concat(result.parts)[ROWADDR].to_numpy()] = True
+            out = {name: pc.if_else(pa.array(present), values, self.table[name])
+                   for name, values in out.items()}
+        return out
 
 
 def num_rows(part: pa.Table) -> int:

@@ -254,10 +254,11 @@ def readers(chain: list[Stage]) -> dict[str, list[Stage]]:
 def skip_verdicts(chain: list[Stage], index: int) -> list[str] | None:
     """For a row stage that skips dropped rows: the verdict columns that decide whether a
     row is still alive when it comes to `chain[index]` (those of the row stages before it;
-    a global verdict, such as a dedup's, is decided after the row stages). None for a
+    a global verdict, such as a dedup's, is decided after the row stages, except where
+    the stage decides it at row time: clip_score's min_score). None for a
     stage that computes every row."""
     stage = chain[index]
     if not (isinstance(stage, RowStage) and stage.skips_dropped):
         return None
     return [s.verdict_column for s in chain[:index]
-            if s.verdict_column and not isinstance(s, GlobalStage)]
+            if s.verdict_column and (not isinstance(s, GlobalStage) or s.verdict_at_row_time)]

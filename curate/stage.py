@@ -369,6 +369,12 @@ def cuts_clips(stage: Stage) -> bool:
 class GlobalStage(Stage):
     """Work over the table: new columns computed over the rows no earlier stage dropped."""
 
+    @property
+    def verdict_at_row_time(self) -> bool:
+        """True for a stage that is also a row stage and decides its verdict as each row
+        is computed (so the stages after it may skip the rows it drops)."""
+        return False
+
     def global_part(self, ex) -> GlobalResult:
         """New columns, from the rows `ex.scan` returns, with the executor's scans, maps and
         shuffles (curate.engine.executor). Rows left out of the result get the defaults or

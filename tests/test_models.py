@@ -229,14 +229,62 @@ def test_clip_score_threshold_and_top_fraction():
                       "clip_text_embedding": from_matrix(text, np.array([1, 1, 1, 0], bool))})
     alive = pa.array([True] * 4)
     stage = ClipScore(min_score=0.5)
-    table = table.append_column("clip_score", stage.process(table, None)["clip_score"])
-    verdicts = stage.run_global(table, alive)["clip_score_reason"].to_pylist()
+    columns = stage.process(table, None)  # the minimum is decided as rows are scored
+    verdicts = columns["clip_score_reason"].to_pylist()
     assert verdicts[0] is None and verdicts[1] is None and verdicts[3] is None
     assert verdicts[2].startswith("clip_score 0.3 < 0.5")
+    for name in ("clip_score", "clip_score_reason"):
+        table = table.append_column(name, columns[name])
+    assert stage.run_global(table, alive)["clip_score_reason"].to_pylist() == verdicts
     top = ClipScore(top_fraction=0.34).run_global(table, alive)["clip_score_reason"].to_pylist()
     assert [v is None for v in top] == [True, False, False, True]  # best 1 of 3 scored
-    dead = ClipScore(min_score=0.9).run_global(table, pa.array([True, False, False, True]))
+    both = ClipScore(min_score=0.5, top_fraction=0.34).run_global(table, alive)
+    assert both["clip_score_reason"].to_pylist() == [
+        None, "clip_score 0.8 < 1 (top 34%)", "clip_score 0.3 < 0.5", None]
+    dead = ClipScore(min_score=0.9, top_fraction=1.0).run_global(
+        table, pa.array([True, False, False, True]))
     assert dead["clip_score_reason"].to_pylist() == [None] * 4  # not judged when dropped
+
+
+def test_clip_score_minimum_gates_the_captions_after_it(tmp_path):
+    """Rows clip_score's min_score drops are not captioned (the VLM's time is spent on the
+    rows kept); with top_fraction, decided over the table, every row is. The scores come
+    from a run without a threshold."""
+    import json
+
+    import lancedb
+
+    from curate.pipeline import Pipeline
+
+    from .conftest import ROOT
+
+    models = tiny_models()
+    manifest = tmp_path / "photos.jsonl"
+    manifest.write_text("".join(
+        json.dumps({"uri": str(path), "caption": f"a photo of a {path.stem}"}) + "\n"
+        for path in sorted((ROOT / "examples" / "media" / "photos").iterdir())))
+
+    def run(store: str, *after: dict):
+        raw = {"name": "gate", "store": {"uri": str(tmp_path / store)},
+               "run": {"executor": "local"},
+               "stages": [{"type": "ingest_images", "paths": [str(manifest)]},
+                          {"type": "clip_embed", "model": str(models / "tiny-clip"),
+                           "text_column": "alt_text"}, *after]}
+        Pipeline.from_config(load_config(raw)).run(progress=False)
+        return lancedb.connect(str(tmp_path / store)).open_table("samples").to_arrow() \
+            .sort_by("uri").to_pylist()
+
+    scored = [r["clip_score"] for r in run("scores", {"type": "clip_score"})]
+    assert all(s is not None for s in scored)
+    cut = float(np.median(scored))
+    caption = {"type": "caption", "model": str(models / "tiny-llava"), "max_new_tokens": 2}
+    rows = run("gated", {"type": "clip_score", "min_score": cut}, caption)
+    assert [r["clip_score"] for r in rows] == scored
+    assert [r["caption"] is None for r in rows] == [s < cut for s in scored]
+    assert any(s < cut for s in scored) and any(s >= cut for s in scored)
+    rows = run("global", {"type": "clip_score", "top_fraction": 0.5}, caption)
+    assert all(r["caption"] is not None for r in rows)
+    assert sum(r["clip_score_reason"] is not None for r in rows) == len(rows) // 2
 
 
 def _config(stages):

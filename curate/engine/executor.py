@@ -52,5 +52,7 @@ class StoreExecutor:
 
     def write(self, result: GlobalResult) -> int:
         """Commit the result's columns, one commit; returns the new table version."""
+        if result.keep and not result.parts:
+            return self.store.version()
         return tasks.write_columns(self.backend, self.store, result.parts, result.schema,
-                                   result.defaults)
+                                   result.defaults, keep=result.keep)

@@ -10,7 +10,7 @@ from pydantic import Field
 from curate.algos.quantile import kth_largest
 from curate.algos.vectors import to_matrix
 from curate.parts import ROWADDR, GlobalResult, num_rows
-from curate.stage import GlobalStage, RowStage, StageParams
+from curate.stage import GlobalStage, ScoreFilter, StageParams, Threshold
 
 
 class ClipScoreParams(StageParams):
@@ -22,14 +22,23 @@ class ClipScoreParams(StageParams):
                                        "of the scored rows, best first")
 
 
-class ClipScore(RowStage, GlobalStage):
+class ClipScore(ScoreFilter, GlobalStage):
     """Cosine similarity of image and text embeddings (DataComp's CLIP-score filter) as
     `clip_score`. Keeps rows above `min_score` and/or within the best `top_fraction`.
-    Rows without a text embedding get no score and are not judged."""
+    Rows without a text embedding get no score and are not judged. `min_score` is decided
+    as each row is scored, so the expensive stages after it (captions, VLM scores) skip
+    the rows it drops; `top_fraction` needs every score and is decided over the table
+    (the stages after it then compute every row)."""
 
     type = "clip_score"
     Params = ClipScoreParams
     verdict_column = "clip_score_reason"
+    # both only judge the stored scores: changing them decides verdicts again
+    threshold_params = ("min_score", "top_fraction")
+
+    @property
+    def verdict_at_row_time(self) -> bool:
+        return self.params.top_fraction is None
 
     def reads(self):
         return (self.params.image_column, self.params.text_column)
@@ -37,45 +46,48 @@ class ClipScore(RowStage, GlobalStage):
     def writes(self):
         return {"clip_score": pa.float32(), "clip_score_reason": pa.string()}
 
-    def row_fingerprint(self):
-        # the cut is decided by the global part, over the stored scores, on every run
-        fingerprint = super().row_fingerprint()
-        fingerprint.pop("min_score", None)
-        fingerprint.pop("top_fraction", None)
-        return fingerprint
-
-    def process(self, batch, images):
+    def score(self, batch, images):
         image, image_ok = to_matrix(batch[self.params.image_column])
         text, text_ok = to_matrix(batch[self.params.text_column])
         valid = image_ok & text_ok
         scores = np.einsum("ij,ij->i", image, text)
         return {"clip_score": pa.array(scores, pa.float32(), mask=~valid)}
 
+    def thresholds(self):
+        return [Threshold("clip_score", "clip_score", minimum=self.params.min_score)]
+
     def global_part(self, ex) -> GlobalResult:
         p = self.params
         schema = pa.schema([("clip_score_reason", pa.string())])
+        if p.top_fraction is None:  # decided in the row phase: nothing to add
+            return GlobalResult([], schema, keep=True)
         parts = ex.scan(["clip_score"], _scored)
         scored = sum(ex.gather(ex.map(parts, num_rows)))
-        limit, label = p.min_score, ""
-        if p.top_fraction is not None and scored:
-            keep = max(1, round(p.top_fraction * scored))
-            cutoff = kth_largest(ex, parts, "clip_score", keep)
-            if limit is None or cutoff > limit:
-                limit, label = cutoff, f" (top {p.top_fraction:.0%})"
-        if limit is None:
-            return GlobalResult([], schema)
-        self.report = {"threshold": round(limit, 4), "scored": scored}
-        return GlobalResult(ex.map(parts, _below, limit, label), schema)
+        cutoff = None
+        if scored:
+            cutoff = kth_largest(ex, parts, "clip_score", max(1, round(p.top_fraction * scored)))
+            self.report = {"threshold": round(max(cutoff, p.min_score or cutoff), 4),
+                           "scored": scored}
+        return GlobalResult(ex.map(parts, _below, p.min_score, cutoff,
+                                   f" (top {p.top_fraction:.0%})"), schema)
 
 
 def _scored(part: pa.Table) -> pa.Table:
     return part.filter(pc.is_valid(part["clip_score"]))
 
 
-def _below(part: pa.Table, limit: float, label: str) -> pa.Table:
-    scores = part["clip_score"]
-    low = pc.less(scores, limit)
-    text = pc.binary_join_element_wise(
-        "clip_score ", pc.cast(pc.round(scores, 4), pa.string()), f" < {limit:.4g}{label}", "")
+def _below(part: pa.Table, minimum: float | None, cutoff: float | None,
+           label: str) -> pa.Table:
+    """The reasons of the rows under `minimum` (as the row phase words them) or, above
+    it, under the top fraction's `cutoff`."""
+    scores = part["clip_score"].to_numpy(zero_copy_only=False)
+    reasons = [None] * len(scores)
+    for i, value in enumerate(scores.tolist()):
+        if minimum is not None and value < minimum:
+            reasons[i] = f"clip_score {value:.4g} < {minimum:g}"
+        elif cutoff is not None and value < cutoff:
+            reasons[i] = f"clip_score {value:.4g} < {cutoff:.4g}{label}"
+    text = pa.array(reasons, pa.string())
+    low = pc.is_valid(text)
     return pa.table({ROWADDR: pc.filter(part[ROWADDR], low),
                      "clip_score_reason": pc.filter(text, low)})
