@@ -107,6 +107,7 @@ def check_stage_columns(config, where: str | None = None) -> None:
             problems.append((f"stages.{i}.name", f"name {stage.name!r} is already used by "
                              f"stages.{names[stage.name]}; give one of them another name"))
         names[stage.name] = i
+        problems += [(f"stages.{i}.{key}", reason) for key, reason in stage.config_problems()]
         for column in stage.reads():
             if column not in written:
                 key = _param_naming(stage, column)

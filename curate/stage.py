@@ -166,6 +166,11 @@ class Stage:
         """Called when a pipeline is built, with the stages that come after this one (e.g.
         a video splitter keeps no frames when no later stage looks at them)."""
 
+    def config_problems(self) -> list[tuple[str, str]]:
+        """(param key, reason) of what is wrong with this stage's params in its pipeline,
+        once every stage is planned (`plan`); checked with the config, before any work."""
+        return []
+
     # --- work ---------------------------------------------------------------------------
     def setup(self) -> None:
         """Load heavy state; called once per worker before the first batch."""

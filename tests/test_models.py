@@ -397,3 +397,31 @@ def test_a_head_scores_a_row_the_same_wherever_it_sits_in_the_batch():
     for shift in range(1, 32):
         moved = head(np.roll(rows, shift, axis=0))
         assert np.array_equal(np.roll(moved, -shift), scores), shift
+
+
+def test_a_stage_that_cannot_use_the_gpus_it_reserves_is_refused(tmp_path):
+    """open_nsfw holding GPUs needs onnxruntime's CUDA provider (refused without it, before
+    any work); a head over embeddings runs in numpy and never holds GPUs."""
+    from curate.models.nsfw import gpu_problem
+    from curate.pipeline import Pipeline
+
+    weights = tiny_models() / "tiny-aesthetic.safetensors"
+    from curate.models import file_sha256
+
+    def run(*stages: dict):
+        raw = {"name": "gpus", "store": {"uri": str(tmp_path / "store")},
+               "run": {"executor": "local"},
+               "stages": [{"type": "ingest_images", "paths": [str(tmp_path)]}, *stages]}
+        Pipeline.from_config(load_config(raw)).run(progress=False)
+
+    problem = gpu_problem()
+    if problem is not None:  # onnxruntime's CPU build, as on every machine without CUDA
+        with pytest.raises(ConfigError, match=r"stages\.1\.resources\.gpus: open_nsfw runs "
+                                              r"on onnxruntime, and this onnxruntime has no "
+                                              r"CUDA provider"):
+            run({"type": "nsfw_score", "resources": {"gpus": 0.25}})
+    with pytest.raises(ConfigError, match=r"stages\.2\.resources\.gpus: the head runs in "
+                                          r"numpy on the CPU"):
+        run({"type": "clip_embed", "model": str(tiny_models() / "tiny-clip")},
+            {"type": "aesthetic_score", "weights": str(weights),
+             "sha256": file_sha256(weights), "resources": {"gpus": 1}})

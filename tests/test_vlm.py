@@ -260,3 +260,104 @@ def test_rows_dropped_earlier_never_reach_the_model(demo_media):
     assert all(r["caption"] == "a caption" for r in kept)
     assert sum(len(call) for call in engine.calls) == len(kept)
     assert not any(c.startswith("_prepared") for c in out.column_names)
+
+
+def clip_pipeline(tmp_path, split: dict, caption: dict) -> dict:
+    return {"name": "clips", "store": {"uri": str(tmp_path / "store")},
+            "run": {"executor": "local"},
+            "stages": [{"type": "ingest_videos", "paths": [str(tmp_path)]},
+                       {"type": "split_clips", **split},
+                       {"type": "caption", "model": llava(), "engine": "vllm", **caption}]}
+
+
+def test_vllm_takes_as_many_images_per_prompt_as_a_clip_has_frames(tmp_path):
+    """limit_mm_per_prompt follows split_clips (vLLM refused every clip of 3 frames when
+    it was left at one image); a limit set below the frames, frames with no bound, and
+    tensor parallelism wider than the GPUs a worker holds are config errors."""
+    from curate.plan import build_stages
+
+    def caption_of(split: dict, caption: dict | None = None):
+        config = load_config(clip_pipeline(tmp_path, split, caption or {}))
+        return build_stages(config)[2]
+
+    assert caption_of({}).spec.settings()["limit_mm_per_prompt"] == {"image": 3}
+    assert caption_of({"frames_per_clip": 8}).spec.settings()["limit_mm_per_prompt"] == {
+        "image": 8}
+    assert caption_of({"sample_fps": 2, "max_clip_s": 5.5}).frames_per_prompt == 11
+    assert Caption(model=llava(), engine="vllm").spec.settings()[
+        "limit_mm_per_prompt"] == {"image": 1}  # images: one each
+    # a limit the user sets is kept, and checked
+    assert caption_of({}, {"vllm": {"limit_mm_per_prompt": {"image": 5}}}).spec.settings()[
+        "limit_mm_per_prompt"] == {"image": 5}
+
+    def problem(split: dict, caption: dict) -> str:
+        with pytest.raises(ConfigError) as info:
+            load_config(clip_pipeline(tmp_path, split, caption))
+        return str(info.value)
+
+    assert ("stages.2.vllm.limit_mm_per_prompt: image: 1 is fewer than the 3 frames "
+            "split_clips hands with each clip") in problem(
+        {}, {"vllm": {"limit_mm_per_prompt": {"image": 1}}})
+    assert "stages.2.vllm.limit_mm_per_prompt: split_clips hands sample_fps" in problem(
+        {"sample_fps": 1, "max_clip_s": None}, {})
+    assert ("stages.2.vllm.tensor_parallel_size: 4 splits the model over 4 GPUs, but each "
+            "worker reserves 1 (resources.gpus); set resources.gpus: 4") in problem(
+        {}, {"vllm": {"tensor_parallel_size": 4}, "resources": {"gpus": 1}})
+
+
+def test_vllm_prompts_longer_than_max_model_len_are_refused_before_any_work(tmp_path):
+    """The prompt's tokens (the clip's frames as the processor turns them into visual
+    tokens) and the tokens to generate must fit max_model_len; checked with the
+    checkpoint's own processor before the engine starts (no vLLM needed to refuse)."""
+    import transformers
+    from PIL import Image
+
+    processor = transformers.AutoProcessor.from_pretrained(llava())
+    chat = [{"role": "user", "content": [{"type": "image"}] * 3 + [
+        {"type": "text", "text": Caption.Params(type="caption", model="m/m").prompt}]}]
+    text = processor.apply_chat_template([chat], add_generation_prompt=True, tokenize=False)
+    tokens = processor(images=[Image.new("RGB", (64, 64))] * 3, text=text,
+                       return_tensors="np")["input_ids"].shape[-1]
+    caption = {"max_image_pixels": 64 * 64, "max_new_tokens": 8}
+    config = load_config(clip_pipeline(tmp_path, {}, {
+        **caption, "vllm": {"max_model_len": tokens + 7}}))
+    with pytest.raises(ConfigError, match=(
+            rf"stages\.2\.vllm\.max_model_len: {tokens + 7} tokens, but a prompt of 3 images "
+            rf"of 4,096 pixels is {tokens} tokens, and 8 more are generated; raise "
+            rf"max_model_len to at least {tokens + 8}")):
+        Pipeline.from_config(config).run(progress=False)
+    from curate.plan import build_stages
+
+    fits = build_stages(load_config(clip_pipeline(tmp_path, {}, {
+        **caption, "vllm": {"max_model_len": tokens + 8}})))[2]
+    assert fits.preflight() == []
+
+
+def test_a_run_whose_engine_fails_every_row_the_same_way_fails(tmp_path, photo_dir):
+    """A caption model whose prompts the engine refuses, every one: the run stops and
+    says so (it reported success with every caption missing); run again, it says so
+    again. One row failing, or answers that do not parse, are the rows' own."""
+    import shutil
+
+    from curate.errors import RunError
+
+    broken = tmp_path / "tiny-llava"
+    shutil.copytree(llava(), broken)
+    (broken / "chat_template.jinja").write_text(
+        "{{ raise_exception('this template takes no images') }}")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sorted(photo_dir.iterdir())[:3]:
+        shutil.copy(path, photos)
+    config = load_config({
+        "name": "broken", "store": {"uri": str(tmp_path / "store")},
+        "run": {"executor": "local"},
+        "stages": [{"type": "ingest_images", "paths": [str(photos)]},
+                   {"type": "caption", "model": str(broken), "max_new_tokens": 4}]})
+    for _ in range(2):
+        with pytest.raises(RunError, match=r"caption: every one of its 3 rows failed the "
+                                           r"same way \(caption_error\): generation_failed: "
+                                           r".*this template takes no images"):
+            Pipeline.from_config(config).run(progress=False)
+    runs = lancedb.connect(str(tmp_path / "store")).open_table("samples_runs").to_arrow()
+    assert runs["status"].to_pylist() == ["failed", "failed"]

@@ -32,6 +32,7 @@ from curate.errors import (
     root_cause,
 )
 from curate.logs import progress_bar
+from curate.models.vlm import GENERATION_FAILED
 from curate.plan import (
     FINAL_COLUMNS,
     build_stages,
@@ -240,6 +241,7 @@ class _Execution:
             # the stages changed or added since, on the rows they must compute
             self._note(incremental.recompute(self.backend, self.store, self.chain,
                                              self.stamps, self._grow))
+            self._check_failures()
             self._reused()
             counts = self._global_and_verdicts()
             stats = self._stats()
@@ -313,6 +315,35 @@ class _Execution:
             self.on_ray = True
             self._check_gpus()
         return self.backend
+
+    def _check_failures(self) -> None:
+        """A model stage none of whose rows has an answer, and whose rows all failed in its
+        engine the same way (a prompt the engine refuses, a model that cannot run), ends
+        the run:
+        its settings are wrong, not its inputs (and a rerun of the same config ends the
+        same way). Counted by the store's scans."""
+        dataset = self.store.dataset()
+        have = set(dataset.schema.names)
+        for stage in self.row_stages:
+            failure = getattr(stage, "failure_column", None)
+            output = getattr(stage, "output_column", None)
+            if failure not in have or output not in have:
+                continue
+            if dataset.count_rows(filter=f"{output} IS NOT NULL AND {failure} IS NULL"):
+                continue  # some rows have answers
+            # the engine's own failures (an answer it gave that does not parse is the
+            # model's, not the settings')
+            engine = f"{failure} LIKE '{GENERATION_FAILED}%'"
+            failed = dataset.count_rows(filter=engine)
+            if failed < 2 or failed < dataset.count_rows(filter=f"{failure} IS NOT NULL"):
+                continue  # one row failing says nothing about the settings
+            first = dataset.to_table(columns=[failure], filter=engine,
+                                     limit=1)[failure][0].as_py()
+            quoted = first.replace("'", "''")
+            if dataset.count_rows(filter=f"{failure} = '{quoted}'") == failed:
+                raise RunError(f"{stage.name}: every one of its {failed:,} rows failed the "
+                               f"same way ({failure}): {first[:300]}; check the stage's "
+                               "settings (model, engine, vllm) and run again")
 
     def _check_gpus(self) -> None:
         """The GPU pools must fit the cluster's nodes (curate.engine.pools.check_gpus): a

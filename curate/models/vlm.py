@@ -164,6 +164,25 @@ ENGINES: dict[str, type[VlmEngine]] = {"transformers": TransformersVlm, "vllm": 
 _LOADED: dict[EngineSpec, VlmEngine] = {}
 
 
+#: How a row's error starts when the engine itself failed on it (not the answer).
+GENERATION_FAILED = "generation_failed"
+
+
+def prompt_tokens(model: str, revision: str | None, conversation: list[dict],
+                  pictures: int, max_pixels: int) -> int:
+    """Tokens of one prompt as the checkpoint's processor makes it: `conversation` with
+    `pictures` images of `max_pixels` pixels (the largest a stage hands over), visual
+    tokens included. No weights are loaded."""
+    transformers = require("transformers", "models")
+    processor = transformers.AutoProcessor.from_pretrained(model, revision=revision)
+    side = int(max_pixels ** 0.5)
+    text = processor.apply_chat_template([conversation], add_generation_prompt=True,
+                                         tokenize=False)
+    inputs = processor(images=[Image.new("RGB", (side, side))] * pictures, text=text,
+                       return_tensors="np")
+    return int(inputs["input_ids"].shape[-1])
+
+
 def get_engine(spec: EngineSpec) -> VlmEngine:
     if spec not in _LOADED:
         try:

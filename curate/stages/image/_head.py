@@ -53,6 +53,9 @@ class _HeadStage(RowStage):
         return self._fetch()
 
     def head_preflight(self) -> list[tuple[str, str]]:
+        if self.resources.gpus:
+            return [("resources.gpus", "the head runs in numpy on the CPU, beside the stage "
+                     "before it: GPUs reserved for it would sit idle; set resources.gpus: 0")]
         try:
             self._checked  # noqa: B018 (fetches and checks the sha256)
         except ModelError as exc:

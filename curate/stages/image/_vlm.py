@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from curate.models.vlm import GENERATION_FAILED
 from curate.stage import ObjectStoreParams, Resources
 from curate.stages._model import HubModelStage
 
@@ -24,7 +25,9 @@ class VllmOptions(BaseModel):
     max_num_seqs: int = Field(64, ge=1)
     max_model_len: int = Field(4096, ge=64)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    limit_mm_per_prompt: dict[str, int] = Field(default_factory=lambda: {"image": 1})
+    limit_mm_per_prompt: dict[str, int] = Field(
+        default_factory=lambda: {"image": 1}, description="default: one image, or the most "
+        "frames split_clips hands with a clip")
 
 
 def _placeholders(text: str | None) -> list[str]:
@@ -69,6 +72,60 @@ class _VlmStage(HubModelStage):
     backend_param = "engine"
     skips_dropped = True
     takes_clips = True  # a clip's frames go into one prompt, several images
+    #: The column of each row's answer, and of why there is none (a failed generation).
+    output_column: str
+    failure_column: str
+    #: Images in one prompt at most: 1 for images; a clip's frames, as split_clips sets
+    #: (`SplitClips.plan`); None when they are not bounded.
+    frames_per_prompt: int | None = 1
+
+    def config_problems(self):
+        p = self.params
+        if p.engine != "vllm":
+            return []
+        problems = []
+        tp, gpus = p.vllm.tensor_parallel_size, self.resources.gpus
+        if tp > 1 and gpus < tp:
+            problems.append(("vllm.tensor_parallel_size", f"{tp} splits the model over {tp} "
+                             f"GPUs, but each worker reserves {gpus:g} (resources.gpus); "
+                             f"set resources.gpus: {tp}"))
+        frames = self.frames_per_prompt
+        if frames is None:
+            problems.append(("vllm.limit_mm_per_prompt", "split_clips hands sample_fps "
+                             "frames per second of clips of any length (max_clip_s unset): "
+                             "the images per prompt have no bound; set max_clip_s"))
+        elif p.vllm.limit_mm_per_prompt.get("image", 1) < frames and \
+                "limit_mm_per_prompt" in p.vllm.model_fields_set:
+            problems.append(("vllm.limit_mm_per_prompt", f"image: "
+                             f"{p.vllm.limit_mm_per_prompt.get('image', 1)} is fewer than "
+                             f"the {frames} frames split_clips hands with each clip; leave "
+                             "it unset (it follows the clips) or raise it"))
+        return problems
+
+    def preflight(self):
+        problems = super().preflight()
+        p = self.params
+        if problems or p.engine != "vllm" or not self.frames_per_prompt:
+            return problems
+        from curate.models.vlm import prompt_tokens
+
+        conversation = self.conversations(pa.table({c: [""] for c in self.reads()}) if
+                                          self.reads() else pa.table({"_": [0]}), [0])[0]
+        conversation[-1]["content"][:1] = [{"type": "image"}] * self.frames_per_prompt
+        try:
+            tokens = prompt_tokens(self.checkpoint(weights=False), p.revision, conversation,
+                                   self.frames_per_prompt, p.max_image_pixels)
+        except Exception as exc:  # a processor that cannot be read: the engine says why
+            return [("model", f"cannot read the processor of {p.model!r}: {exc}"[:500])]
+        needed = tokens + p.max_new_tokens
+        if needed > p.vllm.max_model_len:
+            pictures = f"{self.frames_per_prompt} image" + (
+                "s" if self.frames_per_prompt > 1 else "")
+            return [("vllm.max_model_len", f"{p.vllm.max_model_len} tokens, but a prompt of "
+                     f"{pictures} of {p.max_image_pixels:,} pixels is {tokens} tokens, and "
+                     f"{p.max_new_tokens} more are generated; raise max_model_len to at "
+                     f"least {needed}, or lower max_image_pixels or the frames per clip")]
+        return []
 
     @property
     def pool_key(self):
@@ -80,6 +137,8 @@ class _VlmStage(HubModelStage):
 
         p = self.params
         settings = p.vllm.model_dump() if p.engine == "vllm" else {}
+        if settings and "limit_mm_per_prompt" not in p.vllm.model_fields_set:
+            settings["limit_mm_per_prompt"] = {"image": self.frames_per_prompt or 1}
         return EngineSpec(p.engine, p.model, p.revision, p.device, p.dtype,
                           EngineSpec.freeze(settings))
 
@@ -164,5 +223,5 @@ class _VlmStage(HubModelStage):
                     errors.append(None)
                 except Exception as exc:  # this row alone fails: record why
                     texts.append(None)
-                    errors.append(f"generation_failed: {type(exc).__name__}: {exc}"[:500])
+                    errors.append(f"{GENERATION_FAILED}: {type(exc).__name__}: {exc}"[:500])
             return texts, errors

@@ -19,6 +19,7 @@ class Caption(_VlmStage):
 
     type = "caption"
     Params = CaptionParams
+    output_column, failure_column = "caption", "caption_error"
 
     def writes(self):
         return {"caption": pa.string(), "caption_error": pa.string()}

@@ -62,7 +62,14 @@ class NsfwScore(_HeadStage, ScoreFilter, ModelStage):
         return self._pixels
 
     def preflight(self):
-        return [] if self._pixels else self.head_preflight()
+        if not self._pixels:
+            return self.head_preflight()
+        if self.resources.gpus:  # a GPU held must be a GPU used
+            from curate.models.nsfw import gpu_problem
+
+            if problem := gpu_problem():
+                return [("resources.gpus", problem)]
+        return []
 
     def notices(self):
         return [] if self._pixels else self.head_notices()
@@ -87,7 +94,7 @@ class NsfwScore(_HeadStage, ScoreFilter, ModelStage):
         if self._pixels:
             from curate.models.nsfw import OpenNsfw
 
-            self.net = OpenNsfw()
+            self.net = OpenNsfw(gpu=self.resources.gpus > 0)
         else:
             self.head = self.load_head()
 

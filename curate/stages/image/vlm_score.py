@@ -81,6 +81,7 @@ class VlmScore(_VlmStage, ScoreFilter):
     Params = VlmScoreParams
     verdict_column = "vlm_score_reason"
     threshold_params = ("min_score",)
+    output_column, failure_column = "vlm_scores", "vlm_score_error"
 
     @cached_property
     def _criteria(self) -> dict[str, dict[str, Any]]:

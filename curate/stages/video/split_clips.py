@@ -4,6 +4,7 @@ for the stages after."""
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -90,6 +91,17 @@ class SplitClips(FanOut):
     def plan(self, later: list[Stage]) -> None:
         # no stage after it looks at frames: the cutter need not keep any
         self.hands_frames = any(s.needs_pixels() or isinstance(s, ModelStage) for s in later)
+        for stage in later:  # a VLM takes a clip's frames in one prompt: how many at most
+            if hasattr(stage, "frames_per_prompt"):
+                stage.frames_per_prompt = self.max_frames()
+
+    def max_frames(self) -> int | None:
+        """The most frames handed with one clip (None: no bound, sample_fps on clips of
+        any length)."""
+        p = self.params
+        if p.sample_fps is None:
+            return p.frames_per_clip
+        return math.ceil(p.max_clip_s * p.sample_fps) if p.max_clip_s else None
 
     def reads(self) -> tuple[str, ...]:
         return ("input_id", "media_type")
