@@ -193,11 +193,17 @@ def submit(
     ] = Path("."),
     pip: Annotated[
         Optional[list[str]],  # noqa: UP045
-        typer.Option(help="pip requirement for the job (repeatable; default: curate's own)"),
+        typer.Option(help="pip requirement for the job (repeatable; default: curate's own "
+                     "and those of the extras the config's stages need)"),
     ] = None,
     no_pip: Annotated[
         bool, typer.Option("--no-pip", help="install nothing: the cluster has the packages")
     ] = False,
+    image: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="container image the job runs in (Ray's image_uri), with curate's "
+                     "requirements installed: nothing is pip-installed unless --pip"),
+    ] = None,
 ) -> None:
     """Submit a run as a Ray job; exit with the job's status (0 succeeded)."""
     from curate.submit import submit_run
@@ -206,7 +212,7 @@ def submit(
     try:
         code = submit_run(config, address=address, overrides=set_ or [], wait=wait,
                           working_dir=working_dir, pip=None if no_pip else pip,
-                          install=not no_pip, console=console)
+                          install=not no_pip, console=console, image=image)
     except CurateError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None

@@ -166,6 +166,11 @@ class Stage:
         """Called when a pipeline is built, with the stages that come after this one (e.g.
         a video splitter keeps no frames when no later stage looks at them)."""
 
+    def extras(self) -> tuple[str, ...]:
+        """The extras of curate's package this stage needs where it runs (`curate submit`
+        installs their requirements on the cluster): models, video, vllm, ..."""
+        return ()
+
     def config_problems(self) -> list[tuple[str, str]]:
         """(param key, reason) of what is wrong with this stage's params in its pipeline,
         once every stage is planned (`plan`); checked with the config, before any work."""

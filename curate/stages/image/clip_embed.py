@@ -77,6 +77,9 @@ class ClipEmbed(HubModelStage):
     def dim(self) -> int:
         return _embedding_dim(self.params, self.checkpoint(weights=False))
 
+    def extras(self):
+        return ("models",) + (("openclip",) if self.params.backend == "open_clip" else ())
+
     def reads(self):
         return (self.params.text_column,) if self.params.text_column else ()
 

@@ -61,6 +61,9 @@ class NsfwScore(_HeadStage, ScoreFilter, ModelStage):
     def own_pool(self) -> bool:
         return self._pixels
 
+    def extras(self):
+        return ("models",) + (("nsfw-gpu",) if self._pixels and self.resources.gpus else ())
+
     def preflight(self):
         if not self._pixels:
             return self.head_preflight()

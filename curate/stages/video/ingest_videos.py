@@ -63,6 +63,9 @@ class IngestVideos(IngestImages):
     member_suffixes = VIDEO_SUFFIXES
     media_kind = "video"
 
+    def extras(self):
+        return ("video",)  # PyAV, PySceneDetect, TransNetV2
+
     @property
     def reloads_rows(self) -> bool:
         return False  # a row is a clip (split_clips reads it again) or a failed video

@@ -84,6 +84,9 @@ class SplitClips(FanOut):
     #: Whether a later stage uses the sampled frames (see `plan`).
     hands_frames = True
 
+    def extras(self):
+        return ("video",)  # PyAV, PySceneDetect, TransNetV2
+
     @property
     def block_rows(self) -> int:
         return self.params.clips_per_block

@@ -33,6 +33,9 @@ class Transcode(RowStage):
     skips_dropped = True
     local_path_params = ("directory",)
 
+    def extras(self):
+        return ("video",)  # PyAV, PySceneDetect, TransNetV2
+
     def reads(self) -> tuple[str, ...]:
         return ("sample_id", "fps")
 
