@@ -425,3 +425,33 @@ def test_a_stage_that_cannot_use_the_gpus_it_reserves_is_refused(tmp_path):
         run({"type": "clip_embed", "model": str(tiny_models() / "tiny-clip")},
             {"type": "aesthetic_score", "weights": str(weights),
              "sha256": file_sha256(weights), "resources": {"gpus": 1}})
+
+
+def test_embedding_width_comes_from_the_config_as_transformers_reads_it(tmp_path):
+    """A SigLIP whose config.json leaves its width out (at the default, as hub configs do):
+    the stage's width is the model's own (its image features), not a KeyError."""
+    import json
+
+    from curate.models.tiny import build_siglip
+
+    out = build_siglip(tmp_path / "siglip-768", hidden=768, layers=1)
+    raw = json.loads((out / "config.json").read_text())
+    assert "hidden_size" not in raw.get("vision_config", {})
+    stage = ClipEmbed(model=str(out), device="cpu")
+    stage.setup()
+    pixels = np.zeros((1, *stage.embedder.input_shape), np.uint8)
+    assert stage.dim == 768 == stage.embedder.embed_pixels(pixels).shape[1]
+    assert stage.row_fingerprint()["processor"] == "pil"
+
+
+def test_workers_load_the_hub_commit_the_run_recorded(tmp_path, monkeypatch):
+    """A hub model cached where the run starts is recorded by its commit, and the workers
+    load that commit (not `main`, which may have moved on since)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    refs = tmp_path / "hub" / "models--org--clip" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text(commit)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    stage = ClipEmbed(model="org/clip")
+    assert stage.models()[0]["revision"] == commit == stage.load_revision()
+    assert ClipEmbed(model="org/other", revision="v2").load_revision() == "v2"

@@ -70,7 +70,10 @@ class TransformersEmbedder(ImageTextEmbedder):
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         try:
-            processor = transformers.AutoProcessor.from_pretrained(model, revision=revision)
+            # PIL's image processors, whether or not torchvision is installed: the fast
+            # ones resize differently, and every node must prepare images alike
+            processor = transformers.AutoProcessor.from_pretrained(model, revision=revision,
+                                                                   backend="pil")
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load the processor of {model!r}: {exc}") from None
         self.image_processor = processor.image_processor

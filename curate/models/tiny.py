@@ -65,6 +65,29 @@ def _tokenizer(kind: str, max_length: int):
                                    unk_token="<unk>", model_max_length=max_length)
 
 
+def _like_hub(out: Path, config) -> None:
+    """Rewrite out/config.json as hub configs are written (by the transformers releases
+    most checkpoints were saved with): keys at their class defaults left out, in the
+    sub-configs too, so the loading code must fill them in as it does for real ones."""
+    import json
+
+    from transformers import PretrainedConfig
+
+    def lean(values: dict, current) -> dict:
+        default = type(current)().to_dict()
+        out = {}
+        for key, value in values.items():
+            inner = getattr(current, key, None)
+            if isinstance(value, dict) and isinstance(inner, PretrainedConfig):
+                out[key] = lean(value, inner)
+            elif key in ("model_type", "architectures") or default.get(key, object()) != value:
+                out[key] = value
+        return out
+
+    path = out / "config.json"
+    path.write_text(json.dumps(lean(json.loads(path.read_text()), config), indent=2) + "\n")
+
+
 def _mark(out: Path, what: str) -> None:
     (out / STAND_IN_FILE).write_text(
         f"stand-in: randomly initialised {what}; its outputs are meaningless\n"
@@ -97,6 +120,7 @@ def build_clip(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     out = Path(out)
     CLIPModel(config).save_pretrained(out)
+    _like_hub(out, config)
     processor = CLIPProcessor(
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": 224},
                                               crop_size={"height": 224, "width": 224}),
@@ -106,8 +130,9 @@ def build_clip(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     return out
 
 
-def build_siglip(out: str | Path, seed: int = 0) -> Path:
-    """A tiny SiglipModel + SiglipProcessor directory (224 px input)."""
+def build_siglip(out: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """A tiny SiglipModel + SiglipProcessor directory (224 px input). With `hidden` 768
+    (SigLIP's default) its config.json leaves the width out, as hub configs do."""
     import torch
     from transformers import SiglipConfig, SiglipModel, SiglipProcessor
     from transformers.models.siglip.image_processing_pil_siglip import (
@@ -116,16 +141,19 @@ def build_siglip(out: str | Path, seed: int = 0) -> Path:
 
     tokenizer = _tokenizer("siglip", 16)
     config = SiglipConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
-                     "num_hidden_layers": 2, "num_attention_heads": 2,
+        text_config={"vocab_size": len(tokenizer), "hidden_size": hidden,
+                     "intermediate_size": 64, "num_hidden_layers": layers,
+                     "num_attention_heads": 2,
                      "max_position_embeddings": 16, "pad_token_id": tokenizer.pad_token_id,
                      "eos_token_id": tokenizer.eos_token_id, "bos_token_id": None},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 224, "patch_size": 32},
+        vision_config={"hidden_size": hidden, "intermediate_size": 64,
+                       "num_hidden_layers": layers, "num_attention_heads": 2,
+                       "image_size": 224, "patch_size": 32},
     )
     torch.manual_seed(seed)
     out = Path(out)
     SiglipModel(config).save_pretrained(out)
+    _like_hub(out, config)
     SiglipProcessor(image_processor=SiglipImageProcessorPil(size={"height": 224, "width": 224}),
                     tokenizer=tokenizer).save_pretrained(out)
     _mark(out, "SigLIP (tiny)")
@@ -226,6 +254,7 @@ def build_llava(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     out = Path(out)
     LlavaForConditionalGeneration(config).save_pretrained(out)
+    _like_hub(out, config)
     LlavaProcessor(
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": side},
                                               crop_size={"height": side, "width": side}),
@@ -247,7 +276,9 @@ def build_llama(out: str | Path, seed: int = 0) -> Path:
     tokenizer.chat_template = _CHAT_TEMPLATE.replace("{{ image_marker }}", "")
     torch.manual_seed(seed)
     out = Path(out)
-    LlamaForCausalLM(LlamaConfig(**_text_config(tokenizer))).save_pretrained(out)
+    config = LlamaConfig(**_text_config(tokenizer))
+    LlamaForCausalLM(config).save_pretrained(out)
+    _like_hub(out, config)
     tokenizer.save_pretrained(out)
     _mark(out, "Llama (tiny, text only)")
     return out

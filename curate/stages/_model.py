@@ -53,6 +53,15 @@ class HubModelStage(ModelStage):
                 return "objects:unlisted"
         return model_revision(self.params.model, self.params.revision)
 
+    def load_revision(self) -> str | None:
+        """The revision workers load: the hub commit the run recorded (where the run
+        started had the model cached), so every worker loads the weights the record
+        names even if the branch moved since; else `params.revision`."""
+        revision = self.weights_revision
+        if re.fullmatch(r"[0-9a-f]{40}", revision):
+            return revision
+        return self.params.revision
+
     def checkpoint(self, weights: bool = True) -> str:
         """Where the model is loaded from: `params.model` itself (a hub id or a local
         directory) or, for a checkpoint in object storage, its copy on this node (the

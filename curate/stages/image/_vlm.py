@@ -170,7 +170,8 @@ class _VlmStage(HubModelStage):
 
         from curate.models.vlm import get_engine
 
-        self.engine = get_engine(dataclasses.replace(self.spec, model=self.checkpoint()))
+        self.engine = get_engine(dataclasses.replace(self.spec, model=self.checkpoint(),
+                                                     revision=self.load_revision()))
 
     def sampling(self):
         from curate.models.vlm import Sampling

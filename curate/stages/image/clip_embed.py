@@ -44,24 +44,15 @@ def _embedding_dim(params: ClipEmbedParams, model: str) -> int:
         if config is None:
             raise ValueError(f"open_clip knows no model {params.model!r}")
         return int(config["embed_dim"])
-    config = _read_config(model, params.revision)
-    if config.get("projection_dim"):
-        return int(config["projection_dim"])
-    return int(config["vision_config"]["hidden_size"])  # SigLIP: no projection
+    # the config as transformers reads it: hub configs leave out keys at their defaults
+    # (a SigLIP's vision hidden_size), which the raw JSON does not have
+    from curate.models import require
 
-
-def _read_config(model: str, revision: str | None) -> dict:
-    """config.json of a local checkpoint or a hub one (cached or fetched), read as JSON:
-    the driver needs one number from it and should not pay for importing transformers."""
-    import json
-    from pathlib import Path
-
-    path = Path(model).expanduser() / "config.json"
-    if not path.is_file():
-        from huggingface_hub import hf_hub_download
-
-        path = Path(hf_hub_download(model, "config.json", revision=revision))
-    return json.loads(path.read_text())
+    config = require("transformers", "models").AutoConfig.from_pretrained(
+        model, revision=params.revision)
+    if getattr(config, "projection_dim", None):
+        return int(config.projection_dim)
+    return int(config.vision_config.hidden_size)  # SigLIP: no projection
 
 
 class ClipEmbed(HubModelStage):
@@ -90,6 +81,12 @@ class ClipEmbed(HubModelStage):
     def writes(self):
         return {name: vector_type(self.dim) for name in self.written_names()}
 
+    def row_fingerprint(self):
+        fingerprint = super().row_fingerprint()
+        if self.params.backend == "transformers":
+            fingerprint["processor"] = "pil"  # images prepared by PIL's processors
+        return fingerprint
+
     def preflight(self):
         p = self.params
         if p.backend == "transformers" and (problems := super().preflight()):
@@ -111,7 +108,8 @@ class ClipEmbed(HubModelStage):
             tag = objstore.head(pretrained, p.storage_options)[1]
             folder = hashlib.sha256(f"{pretrained}\n{tag}".encode()).hexdigest()[:16]
             pretrained = str(local_file(pretrained, p.storage_options, f"weights/{folder}"))
-        return load_embedder(p.backend, self.checkpoint(load_weights), revision=p.revision,
+        return load_embedder(p.backend, self.checkpoint(load_weights),
+                             revision=self.load_revision(),
                              device=p.device, dtype=p.dtype, pretrained=pretrained,
                              load_weights=load_weights)
 
