@@ -199,11 +199,6 @@ def submit(
     no_pip: Annotated[
         bool, typer.Option("--no-pip", help="install nothing: the cluster has the packages")
     ] = False,
-    image: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(help="container image the job runs in (Ray's image_uri), with curate's "
-                     "requirements installed: nothing is pip-installed unless --pip"),
-    ] = None,
 ) -> None:
     """Submit a run as a Ray job; exit with the job's status (0 succeeded)."""
     from curate.submit import submit_run
@@ -212,7 +207,7 @@ def submit(
     try:
         code = submit_run(config, address=address, overrides=set_ or [], wait=wait,
                           working_dir=working_dir, pip=None if no_pip else pip,
-                          install=not no_pip, console=console, image=image)
+                          install=not no_pip, console=console)
     except CurateError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
@@ -263,6 +258,7 @@ def serve(
             console.print(f"Serving [bold]{cfg.store.table}[/] of {cfg.store.uri} at "
                           f"[bold]{url}/[/] (API docs {url}/docs)"
                           f"{' with a token' if cfg.token else ''}. Ctrl-C stops.")
+            sys.stdout.flush()  # out now, even where the stop must end the process hard
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:

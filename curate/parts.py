@@ -94,12 +94,13 @@ class MemoryExecutor:
         """The result as full columns aligned with the table."""
         rows = pa.array(np.arange(self.table.num_rows, dtype=np.uint64))
         if result.keep and not result.parts:
-            return {name: self.table[name] for name in result.schema.names}
+            return {name: self.table[name].combine_chunks() for name in result.schema.names}
         out = aligned_columns(concat(result.parts), rows, result.schema, result.defaults)
         if result.keep:
             present = np.zeros(self.table.num_rows, bool)
             present[concat(result.parts)[ROWADDR].to_numpy()] = True
-            out = {name: pc.if_else(pa.array(present), values, self.table[name])
+            out = {name: pc.if_else(pa.array(present), values,
+                                    self.table[name].combine_chunks())
                    for name, values in out.items()}
         return out
 

@@ -166,6 +166,12 @@ class Stage:
         """Called when a pipeline is built, with the stages that come after this one (e.g.
         a video splitter keeps no frames when no later stage looks at them)."""
 
+    def unfinished(self, rows: pa.Table) -> pa.Array | None:
+        """Rows (of `rows`, which hold this stage's columns) whose result must be computed
+        again by the next run, so left unstamped: an engine that failed on them. None:
+        every computed row is finished."""
+        return None
+
     def extras(self) -> tuple[str, ...]:
         """The extras of curate's package this stage needs where it runs (`curate submit`
         installs their requirements on the cluster): models, video, vllm, ..."""

@@ -36,8 +36,7 @@ def auth_token() -> str | None:
 
 
 def default_requirements(extras: tuple[str, ...] = ()) -> list[str]:
-    """curate's own runtime requirements, as installed here, with those of `extras`
-    (`nsfw-gpu` takes onnxruntime's place: both provide the same module)."""
+    """curate's own runtime requirements, as installed here, with those of `extras`."""
     try:
         reqs = requires("curate") or []
     except PackageNotFoundError:
@@ -48,8 +47,6 @@ def default_requirements(extras: tuple[str, ...] = ()) -> list[str]:
         extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", marker)
         if extra is None or extra.group(1) in extras:
             out.append(spec.strip())
-    if "nsfw-gpu" in extras:
-        out = [r for r in out if re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0] != "onnxruntime"]
     return list(dict.fromkeys(out))
 
 
@@ -131,10 +128,12 @@ def package_working_dir(working_dir: Path, files: list[str], target: Path) -> Pa
 
 def build_job(config: Path, working_dir: Path, overrides: list[str],
               pip: list[str] | None, install: bool,
-              scratch: Path | None = None, image: str | None = None) -> tuple[str, dict]:
+              scratch: Path | None = None) -> tuple[str, dict]:
     """The entrypoint and runtime_env of the job that runs `config`: curate's requirements
     and those of the extras its stages need (`pip` instead when given; none with
-    `install` False, or in a container `image` that has them).
+    `install` False, for nodes that have them). A container image per job (Ray's
+    `image_uri`) cannot be offered: Ray takes it with no working_dir or py_modules, so
+    neither the config nor curate's code would reach the job.
 
     The working directory is uploaded as the job's own; when the config names local
     files inside it (models, weights, manifests, media), it is packed here into
@@ -167,16 +166,14 @@ def build_job(config: Path, working_dir: Path, overrides: list[str],
         package = package_working_dir(working_dir, files, scratch / "working_dir.zip")
         runtime_env["working_dir"] = str(package)
         del runtime_env["excludes"]  # applied while packing
-    if image:
-        runtime_env["image_uri"] = image
-    if install and (pip or not image):
+    if install:
         runtime_env["pip"] = pip or default_requirements(config_extras(cfg))
     return shlex.join(args), runtime_env
 
 
 def submit_run(config: Path, address: str, overrides: list[str], wait: bool,
                working_dir: Path, pip: list[str] | None, install: bool,
-               console: Console, image: str | None = None) -> int:
+               console: Console) -> int:
     """Submit; with `wait`, stream logs and return 0 if the job succeeded, else 1."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
@@ -185,7 +182,7 @@ def submit_run(config: Path, address: str, overrides: list[str], wait: bool,
     headers = {"Authorization": f"Bearer {token}"} if token else None
     with tempfile.TemporaryDirectory(prefix="curate-job-") as scratch:  # the package, if any
         entrypoint, runtime_env = build_job(config, working_dir, overrides, pip, install,
-                                            scratch=Path(scratch), image=image)
+                                            scratch=Path(scratch))
         try:
             client = JobSubmissionClient(address, headers=headers)
             job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,

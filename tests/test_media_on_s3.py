@@ -128,6 +128,11 @@ def test_a_flat_level_is_split_by_key_bounds_never_held_whole(media_on_s3, monke
     want = sorted(f"s3://{BUCKET}/{o['Key']}" for p in pages for o in p["Contents"]
                   if not o["Key"].endswith("/") and "/." not in o["Key"])
     assert listed == want and len(want) == 28
+    # a run per object: bounds fall right before folders and their markers too
+    monkeypatch.setattr(ingest_images, "LIST_CHUNK", 1)
+    units = stage.list_entries()
+    assert sum("last" in u for u in units) == 26
+    assert sorted(uri for u in units for uri in stage.list_entry(u)["uri"].to_pylist()) == want
 
 
 def test_each_failure_is_one_line_saying_what_to_check(media_on_s3):

@@ -76,16 +76,29 @@ def test_what_cannot_fit_is_refused_naming_the_key():
                                           r"asks for 3 GPUs, but no node of the cluster has "
                                           r"more than 2 \(the cluster has 4\)"):
         check_gpus(pools, [2.0, 2.0], index_of)
-    with pytest.raises(ConfigError, match=r"the GPU stages need 4 GPUs to start one worker "
-                                          r"each .*clip_embed: 1, caption: 3; the cluster "
-                                          r"has 3"):
+    with pytest.raises(ConfigError, match=r"resources\.gpus: the GPU stages' workers "
+                                          r"\(clip_embed: 1 x 1, caption: 1 x 3; one each, "
+                                          r"or their concurrency\) do not fit the GPUs of the "
+                                          r"cluster's nodes \(3; 3 in all\)"):
         check_gpus(pools, [3.0], index_of)
     with pytest.raises(ConfigError, match=r"stages\.1\.resources\.gpus: clip_embed asks for "
                                           r"GPUs, but the cluster has none"):
         check_gpus(pools, [0.0, 0.0], index_of)
     pools, index_of = pools_of({**CLIP, **gpu(1, concurrency=3)}, {**CAPTION, **gpu(1)})
-    with pytest.raises(ConfigError, match="need 4 GPUs"):
+    with pytest.raises(ConfigError, match=r"clip_embed: 3 x 1, caption: 1 x 1"):
         check_gpus(pools, [3.0], index_of)
+    check_gpus(pools, [2.0, 2.0], index_of)
+
+
+def test_workers_are_placed_on_nodes_not_on_the_sum_of_their_gpus():
+    """Three pools of 0.6 GPU each on two 1-GPU nodes: 1.8 GPUs in all, but a worker
+    cannot span nodes, so the third could never start; on one 2-GPU node all three fit."""
+    pools, index_of = pools_of({**CLIP, **gpu(0.6)}, {**CAPTION, **gpu(0.6)},
+                               {**SCORE, "name": "score", **gpu(0.6)})
+    check_gpus(pools, [2.0], index_of)
+    with pytest.raises(ConfigError, match=r"do not fit the GPUs of the cluster's nodes "
+                                          r"\(1, 1; 2 in all\)"):
+        check_gpus(pools, [1.0, 1.0], index_of)
 
 
 def test_model_pools_on_cpu_keep_one_worker_and_decoding_gets_the_cpus_left():

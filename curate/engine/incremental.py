@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.engine.tasks import blocks, map_parts, scan, write_columns
+from curate.engine.workers import unstamped
 from curate.parts import ROWADDR, concat, num_rows
 from curate.plan import frame_feeders, readers, shaping, skip_verdicts
 from curate.stage import FanOut, ModelStage, RowStage, ScoreFilter, Source, Stage, cuts_clips
@@ -229,9 +230,10 @@ def _compute_part(table: pa.Table, made_by: list[Stage], stage: RowStage, stamp:
             # a row that cannot be read any more says why, as it would in a fresh run
             error = source.verdict_column
             said = {error: pc.coalesce(rows[error], pa.array(unread, pa.string()))}
-            out.append(pa.table({ROWADDR: rows[ROWADDR], **values, **said,
-                                 stage.stamp_column: pa.array([stamp] * rows.num_rows),
-                                 **taken_off}))
+            computed = pa.table({ROWADDR: rows[ROWADDR], **values, **said})
+            stamps = unstamped(stage, computed, pa.array([stamp] * rows.num_rows, pa.string()))
+            out.append(pa.table({**{c: computed[c] for c in computed.column_names},
+                                 stage.stamp_column: stamps, **taken_off}))
     return concat(out) if out else pa.table({})
 
 

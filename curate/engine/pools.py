@@ -63,8 +63,9 @@ def _where(pool: list[Stage], index_of: dict[str, int]) -> str:
 def check_gpus(pools: list[list[Stage]], node_gpus: list[float],
                index_of: dict[str, int], source: str | None = None) -> None:
     """Refuse, in one line per problem, GPU pools the cluster cannot run: a worker bigger
-    than every node, or more GPUs than the cluster has for one worker of each pool (and
-    the workers `concurrency` asks for)."""
+    than every node, or workers (one of each pool, or the `concurrency` it sets) that do
+    not all fit on the nodes' GPUs (placed largest first, each on the first node with
+    room, as a worker cannot span nodes)."""
     total, largest = sum(node_gpus), max(node_gpus, default=0.0)
     problems = []
     needed = []
@@ -80,15 +81,28 @@ def check_gpus(pools: list[list[Stage]], node_gpus: list[float],
                 "or add a node with that many") if largest else (
                 f"{names} asks for GPUs, but the cluster has none; start nodes with GPUs "
                 "(`ray start --num-gpus N`) or set resources.gpus: 0")))
-        needed.append((names, gpus * (concurrency or 1)))
-    if not problems and sum(n for _, n in needed) > total + _EPS:
-        asked = ", ".join(f"{names}: {n:g}" for names, n in needed)
+        needed.append((names, gpus, concurrency or 1))
+    if not problems and not _placed(needed, node_gpus):
+        asked = ", ".join(f"{names}: {count} x {gpus:g}" for names, gpus, count in needed)
+        nodes = ", ".join(f"{n:g}" for n in sorted(node_gpus, reverse=True) if n)
         problems.append(("resources.gpus", (
-            f"the GPU stages need {sum(n for _, n in needed):g} GPUs to start one worker "
-            f"each (and those concurrency sets): {asked}; the cluster has {total:g}. Lower "
-            "their resources.gpus or concurrency, or add GPUs")))
+            f"the GPU stages' workers ({asked}; one each, or their concurrency) do not fit "
+            f"the GPUs of the cluster's nodes ({nodes}; {total:g} in all). Lower their "
+            "resources.gpus or concurrency, or add GPUs")))
     if problems:
         raise ConfigError(problems, source)
+
+
+def _placed(needed: list[tuple[str, float, int]], node_gpus: list[float]) -> bool:
+    """Whether every worker of `needed` ((names, GPUs each, workers)) finds a node with
+    room, the largest first (first-fit decreasing: the scheduler's packing is no better)."""
+    free = sorted(node_gpus, reverse=True)
+    for gpus in sorted((g for _, g, n in needed for _ in range(n)), reverse=True):
+        node = next((i for i, room in enumerate(free) if room + _EPS >= gpus), None)
+        if node is None:
+            return False
+        free[node] -= gpus
+    return True
 
 
 def plan_pools(pools: list[list[Stage]], cluster_cpus: float, cluster_gpus: float,

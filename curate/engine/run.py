@@ -320,8 +320,9 @@ class _Execution:
         """A model stage none of whose rows has an answer, and whose rows all failed in its
         engine the same way (a prompt the engine refuses, a model that cannot run), ends
         the run:
-        its settings are wrong, not its inputs (and a rerun of the same config ends the
-        same way). Counted by the store's scans."""
+        its settings (or the workers' packages) are wrong, not its inputs. Those rows are
+        left unstamped (`Stage.unfinished`): the next run computes them again, and ends
+        the same way until the cause is fixed. Counted by the store's scans."""
         dataset = self.store.dataset()
         have = set(dataset.schema.names)
         for stage in self.row_stages:
@@ -342,8 +343,9 @@ class _Execution:
             quoted = first.replace("'", "''")
             if dataset.count_rows(filter=f"{failure} = '{quoted}'") == failed:
                 raise RunError(f"{stage.name}: every one of its {failed:,} rows failed the "
-                               f"same way ({failure}): {first[:300]}; check the stage's "
-                               "settings (model, engine, vllm) and run again")
+                               f"same way ({failure}): {first.splitlines()[0][:300]}; check "
+                               "the stage's settings (model, engine, vllm) and the workers' "
+                               "packages, then run again: these rows are computed again")
 
     def _check_gpus(self) -> None:
         """The GPU pools must fit the cluster's nodes (curate.engine.pools.check_gpus): a

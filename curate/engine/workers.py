@@ -20,6 +20,14 @@ from curate.table.fragments import TIMING_PREFIX
 from curate.verdicts import alive_mask
 
 
+def unstamped(stage: Stage, rows: pa.Table, stamps: pa.Array) -> pa.Array:
+    """`stamps` with the rows the stage did not finish (`Stage.unfinished`) left null."""
+    unfinished = stage.unfinished(rows)
+    if unfinished is None:
+        return stamps
+    return pc.if_else(unfinished, pa.scalar(None, pa.string()), stamps)
+
+
 def _add_timing(table: pa.Table, name: str, seconds: float) -> pa.Table:
     """Per-row seconds of `name`, added to what earlier pools measured for it."""
     column = TIMING_PREFIX + name
@@ -202,7 +210,7 @@ class SegmentWorker:
         verdicts = self.earlier_verdicts.get(stage.name)
         if verdicts is not None:
             values = pc.if_else(alive_mask(out, verdicts), values, pa.scalar(None, pa.string()))
-        return out.append_column(stage.stamp_column, values)
+        return out.append_column(stage.stamp_column, unstamped(stage, out, values))
 
     def _finish(self, out: pa.Table, media) -> pa.Table:
         for stage in self.prepare:

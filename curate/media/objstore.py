@@ -438,9 +438,11 @@ def _no_markers(items):
 
 
 def _tag(meta) -> str:
-    """An object's version tag: its ETag, or its version or modification time where the
-    store gives none; it changes whenever the object is written again."""
-    return str(meta.get("e_tag") or meta.get("version") or meta["last_modified"].isoformat())
+    """An object's version tag: its ETag (without quotes: Azure lists them bare and sends
+    them quoted), or its version or modification time where the store gives none; it
+    changes whenever the object is written again."""
+    tag = meta.get("e_tag") or meta.get("version") or meta["last_modified"].isoformat()
+    return str(tag).strip('"')
 
 
 def list_pages(prefix: str, options: dict | None, page: int = PAGE, quick: bool = False,
@@ -480,10 +482,12 @@ _LAST = "\U0010ffff"
 
 def _level(store, base: str, after: str | None = None, last: str | None = None):
     """("object", key, size) and ("prefix", key) for what lies right under `base`, in key
-    order, from after `after` up to `last` (keys), never the whole level at once. Every
-    prefix costs one request: its keys are skipped by listing again from past them (object
-    stores have no paged listing by delimiter; obstore's `list_with_delimiter` gathers the
-    whole level). Folder markers (an empty `photos` before `photos/...`) are left out."""
+    order, from after `after` up to `last` (keys), never the whole level at once. A
+    prefix's keys are skipped by listing again from past them: one request on S3 and GCS,
+    which start a listing at a key; Azure's listing starts at the prefix's first key and
+    object_store skips to the offset on the client. (obstore's `list_with_delimiter`
+    gathers the whole level in one list, so it cannot be used for a level of millions.)
+    Folder markers (an empty `photos` before `photos/...`) are left out."""
     import obstore
 
     lead = f"{base}/" if base else ""
@@ -496,6 +500,8 @@ def _level(store, base: str, after: str | None = None, last: str | None = None):
                 path = meta["path"]
                 if path == base:
                     continue
+                if held is not None and path.startswith(held[1] + "/"):
+                    held = None  # an empty `x` before `x/...`: the folder's marker
                 if last is not None and path > last:
                     break
                 name = path[len(lead):]
@@ -516,7 +522,10 @@ def _level(store, base: str, after: str | None = None, last: str | None = None):
             yield held
         held = None
         yield "prefix", lead + skipped
-        offset = f"{lead}{skipped}/{_LAST}"
+        moved = f"{lead}{skipped}/{_LAST}"
+        if offset is not None and moved <= offset:  # a key past every key: nothing after
+            break
+        offset = moved
     if held is not None:
         yield held
 

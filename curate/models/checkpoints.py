@@ -5,11 +5,13 @@ every object's key, size and version tag, hashed. The node that loads it keeps a
 under the cache (`$CURATE_CACHE`, default `~/.cache/curate`), named by that hash, made once
 per node and shared by every worker there: the libraries that load checkpoints
 (transformers, vLLM, open_clip) read local files only. A copy is written to a temporary
-folder and renamed into place whole, so a worker never sees half of one.
+folder and renamed into place whole, under a lock, so a worker never sees half of one and
+the workers of a node download it once.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -38,7 +40,7 @@ def listing(uri: str, options: dict | None) -> list[tuple[str, int, str]]:
         found = [(u[start:], size, tag) for page in objstore.list_pages(uri, options, tags=True)
                  for u, size, tag in page]
     except MediaError as exc:
-        raise ModelError(f"cannot list the checkpoint {exc.detail}") from None
+        raise ModelError(f"cannot list the checkpoint: {exc.detail}") from None
     if not found:
         raise ModelError(f"{uri} holds no objects; name the folder of a checkpoint (the one "
                          "holding config.json)")
@@ -70,27 +72,31 @@ def local_copy(uri: str, options: dict | None, weights: bool = True,
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    part = tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-")
-    try:
-        for key, _, tag in wanted:
-            path = os.path.join(part, *key.split("/"))
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            objstore.download(f"{uri.rstrip('/')}/{key}", options, path, tag)
+    # one copy per node: the workers of a pool start together, and the first to hold the
+    # lock copies while the others wait for it (an advisory lock, freed if it dies)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_dir():
+            return target
+        part = tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-")
         try:
+            for key, _, tag in wanted:
+                path = os.path.join(part, *key.split("/"))
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                objstore.download(f"{uri.rstrip('/')}/{key}", options, path, tag)
             os.rename(part, target)
-        except OSError:  # another worker on this node made it first
-            if not target.is_dir():
-                raise
-    except MediaError as exc:
-        raise ModelError(f"cannot copy the checkpoint: {exc.detail}") from None
-    finally:
-        shutil.rmtree(part, ignore_errors=True)
+        except MediaError as exc:
+            raise ModelError(f"cannot copy the checkpoint: {exc.detail}") from None
+        finally:
+            shutil.rmtree(part, ignore_errors=True)
     return target
 
 
-def local_file(uri: str, options: dict | None, folder: str, name: str | None = None) -> Path:
+def local_file(uri: str, options: dict | None, folder: str, name: str | None = None,
+               tag: str | None = None) -> Path:
     """A local copy of one object (a weights file) under the cache's `folder`, made once;
-    `name` defaults to the object's. The caller checks its content (a sha256)."""
+    `name` defaults to the object's. The caller checks its content (a sha256) or names
+    the version it wants (`tag`)."""
     path = cache_root() / folder / (name or uri.rstrip("/").rpartition("/")[2] or "weights")
     if path.is_file():
         return path
@@ -98,7 +104,7 @@ def local_file(uri: str, options: dict | None, folder: str, name: str | None = N
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
         pass
     try:
-        objstore.download(uri, options, tmp.name)
+        objstore.download(uri, options, tmp.name, tag)
         os.replace(tmp.name, path)
     except MediaError as exc:
         raise ModelError(f"cannot copy the weights: {exc.detail}") from None

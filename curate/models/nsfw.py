@@ -34,8 +34,8 @@ def gpu_problem() -> str | None:
         return None
     return ("open_nsfw runs on onnxruntime, and this onnxruntime has no CUDA provider: the "
             "workers would hold GPUs and run on CPU. Install onnxruntime-gpu in place of "
-            "onnxruntime (pip uninstall onnxruntime && pip install 'curate[nsfw-gpu]'), or "
-            "set resources.gpus: 0")
+            "onnxruntime on every node (pip uninstall -y onnxruntime && pip install "
+            "onnxruntime-gpu; submit with --no-pip), or set resources.gpus: 0")
 
 
 class OpenNsfw:
@@ -63,6 +63,11 @@ class OpenNsfw:
                 providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
             self.session = build_session(resolve_model_path(None), providers=providers,
                                          intra_op_num_threads=threads)
+            if gpu and "CUDAExecutionProvider" not in self.session.get_providers():
+                # onnxruntime falls back to the CPU when CUDA cannot start (no driver)
+                raise ModelError("open_nsfw holds a GPU, but onnxruntime could not start its "
+                                 "CUDA provider here (a CUDA driver and cuDNN that match "
+                                 "onnxruntime-gpu); set resources.gpus: 0 to run it on CPU")
             self._input = self.session.get_inputs()[0].name
 
     def prepare(self, images: list[Image.Image]) -> np.ndarray:

@@ -34,6 +34,9 @@ class HubModelStage(ModelStage):
                 checkpoints.listing(model, self.params.storage_options)
             except ModelError as exc:
                 return [("model", str(exc))]
+            if self.weights_revision == "objects:unlisted":  # failed a moment ago
+                return [("model", f"{model} could not be listed when the run was planned "
+                         "(it can be now); run again")]
             return []
         if not is_local(model) and not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
             return [("model", f"{model!r} is neither an existing directory nor a hub id "

@@ -82,6 +82,11 @@ class _VlmStage(HubModelStage):
     def extras(self):
         return ("models",) + (("vllm",) if self.params.engine == "vllm" else ())
 
+    def unfinished(self, rows):
+        # the engine failed on them (not the model's answer): the next run asks again
+        return pc.fill_null(pc.starts_with(rows[self.failure_column], GENERATION_FAILED),
+                            False)
+
     def config_problems(self):
         p = self.params
         if p.engine != "vllm":
@@ -105,6 +110,11 @@ class _VlmStage(HubModelStage):
                              "it unset (it follows the clips) or raise it"))
         return problems
 
+    def prompt_suffix(self) -> str:
+        """What the stage adds to every prompt after the user's (a scorer's answer
+        instructions)."""
+        return ""
+
     def preflight(self):
         problems = super().preflight()
         p = self.params
@@ -113,13 +123,15 @@ class _VlmStage(HubModelStage):
         from curate.models.vlm import prompt_tokens
 
         conversation = self.conversations(pa.table({c: [""] for c in self.reads()}) if
-                                          self.reads() else pa.table({"_": [0]}), [0])[0]
+                                          self.reads() else pa.table({"_": [0]}), [0],
+                                          self.prompt_suffix())[0]
         conversation[-1]["content"][:1] = [{"type": "image"}] * self.frames_per_prompt
         try:
-            tokens = prompt_tokens(self.checkpoint(weights=False), p.revision, conversation,
-                                   self.frames_per_prompt, p.max_image_pixels)
+            tokens = prompt_tokens(self.checkpoint(weights=False), self.load_revision(),
+                                   conversation, self.frames_per_prompt, p.max_image_pixels)
         except Exception as exc:  # a processor that cannot be read: the engine says why
-            return [("model", f"cannot read the processor of {p.model!r}: {exc}"[:500])]
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            return [("model", f"cannot read the processor of {p.model!r}: {first}"[:300])]
         needed = tokens + p.max_new_tokens
         if needed > p.vllm.max_model_len:
             pictures = f"{self.frames_per_prompt} image" + (

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from curate.algos.vectors import column_pixels, from_matrix, prepared_pixels, vector_type
 from curate.media import objstore
+from curate.media.decode import MediaError
 from curate.models import in_fixed_batches
 from curate.stage import ObjectStoreParams, Resources
 from curate.stages._model import HubModelStage
@@ -81,10 +82,24 @@ class ClipEmbed(HubModelStage):
     def writes(self):
         return {name: vector_type(self.dim) for name in self.written_names()}
 
+    @cached_property
+    def pretrained_tag(self) -> str | None:
+        """The version tag of open_clip weights in object storage, taken where the run
+        starts (workers load that version, and a rewritten object recomputes the rows)."""
+        p = self.params
+        if not (p.pretrained and objstore.is_object_uri(p.pretrained)):
+            return None
+        try:
+            return objstore.head(p.pretrained, p.storage_options, quick=True)[1]
+        except MediaError:  # preflight's load says why, before any work
+            return "unreadable"
+
     def row_fingerprint(self):
         fingerprint = super().row_fingerprint()
         if self.params.backend == "transformers":
             fingerprint["processor"] = "pil"  # images prepared by PIL's processors
+        if self.pretrained_tag:
+            fingerprint["pretrained_tag"] = self.pretrained_tag
         return fingerprint
 
     def preflight(self):
@@ -102,12 +117,13 @@ class ClipEmbed(HubModelStage):
 
         p = self.params
         pretrained = p.pretrained
-        if pretrained and objstore.is_object_uri(pretrained) and load_weights:
+        if self.pretrained_tag and load_weights:  # the version the run started with
             from curate.models.checkpoints import local_file
 
-            tag = objstore.head(pretrained, p.storage_options)[1]
-            folder = hashlib.sha256(f"{pretrained}\n{tag}".encode()).hexdigest()[:16]
-            pretrained = str(local_file(pretrained, p.storage_options, f"weights/{folder}"))
+            folder = hashlib.sha256(f"{pretrained}\n{self.pretrained_tag}".encode())
+            pretrained = str(local_file(pretrained, p.storage_options,
+                                        f"weights/{folder.hexdigest()[:16]}",
+                                        tag=self.pretrained_tag))
         return load_embedder(p.backend, self.checkpoint(load_weights),
                              revision=self.load_revision(),
                              device=p.device, dtype=p.dtype, pretrained=pretrained,

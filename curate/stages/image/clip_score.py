@@ -66,8 +66,8 @@ class ClipScore(ScoreFilter, GlobalStage):
         cutoff = None
         if scored:
             cutoff = kth_largest(ex, parts, "clip_score", max(1, round(p.top_fraction * scored)))
-            self.report = {"threshold": round(max(cutoff, p.min_score or cutoff), 4),
-                           "scored": scored}
+            limit = cutoff if p.min_score is None else max(cutoff, p.min_score)
+            self.report = {"threshold": round(limit, 4), "scored": scored}
         return GlobalResult(ex.map(parts, _below, p.min_score, cutoff,
                                    f" (top {p.top_fraction:.0%})"), schema)
 

@@ -62,7 +62,7 @@ class NsfwScore(_HeadStage, ScoreFilter, ModelStage):
         return self._pixels
 
     def extras(self):
-        return ("models",) + (("nsfw-gpu",) if self._pixels and self.resources.gpus else ())
+        return ("models",)
 
     def preflight(self):
         if not self._pixels:

@@ -102,9 +102,11 @@ class VlmScore(_VlmStage, ScoreFilter):
                                         schema)
         answers, errors = [], []
         for text, failure in zip(texts, failures):
+            if failure:  # the engine's failure, said as it is (`unfinished` knows it)
+                answers.append(None)
+                errors.append(failure)
+                continue
             try:
-                if failure:
-                    raise AnswerError(failure)
                 answers.append(parse_answer(text, self._criteria))
                 errors.append(None)
             except AnswerError as exc:
@@ -112,12 +114,17 @@ class VlmScore(_VlmStage, ScoreFilter):
                 errors.append(f"invalid_answer: {exc}; answer was {text!r}"[:500])
         return answers, errors
 
+    def prompt_suffix(self) -> str:
+        from curate.models.vlm import answer_instructions
+
+        return "\n" + answer_instructions(self._criteria)
+
     def score(self, batch, images):
-        from curate.models.vlm import answer_instructions, json_schema
+        from curate.models.vlm import json_schema
 
         p = self.params
         schema = json_schema(self._criteria)
-        suffix = "\n" + answer_instructions(self._criteria)
+        suffix = self.prompt_suffix()
         rows, pictures = self.images(batch)
         answers: list[dict | None] = [None] * batch.num_rows
         errors: list[str | None] = [None] * batch.num_rows
