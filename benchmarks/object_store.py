@@ -182,11 +182,11 @@ def flat_levels(args, client, options: dict) -> dict:
     for count in (args.flat, 8 * args.flat):
         prefix = f"flat{count}"
         with ThreadPoolExecutor(args.threads) as pool:
-            list(pool.map(lambda k: client.put_object(
+            list(pool.map(lambda k, prefix=prefix: client.put_object(
                 Bucket=BUCKET, Key=f"{prefix}/{k:08d}.jpg", Body=b"x"), range(count)))
         stage = IngestImages(paths=[f"s3://{BUCKET}/{prefix}/"], storage_options=options)
 
-        def whole():
+        def whole(prefix=prefix):
             store, _ = objstore.store_of(f"s3://{BUCKET}/{prefix}", options)
             return obstore.list_with_delimiter(store, prefix)
 
