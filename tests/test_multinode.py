@@ -225,6 +225,8 @@ def test_gpu_cluster_config_runs_with_pools_planned_within_the_gpus(two_nodes, t
     assert [p["stages"][0] for p in gpu_pools] == ["clip_embed", "caption"]
     assert gpu_pools[1]["stages"][:2] == ["caption", "vlm_score"]  # one engine, one pool
     assert all(p["workers"] >= 1 and p["rows"] > 0 for p in gpu_pools)
+    # the workers that made rows, counted from the rows: each pool's within its bounds
+    assert all(1 <= p["workers_used"] <= p["max_workers"] for p in pools)
     assert sum(p["workers"] * p["gpus"] for p in gpu_pools) <= GPUS
     for grown in gpu_pools:
         others = sum(p["min_workers"] * p["gpus"] for p in gpu_pools if p is not grown)

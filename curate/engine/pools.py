@@ -144,12 +144,14 @@ def plan_pools(pools: list[list[Stage]], cluster_cpus: float, cluster_gpus: floa
 
 
 def pool_record(size: PoolSize, wall_s: float, seconds_before: dict, seconds: dict,
-                computed_before: dict, computed: dict) -> dict:
-    """What the run records of a pool: its plan, the seconds its workers were busy (the
-    stages' own timings), how many workers were busy on average over the stream (an
-    idle GPU shows as far fewer than its workers) and the rows it took per second."""
+                computed_before: dict, computed: dict, workers_used: int) -> dict:
+    """What the run records of a pool: its plan, how many workers made rows (those the
+    autoscaler added too), the seconds its workers were busy (the stages' own timings),
+    how many workers were busy on average over the stream (an idle GPU shows as far fewer
+    than its workers) and the rows it took per second."""
     busy = sum(seconds[n] - seconds_before.get(n, 0.0) for n in size.stages)
     rows = computed[size.stages[0]] - computed_before.get(size.stages[0], 0)
     wall = max(wall_s, 1e-9)
-    return size.record() | {"busy_s": round(busy, 3), "busy_workers": round(busy / wall, 3),
-                            "rows": rows, "rows_per_s": round(rows / wall, 2)}
+    return size.record() | {"workers_used": workers_used, "busy_s": round(busy, 3),
+                            "busy_workers": round(busy / wall, 3), "rows": rows,
+                            "rows_per_s": round(rows / wall, 2)}

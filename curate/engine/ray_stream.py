@@ -63,7 +63,8 @@ def stream_fragments(
         fans_out = any(isinstance(s, FanOut) for s in pool)
         dataset = dataset.map_batches(
             FanOutWorker if fans_out else SegmentWorker,
-            fn_constructor_kwargs={"stages": pool, "threads": threads, **options[i]},
+            fn_constructor_kwargs={"stages": pool, "threads": threads, "name_worker": True,
+                                   **options[i]},
             batch_size=size.batch_size,
             batch_format="pyarrow",
             compute=size.strategy(),

@@ -416,6 +416,7 @@ class _Execution:
         start = time.perf_counter()
         seconds_before, computed_before = dict(self.seconds), dict(self.computed)
         planned: list = []
+        workers: dict[str, set[str]] = {}  # pool (its first stage) -> workers that made rows
         if self.on_ray:
             inflight = registry()
             stream = ray_stream.stream_fragments(self.backend, pending.parts, pending.counts,
@@ -434,6 +435,8 @@ class _Execution:
                         buffer += json.loads(written["fragments"])
                         buffered += written["rows"]
                         computed = json.loads(written["computed"])
+                        for pool, names in json.loads(written.get("workers") or "{}").items():
+                            workers.setdefault(pool, set()).update(names)
                         for name, seconds in json.loads(written["seconds"]).items():
                             self.seconds[name] += seconds
                             self.computed[name] += computed.get(name, written["rows"])
@@ -461,7 +464,9 @@ class _Execution:
                         _release(inflight)
                     self.pools = [pool_record(size, time.perf_counter() - start,
                                               seconds_before, self.seconds, computed_before,
-                                              self.computed) for size in planned]
+                                              self.computed,
+                                              len(workers.get(size.stages[0], ())))
+                                  for size in planned]
 
     def _killer_batches(self, inflight) -> str | None:
         """After the stream failed: the batches that killed their workers on every try, set

@@ -6,6 +6,7 @@ threads of this process (curate.engine.local_stream)."""
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -16,8 +17,11 @@ import pyarrow.compute as pc
 
 from curate.plan import skip_verdicts
 from curate.stage import FanOut, ModelStage, Source, Stage, count_input_rows, cuts_clips
-from curate.table.fragments import TIMING_PREFIX
+from curate.table.fragments import TIMING_PREFIX, WORKER_PREFIX
 from curate.verdicts import alive_mask
+
+#: This process, as the run's pool records count workers (host and pid).
+_WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def unstamped(stage: Stage, rows: pa.Table, stamps: pa.Array) -> pa.Array:
@@ -60,8 +64,10 @@ class SegmentWorker:
                  row_stages_hash: str, threads: int | None = None,
                  earlier_verdicts: dict[str, list[str]] | None = None, clips: bool = False,
                  frame_columns: tuple[str, ...] = (), inflight=None,
-                 stamps: dict[str, str] | None = None):
+                 stamps: dict[str, str] | None = None, name_worker: bool = False):
         self.stages = stages
+        #: Whether rows say which worker of the pool made them (a run on Ray counts them).
+        self.name_worker = name_worker
         #: What each stamped stage writes on the rows it computes (curate.plan.stamps).
         self.stamps = stamps or {}
         #: The run's registry of batches in flight (curate.engine.inflight); None outside runs.
@@ -124,7 +130,13 @@ class SegmentWorker:
             out, media = source.load(batch)
             out = out.append_column("input_rows", count_input_rows(out["input_id"]))
             out = _add_timing(out, source.name, time.perf_counter() - started)
-        yield from self._after(out, media, rest)
+        if not self.name_worker:
+            yield from self._after(out, media, rest)
+            return
+        worker = WORKER_PREFIX + self.stages[0].name  # which worker of the pool made them
+        for table in self._after(out, media, rest):
+            yield table.append_column(worker, pa.array([_WORKER] * table.num_rows, pa.string())
+                                      .dictionary_encode())
 
     def _after(self, out: pa.Table, media, stages: list[Stage]) -> Iterator[pa.Table]:
         for k, stage in enumerate(stages):

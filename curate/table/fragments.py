@@ -16,6 +16,9 @@ from curate.stage import Stage
 
 #: Prefix of the per-stage timing columns (summed by the writers, never stored).
 TIMING_PREFIX = "_seconds:"
+#: Prefix of the columns naming the worker of a pool that made each row (counted by the
+#: writers, never stored); the pool is named by its first stage.
+WORKER_PREFIX = "_worker:"
 
 
 class FragmentWriter:
@@ -37,7 +40,10 @@ class FragmentWriter:
         prefix = Stage.STAMP_PREFIX
         computed = {c[len(prefix):]: len(batch[c]) - batch[c].null_count
                     for c in batch.column_names if c.startswith(prefix)}
-        rows = conform(batch.drop_columns(timing), self.schema)
+        tagged = [c for c in batch.column_names if c.startswith(WORKER_PREFIX)]
+        workers = {c[len(WORKER_PREFIX):]: pc.unique(batch[c].combine_chunks().cast(
+            pa.string())).drop_null().to_pylist() for c in tagged}
+        rows = conform(batch.drop_columns(timing + tagged), self.schema)
         fragments = write_fragments(rows, self.uri, schema=self.schema,
                                     storage_options=self.storage_options)
         return pa.table({
@@ -45,6 +51,7 @@ class FragmentWriter:
             "rows": pa.array([rows.num_rows], pa.int64()),
             "seconds": [json.dumps(seconds)],
             "computed": [json.dumps(computed)],
+            "workers": [json.dumps(workers)],
         })
 
 
