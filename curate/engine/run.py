@@ -319,18 +319,20 @@ class _Execution:
     def _check_failures(self) -> None:
         """A model stage none of whose rows has an answer, and whose rows all failed in its
         engine the same way (a prompt the engine refuses, a model that cannot run), ends
-        the run:
-        its settings (or the workers' packages) are wrong, not its inputs. Those rows are
-        left unstamped (`Stage.unfinished`): the next run computes them again, and ends
-        the same way until the cause is fixed. Counted by the store's scans."""
+        the run: its settings (or the workers' packages) are wrong, not its inputs. Those
+        rows are left unstamped (`Stage.unfinished`), so every run computes them again
+        and ends the same way until the cause is fixed; a stage this run computed no rows
+        of has none such. The driver reads counts and at most one row of one column."""
         dataset = self.store.dataset()
         have = set(dataset.schema.names)
         for stage in self.row_stages:
             failure = getattr(stage, "failure_column", None)
             output = getattr(stage, "output_column", None)
-            if failure not in have or output not in have:
+            if not self.computed.get(stage.name) or failure not in have or output not in have:
                 continue
-            if dataset.count_rows(filter=f"{output} IS NOT NULL AND {failure} IS NULL"):
+            answered = dataset.to_table(columns=[output], limit=1,
+                                        filter=f"{output} IS NOT NULL AND {failure} IS NULL")
+            if answered.num_rows:
                 continue  # some rows have answers
             # the engine's own failures (an answer it gave that does not parse is the
             # model's, not the settings')
