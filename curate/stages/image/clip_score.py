@@ -79,15 +79,12 @@ def _scored(part: pa.Table) -> pa.Table:
 def _below(part: pa.Table, minimum: float | None, cutoff: float | None,
            label: str) -> pa.Table:
     """The reasons of the rows under `minimum` (as the row phase words them) or, above
-    it, under the top fraction's `cutoff`."""
+    it, under the top fraction's `cutoff`: worded one by one for those rows only."""
+    limits = [v for v in (minimum, cutoff) if v is not None]
     scores = part["clip_score"].to_numpy(zero_copy_only=False)
-    reasons = [None] * len(scores)
-    for i, value in enumerate(scores.tolist()):
-        if minimum is not None and value < minimum:
-            reasons[i] = f"clip_score {value:.4g} < {minimum:g}"
-        elif cutoff is not None and value < cutoff:
-            reasons[i] = f"clip_score {value:.4g} < {cutoff:.4g}{label}"
-    text = pa.array(reasons, pa.string())
-    low = pc.is_valid(text)
-    return pa.table({ROWADDR: pc.filter(part[ROWADDR], low),
-                     "clip_score_reason": pc.filter(text, low)})
+    low = np.flatnonzero(scores < max(limits)) if limits else np.zeros(0, np.int64)
+    reasons = [f"clip_score {value:.4g} < {minimum:g}"
+               if minimum is not None and value < minimum else
+               f"clip_score {value:.4g} < {cutoff:.4g}{label}" for value in scores[low].tolist()]
+    return pa.table({ROWADDR: part[ROWADDR].take(pa.array(low)),
+                     "clip_score_reason": pa.array(reasons, pa.string())})
