@@ -7,8 +7,8 @@ autoscales between one worker and what the cluster holds once every other GPU po
 its one worker (Ray Data's autoscaling actor pools add workers where batches queue, so
 the slowest GPU stage ends up with the most), never more workers than it has batches.
 What cannot fit is refused before any work: a worker asking for more GPUs than any node
-has (it would wait forever), or GPU pools that together need more GPUs than the cluster
-has for one worker each.
+has (it would wait forever), or GPU pools whose workers (one each, or their concurrency)
+cannot all be placed on the nodes' GPUs.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from curate.config import Config
 from curate.engine import incremental
 from curate.engine.backend import InlineBackend, RayBackend, wants_ray
 from curate.engine.inflight import NAMED, WORKER_RETRIES, mark_set_aside, set_aside_reason
-from curate.engine.pools import pool_record
+from curate.engine.pools import check_gpus, pool_record
 from curate.engine.tasks import compact
 from curate.errors import (
     ConfigError,
@@ -353,8 +353,6 @@ class _Execution:
         """The GPU pools must fit the cluster's nodes (curate.engine.pools.check_gpus): a
         worker that no node can hold would wait forever."""
         import ray
-
-        from curate.engine.pools import check_gpus
 
         nodes = [n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
         check_gpus(segments(self.chain), nodes,

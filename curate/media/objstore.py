@@ -518,7 +518,7 @@ def _level(store, base: str, after: str | None = None, last: str | None = None):
             break
         if skipped is None:
             break
-        if held is not None and held[1] != lead + skipped:
+        if held is not None:  # not the folder's marker: those are dropped above
             yield held
         held = None
         yield "prefix", lead + skipped

@@ -35,9 +35,9 @@ class ClipEmbedParams(ObjectStoreParams):
     resources: Resources = Field(default_factory=lambda: Resources(batch_size=64))
 
 
-def _embedding_dim(params: ClipEmbedParams, model: str) -> int:
+def _embedding_dim(params: ClipEmbedParams, model: str, revision: str | None) -> int:
     """The embedding size, read from the config of `model` (the checkpoint's local place,
-    or its hub id) without loading weights."""
+    or its hub id, at `revision`) without loading weights."""
     if params.backend == "open_clip":
         from curate.models import require
 
@@ -50,7 +50,7 @@ def _embedding_dim(params: ClipEmbedParams, model: str) -> int:
     from curate.models import require
 
     config = require("transformers", "models").AutoConfig.from_pretrained(
-        model, revision=params.revision)
+        model, revision=revision)
     if getattr(config, "projection_dim", None):
         return int(config.projection_dim)
     return int(config.vision_config.hidden_size)  # SigLIP: no projection
@@ -67,7 +67,8 @@ class ClipEmbed(HubModelStage):
 
     @cached_property
     def dim(self) -> int:
-        return _embedding_dim(self.params, self.checkpoint(weights=False))
+        return _embedding_dim(self.params, self.checkpoint(weights=False),
+                              self.load_revision())
 
     def extras(self):
         return ("models",) + (("openclip",) if self.params.backend == "open_clip" else ())
