@@ -34,7 +34,7 @@ PROMPT = "Describe this image in one detailed sentence."
 
 
 def bare_loop(paths: list[Path], model_dir: Path, batch_size: int, tokens: int,
-              device: str) -> float:
+              device: str, dtype: str | None = None) -> float:
     """The loop one writes by hand; returns seconds (model load excluded)."""
     import torch
     from PIL import Image
@@ -42,7 +42,8 @@ def bare_loop(paths: list[Path], model_dir: Path, batch_size: int, tokens: int,
 
     processor = AutoProcessor.from_pretrained(model_dir)
     processor.tokenizer.padding_side = "left"
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = getattr(torch, dtype) if dtype else (
+        torch.float16 if device == "cuda" else torch.float32)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(device)
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     prompt = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)

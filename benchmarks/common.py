@@ -17,9 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -28,6 +25,8 @@ class PeakRss:
     the process's own high-water mark (VmHWM, exact, but only as of the last sample)."""
 
     def __init__(self, pid: int):
+        import psutil  # here: benchmarks/gpu.py imports this module where psutil may be absent
+
         self.proc = psutil.Process(pid)
         self.peak = 0
         self.own_hwm_kb = 0
@@ -36,6 +35,8 @@ class PeakRss:
         self._thread.start()
 
     def _run(self):
+        import psutil
+
         while not self._stop.is_set():
             try:
                 procs = [self.proc, *self.proc.children(recursive=True)]
@@ -115,6 +116,8 @@ def curate_run(config: dict, workdir: Path, label: str, checkout: Path = ROOT,
     `curate` from `checkout` (cwd and PYTHONPATH; this checkout by default) with this
     interpreter. A failed run, or one stopped after `timeout_s`, is returned with its
     error, not raised."""
+    import yaml
+
     shutil.rmtree(config["store"]["uri"], ignore_errors=True)
     path = workdir / f"{label}.yaml"
     path.write_text(yaml.safe_dump(config))

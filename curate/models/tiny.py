@@ -228,10 +228,13 @@ def _text_config(tokenizer, size: str = "tiny") -> dict:
             "pad_token_id": tokenizer.pad_token_id}
 
 
-def build_llava(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+def build_llava(out: str | Path, size: str = "tiny", seed: int = 0,
+                text_layers: int | None = None, device: str = "cpu",
+                dtype: str | None = None) -> Path:
     """A LlavaForConditionalGeneration + LlavaProcessor (CLIP vision tower, Llama) with
     random weights: tiny for tests, small for CPU benchmarks, large = LLaVA-1.5-7B's
-    shapes for GPU ones."""
+    shapes for GPU ones (`text_layers` fewer where memory asks; initialised on `device`
+    and saved in `dtype`, e.g. cuda and bfloat16 for the 7B shapes)."""
     import torch
     from transformers import (
         CLIPVisionConfig,
@@ -248,12 +251,18 @@ def build_llava(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
         vision_config=CLIPVisionConfig(hidden_size=vision, intermediate_size=2 * vision,
                                        num_hidden_layers=layers, num_attention_heads=heads,
                                        image_size=side, patch_size=patch),
-        text_config=LlamaConfig(**_text_config(tokenizer, size)),
+        text_config=LlamaConfig(**_text_config(tokenizer, size) | (
+            {"num_hidden_layers": text_layers} if text_layers else {})),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default", vision_feature_layer=-1)
     torch.manual_seed(seed)
     out = Path(out)
-    LlavaForConditionalGeneration(config).save_pretrained(out)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config)
+    if dtype:
+        model = model.to(getattr(torch, dtype))
+    model.save_pretrained(out)
+    del model
     _like_hub(out, config)
     LlavaProcessor(
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": side},
