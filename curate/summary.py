@@ -60,12 +60,13 @@ def _pools_table(pools: list[dict]) -> Table:
     many were busy on average (an idle GPU shows here)."""
     table = Table(title="actor pools", title_justify="left")
     for column in ("pool", "GPUs/worker", "CPUs/worker", "workers (start, min-max)",
-                   "workers used", "busy workers", "rows/s"):
+                   "workers used (peak)", "busy workers", "rows/s"):
         table.add_column(column, justify="left" if column == "pool" else "right")
     for pool in pools:
         table.add_row(" + ".join(pool["stages"]), f"{pool['gpus']:g}", f"{pool['cpus']:g}",
                       f"{pool['workers']} ({pool['min_workers']}-{pool['max_workers']})",
-                      str(pool["workers_used"]), f"{pool['busy_workers']:.2f}",
+                      f"{pool['workers_used']} ({pool.get('peak_workers', '-')})",
+                      f"{pool['busy_workers']:.2f}",
                       f"{pool['rows_per_s']:,.1f}")
     return table
 

@@ -227,6 +227,7 @@ def test_gpu_cluster_config_runs_with_pools_planned_within_the_gpus(two_nodes, t
     assert all(p["workers"] >= 1 and p["rows"] > 0 for p in gpu_pools)
     # the workers that made rows, counted from the rows: each pool's within its bounds
     assert all(1 <= p["workers_used"] <= p["max_workers"] for p in pools)
+    assert all(1 <= p["peak_workers"] <= p["workers_used"] for p in pools)
     assert sum(p["workers"] * p["gpus"] for p in gpu_pools) <= GPUS
     for grown in gpu_pools:
         others = sum(p["min_workers"] * p["gpus"] for p in gpu_pools if p is not grown)

@@ -110,3 +110,30 @@ def test_model_pools_on_cpu_keep_one_worker_and_decoding_gets_the_cpus_left():
         assert size.min_workers == size.workers == size.max_workers
     assert list(itertools.chain(*(s.stages for s in (decode, clip, caption)))) == [
         "ingest_images", "clip_embed", "caption"]
+
+
+def test_peak_workers_is_the_most_spans_over_one_instant():
+    """WorkerSpans folds batch tags into one span per worker; its peak is checked against
+    counting, at every batch's start and end, the workers whose span holds that instant."""
+    import random
+
+    from curate.engine.pools import WorkerSpans
+
+    rng = random.Random(7)
+    for _ in range(50):
+        batches = []
+        for worker in range(rng.randint(1, 6)):
+            for _ in range(rng.randint(1, 4)):
+                start = rng.randint(0, 20) + 0.5 * rng.randint(0, 1)
+                batches.append((f"node-{worker % 2}:{100 + worker}", start,
+                                start + rng.randint(0, 5)))
+        spans = WorkerSpans()
+        rng.shuffle(batches)
+        for i in range(0, len(batches), 3):  # as the writers hand them over: a few at a time
+            spans.add([f"{w}@{a:.3f}-{b:.3f}" for w, a, b in batches[i:i + 3]])
+        whole = {w: (min(a for v, a, _ in batches if v == w),
+                     max(b for v, _, b in batches if v == w)) for w, _, _ in batches}
+        assert spans.spans == whole
+        instants = {t for _, a, b in batches for t in (a, b)}
+        expected = max(sum(a <= t <= b for a, b in whole.values()) for t in instants)
+        assert spans.peak() == expected

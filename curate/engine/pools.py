@@ -143,15 +143,45 @@ def plan_pools(pools: list[list[Stage]], cluster_cpus: float, cluster_gpus: floa
     return sizes  # type: ignore[return-value]
 
 
+class WorkerSpans:
+    """When each worker of a pool was at work: from the start of its first batch to the end
+    of its last, folded from the tags its rows carry (`host:pid@start-end`, wall-clock
+    seconds of one batch: curate.engine.workers); two numbers a worker, however long the
+    run."""
+
+    def __init__(self) -> None:
+        self.spans: dict[str, tuple[float, float]] = {}
+
+    def add(self, tags: list[str]) -> None:
+        for tag in tags:
+            worker, _, span = tag.rpartition("@")
+            start, end = (float(t) for t in span.split("-"))
+            old = self.spans.get(worker)
+            self.spans[worker] = (min(old[0], start), max(old[1], end)) if old else (start,
+                                                                                     end)
+
+    def peak(self) -> int:
+        """The most workers at work at once (a worker that starts as another ends counts
+        with it)."""
+        events = sorted([(a, 0) for a, _ in self.spans.values()]
+                        + [(b, 1) for _, b in self.spans.values()])
+        peak = now = 0
+        for _, ends in events:
+            now += -1 if ends else 1
+            peak = max(peak, now)
+        return peak
+
+
 def pool_record(size: PoolSize, wall_s: float, seconds_before: dict, seconds: dict,
-                computed_before: dict, computed: dict, workers_used: int) -> dict:
+                computed_before: dict, computed: dict, spans: WorkerSpans) -> dict:
     """What the run records of a pool: its plan, how many workers made rows (those the
-    autoscaler added too), the seconds its workers were busy (the stages' own timings),
-    how many workers were busy on average over the stream (an idle GPU shows as far fewer
-    than its workers) and the rows it took per second."""
+    autoscaler added too) and the most of them at work at once, the seconds its workers
+    were busy (the stages' own timings), how many workers were busy on average over the
+    stream (an idle GPU shows as far fewer than its workers) and the rows it took per
+    second."""
     busy = sum(seconds[n] - seconds_before.get(n, 0.0) for n in size.stages)
     rows = computed[size.stages[0]] - computed_before.get(size.stages[0], 0)
     wall = max(wall_s, 1e-9)
-    return size.record() | {"workers_used": workers_used, "busy_s": round(busy, 3),
-                            "busy_workers": round(busy / wall, 3), "rows": rows,
-                            "rows_per_s": round(rows / wall, 2)}
+    return size.record() | {"workers_used": len(spans.spans), "peak_workers": spans.peak(),
+                            "busy_s": round(busy, 3), "busy_workers": round(busy / wall, 3),
+                            "rows": rows, "rows_per_s": round(rows / wall, 2)}

@@ -21,7 +21,7 @@ from curate.config import Config
 from curate.engine import incremental
 from curate.engine.backend import InlineBackend, RayBackend, wants_ray
 from curate.engine.inflight import NAMED, WORKER_RETRIES, mark_set_aside, set_aside_reason
-from curate.engine.pools import check_gpus, pool_record
+from curate.engine.pools import WorkerSpans, check_gpus, pool_record
 from curate.engine.tasks import compact
 from curate.errors import (
     ConfigError,
@@ -416,7 +416,7 @@ class _Execution:
         start = time.perf_counter()
         seconds_before, computed_before = dict(self.seconds), dict(self.computed)
         planned: list = []
-        workers: dict[str, set[str]] = {}  # pool (its first stage) -> workers that made rows
+        workers: dict[str, WorkerSpans] = {}  # pool (its first stage) -> its workers' spans
         if self.on_ray:
             inflight = registry()
             stream = ray_stream.stream_fragments(self.backend, pending.parts, pending.counts,
@@ -435,8 +435,8 @@ class _Execution:
                         buffer += json.loads(written["fragments"])
                         buffered += written["rows"]
                         computed = json.loads(written["computed"])
-                        for pool, names in json.loads(written.get("workers") or "{}").items():
-                            workers.setdefault(pool, set()).update(names)
+                        for pool, tags in json.loads(written.get("workers") or "{}").items():
+                            workers.setdefault(pool, WorkerSpans()).add(tags)
                         for name, seconds in json.loads(written["seconds"]).items():
                             self.seconds[name] += seconds
                             self.computed[name] += computed.get(name, written["rows"])
@@ -465,7 +465,7 @@ class _Execution:
                     self.pools = [pool_record(size, time.perf_counter() - start,
                                               seconds_before, self.seconds, computed_before,
                                               self.computed,
-                                              len(workers.get(size.stages[0], ())))
+                                              workers.get(size.stages[0], WorkerSpans()))
                                   for size in planned]
 
     def _killer_batches(self, inflight) -> str | None:

@@ -124,6 +124,7 @@ class SegmentWorker:
         media = None
         out = batch
         rest = self.stages
+        begun = time.time()  # wall clock: the run compares workers' spans across nodes
         if isinstance(self.stages[0], Source):
             source, *rest = self.stages
             started = time.perf_counter()
@@ -133,9 +134,12 @@ class SegmentWorker:
         if not self.name_worker:
             yield from self._after(out, media, rest)
             return
-        worker = WORKER_PREFIX + self.stages[0].name  # which worker of the pool made them
+        # which worker of the pool made them, and when it worked on them (the run's pool
+        # records count its workers and how many were at work at once: pools.WorkerSpans)
+        worker = WORKER_PREFIX + self.stages[0].name
         for table in self._after(out, media, rest):
-            yield table.append_column(worker, pa.array([_WORKER] * table.num_rows, pa.string())
+            tag = f"{_WORKER}@{begun:.3f}-{time.time():.3f}"
+            yield table.append_column(worker, pa.array([tag] * table.num_rows, pa.string())
                                       .dictionary_encode())
 
     def _after(self, out: pa.Table, media, stages: list[Stage]) -> Iterator[pa.Table]:
