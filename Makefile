@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all test-vllm lint bench bench-scale stages-doc serve report clean
+.PHONY: demo test test-all test-vllm test-openclip lint bench bench-scale stages-doc serve report clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,19 @@ $(VLLM_VENV)/.installed: pyproject.toml
 
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py
+
+# open_clip in a venv of its own: it needs a torchvision that matches torch, and PyPI's
+# torchvision builds are CUDA ones, so this venv has PyPI's (CUDA) torch, which runs on CPU.
+OPENCLIP_VENV ?= .venv-openclip
+$(OPENCLIP_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(OPENCLIP_VENV)
+	$(OPENCLIP_VENV)/bin/pip install -q open_clip_torch==3.3.0 pytest==9.2.0 \
+		pytest-timeout pyarrow==26.0.1 pydantic==2.14.3
+	$(OPENCLIP_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+test-openclip: $(OPENCLIP_VENV)/.installed
+	$(OPENCLIP_VENV)/bin/python -m pytest -q -m openclip tests/test_openclip.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check curate tests benchmarks pipelines examples

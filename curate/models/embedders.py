@@ -150,26 +150,32 @@ class OpenClipEmbedder(ImageTextEmbedder):
         open_clip = require("open_clip", "openclip")
         torch = require("torch", "models")
         self.device, self.dtype = torch_device(device, dtype)
+        net = None
         try:
-            net, _, preprocess = open_clip.create_model_and_transforms(
-                model, pretrained=pretrained, device=self.device if load_weights else "cpu"
-            )
-        except (RuntimeError, ValueError, OSError) as exc:
+            if load_weights or model.startswith(("hf-hub:", "local-dir:")):
+                net, _, preprocess = open_clip.create_model_and_transforms(
+                    model, pretrained=pretrained, device=self.device if load_weights else "cpu")
+                size = net.visual.image_size
+            else:
+                size, preprocess = _open_clip_transform(open_clip, model, pretrained)
+        except Exception as exc:  # torch.load alone raises several kinds on a bad file
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
             raise ModelError(f"cannot load open_clip model {model!r} "
-                             f"(pretrained={pretrained!r}): {exc}") from None
+                             f"(pretrained={pretrained!r}): {first}") from None
         # The torchvision transform: keep the geometric steps (resize, crop) for `prepare`
         # and take mean/std from its Normalize step for the model side.
+        # (open_clip 3 names its step MaybeToTensor: it passes tensors through)
         steps = list(preprocess.transforms)
-        names = [type(t).__name__ for t in steps]
-        cut = names.index("ToTensor") if "ToTensor" in names else len(steps)
+        cut = next((i for i, t in enumerate(steps) if type(t).__name__.endswith("ToTensor")),
+                   len(steps))
         self._geometry = [t for t in steps[:cut] if callable(t)]
         norm = next(t for t in steps if type(t).__name__ == "Normalize")
-        size = net.visual.image_size
         side = size[0] if isinstance(size, tuple | list) else size
         self._shape = (3, int(side), int(side))
         self._mean = torch.tensor(norm.mean).view(1, 3, 1, 1).to(self.device) * 255
         self._std = torch.tensor(norm.std).view(1, 3, 1, 1).to(self.device) * 255
-        self.tokenizer = open_clip.get_tokenizer(model)
+        # (the model side only: some tokenizers are fetched from the hub)
+        self.tokenizer = open_clip.get_tokenizer(model) if load_weights else None
         self.model = net.to(self.device, self.dtype).eval() if load_weights else None
 
     @property
@@ -195,6 +201,29 @@ class OpenClipEmbedder(ImageTextEmbedder):
         torch = require("torch", "models")
         with torch.inference_mode():
             return _normalised(self.model.encode_text(self.tokenizer(texts).to(self.device)))
+
+
+def _open_clip_transform(open_clip, model: str, pretrained: str | None):
+    """(image size, eval transform) of a built-in open_clip architecture as
+    `create_model_and_transforms` makes them, without building the model or fetching its
+    weights (decode workers only resize and crop): the size from the architecture's
+    config, mean, std, interpolation and resize mode from the weights tag's config (a
+    checkpoint file has none, so open_clip's defaults). Checkpoints named `hf-hub:` or
+    `local-dir:` keep their preprocessing beside the weights and are loaded whole."""
+    import os
+
+    config = open_clip.get_model_config(model)
+    if config is None:
+        raise ValueError(f"open_clip knows no model {model!r}")
+    tag = {}
+    if pretrained and "://" not in pretrained and not os.path.isfile(pretrained):
+        tag = open_clip.get_pretrained_cfg(model, pretrained)
+        if not tag:
+            raise ValueError(f"{pretrained!r} is neither a weights tag of {model} nor a file")
+    size = config["vision_cfg"]["image_size"]
+    return size, open_clip.image_transform(
+        size, is_train=False, mean=tag.get("mean"), std=tag.get("std"),
+        resize_mode=tag.get("resize_mode"), interpolation=tag.get("interpolation"))
 
 
 BACKENDS: dict[str, type[ImageTextEmbedder]] = {
