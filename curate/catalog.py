@@ -12,6 +12,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -194,6 +195,38 @@ class Catalog:
                vectors: bool = False) -> dict[str, Any]:
         """One row, JSON-safe (see clean_row)."""
         return clean_row(self.row(sample_id, columns, vectors))
+
+    def review(self, sample_ids: list[str], review: str, reason: str | None,
+               tags: list[str] | None, reviewer: str | None) -> dict[str, Any]:
+        """Record a person's verdict on samples (curate.reviews): 422 for a bad verdict,
+        404 naming the ids the table does not hold. Written to the reviews table only,
+        never to the samples: a run in progress is not disturbed, and the next run (or
+        this one, if its verdict phase is still to come) applies it."""
+        from curate import reviews
+        from curate.table.layout import now
+
+        ids = list(dict.fromkeys(sample_ids))
+        try:
+            given = reviews.entries(ids, review, reason, tags, reviewer, now())
+        except reviews.ReviewError as exc:
+            raise CatalogError(422, str(exc)) from None
+        valid = [i for i in ids if SAMPLE_ID.match(i)]
+        found = {r["sample_id"] for r in self._by_ids(valid, ["sample_id"])} if valid else set()
+        unknown = [i for i in ids if i not in found]
+        if unknown:
+            shown = ", ".join(repr(i) for i in unknown[:5])
+            raise CatalogError(404, f"{len(unknown)} of the sample_ids are not in "
+                               f"{self.store.name}: {shown}{' ...' if len(unknown) > 5 else ''}")
+        version = self.store.add_reviews(given)
+        return {"recorded": len(ids), "review": review, "reviews_version": version}
+
+    def reviews_of(self, sample_id: str) -> dict[str, Any]:
+        """Every verdict people gave on one sample, oldest first."""
+        import pyarrow.compute as pc
+
+        given = self.store.reviews()
+        rows = given.filter(pc.equal(given["sample_id"], self._checked_id(sample_id)))
+        return {"sample_id": sample_id, "reviews": [clean_row(r) for r in rows.to_pylist()]}
 
     @staticmethod
     def _checked_id(sample_id: str) -> str:
@@ -417,11 +450,14 @@ def _map_here(parts: list, fn, args: tuple) -> list:
 
 
 def clean_row(row: dict[str, Any]) -> dict[str, Any]:
-    """JSON-safe values: NaN/inf become null, 64-bit hashes become hex strings."""
+    """JSON-safe values: NaN/inf become null, 64-bit hashes become hex strings, times ISO
+    8601 text."""
     out = {}
     for key, value in row.items():
         if isinstance(value, float) and not math.isfinite(value):
             value = None
+        elif isinstance(value, datetime):
+            value = value.isoformat()
         elif key == "phash" and isinstance(value, int):
             value = f"{value:016x}"
         elif isinstance(value, list) and value and isinstance(value[0], float):

@@ -356,6 +356,8 @@ def export(
                   f"samples of {summary.table} (version {summary.version}) as "
                   f"{len(summary.files)} {summary.format} {kind} into {summary.out} in "
                   f"{summary.seconds:.1f} s; index: {summary.index}")
+    if summary.reviewed:
+        console.print(f"{summary.reviewed:,} of the selection carry a person's verdict")
     for reason, count in sorted(summary.skipped.items()):
         console.print(f"[yellow]left out[/] {count:,} ({reason}), e.g. "
                       f"{summary.skipped_examples.get(reason, '')}", highlight=False)

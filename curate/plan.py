@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from curate.errors import ConfigError
 from curate.registry import get_stage_class
+from curate.reviews import REVIEW_COLUMNS
 from curate.stage import FanOut, GlobalStage, ModelStage, RowStage, Source, Stage, cuts_clips
 
 #: Columns the pipeline itself writes, derived from the stages' verdicts.
@@ -120,7 +121,8 @@ def check_stage_columns(config, where: str | None = None) -> None:
                 problems.append((f"stages.{i}", f"column {column!r} is also written by "
                                  f"stages.{written[column]}"))
             written[column] = i
-    for column in [*FINAL_COLUMNS, *(c for c in written if c.startswith(Stage.STAMP_PREFIX))]:
+    for column in [*FINAL_COLUMNS, *REVIEW_COLUMNS,
+                   *(c for c in written if c.startswith(Stage.STAMP_PREFIX))]:
         if column in written:
             problems.append((f"stages.{written[column]}", f"column {column!r} is reserved"))
     if problems:
@@ -141,6 +143,7 @@ def table_schema(stages: list[Stage]) -> pa.Schema:
     chain = [s for s in stages if isinstance(s, (Source, RowStage))]
     fields.update({s.stamp_column: pa.string() for s in chain[shaping(chain):]})
     fields.update(FINAL_COLUMNS)
+    fields.update(REVIEW_COLUMNS)
     return pa.schema(list(fields.items()))
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curate import reviews
 from curate.media.decode import error_code
 from curate.stage import Stage
 
@@ -28,8 +29,25 @@ def alive_before(table: pa.Table, stages: list[Stage], index: int) -> pa.Array:
     return alive_mask(table, [s.verdict_column for s in stages[:index] if s.verdict_column])
 
 
-def final_columns(table: pa.Table, stages: list[Stage]) -> dict[str, pa.Array]:
-    """selected, reject_reason (first stage that dropped a row) and duplicate_of."""
+def _chunk(values):
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
+def final_columns(table: pa.Table, stages: list[Stage],
+                  decided: pa.Table | None = None) -> dict[str, pa.Array]:
+    """selected, reject_reason (first stage that dropped a row) and duplicate_of; with
+    `decided` (people's last verdicts: curate.reviews.latest), those verdicts applied
+    (`table` then needs sample_id)."""
+    reason, duplicate = _models(table, stages)
+    if decided is not None:
+        reason, duplicate, _, _ = reviews.apply(table["sample_id"], reason, duplicate,
+                                                decided)
+    return {"selected": pc.is_null(reason), "reject_reason": _chunk(reason),
+            "duplicate_of": _chunk(duplicate)}
+
+
+def _models(table: pa.Table, stages: list[Stage]) -> tuple[pa.Array, pa.Array]:
+    """reject_reason and duplicate_of as the stages' verdicts decide them."""
     reason = pa.nulls(table.num_rows, pa.string())
     duplicate = pa.nulls(table.num_rows, pa.string())
     for stage in stages:
@@ -43,13 +61,7 @@ def final_columns(table: pa.Table, stages: list[Stage]) -> dict[str, pa.Array]:
         reason = pc.coalesce(reason, text)
         if stage.marks_duplicates:
             duplicate = pc.coalesce(duplicate, verdict)
-    return {
-        "selected": pc.is_null(reason),
-        "reject_reason": reason.combine_chunks() if isinstance(reason, pa.ChunkedArray) else reason,
-        "duplicate_of": (
-            duplicate.combine_chunks() if isinstance(duplicate, pa.ChunkedArray) else duplicate
-        ),
-    }
+    return _chunk(reason), _chunk(duplicate)
 
 
 @dataclass
@@ -72,8 +84,12 @@ class StageCount:
         return self.__dict__.copy()
 
 
-def funnel(table: pa.Table, stages: list[Stage]) -> list[StageCount]:
-    """Rows in, kept and dropped by reason code for each stage, in order."""
+def funnel(table: pa.Table, stages: list[Stage],
+           decided: pa.Table | None = None) -> list[StageCount]:
+    """Rows in, kept and dropped by reason code for each stage, in order; with `decided`
+    (people's last verdicts), a last line `review`: the rows the models kept, those people
+    rejected of them, and in its report how many rows people accepted, rejected and kept
+    that the models dropped (`rescued`)."""
     counts = []
     for i, stage in enumerate(stages):
         alive = alive_before(table, stages, i)
@@ -90,4 +106,26 @@ def funnel(table: pa.Table, stages: list[Stage]) -> list[StageCount]:
         dropped = sum(reasons.values())
         counts.append(StageCount(stage.name, stage.type, rows_in, rows_in - dropped, dropped,
                                  dict(reasons.most_common())))
+    if decided is not None:
+        counts.append(_review_count(table, stages, decided))
     return counts
+
+
+def _review_count(table: pa.Table, stages: list[Stage], decided: pa.Table) -> StageCount:
+    reason, duplicate = _models(table, stages)
+    _, _, columns, rescued = reviews.apply(table["sample_id"], reason, duplicate, decided)
+
+    def count(mask) -> int:
+        return pc.sum(pc.cast(mask, pa.int64())).as_py() or 0
+
+    review = columns["review"]
+    rejected = pc.fill_null(pc.equal(review, reviews.REJECT), False)
+    kept_by_models = pc.is_null(reason)
+    rows_in = count(kept_by_models)
+    dropped = count(pc.and_(kept_by_models, rejected))
+    rescued_n = count(rescued)
+    return StageCount(reviews.REVIEW_STAGE, reviews.REVIEW_STAGE, rows_in,
+                      rows_in - dropped + rescued_n, dropped,
+                      {reviews.REVIEW_STAGE: dropped} if dropped else {},
+                      report={"accepted": count(pc.equal(review, reviews.ACCEPT)),
+                              "rejected": count(rejected), "rescued": rescued_n})

@@ -363,6 +363,59 @@ def test_async_features_queue_and_answer_later(base, table):
     assert job["status"] == "failed" and "corrupt" in job["result"]["error"]
 
 
+# --- people's verdicts ---------------------------------------------------------------------
+
+
+def post_review(base, reviewer: str | None = "ana", **body):
+    headers = {"X-Curate-Reviewer": reviewer} if reviewer else {}
+    return requests.post(base + "/reviews", json=body, headers=headers, timeout=60)
+
+
+def test_reviews_are_recorded_beside_the_table_even_while_a_run_holds_it(base, table,
+                                                                          served):
+    """A verdict lands in the reviews table, never in the samples table, so a run holding
+    the table's lease neither blocks it nor sees its table change under it."""
+    from curate.config import StoreConfig
+    from curate.table.lease import RunLease
+    from curate.table.store import Store
+
+    store = Store(StoreConfig(uri=str(served[1])))
+    ids = sorted(table.to_arrow()["sample_id"].to_pylist())[:2]
+    version = store.version()
+    with RunLease(store, "run-in-progress"):
+        answer = post_review(base, sample_ids=ids, review="reject", reason="a watermark",
+                             tags=["logo"])
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["recorded"] == 2
+        assert store.version() == version  # the samples table untouched
+    post_review(base, reviewer="bo", sample_ids=ids[:1], review="clear")
+    history = get(base, f"/samples/{ids[0]}/reviews").json()["reviews"]
+    assert [(r["review"], r["reviewed_by"], r["review_reason"]) for r in history][-2:] == [
+        ("reject", "ana", "a watermark"), (None, "bo", None)]
+    given = store.reviews().to_pylist()[-3:]
+    assert [(r["sample_id"], r["review"], r["review_tags"]) for r in given] == [
+        (ids[0], "reject", ["logo"]), (ids[1], "reject", ["logo"]), (ids[0], None, None)]
+
+
+@pytest.mark.parametrize("body, reviewer, status, says", [
+    ({"sample_ids": ["0" * 32], "review": "accept"}, "ana", 404,
+     "1 of the sample_ids are not in samples: '00000000000000000000000000000000'"),
+    ({"sample_ids": ["../etc"], "review": "accept"}, "ana", 404, "not in samples"),
+    ({"sample_ids": ["{id}"], "review": "reject"}, "ana", 422, "a reject needs a reason"),
+    ({"sample_ids": ["{id}"], "review": "reject", "reason": "a\nb"}, "ana", 422,
+     "one line"),
+    ({"sample_ids": ["{id}"], "review": "keep"}, "ana", 422, "accept, reject or clear"),
+    ({"sample_ids": ["{id}"], "review": "accept"}, None, 422, "reviewer's name is missing"),
+    ({"sample_ids": [], "review": "accept"}, "ana", 400, "sample_ids"),
+    ({"sample_ids": ["{id}"], "review": "accept", "score": 3}, "ana", 400, "score"),
+])
+def test_bad_verdicts_get_a_4xx_with_the_reason(base, table, body, reviewer, status, says):
+    some = table.to_arrow()["sample_id"][0].as_py()
+    body = {k: [i.replace("{id}", some) for i in v] if k == "sample_ids" else v
+            for k, v in body.items()}
+    assert says in error_of(post_review(base, reviewer, **body), status)
+
+
 # --- curate serve: token, rate limit, binding ----------------------------------------------
 
 
@@ -464,6 +517,10 @@ def test_curate_serve_cli_with_token_and_rate_limit(served, spawn, tmp_path):
     time.sleep(3)
     cookie = requests.get(base + "/stats", cookies={"curate_token": token}, timeout=30)
     assert cookie.status_code == 200 and cookie.json()["rows"] == 33
+    some = cookie.json()  # a verdict needs the token too
+    verdict = {"sample_ids": ["0" * 32], "review": "accept", "reviewer": "ana"}
+    assert some and requests.post(base + "/reviews", json=verdict,
+                                  timeout=30).status_code == 401
     output = _stop_and_check(spawn, process, signal.SIGINT)
     assert f"http://127.0.0.1:{port}/" in output and "with a token" in output
     assert "stopping" in output

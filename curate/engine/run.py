@@ -16,7 +16,7 @@ from functools import partial
 
 import pyarrow as pa
 
-from curate import __version__
+from curate import __version__, reviews
 from curate.config import Config
 from curate.engine import incremental
 from curate.engine.backend import InlineBackend, RayBackend, wants_ray
@@ -139,6 +139,10 @@ class _Execution:
         self.rows_processed = 0
         #: the row stream's actor pools: planned sizes and what they did (pools_json)
         self.pools: list[dict] = []
+        #: the version of the reviews table whose verdicts the run applied (0: none given)
+        self.reviews_version = 0
+        #: people's last verdicts as of the verdict phase (None: none given)
+        self.decided: pa.Table | None = None
 
     def preflight(self) -> None:
         """Problems only the running machine can see (model files, weights), before any
@@ -180,6 +184,7 @@ class _Execution:
 
         run_cfg = self.config.run
         self.store.ensure_table(table_schema(self.stages))
+        self.store.ensure_reviews()
         self.backend = (RayBackend(run_cfg.ray_address, run_cfg.num_cpus) if self.on_ray
                         else InlineBackend(run_cfg.num_cpus))
         if self.on_ray:
@@ -211,6 +216,7 @@ class _Execution:
             and last["config_hash"] == config_hash
             and last.get("rows_hash") == rows_hash
             and last["version_after"] == version_before
+            and _given(last.get("reviews_version")) == _given(self.store.reviews_version())
         ):
             return self._summary(None, "up_to_date", started, version_before, version_before,
                                  None, self._counts())
@@ -282,6 +288,7 @@ class _Execution:
             stages_json=[s.to_dict() for s in summary.stages],
             stats_json=stats,
             pools_json=self.pools or None,
+            reviews_version=self.reviews_version,
         )
         self.store.save_run(record)
         return summary
@@ -495,6 +502,9 @@ class _Execution:
         and the funnel, fragment by fragment."""
         from curate.engine.executor import StoreExecutor
 
+        self.decided = self._decided()
+        if self.decided is not None:
+            self._write_reviews()
         for i, stage in enumerate(self.stages):
             if not isinstance(stage, GlobalStage):
                 continue
@@ -522,23 +532,50 @@ class _Execution:
         have = set(self.store.schema().names)
         columns = [s.verdict_column for s in self.stages[:index]
                    if s.verdict_column and s.verdict_column in have]
-        return " AND ".join(f"{c} IS NULL" for c in columns) or None
+        alive = [f"{c} IS NULL" for c in columns]
+        if self.decided is not None:  # rows people rejected are not the stages' to weigh
+            alive.append(reviews.NOT_REJECTED)
+        return " AND ".join(alive) or None
+
+    def _write_reviews(self) -> None:
+        """People's last verdicts into the samples table's review columns (nulls where
+        none), so that the table-wide stages, exports and the gallery see them."""
+        from curate.engine.tasks import map_parts, scan, write_columns
+
+        parts = scan(self.backend, self.store, ["sample_id"])
+        columns = map_parts(self.backend, parts, _review_part,
+                            (self.backend.put(self.decided),))
+        write_columns(self.backend, self.store, columns,
+                      pa.schema(list(reviews.REVIEW_COLUMNS.items())))
+
+    def _decided(self) -> pa.Table | None:
+        """People's last verdicts (curate.reviews), read once for the verdict phase: a
+        reviews table is small (a verdict per sample a person looked at) and every task
+        of the phase needs all of it. None where no verdict was ever given."""
+        self.reviews_version = _given(self.store.reviews_version())
+        if not self.reviews_version:
+            return None
+        return reviews.latest(self.store.reviews(self.reviews_version))
 
     def _counts(self, write: bool = False) -> list[StageCount]:
-        """The funnel, summed over fragments; with `write`, also set the final columns."""
+        """The funnel, summed over fragments; with `write`, also set the final columns
+        (and the review columns, where people gave verdicts)."""
         from curate.engine.tasks import map_parts, scan, write_columns
 
         have = set(self.store.schema().names)
         verdicts = [s.verdict_column for s in self.stages
                     if s.verdict_column and s.verdict_column in have]
-        parts = scan(self.backend, self.store, verdicts or ["sample_id"])
+        decided = self.decided if write else self._decided()
+        ids = ["sample_id"] if decided is not None or not verdicts else []
+        parts = scan(self.backend, self.store, [*verdicts, *ids])
+        args = (self.stages, None if decided is None else self.backend.put(decided))
         if write:
-            finals = map_parts(self.backend, parts, _final_part, (self.stages,))
+            finals = map_parts(self.backend, parts, _final_part, args)
             write_columns(self.backend, self.store, finals, pa.schema(
                 [(name, FINAL_COLUMNS[name]) for name in ("selected", "reject_reason",
                                                           "duplicate_of")]))
         return sum_counts(self.backend.gather(map_parts(self.backend, parts, _funnel_part,
-                                                        (self.stages,))))
+                                                        args)))
 
     def _summary(self, run_id, status, started, version_before, version_after, tag, counts):
         for count, stage in zip(counts, self.stages):
@@ -569,14 +606,30 @@ class _Execution:
         )
 
 
-def _final_part(part: pa.Table, stages: list[Stage]) -> pa.Table:
+def _given(reviews_version: int | None) -> int:
+    """A reviews table's version where verdicts were given, else 0 (version 1 is the
+    empty table a run creates; older runs recorded none)."""
+    return reviews_version if reviews_version and reviews_version > 1 else 0
+
+
+def _review_part(part: pa.Table, decided: pa.Table) -> pa.Table:
     from curate.parts import ROWADDR
 
-    return pa.table({ROWADDR: part[ROWADDR], **final_columns(part, stages)})
+    columns = reviews.aligned(part["sample_id"], decided)
+    return pa.table({ROWADDR: part[ROWADDR], **{name: columns[name].combine_chunks()
+                                                for name in reviews.REVIEW_COLUMNS}})
 
 
-def _funnel_part(part: pa.Table, stages: list[Stage]) -> list[StageCount]:
-    return funnel(part, stages)
+def _final_part(part: pa.Table, stages: list[Stage], decided: pa.Table | None
+                ) -> pa.Table:
+    from curate.parts import ROWADDR
+
+    return pa.table({ROWADDR: part[ROWADDR], **final_columns(part, stages, decided)})
+
+
+def _funnel_part(part: pa.Table, stages: list[Stage], decided: pa.Table | None
+                 ) -> list[StageCount]:
+    return funnel(part, stages, decided)
 
 
 def sum_counts(per_part: list[list[StageCount]]) -> list[StageCount]:
@@ -592,6 +645,8 @@ def sum_counts(per_part: list[list[StageCount]]) -> list[StageCount]:
             into.dropped += more.dropped
             for reason, n in more.reasons.items():
                 into.reasons[reason] = into.reasons.get(reason, 0) + n
+            for key, n in more.report.items():  # the review line's counts
+                into.report[key] = into.report.get(key, 0) + n
     for count in total or []:
         count.reasons = dict(sorted(count.reasons.items(), key=lambda kv: -kv[1]))
     return total or []

@@ -146,6 +146,8 @@ class ExportSummary:
     skipped_examples: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     run_id: str = ""
+    #: rows of the selection that a person gave a verdict on (curate.reviews)
+    reviewed: int = 0
 
     @property
     def index(self) -> str:
@@ -392,7 +394,9 @@ def export(store_config: StoreConfig, options: ExportOptions | dict[str, Any],
         version=int(dataset.version), filter=where, selected=selected,
         written=sum(f["samples"] for f in files), files=files, skipped=dict(skipped),
         skipped_examples=examples, seconds=time.perf_counter() - clock,
-        run_id=f"export-{uuid.uuid4().hex[:12]}")
+        run_id=f"export-{uuid.uuid4().hex[:12]}",
+        reviewed=dataset.count_rows(filter=f"({where}) AND review IS NOT NULL")
+        if "review" in names else 0)
     _write_index(summary, options, columns, out)
     _record(store, summary, options, started)
     return summary
@@ -409,7 +413,8 @@ def _write_index(summary: ExportSummary, options: ExportOptions, columns: list[s
         "group_by_bucket": options.group_by_bucket, "columns": columns,
         "media": options.media, "image_format": options.image_format,
         "max_side": options.max_side, "samples": summary.written,
-        "selected": summary.selected, "skipped": summary.skipped,
+        "selected": summary.selected, "reviewed": summary.reviewed,
+        "skipped": summary.skipped,
         "shards" if summary.format == "webdataset" else "parts": summary.files,
         "run_id": summary.run_id,
     }

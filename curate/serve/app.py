@@ -17,6 +17,7 @@ import numpy as np
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from curate.catalog import Catalog, CatalogError
@@ -148,6 +149,18 @@ def _static(name: str) -> str:
     return resources.files("curate.serve").joinpath("static", name).read_text()
 
 
+class ReviewRequest(BaseModel):
+    """A person's verdict on samples: POST /reviews."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sample_ids: list[str] = Field(min_length=1)
+    review: str = Field(description="accept | reject | clear (takes the verdict back)")
+    reason: str | None = Field(None, description="why; a reject needs one")
+    tags: list[str] | None = None
+    reviewer: str | None = Field(None, description="who (else the X-Curate-Reviewer header)")
+
+
 # Serve pickles this class by value with the module globals it uses: helpers it calls are
 # defined above it.
 @serve.ingress(api)
@@ -243,6 +256,21 @@ class Api:
     @api.get("/stats")
     def stats(self, bins: Annotated[int, Query(ge=2, le=200)] = 20) -> dict:
         return self.catalog.stats(bins)
+
+    # --- people's verdicts (curate.reviews) -------------------------------------------------
+    @api.post("/reviews")
+    def review(self, body: ReviewRequest, request: Request) -> dict:
+        if len(body.sample_ids) > self.cfg.limits.max_page:
+            raise CatalogError(400, f"{len(body.sample_ids)} sample_ids > "
+                               f"{self.cfg.limits.max_page} (limits.max_page); send them in "
+                               "several requests")
+        reviewer = request.headers.get("x-curate-reviewer") or body.reviewer
+        return self.catalog.review(body.sample_ids, body.review, body.reason, body.tags,
+                                   reviewer)
+
+    @api.get("/samples/{sample_id}/reviews")
+    def reviews_of(self, sample_id: str) -> dict:
+        return _json(self.catalog.reviews_of(sample_id))
 
     # --- search ----------------------------------------------------------------------------
     @api.get("/search")

@@ -35,6 +35,7 @@ RUN_SCHEMA = pa.schema(
         ("set_aside_json", pa.string()),  # input_id -> why, inputs not to read again
         ("stats_json", pa.string()),  # counts and histograms of the table it left (/stats)
         ("pools_json", pa.string()),  # the row stream's actor pools (curate.engine.pools)
+        ("reviews_version", pa.int64()),  # the reviews whose verdicts it applied (0: none)
         ("error", pa.string()),
     ]
 )

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from curate.config import StoreConfig
 from curate.errors import DISK_FULL, NO_WRITE, RunError, says, storage_message
+from curate.reviews import REVIEWS_SCHEMA
 from curate.table.layout import RUN_SCHEMA, resolve_uri, run_row, table_path
 
 #: A row with no embedding (its image failed) has a null vector; LanceDB counts null
@@ -291,6 +292,43 @@ class Store:
             table.optimize()  # indexes the new rows incrementally
             return f"index updated with {stats.num_unindexed_rows} new rows"
         return "index up to date"
+
+    # --- reviews (curate.reviews) ---------------------------------------------------------
+    @property
+    def reviews_name(self) -> str:
+        return f"{self.name}_reviews"
+
+    def ensure_reviews(self):
+        """The reviews table's Lance dataset, created here when missing. A run creates it
+        under its lease (with the samples table); one made by an older release gets it at
+        its first review."""
+        dataset = self._lance(self.reviews_name)  # (an empty dataset is falsy)
+        return self._create(self.reviews_name, REVIEWS_SCHEMA) if dataset is None else dataset
+
+    def add_reviews(self, given: pa.Table) -> int:
+        """Append verdicts (curate.reviews.entries); returns the reviews table's version.
+        Appends commit atomically and never conflict with one another or with a run."""
+        import lance
+
+        self.ensure_reviews()
+        try:
+            dataset = lance.write_dataset(given, table_path(self.uri, self.reviews_name),
+                                          mode="append", storage_options=self.storage_options)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise self.write_error(exc) from None
+        return dataset.version
+
+    def reviews(self, version: int | None = None) -> pa.Table:
+        """Every verdict given, oldest first (at `version` of the reviews table)."""
+        dataset = self._lance(self.reviews_name, version)
+        if dataset is None:
+            return REVIEWS_SCHEMA.empty_table()
+        return dataset.to_table(columns=REVIEWS_SCHEMA.names)
+
+    def reviews_version(self) -> int:
+        """The reviews table's version (0 before the first)."""
+        dataset = self._lance(self.reviews_name)
+        return 0 if dataset is None else dataset.version
 
     # --- runs ---------------------------------------------------------------------------
     def runs_table(self):

@@ -1,0 +1,137 @@
+"""People's verdicts on samples: accept, reject (with a reason) or tags, given in the
+gallery or through the API, and how runs honour them. Pure Arrow; no Ray, no store.
+
+Reviews are kept apart from the samples, in `<table>_reviews` (curate.table.store), one
+row per verdict given, oldest first: reviewing never rewrites the samples table, so it
+never waits for a run, and a run never loses a verdict. Each run's verdict phase merges
+the last verdict of each sample into the samples table's review columns and into
+`selected`:
+
+- a person's reject drops the row whatever the models say (`reject_reason`
+  `review: <reason>`), and the table-wide stages (dedup, sampling) do not see it: a
+  rejected kept copy of a duplicate group leaves another copy kept, and a sampler fills
+  its target from the rest;
+- a person's accept keeps the row through the model filters; a duplicate stays one while
+  its kept copy stands, unless a person accepted that copy too (they want both);
+- `clear` takes a sample's verdict back (the gallery's undo).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+ACCEPT, REJECT, CLEAR = "accept", "reject", "clear"
+#: The samples table's columns of the reviews (null where no person decided).
+REVIEW_COLUMNS: dict[str, pa.DataType] = {
+    "review": pa.string(),  # accept | reject
+    "review_reason": pa.string(),
+    "review_tags": pa.list_(pa.string()),
+    "reviewed_by": pa.string(),
+    "reviewed_at": pa.timestamp("us", tz="UTC"),
+}
+#: One row per verdict given (review null: a `clear`).
+REVIEWS_SCHEMA = pa.schema([("sample_id", pa.string()), *REVIEW_COLUMNS.items()])
+#: The stage name of people's rejects in `reject_reason` and in the funnel.
+REVIEW_STAGE = "review"
+MAX_REASON = 500
+MAX_TAGS = 32
+MAX_TAG = 64
+MAX_NAME = 128
+
+
+class ReviewError(ValueError):
+    """A verdict that cannot be recorded; the message says which field and why."""
+
+
+def _line(value: str | None, what: str, limit: int) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    if len(value) > limit:
+        raise ReviewError(f"{what} is {len(value)} characters long; at most {limit}")
+    if any(c in value for c in "\r\n\t\x00"):
+        raise ReviewError(f"{what} must be one line of text")
+    return value or None
+
+
+def entries(sample_ids: list[str], review: str, reason: str | None, tags: list[str] | None,
+            reviewer: str | None, at: datetime) -> pa.Table:
+    """The rows of `<table>_reviews` for one verdict on `sample_ids`, checked: a reject
+    needs a reason, tags are short words, the reviewer's name one short line."""
+    if review not in (ACCEPT, REJECT, CLEAR):
+        raise ReviewError(f"review is {review!r}; it must be accept, reject or clear")
+    reason = _line(reason, "reason", MAX_REASON)
+    if review == REJECT and not reason:
+        raise ReviewError("a reject needs a reason (what is wrong with the sample)")
+    clean_tags = []
+    for tag in tags or []:
+        tag = _line(tag, f"tag {tag!r}", MAX_TAG)
+        if tag and tag not in clean_tags:
+            clean_tags.append(tag)
+    if len(clean_tags) > MAX_TAGS:
+        raise ReviewError(f"{len(clean_tags)} tags; at most {MAX_TAGS}")
+    reviewer = _line(reviewer, "reviewer", MAX_NAME)
+    if not reviewer:
+        raise ReviewError("the reviewer's name is missing: send it as X-Curate-Reviewer "
+                          "(or `reviewer` in the body)")
+    if not sample_ids:
+        raise ReviewError("no sample_ids given")
+    n = len(sample_ids)
+    cleared = review == CLEAR
+    return pa.table({
+        "sample_id": pa.array(sample_ids, pa.string()),
+        "review": pa.nulls(n, pa.string()) if cleared else pa.array([review] * n),
+        "review_reason": pa.array([None if cleared else reason] * n, pa.string()),
+        "review_tags": pa.array([None if cleared else clean_tags] * n,
+                                pa.list_(pa.string())),
+        "reviewed_by": pa.array([reviewer] * n, pa.string()),
+        "reviewed_at": pa.array([at] * n, pa.timestamp("us", tz="UTC")),
+    }, schema=REVIEWS_SCHEMA)
+
+
+def latest(given: pa.Table) -> pa.Table:
+    """Each sample's last verdict (`given` oldest first, as the reviews table is read),
+    without the samples whose last word was `clear`."""
+    if not given.num_rows:
+        return REVIEWS_SCHEMA.empty_table()
+    order = pa.array(np.arange(given.num_rows))
+    last = (given.select(["sample_id"]).append_column("_order", order)
+            .group_by("sample_id").aggregate([("_order", "max")]))
+    picked = given.take(last["_order_max"])
+    return picked.filter(pc.is_valid(picked["review"]))
+
+
+def aligned(sample_ids: pa.ChunkedArray | pa.Array, decided: pa.Table) -> pa.Table:
+    """The review columns for rows `sample_ids` (nulls where no person decided), from
+    `latest`'s table."""
+    where = pc.index_in(sample_ids, value_set=decided["sample_id"])
+    return decided.select(list(REVIEW_COLUMNS)).take(where)
+
+
+#: Lance filter of the rows people did not reject (for the table-wide stages).
+NOT_REJECTED = f"(review IS NULL OR review <> '{REJECT}')"
+
+
+def apply(sample_ids, reason: pa.Array, duplicate: pa.Array, decided: pa.Table
+          ) -> tuple[pa.Array, pa.Array, pa.Table, pa.Array]:
+    """The models' `reject_reason` and `duplicate_of` of some rows with people's verdicts
+    applied (the module says how); also the rows' review columns, and which rows a
+    person's accept kept that the models dropped."""
+    columns = aligned(sample_ids, decided)
+    review = columns["review"]
+    rejected = pc.fill_null(pc.equal(review, REJECT), False)
+    accepted = pc.fill_null(pc.equal(review, ACCEPT), False)
+    # a duplicate is kept by a person only where they accepted its kept copy too
+    copy_accepted = pc.is_valid(pc.index_in(
+        duplicate, value_set=decided.filter(pc.equal(decided["review"], ACCEPT))["sample_id"]))
+    keeps = pc.and_(accepted, pc.or_(pc.is_null(duplicate), copy_accepted))
+    rescued = pc.and_(keeps, pc.is_valid(reason))
+    why = pc.binary_join_element_wise(f"{REVIEW_STAGE}: ", columns["review_reason"], "")
+    reason = pc.if_else(rejected, why, pc.if_else(keeps, pa.scalar(None, pa.string()),
+                                                  reason))
+    duplicate = pc.if_else(keeps, pa.scalar(None, pa.string()), duplicate)
+    return reason, duplicate, columns, rescued
