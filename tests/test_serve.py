@@ -55,7 +55,7 @@ def test_health_and_openapi_list_every_route(base):
     assert {"/health", "/samples", "/samples/{sample_id}", "/samples/{sample_id}/media",
             "/samples/{sample_id}/thumbnail", "/samples/{sample_id}/similar", "/search",
             "/search/image", "/duplicates/{sample_id}", "/stats", "/features",
-            "/features/{request_id}"} <= paths
+            "/features/{request_id}", "/reviews", "/samples/{sample_id}/reviews"} <= paths
 
 
 def test_samples_pages_filters_and_orders(base, table):
