@@ -221,12 +221,9 @@ class Catalog:
         return {"recorded": len(ids), "review": review, "reviews_version": version}
 
     def reviews_of(self, sample_id: str) -> dict[str, Any]:
-        """Every verdict people gave on one sample, oldest first."""
-        import pyarrow.compute as pc
-
-        given = self.store.reviews()
-        rows = given.filter(pc.equal(given["sample_id"], self._checked_id(sample_id)))
-        return {"sample_id": sample_id, "reviews": [clean_row(r) for r in rows.to_pylist()]}
+        """Every verdict people gave on one sample, in the order they were recorded."""
+        given = self.store.reviews(filter=f"sample_id = '{self._checked_id(sample_id)}'")
+        return {"sample_id": sample_id, "reviews": [clean_row(r) for r in given.to_pylist()]}
 
     @staticmethod
     def _checked_id(sample_id: str) -> str:

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from curate.errors import ConfigError
 from curate.registry import get_stage_class
-from curate.reviews import REVIEW_COLUMNS
+from curate.reviews import REVIEW_COLUMNS, REVIEW_STAGE
 from curate.stage import FanOut, GlobalStage, ModelStage, RowStage, Source, Stage, cuts_clips
 
 #: Columns the pipeline itself writes, derived from the stages' verdicts.
@@ -107,6 +107,9 @@ def check_stage_columns(config, where: str | None = None) -> None:
         if stage.name in names:
             problems.append((f"stages.{i}.name", f"name {stage.name!r} is already used by "
                              f"stages.{names[stage.name]}; give one of them another name"))
+        if stage.name == REVIEW_STAGE:
+            problems.append((f"stages.{i}.name", f"name {REVIEW_STAGE!r} is reserved for "
+                             "people's verdicts; give the stage another name"))
         names[stage.name] = i
         problems += [(f"stages.{i}.{key}", reason) for key, reason in stage.config_problems()]
         for column in stage.reads():

@@ -11,8 +11,10 @@ the last verdict of each sample into the samples table's review columns and into
   `review: <reason>`), and the table-wide stages (dedup, sampling) do not see it: a
   rejected kept copy of a duplicate group leaves another copy kept, and a sampler fills
   its target from the rest;
-- a person's accept keeps the row through the model filters; a duplicate stays one while
-  its kept copy stands, unless a person accepted that copy too (they want both);
+- a person's accept keeps the row through the model filters, and the dedup stages weigh
+  it even where a filter dropped it: a duplicate stays one while its kept copy stands
+  (`reject_reason` names the dedup stage), unless a person accepted that copy too (they
+  want both);
 - `clear` takes a sample's verdict back (the gallery's undo).
 """
 
@@ -94,10 +96,13 @@ def entries(sample_ids: list[str], review: str, reason: str | None, tags: list[s
 
 
 def latest(given: pa.Table) -> pa.Table:
-    """Each sample's last verdict (`given` oldest first, as the reviews table is read),
+    """Each sample's last verdict (by `reviewed_at`, the time the server took it; of two
+    at the same time the one read later, as the reviews table is read in commit order),
     without the samples whose last word was `clear`."""
     if not given.num_rows:
         return REVIEWS_SCHEMA.empty_table()
+    given = given.take(pc.sort_indices(  # stable: ties keep commit order
+        given.select(["reviewed_at"]), sort_keys=[("reviewed_at", "ascending")]))
     order = pa.array(np.arange(given.num_rows))
     last = (given.select(["sample_id"]).append_column("_order", order)
             .group_by("sample_id").aggregate([("_order", "max")]))
@@ -116,11 +121,14 @@ def aligned(sample_ids: pa.ChunkedArray | pa.Array, decided: pa.Table) -> pa.Tab
 NOT_REJECTED = f"(review IS NULL OR review <> '{REJECT}')"
 
 
-def apply(sample_ids, reason: pa.Array, duplicate: pa.Array, decided: pa.Table
+def apply(sample_ids, reason: pa.Array, duplicate: pa.Array, decided: pa.Table,
+          as_duplicate: pa.Array | None = None
           ) -> tuple[pa.Array, pa.Array, pa.Table, pa.Array]:
     """The models' `reject_reason` and `duplicate_of` of some rows with people's verdicts
     applied (the module says how); also the rows' review columns, and which rows a
-    person's accept kept that the models dropped."""
+    person's accept kept that the models dropped. `as_duplicate`: the reason of the
+    stage that found each row a duplicate, which an accepted duplicate keeps (default:
+    its first reason)."""
     columns = aligned(sample_ids, decided)
     review = columns["review"]
     rejected = pc.fill_null(pc.equal(review, REJECT), False)
@@ -131,6 +139,9 @@ def apply(sample_ids, reason: pa.Array, duplicate: pa.Array, decided: pa.Table
     keeps = pc.and_(accepted, pc.or_(pc.is_null(duplicate), copy_accepted))
     rescued = pc.and_(keeps, pc.is_valid(reason))
     why = pc.binary_join_element_wise(f"{REVIEW_STAGE}: ", columns["review_reason"], "")
+    if as_duplicate is not None:  # accepted, but a duplicate of a copy kept
+        reason = pc.if_else(pc.and_(accepted, pc.is_valid(duplicate)),
+                            pc.coalesce(as_duplicate, reason), reason)
     reason = pc.if_else(rejected, why, pc.if_else(keeps, pa.scalar(None, pa.string()),
                                                   reason))
     duplicate = pc.if_else(keeps, pa.scalar(None, pa.string()), duplicate)

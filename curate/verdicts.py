@@ -38,18 +38,20 @@ def final_columns(table: pa.Table, stages: list[Stage],
     """selected, reject_reason (first stage that dropped a row) and duplicate_of; with
     `decided` (people's last verdicts: curate.reviews.latest), those verdicts applied
     (`table` then needs sample_id)."""
-    reason, duplicate = _models(table, stages)
+    reason, duplicate, as_duplicate = _models(table, stages)
     if decided is not None:
         reason, duplicate, _, _ = reviews.apply(table["sample_id"], reason, duplicate,
-                                                decided)
+                                                decided, as_duplicate)
     return {"selected": pc.is_null(reason), "reject_reason": _chunk(reason),
             "duplicate_of": _chunk(duplicate)}
 
 
-def _models(table: pa.Table, stages: list[Stage]) -> tuple[pa.Array, pa.Array]:
-    """reject_reason and duplicate_of as the stages' verdicts decide them."""
+def _models(table: pa.Table, stages: list[Stage]) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """reject_reason and duplicate_of as the stages' verdicts decide them, and the reason
+    of the first stage that found the row a duplicate."""
     reason = pa.nulls(table.num_rows, pa.string())
     duplicate = pa.nulls(table.num_rows, pa.string())
+    as_duplicate = pa.nulls(table.num_rows, pa.string())
     for stage in stages:
         column = stage.verdict_column
         if not column or column not in table.column_names:
@@ -61,7 +63,8 @@ def _models(table: pa.Table, stages: list[Stage]) -> tuple[pa.Array, pa.Array]:
         reason = pc.coalesce(reason, text)
         if stage.marks_duplicates:
             duplicate = pc.coalesce(duplicate, verdict)
-    return _chunk(reason), _chunk(duplicate)
+            as_duplicate = pc.coalesce(as_duplicate, text)
+    return _chunk(reason), _chunk(duplicate), _chunk(as_duplicate)
 
 
 @dataclass
@@ -112,8 +115,9 @@ def funnel(table: pa.Table, stages: list[Stage],
 
 
 def _review_count(table: pa.Table, stages: list[Stage], decided: pa.Table) -> StageCount:
-    reason, duplicate = _models(table, stages)
-    _, _, columns, rescued = reviews.apply(table["sample_id"], reason, duplicate, decided)
+    reason, duplicate, as_duplicate = _models(table, stages)
+    _, _, columns, rescued = reviews.apply(table["sample_id"], reason, duplicate, decided,
+                                           as_duplicate)
 
     def count(mask) -> int:
         return pc.sum(pc.cast(mask, pa.int64())).as_py() or 0

@@ -94,6 +94,9 @@ def test_first_stage_must_be_a_source_and_names_unique():
     found = dict(problems(raw))
     assert "stages.0.type" in found
     assert "stages.1.name" in found
+    reserved = {"name": "t", "stages": [{"type": "ingest_images", "paths": ["x"]},
+                                        {"type": "image_quality", "name": "review"}]}
+    assert "reserved for people's verdicts" in dict(problems(reserved))["stages.1.name"]
 
 
 def test_cross_field_rules():

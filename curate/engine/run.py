@@ -532,10 +532,19 @@ class _Execution:
         have = set(self.store.schema().names)
         columns = [s.verdict_column for s in self.stages[:index]
                    if s.verdict_column and s.verdict_column in have]
-        alive = [f"{c} IS NULL" for c in columns]
-        if self.decided is not None:  # rows people rejected are not the stages' to weigh
-            alive.append(reviews.NOT_REJECTED)
-        return " AND ".join(alive) or None
+        alive = " AND ".join(f"{c} IS NULL" for c in columns)
+        if self.decided is None:
+            return alive or None
+        if alive and self.stages[index].marks_duplicates:
+            # a person's accept keeps a row through the model filters, not past a kept
+            # copy of it: the dedup stages weigh it, until one finds it a copy
+            copies = [s.verdict_column for s in self.stages[:index]
+                      if s.marks_duplicates and s.verdict_column in have]
+            accepted = " AND ".join([f"review = '{reviews.ACCEPT}'",
+                                     *(f"{c} IS NULL" for c in copies)])
+            alive = f"(({alive}) OR ({accepted}))"
+        # rows people rejected are not the table-wide stages' to weigh
+        return " AND ".join(x for x in (alive, reviews.NOT_REJECTED) if x)
 
     def _write_reviews(self) -> None:
         """People's last verdicts into the samples table's review columns (nulls where

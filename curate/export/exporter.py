@@ -395,7 +395,8 @@ def export(store_config: StoreConfig, options: ExportOptions | dict[str, Any],
         written=sum(f["samples"] for f in files), files=files, skipped=dict(skipped),
         skipped_examples=examples, seconds=time.perf_counter() - clock,
         run_id=f"export-{uuid.uuid4().hex[:12]}",
-        reviewed=dataset.count_rows(filter=f"({where}) AND review IS NOT NULL")
+        reviewed=dataset.count_rows(filter=" AND ".join(
+            [*([f"({where})"] if where else []), "review IS NOT NULL"]))
         if "review" in names else 0)
     _write_index(summary, options, columns, out)
     _record(store, summary, options, started)

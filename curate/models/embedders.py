@@ -212,6 +212,7 @@ def _open_clip_transform(open_clip, model: str, pretrained: str | None):
     `local-dir:` keep their preprocessing beside the weights and are loaded whole."""
     import os
 
+    model = model.replace("/", "-")  # as open_clip's create_model reads the name
     config = open_clip.get_model_config(model)
     if config is None:
         raise ValueError(f"open_clip knows no model {model!r}")

@@ -154,10 +154,11 @@ class ReviewRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    sample_ids: list[str] = Field(min_length=1)
+    sample_ids: list[Annotated[str, Field(max_length=64)]] = Field(min_length=1,
+                                                                   max_length=10_000)
     review: str = Field(description="accept | reject | clear (takes the verdict back)")
     reason: str | None = Field(None, description="why; a reject needs one")
-    tags: list[str] | None = None
+    tags: list[Annotated[str, Field(max_length=256)]] | None = Field(None, max_length=256)
     reviewer: str | None = Field(None, description="who (else the X-Curate-Reviewer header)")
 
 
@@ -264,7 +265,9 @@ class Api:
             raise CatalogError(400, f"{len(body.sample_ids)} sample_ids > "
                                f"{self.cfg.limits.max_page} (limits.max_page); send them in "
                                "several requests")
-        reviewer = request.headers.get("x-curate-reviewer") or body.reviewer
+        header = request.headers.get("x-curate-reviewer")  # HTTP headers travel as latin-1
+        reviewer = (header.encode("latin-1").decode("utf-8", "replace") if header
+                    else body.reviewer)
         return self.catalog.review(body.sample_ids, body.review, body.reason, body.tags,
                                    reviewer)
 

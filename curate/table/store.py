@@ -303,7 +303,15 @@ class Store:
         under its lease (with the samples table); one made by an older release gets it at
         its first review."""
         dataset = self._lance(self.reviews_name)  # (an empty dataset is falsy)
-        return self._create(self.reviews_name, REVIEWS_SCHEMA) if dataset is None else dataset
+        if dataset is not None:
+            return dataset
+        try:
+            return self._create(self.reviews_name, REVIEWS_SCHEMA)
+        except RunError:  # made a moment ago by another writer (a replica, a run)
+            dataset = self._lance(self.reviews_name)
+            if dataset is None:
+                raise
+            return dataset
 
     def add_reviews(self, given: pa.Table) -> int:
         """Append verdicts (curate.reviews.entries); returns the reviews table's version.
@@ -318,12 +326,13 @@ class Store:
             raise self.write_error(exc) from None
         return dataset.version
 
-    def reviews(self, version: int | None = None) -> pa.Table:
-        """Every verdict given, oldest first (at `version` of the reviews table)."""
+    def reviews(self, version: int | None = None, filter: str | None = None) -> pa.Table:
+        """Every verdict given (matching `filter`), in commit order, at `version` of the
+        reviews table."""
         dataset = self._lance(self.reviews_name, version)
         if dataset is None:
             return REVIEWS_SCHEMA.empty_table()
-        return dataset.to_table(columns=REVIEWS_SCHEMA.names)
+        return dataset.to_table(columns=REVIEWS_SCHEMA.names, filter=filter)
 
     def reviews_version(self) -> int:
         """The reviews table's version (0 before the first)."""
