@@ -177,3 +177,76 @@ def test_stats_view_draws_the_funnel_and_histograms(page, tmp_path):
     bars = page.eval_on_selector_all("[data-testid=histogram] rect", "rs => rs.length")
     assert bars == sum(2 * (len(h["edges"]) - 1) for h in stats["histograms"].values())
     screenshot(page, tmp_path, "gallery-stats")
+
+
+def verdict_is(page, review: str) -> None:
+    """Wait until the sample view shows `review` ("" for none); fail with the page's
+    error line if it shows one instead."""
+    page.wait_for_function(
+        """r => document.querySelector('[data-testid=verdict]')?.dataset.review === r
+               || !document.querySelector('#error').hidden""", arg=review, timeout=60_000)
+    assert page.is_hidden("#error"), page.text_content("#error")
+    assert page.get_attribute("[data-testid=verdict]", "data-review") == review
+
+
+def test_review_by_mouse_and_keys_then_a_run_honours_it(page, served, demo_store,
+                                                        tmp_path):
+    """A curator accepts a sample the sampler left out (key a), moves on with j, rejects a
+    selected one with a reason (mouse), undoes and rejects again (key r); the verdicts are
+    in the reviews table, and a `curate run` on a copy of the table honours them."""
+    from curate.config import StoreConfig, load_config
+    from curate.pipeline import Pipeline
+    from curate.table.store import Store
+
+    from .conftest import copy_store, demo_config
+
+    rows = api(page, "/samples", limit=100, columns="uri,selected,reject_reason")["rows"]
+    left_out = next(r["sample_id"] for r in rows
+                    if (r["reject_reason"] or "").startswith("diversity_sample"))
+    chosen = next(r["sample_id"] for r in rows if r["selected"])
+    page.goto(page.base + "/")
+    wait_for_count(page, 33)
+    ids = card_ids(page)
+    page.evaluate("id => { location.hash = '#/sample/' + id; }", left_out)
+    verdict_is(page, "")
+    page.fill("[data-testid=reviewer]", "ana")
+    page.evaluate("() => document.activeElement.blur()")
+    page.keyboard.press("a")
+    verdict_is(page, "accept")
+    assert "by ana" in page.text_content("[data-testid=verdict]")
+    page.keyboard.press("j")  # the next card of the grid
+    after = ids[ids.index(left_out) + 1]
+    page.wait_for_function("id => location.hash === '#/sample/' + id", arg=after)
+
+    page.evaluate("id => { location.hash = '#/sample/' + id; }", chosen)
+    page.wait_for_function(
+        "id => document.querySelector('[data-testid=columns] td:last-child')?.textContent"
+        " === id", arg=chosen)
+    page.fill("[data-testid=reviewer]", "ana")
+    page.fill("[data-testid=reason]", "a watermark")
+    page.click("[data-testid=reject]")
+    verdict_is(page, "reject")
+    screenshot(page, tmp_path, "gallery-review")
+    page.click("[data-testid=undo]")
+    verdict_is(page, "")
+    page.evaluate("() => document.activeElement.blur()")
+    page.keyboard.press("r")
+    verdict_is(page, "reject")
+
+    given = Store(StoreConfig(uri=str(served[1]))).reviews().to_pylist()
+    mine = [(r["sample_id"], r["review"], r["review_reason"], r["reviewed_by"])
+            for r in given if r["sample_id"] in (left_out, chosen)]
+    assert mine == [(left_out, "accept", None, "ana"), (chosen, "reject", "a watermark", "ana"),
+                    (chosen, None, None, "ana"), (chosen, "reject", "a watermark", "ana")]
+
+    store = copy_store(served[1], tmp_path / "store")  # the served table stays as it is
+    media = demo_store.parent / "media"  # where the demo table's files are
+    summary = Pipeline.from_config(load_config(demo_config(media, store, executor="local"))
+                                   ).run(progress=False)
+    assert summary.stages[-1].name == "review"
+    assert summary.stages[-1].report["rejected"] >= 1
+    ran = {r["sample_id"]: r for r in Store(StoreConfig(uri=str(store))).read(
+        ["sample_id", "selected", "reject_reason"]).to_pylist()}
+    assert ran[left_out]["selected"] is True
+    assert (ran[chosen]["selected"], ran[chosen]["reject_reason"]) == (
+        False, "review: a watermark")

@@ -28,6 +28,20 @@ async function api(path) {
   return body;
 }
 
+async function post(path, body) {
+  const response = await fetch(path, {
+    method: "POST", credentials: "same-origin", body: JSON.stringify(body),
+    headers: { "Content-Type": "application/json" },
+  });
+  if (response.status === 401) {
+    $("#token-box").hidden = false;
+    throw new Error("this server needs a token");
+  }
+  const answer = await response.json();
+  if (!response.ok) throw new Error(answer.error || response.statusText);
+  return answer;
+}
+
 function query(params) {
   const out = new URLSearchParams();
   for (const [key, value] of Object.entries(params)) {
@@ -170,6 +184,7 @@ async function loadPage() {
     holder.innerHTML = page.rows.map(card).join("");
     bindCards(holder);
     grid.append(...holder.children);
+    state.ids = [...grid.querySelectorAll(".card")].map((el) => el.dataset.id);
     $("#count").textContent = `${Math.min(state.offset, state.total)} of ${state.total} shown`;
     showError("");
   } catch (error) {
@@ -228,11 +243,12 @@ async function showSample(id) {
     view.innerHTML = `<div class="sample" data-testid="sample"><div>${picture}
       <p><a href="samples/${id}/media" target="_blank">${clip ? "this clip (MP4)"
         : "original file"}</a></p></div>
-      <div>${columnsTable(row)}</div></div>
+      <div>${reviewPanel()}${columnsTable(row)}</div></div>
       ${clip ? `<h2>Other clips of this video</h2>
       <div class="strip" id="siblings" data-testid="siblings"></div>` : ""}
       <h2>Duplicates</h2><div class="strip" id="duplicates" data-testid="duplicates"></div>
       <h2>Similar images</h2><div class="strip" id="similar" data-testid="similar"></div>`;
+    bindReview(id);
     if (clip) {
       const where = `input_id = '${row.input_id}' AND sample_id != '${id}'`;
       const siblings = await api(`samples?${query({ where, limit: 50, order_by: "clip_index" })}`);
@@ -255,6 +271,95 @@ async function showSample(id) {
   } catch (error) {
     showError(error.message);
   }
+}
+
+// --- a person's verdict on the sample in view (POST /reviews) ------------------------------
+function reviewPanel() {
+  return `<div class="review" data-testid="review">
+    <div><strong>Your verdict</strong> <span id="verdict" data-testid="verdict">…</span></div>
+    <label>Reviewer <input id="r-who" data-testid="reviewer" size="12"
+      value="${esc(localStorage.getItem("curate-reviewer") || "")}"></label>
+    <label>Reason <input id="r-reason" data-testid="reason" size="22"
+      placeholder="why reject (needed)"></label>
+    <label>Tags <input id="r-tags" data-testid="tags" size="16" placeholder="a, b"></label>
+    <div><button id="r-accept" data-testid="accept" type="button">Accept <kbd>a</kbd></button>
+      <button id="r-reject" data-testid="reject" type="button">Reject <kbd>r</kbd></button>
+      <button id="r-undo" data-testid="undo" type="button">Undo <kbd>u</kbd></button>
+      <small><kbd>j</kbd>/<kbd>k</kbd> next/previous sample</small></div></div>`;
+}
+
+// What people said of the sample: its last verdict, given since the last run or before.
+async function showVerdict(id) {
+  const { reviews } = await api(`samples/${id}/reviews`);
+  const last = reviews[reviews.length - 1];
+  const text = !last || !last.review ? "none"
+    : `${last.review}${last.review_reason ? `: ${last.review_reason}` : ""} (by ${
+      last.reviewed_by}${last.review_tags && last.review_tags.length
+        ? `; tags ${last.review_tags.join(", ")}` : ""})`;
+  const box = $("#verdict");
+  if (box) {
+    box.textContent = text;
+    box.dataset.review = last && last.review ? last.review : "";
+  }
+  return reviews;
+}
+
+async function review(id, verdict) {
+  const reviewer = $("#r-who").value.trim();
+  localStorage.setItem("curate-reviewer", reviewer);
+  const tags = $("#r-tags").value.split(",").map((t) => t.trim()).filter(Boolean);
+  try {
+    await post("reviews", {
+      sample_ids: [id], review: verdict, reviewer,
+      reason: verdict === "reject" ? $("#r-reason").value : null,
+      tags: verdict === "clear" ? null : tags,
+    });
+    await showVerdict(id);
+    showError("");
+  } catch (error) {
+    showError(error.message);
+  }
+}
+
+// Undo takes back the verdict given last: the one before it, or none.
+async function undo(id) {
+  const { reviews } = await api(`samples/${id}/reviews`);
+  const earlier = reviews[reviews.length - 2];
+  if (!earlier || !earlier.review) return review(id, "clear");
+  $("#r-reason").value = earlier.review_reason || "";
+  $("#r-tags").value = (earlier.review_tags || []).join(", ");
+  return review(id, earlier.review);
+}
+
+function bindReview(id) {
+  state.reviewing = id;
+  $("#r-accept").addEventListener("click", () => review(id, "accept"));
+  $("#r-reject").addEventListener("click", () => review(id, "reject"));
+  $("#r-undo").addEventListener("click", () => undo(id));
+  showVerdict(id).catch((error) => showError(error.message));
+}
+
+// Keys on a sample's view: a accept, r reject (with the reason typed), u undo, j/k the
+// next/previous sample of the grid it was opened from. Not while typing in a field.
+function onKey(event) {
+  const id = state.reviewing;
+  if (!id || !location.hash.startsWith("#/sample/") || event.ctrlKey || event.metaKey
+      || event.altKey || ["INPUT", "SELECT", "TEXTAREA"].includes(event.target.tagName)) return;
+  const actions = {
+    a: () => review(id, "accept"), r: () => review(id, "reject"), u: () => undo(id),
+    j: () => step(id, 1), k: () => step(id, -1),
+  };
+  const action = actions[event.key];
+  if (action) {
+    event.preventDefault();
+    action();
+  }
+}
+
+function step(id, by) {
+  const ids = state.ids || [];
+  const next = ids[ids.indexOf(id) + by];
+  if (ids.includes(id) && next) location.hash = `#/sample/${next}`;
 }
 
 // --- stats ----------------------------------------------------------------------------------
@@ -312,6 +417,7 @@ async function showStats() {
 // --- routing --------------------------------------------------------------------------------
 function route() {
   const hash = location.hash || "#/";
+  state.reviewing = null;
   if (hash.startsWith("#/sample/")) return showSample(hash.slice(9));
   if (hash === "#/stats") return showStats();
   if (hash.startsWith("#/search/")) return showSearch(decodeURIComponent(hash.slice(9)));
@@ -336,6 +442,7 @@ function init() {
     route();
   });
   window.addEventListener("hashchange", route);
+  document.addEventListener("keydown", onKey);
   loadFilterChoices().catch((e) => showError(e.message));
   route();
 }
