@@ -17,8 +17,8 @@ function showError(message) {
   box.hidden = !message;
 }
 
-async function api(path) {
-  const response = await fetch(path, { credentials: "same-origin" });
+// The API's JSON answer, or an error with its reason (a 401 asks for the token).
+async function answer(response) {
   if (response.status === 401) {
     $("#token-box").hidden = false;
     throw new Error("this server needs a token");
@@ -28,18 +28,15 @@ async function api(path) {
   return body;
 }
 
+async function api(path) {
+  return answer(await fetch(path, { credentials: "same-origin" }));
+}
+
 async function post(path, body) {
-  const response = await fetch(path, {
+  return answer(await fetch(path, {
     method: "POST", credentials: "same-origin", body: JSON.stringify(body),
     headers: { "Content-Type": "application/json" },
-  });
-  if (response.status === 401) {
-    $("#token-box").hidden = false;
-    throw new Error("this server needs a token");
-  }
-  const answer = await response.json();
-  if (!response.ok) throw new Error(answer.error || response.statusText);
-  return answer;
+  }));
 }
 
 function query(params) {
