@@ -217,6 +217,9 @@ def test_review_by_mouse_and_keys_then_a_run_honours_it(page, served, demo_store
     page.keyboard.press("j")  # the next card of the grid
     after = ids[ids.index(left_out) + 1]
     page.wait_for_function("id => location.hash === '#/sample/' + id", arg=after)
+    page.wait_for_function(
+        "id => document.querySelector('[data-testid=columns] td:last-child')?.textContent"
+        " === id", arg=after)
 
     page.evaluate("id => { location.hash = '#/sample/' + id; }", chosen)
     page.wait_for_function(

@@ -224,8 +224,11 @@ function columnsTable(row) {
 
 async function showSample(id) {
   const view = $("#view");
+  // a view asked for meanwhile (j pressed twice, a click) wins: this one draws nothing
+  const generation = state.generation = (state.generation || 0) + 1;
   try {
     const row = await api(`samples/${id}`);
+    if (generation !== state.generation) return;
     const clip = isClip(row) && !row.error;
     let picture = row.content_hash && !row.error
       ? `<img class="main" alt="sample" src="samples/${id}/thumbnail?size=1024">`
@@ -249,16 +252,19 @@ async function showSample(id) {
     if (clip) {
       const where = `input_id = '${row.input_id}' AND sample_id != '${id}'`;
       const siblings = await api(`samples?${query({ where, limit: 50, order_by: "clip_index" })}`);
+      if (generation !== state.generation) return;
       $("#siblings").innerHTML = siblings.rows.length
         ? siblings.rows.map(card).join("") : "<p>No other clips.</p>";
       bindCards($("#siblings"));
     }
     const groups = await api(`duplicates/${id}`);
+    if (generation !== state.generation) return;
     $("#duplicates").innerHTML = groups.members.length > 1
       ? groups.members.map(card).join("") : "<p>No duplicates.</p>";
     bindCards($("#duplicates"));
     try {
       const similar = await api(`samples/${id}/similar?k=12`);
+      if (generation !== state.generation) return;
       $("#similar").innerHTML = similar.rows.map(card).join("");
       bindCards($("#similar"));
     } catch (error) {
