@@ -121,14 +121,12 @@ def aligned(sample_ids: pa.ChunkedArray | pa.Array, decided: pa.Table) -> pa.Tab
 NOT_REJECTED = f"(review IS NULL OR review <> '{REJECT}')"
 
 
-def apply(sample_ids, reason: pa.Array, duplicate: pa.Array, decided: pa.Table,
-          as_duplicate: pa.Array | None = None
-          ) -> tuple[pa.Array, pa.Array, pa.Table, pa.Array]:
+def apply(sample_ids, reason: pa.Array, duplicate: pa.Array, as_duplicate: pa.Array,
+          decided: pa.Table) -> tuple[pa.Array, pa.Array, pa.Table, pa.Array]:
     """The models' `reject_reason` and `duplicate_of` of some rows with people's verdicts
     applied (the module says how); also the rows' review columns, and which rows a
     person's accept kept that the models dropped. `as_duplicate`: the reason of the
-    stage that found each row a duplicate, which an accepted duplicate keeps (default:
-    its first reason)."""
+    stage that found each row a duplicate, which an accepted duplicate keeps."""
     columns = aligned(sample_ids, decided)
     review = columns["review"]
     rejected = pc.fill_null(pc.equal(review, REJECT), False)
@@ -139,9 +137,8 @@ def apply(sample_ids, reason: pa.Array, duplicate: pa.Array, decided: pa.Table,
     keeps = pc.and_(accepted, pc.or_(pc.is_null(duplicate), copy_accepted))
     rescued = pc.and_(keeps, pc.is_valid(reason))
     why = pc.binary_join_element_wise(f"{REVIEW_STAGE}: ", columns["review_reason"], "")
-    if as_duplicate is not None:  # accepted, but a duplicate of a copy kept
-        reason = pc.if_else(pc.and_(accepted, pc.is_valid(duplicate)),
-                            pc.coalesce(as_duplicate, reason), reason)
+    # accepted, but a duplicate of a copy kept: dropped as that, not by a filter before
+    reason = pc.if_else(pc.and_(accepted, pc.is_valid(duplicate)), as_duplicate, reason)
     reason = pc.if_else(rejected, why, pc.if_else(keeps, pa.scalar(None, pa.string()),
                                                   reason))
     duplicate = pc.if_else(keeps, pa.scalar(None, pa.string()), duplicate)

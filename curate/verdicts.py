@@ -41,7 +41,7 @@ def final_columns(table: pa.Table, stages: list[Stage],
     reason, duplicate, as_duplicate = _models(table, stages)
     if decided is not None:
         reason, duplicate, _, _ = reviews.apply(table["sample_id"], reason, duplicate,
-                                                decided, as_duplicate)
+                                                as_duplicate, decided)
     return {"selected": pc.is_null(reason), "reject_reason": _chunk(reason),
             "duplicate_of": _chunk(duplicate)}
 
@@ -116,8 +116,8 @@ def funnel(table: pa.Table, stages: list[Stage],
 
 def _review_count(table: pa.Table, stages: list[Stage], decided: pa.Table) -> StageCount:
     reason, duplicate, as_duplicate = _models(table, stages)
-    _, _, columns, rescued = reviews.apply(table["sample_id"], reason, duplicate, decided,
-                                           as_duplicate)
+    _, _, columns, rescued = reviews.apply(table["sample_id"], reason, duplicate,
+                                           as_duplicate, decided)
 
     def count(mask) -> int:
         return pc.sum(pc.cast(mask, pa.int64())).as_py() or 0

@@ -95,7 +95,9 @@ def test_apply_follows_the_rules():
             for s, v in decided.items()])
         reason, duplicate, columns, rescued = reviews.apply(
             pa.array(ids), pa.array([r["reason"] for r in rows], pa.string()),
-            pa.array([r["duplicate"] for r in rows], pa.string()), reviews.latest(given))
+            pa.array([r["duplicate"] for r in rows], pa.string()),
+            pa.array([r["reason"] if r["duplicate"] else None for r in rows], pa.string()),
+            reviews.latest(given))
         assert list(zip(reason.to_pylist(), duplicate.to_pylist())) == expected_rules(
             rows, decided)
         assert columns["review"].to_pylist() == [decided.get(s) for s in ids]
