@@ -74,6 +74,7 @@ class Catalog:
         self.reader = MediaReader(storage_options=store.media_storage_options)
         self._lock = threading.Lock()
         self._clips = None  # a ClipCache, made on the first clip asked for
+        self._queues = None  # (version, queues by name, pager, histograms)
         if self.store.table() is None:
             raise CatalogError(404, f"no table {store.table!r} at {self.store.uri}; run "
                                "`curate run` first or pass the right --store/--table")
@@ -210,6 +211,12 @@ class Catalog:
             given = reviews.entries(ids, review, reason, tags, reviewer, now())
         except reviews.ReviewError as exc:
             raise CatalogError(422, str(exc)) from None
+        self._known(ids)
+        version = self.store.add_reviews(given)
+        return {"recorded": len(ids), "review": review, "reviews_version": version}
+
+    def _known(self, ids: list[str]) -> None:
+        """404 naming the ids the table does not hold, if any."""
         valid = [i for i in ids if SAMPLE_ID.match(i)]
         found = {r["sample_id"] for r in self._by_ids(valid, ["sample_id"])} if valid else set()
         unknown = [i for i in ids if i not in found]
@@ -217,12 +224,52 @@ class Catalog:
             shown = ", ".join(repr(i) for i in unknown[:5])
             raise CatalogError(404, f"{len(unknown)} of the sample_ids are not in "
                                f"{self.store.name}: {shown}{' ...' if len(unknown) > 5 else ''}")
-        version = self.store.add_reviews(given)
-        return {"recorded": len(ids), "review": review, "reviews_version": version}
+
+    def matching_ids(self, where: str | None, selected: bool | None,
+                     max_rows: int) -> list[str]:
+        """The sample ids of a filtered view (a review of all of it), at most `max_rows`
+        (400 beyond: the view is to be narrowed)."""
+        filt = self._filter(where, selected)
+        total = self._count(filt)
+        if total > max_rows:
+            raise CatalogError(400, f"the view holds {total:,} rows; a review covers at most "
+                               f"{max_rows:,} (limits.max_review_rows): narrow the filter")
+        return self._scan(columns=["sample_id"], filter=filt)["sample_id"].to_pylist()
+
+    def undo_reviews(self, sample_ids: list[str], reviewer: str | None) -> dict[str, Any]:
+        """Take back each sample's last verdict (curate.reviews.undone)."""
+        from curate import reviews
+        from curate.table.layout import now
+
+        ids = list(dict.fromkeys(sample_ids))
+        self._known(ids)
+        try:
+            reviews.entries(ids, reviews.CLEAR, None, None, reviewer, now())  # checks names
+            given = reviews.undone(self._history(ids), reviewer, now())
+        except reviews.ReviewError as exc:
+            raise CatalogError(422, str(exc)) from None
+        version = self.store.add_reviews(given) if given.num_rows else \
+            self.store.reviews_version()
+        return {"undone": given.num_rows, "reviews_version": version}
+
+    def _history(self, ids: list[str]) -> pa.Table:
+        quoted = ", ".join(f"'{self._checked_id(i)}'" for i in ids)
+        return self.store.reviews(filter=f"sample_id IN ({quoted})")
+
+    def latest_reviews(self, sample_ids: list[str]) -> dict[str, Any]:
+        """Each of the samples' last verdict (none: absent), for badges on a page."""
+        from curate import reviews
+
+        ids = list(dict.fromkeys(sample_ids))
+        decided = (reviews.latest(self._history(ids)) if ids
+                   else reviews.REVIEWS_SCHEMA.empty_table())
+        return {"reviews": {r["sample_id"]: clean_row({k: v for k, v in r.items()
+                                                       if k != "sample_id"})
+                            for r in decided.to_pylist()}}
 
     def reviews_of(self, sample_id: str) -> dict[str, Any]:
         """Every verdict people gave on one sample, in the order they were recorded."""
-        given = self.store.reviews(filter=f"sample_id = '{self._checked_id(sample_id)}'")
+        given = self._history([sample_id])
         return {"sample_id": sample_id, "reviews": [clean_row(r) for r in given.to_pylist()]}
 
     @staticmethod
@@ -346,7 +393,8 @@ class Catalog:
                 break
             root = parent
         cols = [c for c in ["sample_id", "uri", "selected", "reject_reason", "width",
-                            "height", *present] if c in self.schema().names]
+                            "height", "content_hash", "error", *present]
+                if c in self.schema().names]  # content_hash, error: the gallery's cards
         members = self._scan(columns=cols, filter=f"sample_id = '{root}'").to_pylist()
         seen, frontier = {root}, [root]
         for _ in range(MAX_CHAIN):  # one scan per hand
@@ -403,6 +451,106 @@ class Catalog:
         """The search column's ANN index, built or brought up to date (see
         Store.ensure_vector_index); returns what was done (for logs)."""
         return self.store.ensure_vector_index(self.search_column, min_rows)
+
+    # --- review queues (curate.queues) --------------------------------------------------------
+    def _queue_plan(self) -> tuple[int, dict[str, Any], Any, dict[str, Any]]:
+        """(version, {name: (Queue, stage)}, the queues' pager, the last run's histograms),
+        kept while the table stays at one version."""
+        from curate import queues
+
+        version = self.version()
+        with self._lock:
+            cached = self._queues
+        if cached is not None and cached[0] == version:
+            return cached
+        last = self.last_run() or {}
+        # the last run's histograms rank the scores (a table an older release made has
+        # none recorded: one scan, kept with this version)
+        histograms = ((last.get("stats") or self.stats()).get("histograms") or {})
+        stages = self._run_stages(last.get("config_yaml"))
+        by_name = {}
+        for queue in queues.plan(stages, self.schema(), histograms):
+            by_name[queue.name] = (queue, next((s for s in stages if s.name == queue.stage),
+                                               None))
+        cached = (version, by_name, queues.Pager(self.dataset(), histograms), histograms)
+        with self._lock:
+            self._queues = cached
+        return cached
+
+    @staticmethod
+    def _run_stages(config_yaml: str | None) -> list:
+        """The stages of a recorded run config (none if it no longer loads: queues of
+        limits and dedup stages are then not offered)."""
+        import yaml
+
+        from curate.config import ConfigError, load_config, unredacted
+        from curate.plan import build_stages
+
+        if not config_yaml:
+            return []
+        try:
+            return build_stages(load_config(unredacted(yaml.safe_load(config_yaml), {})))
+        except (ConfigError, ValueError) as exc:
+            log.warning("the last run's config does not load; review queues of its "
+                        "limits are not offered: %s", exc)
+            return []
+
+    def queues(self) -> dict[str, Any]:
+        """The review queues this table offers (curate.queues)."""
+        _, by_name, _, _ = self._queue_plan()
+        return {"queues": [q.to_dict() for q, _ in by_name.values()]}
+
+    def queue(self, name: str, offset: int = 0, limit: int = 50, seed: int = 0,
+              size: int | None = None, columns: list[str] | None = None) -> dict[str, Any]:
+        """A page of a review queue: rows with `_queue` (what places them there); a
+        duplicates queue's rows carry their kept copy as `_kept`; the audit queue adds
+        `estimate`, the accept rate of people's verdicts on the whole audit sample."""
+        from curate import queues, reviews
+
+        _, by_name, pager, _ = self._queue_plan()
+        if name not in by_name:
+            known = ", ".join(by_name) if by_name else "this table has none"
+            raise CatalogError(404, f"no review queue {name!r}; queues: {known}")
+        queue, stage = by_name[name]
+        size = queues.AUDIT_SIZE if size is None else size
+        try:
+            page = pager.page(queue, stage, offset, limit, seed, size)
+        except queues.QueueError as exc:
+            raise CatalogError(400, str(exc)) from None
+        except (ValueError, OSError) as exc:
+            raise CatalogError(400, f"queue {name} cannot be read: {lance_message(exc)}") \
+                from None
+        cols = self._columns(columns, False)
+        found = {r["sample_id"]: r for r in self._by_ids([r["sample_id"] for r in page["rows"]],
+                                                          cols)}
+        rows = []  # a row deleted since the queue was made is left out
+        for ranked in page["rows"]:
+            if ranked["sample_id"] in found:
+                rows.append({**found[ranked["sample_id"]], "_queue": ranked["_queue"]})
+        if queue.kind == queues.DUPLICATES:
+            kept = {r["sample_id"]: r for r in self._by_ids(
+                sorted({r["_queue"]["kept"] for r in rows}), cols)}
+            for row in rows:
+                row["_kept"] = clean_row(kept[row["_queue"]["kept"]]) \
+                    if row["_queue"]["kept"] in kept else None
+        answer = {"queue": queue.to_dict(), "total": page["total"], "more": page["more"],
+                  "offset": offset, "limit": limit, "rows": [clean_row(r) for r in rows]}
+        if queue.kind == queues.AUDIT:
+            ids = [r["sample_id"] for r in pager.page(queue, None, 0, min(size, queues.MAX_DEPTH),
+                                                      seed, size)["rows"]]
+            answer["estimate"] = self._audit_estimate(ids, reviews, queues)
+            answer["seed"] = seed
+        return answer
+
+    def _audit_estimate(self, ids: list[str], reviews, queues) -> dict[str, Any]:
+        decided = reviews.latest(self._history(ids)) if ids else None
+        verdicts = decided["review"].to_pylist() if decided is not None else []
+        accepted, rejected = verdicts.count(reviews.ACCEPT), verdicts.count(reviews.REJECT)
+        interval = queues.wilson(accepted, accepted + rejected)
+        return {"sample": len(ids), "reviewed": accepted + rejected, "accepted": accepted,
+                "rejected": rejected,
+                "precision": accepted / (accepted + rejected) if accepted + rejected else None,
+                "interval_95": list(interval) if interval else None}
 
     # --- stats -------------------------------------------------------------------------------
     def stats(self, bins: int = table_stats.BINS) -> dict[str, Any]:

@@ -110,6 +110,32 @@ def latest(given: pa.Table) -> pa.Table:
     return picked.filter(pc.is_valid(picked["review"]))
 
 
+def undone(history: pa.Table, reviewer: str, at: datetime) -> pa.Table:
+    """Entries that take back each sample's last verdict in `history` (its verdicts, in
+    commit order): the verdict before it again, given by `reviewer` at `at`, or `clear`
+    where there was none. A second undo gives the verdict back. Samples without history
+    get no entry."""
+    if not history.num_rows:
+        return REVIEWS_SCHEMA.empty_table()
+    history = history.take(pc.sort_indices(  # stable: ties keep commit order
+        history.select(["reviewed_at"]), sort_keys=[("reviewed_at", "ascending")]))
+    ids = history["sample_id"].to_pylist()
+    before: dict[str, int | None] = {}
+    last: dict[str, int] = {}
+    for i, sample_id in enumerate(ids):
+        before[sample_id] = last.get(sample_id)
+        last[sample_id] = i
+    out = []
+    for sample_id, index in before.items():
+        if index is None:
+            out.append(entries([sample_id], CLEAR, None, None, reviewer, at))
+            continue
+        row = history.slice(index, 1).to_pylist()[0]
+        out.append(entries([sample_id], row["review"] or CLEAR, row["review_reason"],
+                           row["review_tags"], reviewer, at))
+    return pa.concat_tables(out)
+
+
 def aligned(sample_ids: pa.ChunkedArray | pa.Array, decided: pa.Table) -> pa.Table:
     """The review columns for rows `sample_ids` (nulls where no person decided), from
     `latest`'s table."""

@@ -200,6 +200,22 @@ class Stage:
         cannot tell (then a clip fails when any frame fails)."""
         return None
 
+    # --- review queues (curate.queues): how close a duplicate is to its kept copy ---------
+    def pair_columns(self) -> tuple[str, ...]:
+        """For a stage that `marks_duplicates` by a distance: the stored columns the
+        distance between a row and its kept copy is computed from (none: no queue of its
+        pairs)."""
+        return ()
+
+    def pair_limit(self) -> float | None:
+        """The distance under which this stage calls two rows copies."""
+        return None
+
+    def pair_distances(self, rows: pa.Table, kept: pa.Table) -> np.ndarray:
+        """Distances between rows[i] and kept[i], from `pair_columns` (NaN where a value
+        is missing)."""
+        raise NotImplementedError
+
     def fingerprint(self) -> dict[str, Any]:
         """What determines this stage's output (used to decide what must be recomputed)."""
         # how the stage reaches object storage never changes what it computes

@@ -55,7 +55,8 @@ def test_health_and_openapi_list_every_route(base):
     assert {"/health", "/samples", "/samples/{sample_id}", "/samples/{sample_id}/media",
             "/samples/{sample_id}/thumbnail", "/samples/{sample_id}/similar", "/search",
             "/search/image", "/duplicates/{sample_id}", "/stats", "/features",
-            "/features/{request_id}", "/reviews", "/samples/{sample_id}/reviews"} <= paths
+            "/features/{request_id}", "/reviews", "/samples/{sample_id}/reviews",
+            "/reviews/undo", "/queues", "/queues/{name}"} <= paths
 
 
 def test_samples_pages_filters_and_orders(base, table):
@@ -414,6 +415,100 @@ def test_bad_verdicts_get_a_4xx_with_the_reason(base, table, body, reviewer, sta
     body = {k: [i.replace("{id}", some) for i in v] if k == "sample_ids" else v
             for k, v in body.items()}
     assert says in error_of(post_review(base, reviewer, **body), status)
+
+
+def test_review_queues_page_as_one_long_page_in_brute_force_order(base, table, served):
+    """Each queue the demo table offers pages consistently; a limit's queue is the whole
+    table sorted by distance to the limit (in plain Python); a copy comes with its kept
+    copy."""
+    listed = {q["name"]: q for q in get(base, "/queues").json()["queues"]}
+    assert {"threshold:nsfw_score:nsfw_score:max", "threshold:image_quality:blur:min",
+            "duplicates:phash_dedup", "duplicates:semantic_dedup", "audit",
+            "disagree:aesthetic_score:nsfw_score"} <= set(listed)
+    for name in listed:
+        whole = get(base, f"/queues/{name}", limit=40, columns="uri,selected").json()
+        paged = []
+        for offset in range(0, 40, 6):
+            page = get(base, f"/queues/{name}", offset=offset, limit=6,
+                       columns="uri,selected").json()
+            paged += page["rows"]
+            if not page["more"]:
+                break
+        assert [r["sample_id"] for r in paged] == [r["sample_id"] for r in whole["rows"]]
+        assert all("_queue" in r for r in whole["rows"]) and whole["rows"], name
+    rows = table.to_arrow().to_pylist()
+    nsfw = get(base, "/queues/threshold:nsfw_score:nsfw_score:max", limit=40).json()["rows"]
+    expected = sorted((abs(r["nsfw_score"] - 0.8), r["sample_id"]) for r in rows
+                      if r["nsfw_score"] is not None)
+    assert [r["sample_id"] for r in nsfw] == [i for _, i in expected]
+    by_id = {r["sample_id"]: r for r in rows}
+    for pair in get(base, "/queues/duplicates:phash_dedup").json()["rows"]:
+        assert pair["_kept"]["sample_id"] == pair["_queue"]["kept"] == \
+            by_id[pair["sample_id"]]["phash_duplicate_of"]
+        plain = (by_id[pair["sample_id"]]["phash"] ^ by_id[pair["_kept"]["sample_id"]]["phash"])
+        assert pair["_queue"]["distance"] <= plain.bit_count()  # orientations only help
+    # the run indexed the scores the queues scan by range
+    import lance
+    indexed = {c for ix in lance.dataset(str(served[1] / "samples.lance")).describe_indices()
+               for c in ix.field_names}
+    scanned = {c for q in listed.values() if q["kind"] in ("threshold", "disagree")
+               for c in (q["column"], q.get("other")) if c}
+    assert scanned and scanned <= indexed
+    assert "queues: threshold:" in error_of(get(base, "/queues/nope"), 404)
+    assert "paged to 2000 rows deep" in error_of(
+        get(base, "/queues/audit", offset=1990, limit=20), 400)
+
+
+def latest_of(base, ids):
+    return get(base, "/reviews", sample_ids=",".join(ids)).json()["reviews"]
+
+
+def test_a_whole_view_is_reviewed_at_once_and_undone(base, table):
+    rows = table.to_arrow().to_pylist()
+    copies = sorted(r["sample_id"] for r in rows if r["phash_duplicate_of"] is not None)
+    before = latest_of(base, copies)
+    answer = post_review(base, where="phash_duplicate_of IS NOT NULL", review="accept",
+                         tags=["pair"])
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["recorded"] == len(copies) > 1
+    now = latest_of(base, copies)
+    assert sorted(now) == copies
+    assert {(v["review"], v["reviewed_by"], tuple(v["review_tags"])) for v in now.values()} \
+        == {("accept", "ana", ("pair",))}
+    undone = requests.post(base + "/reviews/undo", json={"sample_ids": copies},
+                           headers={"X-Curate-Reviewer": "bo"}, timeout=60)
+    assert undone.json()["undone"] == len(copies)
+    after = latest_of(base, copies)
+    assert {i: v["review"] for i, v in after.items()} == \
+        {i: v["review"] for i, v in before.items()}
+    some = copies[0]
+    for body, status, says in [
+        ({"sample_ids": [some], "where": "selected", "review": "accept"}, 400, "not both"),
+        ({"review": "accept"}, 400, "give sample_ids, or a view"),
+        ({"where": "uri = 'nowhere'", "review": "accept"}, 404, "holds no rows"),
+        ({"where": "no_such_column > 1", "review": "accept"}, 400, "no_such_column"),
+    ]:
+        assert says in error_of(post_review(base, **body), status)
+    assert "give sample_ids" in error_of(get(base, "/reviews", sample_ids=""), 400)
+
+
+def test_the_audit_estimates_precision_from_peoples_verdicts(base):
+    from scipy.stats import binomtest
+
+    audit = get(base, "/queues/audit", limit=50, seed=3).json()
+    ids = [r["sample_id"] for r in audit["rows"]]
+    assert all(r["selected"] for r in audit["rows"]) and audit["estimate"]["sample"] == len(ids)
+    assert post_review(base, sample_ids=ids[:3], review="accept").status_code == 200
+    assert post_review(base, sample_ids=ids[3:4], review="reject",
+                       reason="text overlay").status_code == 200
+    estimate = get(base, "/queues/audit", limit=1, seed=3).json()["estimate"]
+    given = [v["review"] for v in latest_of(base, ids).values()]
+    accepted, rejected = given.count("accept"), given.count("reject")
+    assert (estimate["accepted"], estimate["rejected"]) == (accepted, rejected)
+    assert accepted >= 3 and rejected >= 1
+    ci = binomtest(accepted, accepted + rejected).proportion_ci(method="wilson")
+    assert estimate["interval_95"] == pytest.approx([ci.low, ci.high])
+    assert estimate["precision"] == pytest.approx(accepted / (accepted + rejected))
 
 
 # --- curate serve: token, rate limit, binding ----------------------------------------------

@@ -16,7 +16,7 @@ from functools import partial
 
 import pyarrow as pa
 
-from curate import __version__, reviews
+from curate import __version__, queues, reviews
 from curate.config import Config
 from curate.engine import incremental
 from curate.engine.backend import InlineBackend, RayBackend, wants_ray
@@ -253,7 +253,9 @@ class _Execution:
             stats = self._stats()
             compact(self.backend, self.store)
             self.store.optimize()
-            self.store.ensure_sample_index()
+            # lookups by id, and the scores review queues scan by range (curate.queues)
+            self.store.ensure_indexes(("sample_id", "input_id", *queues.index_columns(
+                queues.plan(self.chain, self.store.schema(), stats.get("histograms", {})))))
             version_after = self.store.version()
             tag = f"run-{run_id}"
             self.store.tag(tag, version_after)

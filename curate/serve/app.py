@@ -149,17 +149,36 @@ def _static(name: str) -> str:
     return resources.files("curate.serve").joinpath("static", name).read_text()
 
 
+SampleIds = list[Annotated[str, Field(max_length=64)]]
+
+
 class ReviewRequest(BaseModel):
     """A person's verdict on samples: POST /reviews."""
 
     model_config = ConfigDict(extra="forbid")
 
-    sample_ids: list[Annotated[str, Field(max_length=64)]] = Field(min_length=1,
-                                                                   max_length=10_000)
+    sample_ids: SampleIds | None = Field(None, min_length=1, max_length=10_000,
+                                         description="these samples (else the view below)")
+    where: str | None = Field(None, description="all rows of this filtered view ...")
+    selected: bool | None = Field(None, description="... and/or of the selection or not")
     review: str = Field(description="accept | reject | clear (takes the verdict back)")
     reason: str | None = Field(None, description="why; a reject needs one")
     tags: list[Annotated[str, Field(max_length=256)]] | None = Field(None, max_length=256)
     reviewer: str | None = Field(None, description="who (else the X-Curate-Reviewer header)")
+
+
+class UndoRequest(BaseModel):
+    """Take back the last verdict on samples: POST /reviews/undo."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sample_ids: SampleIds = Field(min_length=1, max_length=10_000)
+    reviewer: str | None = None
+
+
+def _reviewer(request: Request, given: str | None) -> str | None:
+    header = request.headers.get("x-curate-reviewer")  # HTTP headers travel as latin-1
+    return header.encode("latin-1").decode("utf-8", "replace") if header else given
 
 
 # Serve pickles this class by value with the module globals it uses: helpers it calls are
@@ -259,21 +278,62 @@ class Api:
         return self.catalog.stats(bins)
 
     # --- people's verdicts (curate.reviews) -------------------------------------------------
+    def _page_of_ids(self, ids: list[str]) -> list[str]:
+        if len(ids) > self.cfg.limits.max_page:
+            raise CatalogError(400, f"{len(ids)} sample_ids > {self.cfg.limits.max_page} "
+                               "(limits.max_page); send them in several requests, or review "
+                               "the filtered view with `where`")
+        return ids
+
     @api.post("/reviews")
     def review(self, body: ReviewRequest, request: Request) -> dict:
-        if len(body.sample_ids) > self.cfg.limits.max_page:
-            raise CatalogError(400, f"{len(body.sample_ids)} sample_ids > "
-                               f"{self.cfg.limits.max_page} (limits.max_page); send them in "
-                               "several requests")
-        header = request.headers.get("x-curate-reviewer")  # HTTP headers travel as latin-1
-        reviewer = (header.encode("latin-1").decode("utf-8", "replace") if header
-                    else body.reviewer)
-        return self.catalog.review(body.sample_ids, body.review, body.reason, body.tags,
-                                   reviewer)
+        if body.sample_ids is not None:
+            if body.where is not None or body.selected is not None:
+                raise CatalogError(400, "give sample_ids or a view (where, selected), not "
+                                   "both")
+            ids = self._page_of_ids(body.sample_ids)
+        elif body.where is None and body.selected is None:
+            raise CatalogError(400, "give sample_ids, or a view to review whole: where "
+                               "and/or selected")
+        else:
+            ids = self.catalog.matching_ids(body.where, body.selected,
+                                            self.cfg.limits.max_review_rows)
+            if not ids:
+                raise CatalogError(404, "the view holds no rows")
+        return self.catalog.review(ids, body.review, body.reason, body.tags,
+                                   _reviewer(request, body.reviewer))
+
+    @api.post("/reviews/undo")
+    def undo(self, body: UndoRequest, request: Request) -> dict:
+        return self.catalog.undo_reviews(self._page_of_ids(body.sample_ids),
+                                         _reviewer(request, body.reviewer))
+
+    @api.get("/reviews")
+    def latest_reviews(self, sample_ids: Annotated[str, Query(
+            description="comma-separated")]) -> dict:
+        ids = _columns(sample_ids)
+        if not ids:
+            raise CatalogError(400, "give sample_ids: ids separated by commas")
+        return _json(self.catalog.latest_reviews(self._page_of_ids(ids)))
 
     @api.get("/samples/{sample_id}/reviews")
     def reviews_of(self, sample_id: str) -> dict:
         return _json(self.catalog.reviews_of(sample_id))
+
+    @api.get("/queues")
+    def queues(self) -> dict:
+        return _json(self.catalog.queues())
+
+    @api.get("/queues/{name}")
+    def queue(self, name: str, offset: Annotated[int, Query(ge=0)] = 0,
+              limit: Annotated[int, Query(ge=1)] = 50, seed: int = 0,
+              size: Annotated[int | None, Query(ge=1)] = None,
+              columns: Annotated[str | None, Query(description="comma-separated")] = None,
+              ) -> dict:
+        if limit > self.cfg.limits.max_page:
+            raise CatalogError(400, f"limit {limit} > {self.cfg.limits.max_page} "
+                               "(limits.max_page); page with offset")
+        return _json(self.catalog.queue(name, offset, limit, seed, size, _columns(columns)))
 
     # --- search ----------------------------------------------------------------------------
     @api.get("/search")

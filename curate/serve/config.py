@@ -63,6 +63,8 @@ class Limits(BaseModel):
     burst: int = Field(100, ge=1, description="requests a client may send at once")
     max_filter_chars: int = Field(1000, ge=1, description="longest `where` filter accepted")
     max_page: int = Field(500, ge=1, description="largest `limit` of /samples")
+    max_review_rows: int = Field(100_000, ge=1, description="most rows one review of a "
+                                 "filtered view (POST /reviews with `where`) may cover")
     max_jobs: int = Field(1000, ge=1, description="async feature requests queued at most")
 
 

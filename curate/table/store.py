@@ -259,15 +259,19 @@ class Store:
             dataset.optimize.optimize_indices()
         dataset.cleanup_old_versions(older_than=KEEP_VERSIONS)
 
-    def ensure_sample_index(self) -> None:
-        """Scalar indexes on sample_id and input_id keep lookups by id fast on large
-        tables."""
+    def ensure_indexes(self, columns) -> list[str]:
+        """A BTREE index on each of `columns` the table has and no index covers yet;
+        returns the columns indexed now. Rows added later are scanned until an optimize
+        (`optimize`) brings the indexes up to date: filters stay exact."""
         dataset = self._lance(self.name)
         have = {c for ix in dataset.describe_indices() for c in ix.field_names}
-        for column in ("sample_id", "input_id"):
+        made = []
+        for column in columns:
             if column not in have and column in dataset.schema.names:
                 dataset.create_scalar_index(column, "BTREE")
                 dataset = self._lance(self.name)
+                made.append(column)
+        return made
 
     def ensure_vector_index(self, column: str, min_rows: int) -> str:
         """Build the ANN index once enough rows have vectors; bring it up to date with rows

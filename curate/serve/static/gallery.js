@@ -3,7 +3,11 @@
 
 const PAGE = Number(new URLSearchParams(location.search).get("page")) || 48;
 const $ = (sel) => document.querySelector(sel);
-const state = { offset: 0, total: 0, loading: null, generation: 0, where: null, selected: "", observer: null };
+const state = {
+  offset: 0, total: 0, loading: null, generation: 0, where: null, selected: "", observer: null,
+  fetchPage: null,  // (offset) => {rows, total} of the grid in view (samples or a queue)
+  picked: new Set(), pickedView: false, lastPicked: null, focus: null,
+};
 
 function esc(text) {
   const div = document.createElement("div");
@@ -73,16 +77,24 @@ function card(row) {
     : `<img loading="lazy" alt="${esc(name)}" src="samples/${row.sample_id}/thumbnail?size=256"${
       isClip(row) ? ' data-clip="1"' : ""}>`;
   const distance = row._distance !== undefined ? ` · d ${row._distance.toFixed(3)}` : "";
-  return `<div class="card" data-testid="card" data-id="${row.sample_id}">${picture}
+  const picked = state.picked.has(row.sample_id);
+  return `<div class="card${picked ? " picked" : ""}" data-testid="card" data-id="${row.sample_id}">${picture}
     <div class="meta"><div class="name" title="${esc(row.uri)}">${esc(name)}</div>
+    <span class="pick" role="checkbox" aria-checked="${picked}" aria-label="pick" data-testid="pick"
+      title="pick (shift: a range)">✓</span>
     <span class="badge ${kept ? "kept" : "out"}">${kept ? "selected" : "rejected"}</span>
+    <span class="verdict" data-testid="card-verdict"></span>
     <span class="reason" title="${esc(row.reject_reason)}">${esc(row.reject_reason || "")}${distance}</span>
+    ${row._note ? `<div class="note" data-testid="note">${esc(row._note)}</div>` : ""}
     </div></div>`;
 }
 
 function bindCards(root) {
   root.querySelectorAll(".card").forEach((el) => {
-    el.addEventListener("click", () => { location.hash = `#/sample/${el.dataset.id}`; });
+    el.addEventListener("click", (event) => {
+      if (event.target.closest(".pick")) pick(el, event.shiftKey);
+      else location.hash = `#/sample/${el.dataset.id}`;
+    });
     const poster = el.querySelector("img[data-clip]");
     if (!poster) return;
     // hovering a clip's card plays it, muted and looping, in place of its poster
@@ -134,20 +146,41 @@ async function loadFilterChoices() {
   }
 }
 
-// --- grid with infinite scroll ----------------------------------------------------------
-async function showGrid() {
+// --- grids with infinite scroll: the samples, or a review queue -----------------------
+// A grid under `header`, filled page by page from `fetchPage(offset)` ({rows, total,
+// label}) as it scrolls; `render` draws a row; `wholeView`: the whole view can be picked.
+async function showPages(header, fetchPage, render = card, wholeView = false) {
   // a new grid: pages still in flight for the previous one are dropped when they arrive
   state.generation = (state.generation || 0) + 1;
   state.offset = 0;
-  state.where = currentFilter();
-  state.selected = $("#f-selected").value;
-  $("#view").innerHTML = `<div class="grid" id="grid"></div><div id="sentinel"></div>`;
+  state.total = 0;
+  state.fetchPage = fetchPage;
+  state.render = render;
+  state.picked = new Set();
+  state.pickedView = false;
+  state.lastPicked = null;
+  state.focus = null;
+  $("#view").innerHTML = `${header}${reviewBar(wholeView)}
+    <div class="grid" id="grid"></div><div id="sentinel"></div>`;
+  bindReview();
   if (state.observer) state.observer.disconnect();
   state.observer = new IntersectionObserver((entries) => {
     if (entries.some((e) => e.isIntersecting)) loadPage();
   });
   state.observer.observe($("#sentinel"));
   await loadPage();
+}
+
+async function showGrid() {
+  state.where = currentFilter();
+  state.selected = $("#f-selected").value;
+  const where = state.where, selected = state.selected;
+  return showPages("", async (offset) => {
+    const page = await api("samples?" + query({
+      where, selected, limit: PAGE, offset, columns: await cardColumns(),
+    }));
+    return { ...page, label: `${Math.min(offset + page.rows.length, page.total)} of ${page.total} shown` };
+  }, card, true);
 }
 
 // The columns a card shows; a table with clips adds where each clip lies.
@@ -168,22 +201,22 @@ async function loadPage() {
   if (state.loading === generation || (state.offset > 0 && state.offset >= state.total)) return;
   state.loading = generation;
   try {
-    const page = await api("samples?" + query({
-      where: state.where, selected: state.selected, limit: PAGE, offset: state.offset,
-      columns: await cardColumns(),
-    }));
-    if (generation !== state.generation) return;  // the filter changed meanwhile
+    const page = await state.fetchPage(state.offset);
+    if (generation !== state.generation) return;  // the view changed meanwhile
     state.total = page.total;
     state.offset += page.rows.length;
     const grid = $("#grid");
     if (!grid) return;
     const holder = document.createElement("div");
-    holder.innerHTML = page.rows.map(card).join("");
+    holder.innerHTML = page.rows.map((row) => state.render(row)).join("");
     bindCards(holder);
+    const added = [...holder.querySelectorAll(".card")].map((el) => el.dataset.id);
     grid.append(...holder.children);
     state.ids = [...grid.querySelectorAll(".card")].map((el) => el.dataset.id);
-    $("#count").textContent = `${Math.min(state.offset, state.total)} of ${state.total} shown`;
+    $("#count").textContent = page.label;
+    showPicked();
     showError("");
+    await showBadges([...new Set(added)]);
   } catch (error) {
     showError(error.message);
   } finally {
@@ -195,13 +228,93 @@ async function loadPage() {
   }
 }
 
+// Each card's last verdict from people (given since the last run or before).
+async function showBadges(ids) {
+  for (let i = 0; i < ids.length; i += 100) {
+    const chunk = ids.slice(i, i + 100);
+    const { reviews } = await api("reviews?" + query({ sample_ids: chunk.join(",") }));
+    for (const id of chunk) {
+      const r = reviews[id];
+      document.querySelectorAll(`.card[data-id="${id}"] .verdict`).forEach((el) => {
+        el.textContent = r ? `review: ${r.review}` : "";
+        el.className = r ? `verdict ${r.review}` : "verdict";
+        el.title = r ? `${r.review} by ${r.reviewed_by}${r.review_reason ? `: ${r.review_reason}` : ""}` : "";
+      });
+    }
+  }
+}
+
+// --- picking cards of a grid: click their ✓, shift-click a range, x the focused card -----
+function pick(el, range) {
+  const cards = [...document.querySelectorAll("#grid .card")];
+  const index = cards.indexOf(el);
+  if (index < 0) return;  // the strips of a sample's view are not picked
+  const on = !state.picked.has(el.dataset.id);
+  const from = range && state.lastPicked !== null ? Math.min(index, state.lastPicked) : index;
+  const to = range && state.lastPicked !== null ? Math.max(index, state.lastPicked) : index;
+  // a range picks a queue's rows, not the kept copies shown beside them
+  for (const other of cards.slice(from, to + 1)) {
+    if (other === el || !other.classList.contains("kept-copy")) setPicked(other.dataset.id, on);
+  }
+  state.lastPicked = index;
+  state.pickedView = false;
+  showPicked();
+}
+
+function setPicked(id, on) {
+  if (on) state.picked.add(id);
+  else state.picked.delete(id);
+  document.querySelectorAll(`#grid .card[data-id="${id}"]`).forEach((el) => {
+    el.classList.toggle("picked", on);
+    el.querySelector(".pick").setAttribute("aria-checked", String(on));
+  });
+}
+
+function showPicked() {
+  const box = $("#picked");
+  if (box) {
+    box.textContent = state.pickedView ? `the whole view (${state.total} rows) picked`
+      : `${state.picked.size} picked`;
+  }
+  const grid = $("#grid");
+  if (grid) grid.classList.toggle("all-picked", state.pickedView);
+}
+
+function clearPicks() {
+  for (const id of [...state.picked]) setPicked(id, false);
+  state.pickedView = false;
+  state.lastPicked = null;
+  showPicked();
+}
+
+function pickView() {
+  clearPicks();
+  state.pickedView = true;
+  showPicked();
+}
+
+function focusedCard() {
+  return [...document.querySelectorAll("#grid .card")][state.focus] || null;
+}
+
+function moveFocus(by) {
+  const cards = [...document.querySelectorAll("#grid .card")];
+  if (!cards.length) return;
+  state.focus = state.focus === null ? 0 : Math.min(Math.max(state.focus + by, 0), cards.length - 1);
+  cards.forEach((el) => el.classList.remove("focus"));
+  cards[state.focus].classList.add("focus");
+  cards[state.focus].scrollIntoView({ block: "nearest" });
+}
+
 function sentinelInView() {
   const sentinel = $("#sentinel");
   return sentinel !== null && sentinel.getBoundingClientRect().top < window.innerHeight;
 }
 
 async function showSearch(text) {
-  $("#view").innerHTML = `<h2>Images like “${esc(text)}”</h2><div class="grid" id="grid"></div>`;
+  state.picked = new Set();  // search results are not reviewed from here: open a sample
+  $("#view").innerHTML = `<h2>Images like “${esc(text)}”</h2>
+    <div class="grid results" id="grid"></div>`;
   try {
     const result = await api("search?" + query({
       text, k: PAGE, where: currentFilter(), selected: $("#f-selected").value,
@@ -248,7 +361,9 @@ async function showSample(id) {
       <div class="strip" id="siblings" data-testid="siblings"></div>` : ""}
       <h2>Duplicates</h2><div class="strip" id="duplicates" data-testid="duplicates"></div>
       <h2>Similar images</h2><div class="strip" id="similar" data-testid="similar"></div>`;
-    bindReview(id);
+    state.reviewing = id;
+    bindReview();
+    showVerdict(id).catch((error) => showError(error.message));
     if (clip) {
       const where = `input_id = '${row.input_id}' AND sample_id != '${id}'`;
       const siblings = await api(`samples?${query({ where, limit: 50, order_by: "clip_index" })}`);
@@ -276,19 +391,39 @@ async function showSample(id) {
   }
 }
 
-// --- a person's verdict on the sample in view (POST /reviews) ------------------------------
-function reviewPanel() {
-  return `<div class="review" data-testid="review">
-    <div><strong>Your verdict</strong> <span id="verdict" data-testid="verdict">…</span></div>
-    <label>Reviewer <input id="r-who" data-testid="reviewer" size="12"
+// --- people's verdicts (POST /reviews): on the sample in view, or on a grid's picks ---------
+function reviewFields() {
+  return `<label>Reviewer <input id="r-who" data-testid="reviewer" size="12"
       value="${esc(localStorage.getItem("curate-reviewer") || "")}"></label>
     <label>Reason <input id="r-reason" data-testid="reason" size="22"
       placeholder="why reject (needed)"></label>
     <label>Tags <input id="r-tags" data-testid="tags" size="16" placeholder="a, b"></label>
     <div><button id="r-accept" data-testid="accept" type="button">Accept <kbd>a</kbd></button>
       <button id="r-reject" data-testid="reject" type="button">Reject <kbd>r</kbd></button>
-      <button id="r-undo" data-testid="undo" type="button">Undo <kbd>u</kbd></button>
-      <small><kbd>j</kbd>/<kbd>k</kbd> next/previous sample</small></div></div>`;
+      <button id="r-undo" data-testid="undo" type="button">Undo <kbd>u</kbd></button></div>`;
+}
+
+function reviewPanel() {
+  return `<div class="review" data-testid="review">
+    <div><strong>Your verdict</strong> <span id="verdict" data-testid="verdict">…</span></div>
+    ${reviewFields()}<small><kbd>j</kbd>/<kbd>k</kbd> next/previous sample</small></div>`;
+}
+
+function reviewBar(wholeView) {
+  return `<div class="review bar" data-testid="bar"><div>
+    <strong id="picked" data-testid="picked">0 picked</strong>
+    ${wholeView ? '<button id="pick-view" data-testid="pick-view" type="button">Pick the whole view</button>' : ""}
+    <button id="pick-none" data-testid="pick-none" type="button">Clear <kbd>Esc</kbd></button>
+    <small>✓ picks a card (shift: a range); keys <kbd>j</kbd>/<kbd>k</kbd> move,
+      <kbd>x</kbd> picks, <kbd>o</kbd> opens</small></div>${reviewFields()}</div>`;
+}
+
+function bindReview() {
+  $("#r-accept").addEventListener("click", () => review("accept"));
+  $("#r-reject").addEventListener("click", () => review("reject"));
+  $("#r-undo").addEventListener("click", () => undo());
+  if ($("#pick-view")) $("#pick-view").addEventListener("click", pickView);
+  if ($("#pick-none")) $("#pick-none").addEventListener("click", clearPicks);
 }
 
 // What people said of the sample: its last verdict, given since the last run or before.
@@ -307,51 +442,106 @@ async function showVerdict(id) {
   return reviews;
 }
 
-async function review(id, verdict) {
-  const reviewer = $("#r-who").value.trim();
-  localStorage.setItem("curate-reviewer", reviewer);
-  const tags = $("#r-tags").value.split(",").map((t) => t.trim()).filter(Boolean);
-  try {
-    await post("reviews", {
-      sample_ids: [id], review: verdict, reviewer,
-      reason: verdict === "reject" ? $("#r-reason").value : null,
-      tags: verdict === "clear" ? null : tags,
-    });
-    await showVerdict(id);
-    showError("");
-  } catch (error) {
-    showError(error.message);
+function onSampleView() {
+  return location.hash.startsWith("#/sample/");
+}
+
+// What a verdict is given on: the sample in view; else the grid's picks (or the whole
+// view), or the focused card when none is picked.
+function targets() {
+  if (onSampleView()) return state.reviewing ? { sample_ids: [state.reviewing] } : null;
+  if (state.pickedView) {
+    return { where: state.where || "sample_id IS NOT NULL",
+      selected: state.selected === "" ? null : state.selected === "true" };
+  }
+  const focused = focusedCard();
+  const ids = state.picked.size ? [...state.picked] : focused ? [focused.dataset.id] : [];
+  return ids.length ? { sample_ids: ids } : null;
+}
+
+// One verdict at a time: a key pressed twice sends its second request after the first's
+// answer (an undo then sees the verdict the first undo gave).
+function queued(action) {
+  state.acting = (state.acting || Promise.resolve()).then(action, action);
+  return state.acting;
+}
+
+// Ids go in requests of at most MAX_IDS (the server's limits.max_page by default).
+const MAX_IDS = 500;
+
+async function inChunks(target, send) {
+  if (!target.sample_ids) return send(target);
+  for (let i = 0; i < target.sample_ids.length; i += MAX_IDS) {
+    await send({ ...target, sample_ids: target.sample_ids.slice(i, i + MAX_IDS) });
   }
 }
 
-// Undo takes back the verdict given last: the one before it, or none.
-async function undo(id) {
-  const { reviews } = await api(`samples/${id}/reviews`);
-  const earlier = reviews[reviews.length - 2];
-  if (!earlier || !earlier.review) return review(id, "clear");
-  $("#r-reason").value = earlier.review_reason || "";
-  $("#r-tags").value = (earlier.review_tags || []).join(", ");
-  return review(id, earlier.review);
+function review(verdict) {
+  return queued(async () => {
+    const target = targets();
+    if (!target) return showError("pick samples first: click their ✓ (shift-click: a range)");
+    const reviewer = $("#r-who").value.trim();
+    localStorage.setItem("curate-reviewer", reviewer);
+    const tags = $("#r-tags").value.split(",").map((t) => t.trim()).filter(Boolean);
+    try {
+      await inChunks(target, (part) => post("reviews", {
+        ...part, review: verdict, reviewer,
+        reason: verdict === "reject" ? $("#r-reason").value : null,
+        tags: verdict === "clear" ? null : tags,
+      }));
+      await reviewed(target);
+      showError("");
+    } catch (error) {
+      showError(error.message);
+    }
+  });
 }
 
-function bindReview(id) {
-  state.reviewing = id;
-  $("#r-accept").addEventListener("click", () => review(id, "accept"));
-  $("#r-reject").addEventListener("click", () => review(id, "reject"));
-  $("#r-undo").addEventListener("click", () => undo(id));
-  showVerdict(id).catch((error) => showError(error.message));
+// Undo takes back the last verdict on each target: the one before it again, or none.
+function undo() {
+  return queued(async () => {
+    const target = targets();
+    if (!target || !target.sample_ids) {
+      return showError("undo takes back verdicts on picked cards: pick them (not a whole view)");
+    }
+    try {
+      await inChunks(target, (part) => post("reviews/undo", {
+        sample_ids: part.sample_ids, reviewer: $("#r-who").value.trim() }));
+      await reviewed(target);
+      showError("");
+    } catch (error) {
+      showError(error.message);
+    }
+  });
 }
 
-// Keys on a sample's view: a accept, r reject (with the reason typed), u undo, j/k the
-// next/previous sample of the grid it was opened from. Not while typing in a field.
+async function reviewed(target) {
+  if (onSampleView()) return showVerdict(state.reviewing);
+  const ids = target.sample_ids || [...document.querySelectorAll("#grid .card")].map((el) => el.dataset.id);
+  await showBadges([...new Set(ids)]);
+  if (state.afterReview) await state.afterReview();
+}
+
+// Keys on a sample's view and on grids (not while typing in a field): a accept, r reject
+// (with the reason typed), u undo; on a sample j/k the next/previous sample of the grid it
+// was opened from; on a grid j/k move the focus, x picks the focused card, o opens it,
+// Escape clears the picks.
 function onKey(event) {
-  const id = state.reviewing;
-  if (!id || !location.hash.startsWith("#/sample/") || event.ctrlKey || event.metaKey
-      || event.altKey || ["INPUT", "SELECT", "TEXTAREA"].includes(event.target.tagName)) return;
+  if (event.ctrlKey || event.metaKey || event.altKey
+      || ["INPUT", "SELECT", "TEXTAREA"].includes(event.target.tagName)) return;
+  const onSample = onSampleView() && state.reviewing;
+  if (!onSample && !($("#grid") && $("#r-accept"))) return;
   const actions = {
-    a: () => review(id, "accept"), r: () => review(id, "reject"), u: () => undo(id),
-    j: () => step(id, 1), k: () => step(id, -1),
+    a: () => review("accept"), r: () => review("reject"), u: () => undo(),
+    j: () => (onSample ? step(1) : moveFocus(1)), k: () => (onSample ? step(-1) : moveFocus(-1)),
   };
+  if (!onSample) {
+    Object.assign(actions, {
+      x: () => { if (focusedCard()) pick(focusedCard(), false); },
+      o: () => { if (focusedCard()) location.hash = `#/sample/${focusedCard().dataset.id}`; },
+      Escape: clearPicks,
+    });
+  }
   const action = actions[event.key];
   if (action) {
     event.preventDefault();
@@ -359,10 +549,98 @@ function onKey(event) {
   }
 }
 
-function step(id, by) {
+function step(by) {
+  const id = state.reviewing;
   const ids = state.ids || [];
   const next = ids[ids.indexOf(id) + by];
   if (ids.includes(id) && next) location.hash = `#/sample/${next}`;
+}
+
+// --- review queues (GET /queues): where a person's look is worth most ----------------------
+const QUEUE_KINDS = {
+  threshold: "Near a filter's limit", disagree: "Scores that disagree",
+  duplicates: "Copies at the edge of a dedup's limit", audit: "Audit the selection",
+};
+
+async function showQueues() {
+  try {
+    const { queues } = await api("queues");
+    const lists = Object.entries(QUEUE_KINDS).map(([kind, title]) => {
+      const mine = queues.filter((q) => q.kind === kind);
+      return mine.length ? `<h3>${title}</h3><ul class="queues">${mine.map((q) =>
+        `<li><a data-testid="queue" href="#/queue/${encodeURIComponent(q.name)}">${esc(q.title)}</a></li>`).join("")}</ul>` : "";
+    }).join("");
+    $("#view").innerHTML = `<h2>Review queues</h2>${lists || "<p>This table offers no queue.</p>"}`;
+    $("#count").textContent = "";
+    showError("");
+  } catch (error) {
+    showError(error.message);
+  }
+}
+
+function fmt(value) {
+  return typeof value === "number" ? Number(value.toPrecision(4)).toString() : String(value);
+}
+
+// A queue's row: its card with what placed it there; a copy beside its kept copy.
+function queueCard(row) {
+  const q = row._queue || {};
+  if (row._kept !== undefined) {
+    const kept = row._kept ? card(row._kept).replace('class="card', 'class="card kept-copy')
+      : '<div class="gone"><div class="none">its kept copy is gone</div></div>';
+    return `<div class="pair" data-testid="pair">${card(row)}${kept}
+      <div class="note" data-testid="distance">distance ${q.distance == null ? "?" : fmt(q.distance)}
+      (limit ${fmt(q.limit)})</div></div>`;
+  }
+  if ("passes" in q) row._note = `${fmt(q.value)} vs ${q.side} ${fmt(q.limit)}: ${q.passes ? "passes" : "fails"}`;
+  else if ("disagreement" in q) {
+    row._note = `${Object.entries(q).filter(([k]) => k !== "disagreement")
+      .map(([k, v]) => `${k} ${fmt(v)}`).join(", ")} · rank gap ${q.disagreement}`;
+  } else if ("audit_rank" in q) row._note = `audit #${q.audit_rank + 1}`;
+  return card(row);
+}
+
+function drawEstimate(e) {
+  const box = $("#estimate");
+  if (!box || !e) return;
+  const pct = (x) => `${(100 * x).toFixed(1)}%`;
+  box.textContent = e.reviewed
+    ? `precision ${pct(e.precision)} (95%: ${pct(e.interval_95[0])}–${pct(e.interval_95[1])}): `
+      + `${e.accepted} of ${e.reviewed} reviewed accepted; ${e.reviewed} of ${e.sample} audited`
+    : `none of the ${e.sample} samples reviewed yet`;
+}
+
+async function showQueue(name, seed) {
+  const audit = name === "audit";
+  const header = `<h2 data-testid="queue-title" id="queue-title">${esc(name)}</h2>${audit
+    ? `<p>A seeded random sample of the selection: the share people accept estimates its
+      precision. Seed <input id="audit-seed" data-testid="seed" type="number" value="${seed}">
+      <strong id="estimate" data-testid="estimate"></strong></p>` : ""}`;
+  const shown = showPages(header, async (offset) => {
+    const generation = state.generation;
+    const page = await api(`queues/${encodeURIComponent(name)}?` + query({
+      offset, limit: PAGE, seed: audit ? seed : null, columns: await cardColumns(),
+    }));
+    if (generation === state.generation) {  // still this queue's view
+      $("#queue-title").textContent = page.queue.title;
+      drawEstimate(page.estimate);
+    }
+    const count = offset + page.rows.length;
+    return { rows: page.rows, total: count + (page.more ? 1 : 0),
+      label: `${count} shown${page.more ? ", more below" : ""}` };
+  }, queueCard);
+  // the header is drawn before the first page is asked for
+  if (audit) {
+    const generation = state.generation;
+    state.afterReview = async () => {
+      const { estimate } = await api("queues/audit?" + query({ limit: 1, seed }));
+      if (generation === state.generation) drawEstimate(estimate);
+    };
+    $("#audit-seed").addEventListener("change", () => {
+      location.hash = `#/queue/audit?seed=${Number($("#audit-seed").value) || 0}`;
+    });
+  }
+  await shown;
 }
 
 // --- stats ----------------------------------------------------------------------------------
@@ -421,8 +699,15 @@ async function showStats() {
 function route() {
   const hash = location.hash || "#/";
   state.reviewing = null;
+  state.afterReview = null;
   if (hash.startsWith("#/sample/")) return showSample(hash.slice(9));
   if (hash === "#/stats") return showStats();
+  if (hash === "#/review") return showQueues();
+  if (hash.startsWith("#/queue/")) {
+    const [name, params] = hash.slice(8).split("?");
+    const seed = Number(new URLSearchParams(params || "").get("seed")) || 0;
+    return showQueue(decodeURIComponent(name), seed);
+  }
   if (hash.startsWith("#/search/")) return showSearch(decodeURIComponent(hash.slice(9)));
   return showGrid();
 }

@@ -11,7 +11,7 @@ from PIL import Image
 from pydantic import Field, model_validator
 
 from curate.media.decode import luma
-from curate.stage import FrameScoreParams, ScoreFilter
+from curate.stage import FrameScoreParams, ScoreFilter, Threshold
 
 
 class QualityParams(FrameScoreParams):
@@ -151,6 +151,17 @@ class ImageQuality(ScoreFilter):
 
     def verdict_reads(self) -> tuple[str, ...]:
         return (*self.reads(), *SCORES)
+
+    def thresholds(self) -> list[Threshold]:
+        """The limits on its score columns (for review queues; `verdicts` is its own, as
+        some checks are on width, height and bytes)."""
+        p = self.params
+        return [Threshold("aspect_ratio", "aspect_ratio", p.min_aspect_ratio,
+                          p.max_aspect_ratio),
+                Threshold("blur", "blur", p.min_blur),
+                Threshold("brightness", "brightness", p.min_brightness, p.max_brightness),
+                Threshold("contrast", "contrast", p.min_contrast),
+                Threshold("saturation", "saturation", p.min_saturation, p.max_saturation)]
 
     def writes(self) -> dict[str, pa.DataType]:
         return {

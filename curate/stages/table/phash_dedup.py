@@ -496,6 +496,34 @@ class PhashDedup(RowStage, GlobalStage):
     def needs_pixels(self) -> bool:
         return True
 
+    def pair_columns(self) -> tuple[str, ...]:
+        return (PHASH, PHASH_FLIPS) if self.dihedral else (PHASH,)
+
+    def pair_limit(self) -> float:
+        return float(self.params.max_distance)
+
+    def pair_distances(self, rows: pa.Table, kept: pa.Table) -> np.ndarray:
+        """Hamming distance of the pHashes (dihedral: the least over the row's 8
+        orientations; a row stored without its flips is compared as it is and transposed,
+        as the dedup compared it)."""
+        missing = (pc.is_null(rows[PHASH]).to_numpy(zero_copy_only=False)
+                   | pc.is_null(kept[PHASH]).to_numpy(zero_copy_only=False))
+        a = pc.fill_null(rows[PHASH], 0).to_numpy().astype(np.uint64)
+        b = pc.fill_null(kept[PHASH], 0).to_numpy().astype(np.uint64)
+        orientations = a[:, None]
+        if self.dihedral and PHASH_FLIPS in rows.column_names and len(a):
+            flips = rows[PHASH_FLIPS].combine_chunks()
+            has = pc.is_valid(flips).to_numpy(zero_copy_only=False)
+            f = np.zeros((len(a), 3), np.uint64)
+            if has.any():
+                f[has] = flips.filter(pa.array(has)).flatten().to_numpy().reshape(-1, 3)
+            orientations = dihedral_hashes(a, f)
+            as_is_and_transposed = np.column_stack([a, transpose_bits(a)])
+            orientations[~has] = np.repeat(as_is_and_transposed[~has], 4, axis=1)
+        distance = np.bitwise_count(orientations ^ b[:, None]).min(axis=1).astype(np.float64)
+        distance[missing] = np.nan
+        return distance
+
     def row_fingerprint(self) -> dict:
         fingerprint = {"type": self.type, "bits": 64, "reducing_gap": PHASH_REDUCING_GAP}
         if self.dihedral:  # rows gain phash_flips; without it, earlier tables stay current

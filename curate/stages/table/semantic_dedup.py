@@ -80,6 +80,23 @@ class SemanticDedup(_EmbeddingStage):
     def writes(self) -> dict[str, pa.DataType]:
         return {"cluster_id": pa.int32(), "semantic_duplicate_of": pa.string()}
 
+    def pair_columns(self) -> tuple[str, ...]:
+        return (self.params.embedding_column,)
+
+    def pair_limit(self) -> float:
+        return self.params.eps
+
+    def pair_distances(self, rows: pa.Table, kept: pa.Table) -> np.ndarray:
+        """Cosine distance of the embeddings."""
+        column = self.params.embedding_column
+        a, a_ok = to_matrix(rows[column])
+        b, b_ok = to_matrix(kept[column])
+        a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+        distance = 1.0 - np.einsum("ij,ij->i", a, b).astype(np.float64)
+        distance[~(a_ok & b_ok)] = np.nan
+        return distance
+
     def global_part(self, ex) -> GlobalResult:
         p = self.params
         parts = ex.scan(list(self.reads()), unit_vectors, p.embedding_column)

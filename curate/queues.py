@@ -1,0 +1,386 @@
+"""Review queues: views of the samples table ordered by how much a person's look is worth.
+
+- `threshold`: rows whose score lies nearest a filter's limit, on both sides (each limit of
+  each score filter of the last run's config);
+- `disagree`: rows where two scores disagree most: high in one, low in the other, as
+  ranks (from the histograms the last run recorded);
+- `duplicates`: rows a dedup stage called copies, farthest from their kept copy first
+  (the pairs at the edge of `max_distance` / `eps`), each with its kept copy and the
+  distance;
+- `audit`: a seeded random sample of the selection (with the rows people rejected since:
+  they were judged in it); people's verdicts on it estimate the selection's precision.
+
+Every page comes from scans bounded by a band around what the page needs: a range of the
+score (a BTREE index on it keeps that an index lookup, see `index_columns`), a range of
+sample ids (indexed already), or the rows a dedup stage marked. The band widens until it
+holds the page, and the rows of the band are ordered here. Only the widest band reads a
+whole score column: a page past every row the recorded histogram places near a limit,
+or low disagreements. Pure Arrow and NumPy over a Lance dataset; no Ray, no HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from dataclasses import asdict, dataclass
+from itertools import permutations
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate.reviews import REJECT
+from curate.stage import ScoreFilter, Stage
+
+THRESHOLD, DISAGREE, DUPLICATES, AUDIT = "threshold", "disagree", "duplicates", "audit"
+#: The deepest row a queue is paged to: nobody reviews further in one sitting, and it
+#: bounds what one page may read.
+MAX_DEPTH = 2000
+#: Half-widths of the band around a limit whose column has no recorded histogram, as
+#: fractions of the limit's magnitude (see band_widths).
+THRESHOLD_BANDS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+#: Least disagreement (difference of ranks) of the rows read, widest band last.
+DISAGREE_BANDS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
+#: Share of the sample-id space an audit band spans, widest last.
+AUDIT_BANDS = (1 / 4096, 1 / 1024, 1 / 256, 1 / 64, 1 / 16, 1 / 4, 1.0)
+AUDIT_SIZE = 200
+#: Rows of marked duplicates read at once (their kept copies are looked up per batch).
+PAIR_BATCH = 4096
+ID_SPACE = 16 ** 8  # audit bands are ranges of the first 8 hex digits of sample_id
+
+
+class QueueError(ValueError):
+    """A queue that does not exist or a request it cannot answer (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Queue:
+    name: str
+    kind: str
+    title: str
+    stage: str | None = None
+    column: str | None = None
+    other: str | None = None  # disagree: the score that is low
+    limit: float | None = None  # threshold: the limit; duplicates: the stage's distance
+    side: str | None = None  # threshold: min | max
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def plan(stages: list[Stage], schema: pa.Schema, histograms: dict[str, Any]) -> list[Queue]:
+    """The queues a table offers: from the stages of its last run's config (limits, dedup
+    stages) and the score histograms that run recorded."""
+    names = set(schema.names)
+    out = []
+    for stage in stages:
+        if isinstance(stage, ScoreFilter):
+            for limit in stage.thresholds():
+                if limit.column not in names:
+                    continue
+                for side, value in (("min", limit.minimum), ("max", limit.maximum)):
+                    if value is not None:
+                        out.append(Queue(
+                            f"{THRESHOLD}:{stage.name}:{limit.column}:{side}", THRESHOLD,
+                            f"{stage.name}: {limit.column} near its {side} {_fmt(value)}",
+                            stage.name, limit.column, limit=float(value), side=side))
+        if stage.marks_duplicates and stage.pair_columns() and stage.verdict_column in names \
+                and all(c in names for c in stage.pair_columns()):
+            out.append(Queue(f"{DUPLICATES}:{stage.name}", DUPLICATES,
+                             f"{stage.name}: copies farthest from their kept copy (limit "
+                             f"{_fmt(stage.pair_limit())})", stage.name,
+                             stage.verdict_column, limit=stage.pair_limit()))
+    scores = [c for c, h in histograms.items() if c.endswith("_score") and c in names
+              and len(h.get("edges") or []) > 1]
+    for high, low in permutations(scores, 2):
+        out.append(Queue(f"{DISAGREE}:{high}:{low}", DISAGREE,
+                         f"high {high}, low {low}", column=high, other=low))
+    if "selected" in names:
+        out.append(Queue(AUDIT, AUDIT, "a seeded random sample of the selection (audit)"))
+    return out
+
+
+def index_columns(queues: list[Queue]) -> list[str]:
+    """The score columns whose BTREE index keeps the queues' band scans index lookups."""
+    columns = []
+    for queue in queues:
+        if queue.kind in (THRESHOLD, DISAGREE):
+            columns += [queue.column, *([queue.other] if queue.other else [])]
+    return list(dict.fromkeys(columns))
+
+
+def _literal(x: float) -> str:
+    """A float as Lance SQL takes it (no exponent)."""
+    return np.format_float_positional(float(x), trim="-")
+
+
+# --- pages ----------------------------------------------------------------------------------
+class Pager:
+    """Pages of one queue over a Lance dataset (`dataset`: its to_table and count_rows)."""
+
+    def __init__(self, dataset, histograms: dict[str, Any]):
+        self.dataset = dataset
+        self.histograms = histograms
+        self.kept: dict[tuple, tuple] = {}  # whole queues (pairs, audits) of this version
+        self.lock = threading.Lock()
+        self.making: dict[tuple, threading.Lock] = {}  # one maker per queue at a time
+
+    def page(self, queue: Queue, stage: Stage | None, offset: int, limit: int,
+             seed: int = 0, size: int = AUDIT_SIZE) -> dict[str, Any]:
+        """{"rows": [{"sample_id", "_queue": {...}}...], "total", "more"}: the rows at
+        `offset` of the queue (only their ids and what places them there; the caller
+        fetches the columns it shows)."""
+        need = offset + limit
+        if need > MAX_DEPTH:
+            raise QueueError(f"offset + limit is {need}; queues are paged to {MAX_DEPTH} "
+                             "rows deep")
+        if queue.kind == THRESHOLD:
+            ranked, total = self._threshold(queue, need)
+        elif queue.kind == DISAGREE:
+            ranked, total = self._disagree(queue, need)
+        elif queue.kind == DUPLICATES:
+            assert stage is not None
+            ranked, total = self._whole((queue.name,), self._pairs, queue, stage)
+        else:
+            ranked, total = self._whole((AUDIT, seed, size), self._audit, seed,
+                                        min(size, MAX_DEPTH))
+        # total None: the band read held the page, and the queue may go on past it
+        more = (total is None or total > need) and need < MAX_DEPTH
+        return {"total": total, "more": more, "rows": ranked[offset:need]}
+
+    def _whole(self, key: tuple, make, *args):
+        """A queue made whole once per table version (its rows are at most MAX_DEPTH);
+        requests for it meanwhile wait for that one making. Audits (one per seed asked
+        for) are kept 16 at most, the copies of each dedup stage all along."""
+        with self.lock:
+            making = self.making.setdefault(key, threading.Lock())
+        with making:
+            with self.lock:
+                found = self.kept.get(key)
+            if found is None:
+                found = make(*args)
+                with self.lock:
+                    audits = [k for k in self.kept if k[0] == AUDIT]
+                    if key[0] == AUDIT and len(audits) >= 16:
+                        self.kept.pop(audits[0])
+                    self.kept[key] = found
+        return found
+
+    def _banded(self, filters: list[str], columns: list[str], key, need: int):
+        """Rows of the first band (filter) holding `need` rows whose key is finite, in
+        key order, their keys, and whether that band was the widest (then they are the
+        whole queue). `key(rows)` -> float keys (NaN: not in the queue at this band)."""
+        rows = keys = None
+        widest = False
+        for i, band in enumerate(filters):
+            if i < len(filters) - 1 and self.dataset.count_rows(filter=band) < need:
+                continue  # too few rows even before the key's own cut
+            rows = self.dataset.to_table(columns=["sample_id", *columns], filter=band)
+            keys = key(rows)
+            widest = i == len(filters) - 1
+            if np.count_nonzero(np.isfinite(keys)) >= need or widest:
+                break
+        ok = np.isfinite(keys)
+        rows, keys = rows.filter(pa.array(ok)), keys[ok]
+        ids = rows["sample_id"].to_numpy(zero_copy_only=False)
+        order = np.lexsort((ids, keys))  # ties by sample_id: pages are stable
+        return rows.take(pa.array(order)), keys[order], widest
+
+    def _threshold(self, queue: Queue, need: int):
+        column, at = queue.column, float(queue.limit)
+        bands = [f"{column} >= {_literal(at - w)} AND {column} <= {_literal(at + w)}"
+                 for w in band_widths(self.histograms.get(column), at, need)]
+        bands.append(f"{column} IS NOT NULL")  # past the recorded range
+
+        def key(rows):
+            values = pc.fill_null(pc.cast(rows[column], pa.float64()), math.nan).to_numpy()
+            return np.abs(values - at)
+
+        rows, _, widest = self._banded(bands, [column], key, need)
+        values = rows[column].to_pylist()
+        failing = (lambda v: v < at) if queue.side == "min" else (lambda v: v > at)
+        out = [{"sample_id": i, "_queue": {"value": v, "limit": at, "side": queue.side,
+                                            "passes": not failing(v)}}
+               for i, v in zip(rows["sample_id"].to_pylist(), values)]
+        return out, len(out) if widest else None
+
+    def _disagree(self, queue: Queue, need: int):
+        high, low = Rank(self.histograms[queue.column]), Rank(self.histograms[queue.other])
+        bands = []
+        for d in DISAGREE_BANDS:  # rows with rank(high) - rank(low) >= d lie in this box
+            bottom = high.at_least(d)
+            parts = [f"{queue.column} >= {_literal(bottom)}" if math.isfinite(bottom)
+                     else f"{queue.column} IS NOT NULL"]
+            top = low.at_most(1 - d)
+            parts.append(f"{queue.other} <= {_literal(top)}" if top is not None
+                         else f"{queue.other} IS NOT NULL")
+            bands.append((" AND ".join(parts), d))
+
+        def key_at(d):
+            def key(rows):
+                gap = high(rows[queue.column]) - low(rows[queue.other])
+                return np.where(gap >= d, -gap, np.nan)
+            return key
+
+        rows = keys = None
+        for i, (band, d) in enumerate(bands):  # the band's key cut differs per band
+            last = i == len(bands) - 1
+            if not last and self.dataset.count_rows(filter=band) < need:
+                continue
+            rows, keys, _ = self._banded([band], [queue.column, queue.other], key_at(d),
+                                         need)
+            if len(keys) >= need or last:
+                break
+        out = [{"sample_id": i, "_queue": {queue.column: a, queue.other: b,
+                                            "disagreement": round(-k, 4)}}
+               for i, a, b, k in zip(rows["sample_id"].to_pylist(),
+                                     rows[queue.column].to_pylist(),
+                                     rows[queue.other].to_pylist(), keys.tolist())]
+        return out, len(out) if last else None
+
+    def _pairs(self, queue: Queue, stage: Stage):
+        """Every row the stage marked, read in batches with its kept copy; the MAX_DEPTH
+        farthest kept (bounded memory, whatever the number of copies)."""
+        column, cols = queue.column, list(stage.pair_columns())
+        best_ids = np.empty(0, object)
+        best_kept = np.empty(0, object)
+        best = np.empty(0, np.float64)
+        total = 0
+        scanner = self.dataset.scanner(columns=["sample_id", column, *cols],
+                                       filter=f"{column} IS NOT NULL", batch_size=PAIR_BATCH)
+        for batch in scanner.to_batches():
+            rows = pa.Table.from_batches([batch])
+            if not rows.num_rows:
+                continue
+            kept_ids = rows[column].to_pylist()
+            kept = _by_ids(self.dataset, sorted(set(kept_ids)), cols)
+            where = pc.index_in(rows[column], value_set=kept["sample_id"])
+            kept = kept.take(where)  # null rows where a kept copy is gone: NaN distances
+            distance = stage.pair_distances(rows, kept)
+            total += rows.num_rows
+            best = np.concatenate([best, np.nan_to_num(distance, nan=-1.0)])
+            best_ids = np.concatenate([best_ids, rows["sample_id"].to_numpy(
+                zero_copy_only=False)])
+            best_kept = np.concatenate([best_kept, np.array(kept_ids, object)])
+            if len(best) > 2 * MAX_DEPTH:
+                keep = np.lexsort((best_ids, -best))[:MAX_DEPTH]
+                best, best_ids, best_kept = best[keep], best_ids[keep], best_kept[keep]
+        order = np.lexsort((best_ids, -best))[:MAX_DEPTH]
+        out = [{"sample_id": i, "_queue": {"distance": None if d < 0 else d, "kept": k,
+                                            "limit": queue.limit}}
+               for i, k, d in zip(best_ids[order], best_kept[order], best[order].tolist())]
+        return out, total
+
+    def _audit(self, seed: int, size: int):
+        start = int(hashlib.sha256(f"curate-audit:{seed}".encode()).hexdigest()[:8], 16)
+        # the rows the run selected, and those people rejected since (a reject moves a
+        # row out of the selection, not out of the sample it was judged in)
+        population = "selected = true"
+        if "review" in self.dataset.schema.names:
+            population = f"(selected = true OR review = '{REJECT}')"
+        bands = [f"{population} AND ({_id_range(start, share)})" for share in AUDIT_BANDS]
+
+        def key(rows):  # distance from the start, around the id space
+            first = np.array([int(i[:8].ljust(8, "0"), 16) for i in
+                              rows["sample_id"].to_pylist()], np.float64)
+            return (first - start) % ID_SPACE
+
+        rows, _, _ = self._banded(bands, [], key, size)
+        ids = rows["sample_id"].to_pylist()[:size]
+        return [{"sample_id": i, "_queue": {"audit_rank": n}} for n, i in enumerate(ids)], \
+            len(ids)
+
+
+def band_widths(histogram: dict[str, Any] | None, at: float, need: int) -> list[float]:
+    """Half-widths of bands around `at`, narrowest first: the first is the narrowest the
+    recorded histogram says holds twice `need` rows (linear within a bin), each next
+    twice as wide, the last covering the whole recorded range. Without a histogram,
+    fractions of the limit's magnitude."""
+    edges = np.asarray((histogram or {}).get("edges") or [], np.float64)
+    if len(edges) < 2:
+        spread = max(abs(at), 1.0)
+        return [spread * w for w in THRESHOLD_BANDS]
+    counts = np.asarray(histogram["selected"], np.float64) + np.asarray(
+        histogram["rejected"], np.float64)
+    cum = np.concatenate([[0.0], np.cumsum(counts)])
+    far = max(abs(at - edges[0]), abs(edges[-1] - at), 1e-9)
+    want = min(2 * need, cum[-1])
+
+    def held(w):
+        return np.interp(at + w, edges, cum) - np.interp(at - w, edges, cum)
+
+    low, high = 0.0, far
+    for _ in range(40):  # the least width holding `want` rows, by bisection
+        middle = (low + high) / 2
+        low, high = (low, middle) if held(middle) >= want else (middle, high)
+    widths = [max(high, far * 1e-9)]
+    while widths[-1] < far:
+        widths.append(widths[-1] * 2)
+    return widths
+
+
+def _id_range(start: int, share: float) -> str:
+    """A filter on sample_id: ids whose first 8 hex digits lie in [start, start + share of
+    the space), around the end of the space."""
+    if share >= 1.0:
+        return "sample_id IS NOT NULL"
+    end = start + int(ID_SPACE * share)
+
+    def hexed(x):
+        return f"{x % ID_SPACE:08x}"
+
+    if end <= ID_SPACE:
+        upper = f" AND sample_id < '{hexed(end)}'" if end < ID_SPACE else ""
+        return f"sample_id >= '{hexed(start)}'{upper}"
+    return f"sample_id >= '{hexed(start)}' OR sample_id < '{hexed(end)}'"
+
+
+def _by_ids(dataset, ids: list[str], columns: list[str]) -> pa.Table:
+    quoted = ", ".join(f"'{i}'" for i in ids)
+    return dataset.to_table(columns=["sample_id", *columns],
+                            filter=f"sample_id IN ({quoted})")
+
+
+class Rank:
+    """A score's rank (0-1) from a recorded histogram: its CDF, linear within a bin."""
+
+    def __init__(self, histogram: dict[str, Any]):
+        self.edges = np.asarray(histogram["edges"], np.float64)
+        counts = np.asarray(histogram["selected"], np.float64) + np.asarray(
+            histogram["rejected"], np.float64)
+        total = counts.sum()
+        self.cum = np.concatenate([[0.0], np.cumsum(counts) / total]) if total else \
+            np.linspace(0, 1, len(self.edges))
+
+    def __call__(self, values) -> np.ndarray:
+        x = pc.fill_null(pc.cast(values, pa.float64()), math.nan).to_numpy()
+        return np.interp(x, self.edges, self.cum)  # NaN stays NaN
+
+    def at_least(self, d: float) -> float:
+        """A value below every score of rank >= d (a superset bound for a filter)."""
+        i = int(np.searchsorted(self.cum, d, side="left"))
+        return float(self.edges[max(i - 1, 0)]) if d > 0 else -math.inf
+
+    def at_most(self, r: float) -> float | None:
+        """A value above every score of rank <= r (None: no bound)."""
+        above = np.flatnonzero(self.cum > r)
+        return float(self.edges[above[0]]) if len(above) and r < 1 else None
+
+
+def wilson(accepted: int, reviewed: int) -> tuple[float, float] | None:
+    """The 95% Wilson score interval of a proportion (None with nothing reviewed)."""
+    if not reviewed:
+        return None
+    z = NormalDist().inv_cdf(0.975)
+    p = accepted / reviewed
+    centre = (p + z * z / (2 * reviewed)) / (1 + z * z / reviewed)
+    half = z * math.sqrt(p * (1 - p) / reviewed + z * z / (4 * reviewed ** 2)) / (
+        1 + z * z / reviewed)
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -1,0 +1,297 @@
+"""Review queues (curate.queues) on a real Lance table of synthetic rows. The oracle of
+each queue is a brute-force ordering of ALL rows in plain Python; the queues must give
+the same pages while reading only a band of the table."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import lance
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from curate import queues, reviews
+from curate.stages.table.phash_dedup import PHASH_FLIPS, PhashDedup, dihedral_hashes
+from curate.stages.table.semantic_dedup import SemanticDedup
+from curate.stats import BINS, of_parts
+
+N = 6000
+
+
+def _hex(rng: random.Random) -> str:
+    return f"{rng.getrandbits(128):032x}"
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    """N rows: two scores (one with nulls), pHashes with flips, small embeddings, and a
+    dedup verdict on one row in twenty, pointing at another row."""
+    rng = random.Random(5)
+    ids = [_hex(rng) for _ in range(N)]
+    a = [rng.gauss(5, 1.5) for _ in range(N)]
+    b = [None if i % 13 == 0 else rng.random() for i in range(N)]
+    phash = [rng.getrandbits(64) for _ in range(N)]
+    flips = [None if i % 7 == 0 else [rng.getrandbits(64) for _ in range(3)] for i in range(N)]
+    vectors = np.random.default_rng(5).normal(size=(N, 8)).astype(np.float32)
+    copy = [ids[rng.randrange(N)] if i % 20 == 3 else None for i in range(N)]
+    data = pa.table({
+        "sample_id": ids,
+        "selected": [i % 3 != 0 for i in range(N)],
+        "aesthetic_score": pa.array(a, pa.float32()),
+        "clip_score": pa.array(b, pa.float32()),
+        "phash": pa.array(phash, pa.uint64()),
+        PHASH_FLIPS: pa.array(flips, pa.list_(pa.uint64(), 3)),
+        "clip_embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 8),
+        "phash_duplicate_of": pa.array(copy, pa.string()),
+        "semantic_duplicate_of": pa.array(copy, pa.string()),
+    })
+    path = tmp_path_factory.mktemp("queues") / "t.lance"
+    dataset = lance.write_dataset(data, path, max_rows_per_file=1500)
+    for column in ("sample_id", "aesthetic_score", "clip_score"):
+        dataset.create_scalar_index(column, "BTREE")
+    dataset = lance.dataset(path)
+    histograms = of_parts(list, lambda parts, fn, args: [fn(p, *args) for p in parts],
+                          [data], data.schema, BINS)["histograms"]
+    return dataset, data.to_pylist(), histograms
+
+
+class Counting:
+    """A Lance dataset that counts the rows its scans return."""
+
+    def __init__(self, dataset):
+        self.dataset, self.rows = dataset, 0
+        self.schema = dataset.schema
+
+    def to_table(self, **kwargs):
+        out = self.dataset.to_table(**kwargs)
+        self.rows += out.num_rows
+        return out
+
+    def count_rows(self, **kwargs):
+        return self.dataset.count_rows(**kwargs)
+
+    def scanner(self, **kwargs):
+        return self.dataset.scanner(**kwargs)
+
+
+def _queue(kind, **fields):
+    return queues.Queue(f"{kind}:test", kind, "test", **fields)
+
+
+def _pages(pager, queue, stage=None, limit=37, depth=300, **kw):
+    out = []
+    for offset in range(0, depth, limit):
+        out += pager.page(queue, stage, offset, min(limit, depth - offset), **kw)["rows"]
+    return out
+
+
+@pytest.mark.parametrize("side, at", [("min", 4.2), ("max", 7.9), ("min", -3.0)])
+def test_threshold_pages_are_the_rows_nearest_the_limit(table, side, at):
+    dataset, rows, histograms = table
+    counting = Counting(dataset)
+    pager = queues.Pager(counting, histograms)
+    queue = _queue(queues.THRESHOLD, column="aesthetic_score", limit=at, side=side)
+    got = _pages(pager, queue)
+    # float32 as stored, compared in float64: as the queue does
+    expected = sorted(((abs(float(np.float32(r["aesthetic_score"])) - at), r["sample_id"])
+                       for r in rows), key=lambda t: (t[0], t[1]))[:300]
+    assert [r["sample_id"] for r in got] == [i for _, i in expected]
+    for r in got:
+        value = r["_queue"]["value"]
+        assert r["_queue"]["passes"] == (value >= at if side == "min" else value <= at)
+    if at > 0:  # a limit inside the scores: the pages read a band, not the column
+        assert counting.rows < N * 8 // 4  # 8 pages, each under a quarter of the table
+
+
+def test_disagreement_pages_rank_scores_by_the_recorded_histograms(table):
+    dataset, rows, histograms = table
+    pager = queues.Pager(Counting(dataset), histograms)
+    queue = _queue(queues.DISAGREE, column="aesthetic_score", other="clip_score")
+    got = _pages(pager, queue, depth=200)
+    high, low = queues.Rank(histograms["aesthetic_score"]), queues.Rank(histograms["clip_score"])
+    gaps = []
+    for r in rows:  # the whole table, one row at a time
+        if r["clip_score"] is None:
+            continue
+        gap = float(high(pa.array([r["aesthetic_score"]], pa.float32()))[0]
+                    - low(pa.array([r["clip_score"]], pa.float32()))[0])
+        if gap >= 0:
+            gaps.append((-gap, r["sample_id"]))
+    expected = [i for _, i in sorted(gaps)[:200]]
+    assert [r["sample_id"] for r in got] == expected
+
+
+def test_ranks_follow_the_data_within_a_bin(table):
+    _, rows, histograms = table
+    values = np.array([r["aesthetic_score"] for r in rows], np.float64)
+    rank = queues.Rank(histograms["aesthetic_score"])(pa.array(values))
+    empirical = (np.argsort(np.argsort(values)) + 0.5) / len(values)
+    # linear within each of the 20 bins: off by at most the share of rows in one bin
+    assert np.max(np.abs(rank - empirical)) < 0.08
+    edges = histograms["aesthetic_score"]["edges"]
+    for d in (0.1, 0.5, 0.9):
+        bound = queues.Rank(histograms["aesthetic_score"]).at_least(d)
+        assert all(v >= bound for v, r in zip(values, rank) if r >= d)
+        top = queues.Rank(histograms["aesthetic_score"]).at_most(d)
+        assert all(v <= top for v, r in zip(values, rank) if r <= d)
+    assert edges[0] <= values.min() and values.max() <= edges[-1]
+
+
+def _reference_phash(row, kept) -> float:
+    """The least Hamming distance over the row's orientations (as it is and transposed
+    only when it has no flips), in plain Python."""
+    if row["phash"] is None or kept["phash"] is None:
+        return math.nan
+    flips = row[PHASH_FLIPS]
+    if flips is None:
+        from curate.stages.table.phash_dedup import transpose_bits
+        turned = [row["phash"], int(transpose_bits(np.array([row["phash"]], np.uint64))[0])]
+    else:
+        turned = [int(h) for h in dihedral_hashes(np.array([row["phash"]], np.uint64),
+                                                  np.array([flips], np.uint64))[0]]
+    return min((h ^ kept["phash"]).bit_count() for h in turned)
+
+
+def _reference_cosine(row, kept) -> float:
+    a, b = np.float64(row["clip_embedding"]), np.float64(kept["clip_embedding"])
+    return 1 - float(a @ b / np.sqrt((a @ a) * (b @ b)))
+
+
+@pytest.mark.parametrize("stage, reference", [
+    (PhashDedup(max_distance=10, invariance="dihedral"),
+     _reference_phash),
+    (SemanticDedup(eps=0.2), _reference_cosine),
+])
+def test_copies_come_farthest_first_with_their_kept_copy(table, stage, reference,
+                                                        monkeypatch):
+    dataset, rows, histograms = table
+    monkeypatch.setattr(queues, "PAIR_BATCH", 64)  # many batches, as on a big table
+    monkeypatch.setattr(queues, "MAX_DEPTH", 120)  # the bounded top is what is kept
+    by_id = {r["sample_id"]: r for r in rows}
+    pager = queues.Pager(Counting(dataset), histograms)
+    queue = _queue(queues.DUPLICATES, stage=stage.name, column=stage.verdict_column,
+                   limit=stage.pair_limit())
+    got = _pages(pager, queue, stage, limit=25, depth=120)
+    expected = []
+    for r in rows:
+        if r[stage.verdict_column] is not None:
+            d = reference(r, by_id[r[stage.verdict_column]])
+            expected.append((-d, r["sample_id"]))
+    expected.sort()
+    assert [r["sample_id"] for r in got] == [i for _, i in expected[:120]]
+    for r, (d, _) in zip(got, expected):
+        assert r["_queue"]["distance"] == pytest.approx(-d, abs=1e-5)
+        assert r["_queue"]["kept"] == by_id[r["sample_id"]][stage.verdict_column]
+    assert pager.page(queue, stage, 0, 1)["total"] == len(expected)
+
+
+def test_the_audit_is_a_seeded_sample_of_the_selection_that_new_rows_do_not_reshuffle(
+        table, tmp_path):
+    dataset, rows, histograms = table
+    pager = queues.Pager(Counting(dataset), histograms)
+    queue = _queue(queues.AUDIT)
+    got = [r["sample_id"] for r in _pages(pager, queue, depth=150, seed=7, size=150)]
+    start = int(__import__("hashlib").sha256(b"curate-audit:7").hexdigest()[:8], 16)
+    chosen = sorted((r for r in rows if r["selected"]),
+                    key=lambda r: ((int(r["sample_id"][:8], 16) - start) % 16 ** 8,
+                                   r["sample_id"]))
+    assert got == [r["sample_id"] for r in chosen[:150]]
+    other = [r["sample_id"] for r in _pages(pager, queue, depth=150, seed=8, size=150)]
+    assert len(set(got) & set(other)) < 30  # another seed, another sample
+    # rows added later slot in by id: the earlier sample keeps its order
+    rng = random.Random(9)
+    added = [{**rows[0], "sample_id": _hex(rng), "selected": True} for _ in range(600)]
+    copy = tmp_path / "grown.lance"
+    lance.write_dataset(dataset.to_table(), copy)
+    grown = lance.write_dataset(pa.Table.from_pylist(added, schema=dataset.schema), copy,
+                                mode="append")
+    again = [r["sample_id"] for r in _pages(queues.Pager(Counting(grown), histograms),
+                                            queue, depth=150, seed=7, size=150)]
+    new = {r["sample_id"] for r in added}
+    assert new & set(again)  # some of the new rows come early enough to be sampled
+    assert [i for i in again if i not in new] == got[:len([i for i in again if i not in new])]
+
+
+def test_the_audit_keeps_the_rows_people_rejected_since(tmp_path):
+    """A run applies people's rejects (selected false, review reject): the sample they
+    were judged in keeps them, or the precision would read as all accepts."""
+    rng = random.Random(2)
+    ids = [_hex(rng) for _ in range(400)]
+    review = [("reject" if i % 4 == 0 else "accept" if i % 4 == 1 else None)
+              for i in range(400)]
+    data = pa.table({"sample_id": ids, "selected": [r != "reject" and i % 3 != 2
+                                                    for i, r in enumerate(review)],
+                     "review": pa.array(review, pa.string())})
+    dataset = lance.write_dataset(data, tmp_path / "a.lance")
+    page = queues.Pager(dataset, {}).page(queues.Queue("audit", "audit", "t"), None, 0, 100,
+                                          seed=1, size=100)
+    start = int(__import__("hashlib").sha256(b"curate-audit:1").hexdigest()[:8], 16)
+    judged = sorted((r for r in data.to_pylist() if r["selected"] or r["review"] == "reject"),
+                    key=lambda r: ((int(r["sample_id"][:8], 16) - start) % 16 ** 8,
+                                   r["sample_id"]))
+    assert [r["sample_id"] for r in page["rows"]] == [r["sample_id"] for r in judged[:100]]
+    assert (page["total"], page["more"]) == (100, False)
+
+
+def test_queues_refuse_pages_past_their_depth(table):
+    dataset, _, histograms = table
+    pager = queues.Pager(dataset, histograms)
+    queue = _queue(queues.THRESHOLD, column="aesthetic_score", limit=5.0, side="min")
+    with pytest.raises(queues.QueueError, match="paged to 2000 rows deep"):
+        pager.page(queue, None, 1990, 20)
+    assert len(pager.page(queue, None, 1950, 50)["rows"]) == 50
+
+
+def test_the_queues_a_table_offers_follow_its_stages_and_scores(table):
+    from curate.stages.image.aesthetic_score import AestheticScore
+
+    dataset, _, histograms = table
+    aesthetic = AestheticScore(name="aesthetic", weights="w.pth", sha256="0" * 64,
+                               min_score=4.5)
+    phash = PhashDedup(invariance="dihedral")
+    offered = queues.plan([aesthetic, phash], dataset.schema, histograms)
+    assert [q.name for q in offered] == [
+        "threshold:aesthetic:aesthetic_score:min", "duplicates:phash_dedup",
+        "disagree:aesthetic_score:clip_score", "disagree:clip_score:aesthetic_score", "audit"]
+    assert queues.index_columns(offered) == ["aesthetic_score", "clip_score"]
+
+
+def test_the_audit_estimate_is_the_wilson_interval():
+    from scipy.stats import binomtest
+
+    for accepted, reviewed in [(3, 4), (0, 5), (50, 50), (37, 120)]:
+        ci = binomtest(accepted, reviewed).proportion_ci(method="wilson")
+        assert queues.wilson(accepted, reviewed) == pytest.approx((ci.low, ci.high))
+    assert queues.wilson(0, 0) is None
+
+
+def test_undo_gives_the_verdict_before_the_last_one_again():
+    from datetime import datetime, timezone
+
+    at = datetime(2026, 12, 5, tzinfo=timezone.utc)
+    rng = random.Random(4)
+    history = []
+    for n in range(120):
+        sample = rng.choice("abcdef")
+        verdict = rng.choice(["accept", "reject", "clear"])
+        # times out of commit order (clocks of two replicas), ties among them
+        when = at.replace(minute=rng.randrange(30))
+        history.append(reviews.entries([sample], verdict,
+                                       f"why {n}" if verdict == "reject" else None,
+                                       [f"t{n}"], "ana", when))
+    log = pa.concat_tables(history)
+    undone = reviews.undone(log, "bo", at).to_pylist()
+    # the reference: the log replayed in time order (commit order among ties), each
+    # sample's second-to-last entry
+    rows = sorted(log.to_pylist(), key=lambda r: r["reviewed_at"])
+    for entry in undone:
+        mine = [r for r in rows if r["sample_id"] == entry["sample_id"]]
+        before = mine[-2] if len(mine) > 1 else {"review": None, "review_reason": None,
+                                                 "review_tags": None}
+        assert (entry["review"], entry["review_reason"], entry["review_tags"]) == (
+            before["review"], before["review_reason"],
+            before["review_tags"] if before["review"] else None)
+        assert entry["reviewed_by"] == "bo"
+    assert sorted(e["sample_id"] for e in undone) == sorted(set("abcdef"))
