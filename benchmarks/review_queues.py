@@ -14,7 +14,10 @@ pages of each kind of queue are requested over HTTP, one at a time, at random de
 - disagree: `disagree:aesthetic_score:nsfw_score` (a box of two indexed scores);
 - duplicates: `duplicates:phash_dedup` (every copy read once per table version, at the
   first request; later pages come from what it kept);
-- audit: `audit` at random seeds (a range of sample ids, indexed).
+- audit: `audit` at random seeds (a range of sample ids, indexed);
+- what-if: `GET /whatif/threshold:nsfw_score:nsfw_score:max?value=` with the value drawn
+  anywhere in the scores' range (its band, between the two limits, up to the whole
+  column), against the plain way: the columns read whole, the moved limit applied.
 
 The first page of each queue after start-up is printed apart (`first_ms`: indexes
 opened, the copies scanned). The baseline, in the same process, is the same page computed
@@ -253,10 +256,42 @@ def measure(store_path: Path, requests: int, seed: int = 1) -> dict:
                                             / record["served"]["p50_ms"], 1)
             out[kind] = record
             print(kind, json.dumps(record), flush=True)
+        out["whatif"] = whatif(conn, dataset, requests, rng)
+        print("whatif", json.dumps(out["whatif"]), flush=True)
     finally:
         conn.close()
         stop()
     return out
+
+
+def whatif(conn, dataset, requests: int, rng: random.Random) -> dict:
+    """`GET /whatif` on nsfw_score's max (0.8) dragged to a value anywhere in the scores'
+    range (so the band read between the two limits is anything up to the whole column),
+    against the plain way: the columns read whole and the moved limit applied in NumPy."""
+    name = quote("threshold:nsfw_score:nsfw_score:max")
+    column = dataset.to_table(columns=["nsfw_score"], filter="nsfw_score IS NOT NULL",
+                              limit=20_000)["nsfw_score"].to_numpy()  # the scores' range
+    low, high = float(column.min()), float(column.max())
+    served, plain = [], []
+    for _ in range(requests):
+        value = rng.uniform(low, high)
+        served.append(get(conn, f"/whatif/{name}?value={value}&strip=24&columns=uri"))
+        if len(plain) < max(5, requests // 10):
+            started = time.perf_counter()
+            t = dataset.to_table(columns=["sample_id", "selected", "nsfw_score"])
+            scores = t["nsfw_score"].to_numpy(zero_copy_only=False).astype(np.float64)
+            chosen = t["selected"].to_numpy(zero_copy_only=False)
+            leaving = np.flatnonzero(chosen & (scores > value))
+            order = np.argsort(np.abs(scores[leaving] - value))[:24]
+            ids = [t["sample_id"][int(i)].as_py() for i in leaving[order]]
+            if ids:
+                quoted = ", ".join(f"'{i}'" for i in ids)
+                dataset.to_table(columns=["sample_id", "uri"], filter=f"sample_id IN ({quoted})")
+            plain.append(time.perf_counter() - started)
+    record = {"served": percentiles(served), "plain_whole_columns": percentiles(plain)}
+    record["ratio_p50"] = round(record["plain_whole_columns"]["p50_ms"]
+                                / record["served"]["p50_ms"], 1)
+    return record
 
 
 def free_port() -> int:

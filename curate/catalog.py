@@ -75,6 +75,7 @@ class Catalog:
         self._lock = threading.Lock()
         self._clips = None  # a ClipCache, made on the first clip asked for
         self._queues = None  # (version, queues by name, pager, histograms)
+        self._stages: list = []  # of the last run's config, with _queues
         if self.store.table() is None:
             raise CatalogError(404, f"no table {store.table!r} at {self.store.uri}; run "
                                "`curate run` first or pass the right --store/--table")
@@ -468,6 +469,8 @@ class Catalog:
         # none recorded: one scan, kept with this version)
         histograms = ((last.get("stats") or self.stats()).get("histograms") or {})
         stages = self._run_stages(last.get("config_yaml"))
+        with self._lock:
+            self._stages = stages
         by_name = {}
         for queue in queues.plan(stages, self.schema(), histograms):
             by_name[queue.name] = (queue, next((s for s in stages if s.name == queue.stage),
@@ -540,6 +543,30 @@ class Catalog:
                                                       seed, size)["rows"]]
             answer["estimate"] = self._audit_estimate(ids, reviews, queues)
             answer["seed"] = seed
+        return answer
+
+    def whatif(self, name: str, value: float, strip: int = 24,
+               columns: list[str] | None = None) -> dict[str, Any]:
+        """What moving the limit of threshold queue `name` to `value` changes (see
+        curate.queues.what_if); the strips' rows with `columns`."""
+        from curate import queues
+
+        _, by_name, pager, _ = self._queue_plan()
+        if name not in by_name or by_name[name][0].kind != queues.THRESHOLD:
+            known = ", ".join(n for n, (q, _) in by_name.items() if q.kind == queues.THRESHOLD)
+            raise CatalogError(404, f"no threshold queue {name!r}; these: {known or 'none'}")
+        queue, stage = by_name[name]
+        with self._lock:
+            others = [s.verdict_column for s in self._stages
+                      if s.verdict_column and s.name != stage.name]
+        try:
+            answer = queues.what_if(pager, stage, queue, value, others, strip)
+        except queues.QueueError as exc:
+            raise CatalogError(400, str(exc)) from None
+        cols = self._columns(columns, False)
+        for side in ("leave", "enter"):
+            found = {r["sample_id"]: r for r in self._by_ids(answer[side], cols)}
+            answer[side] = [clean_row(found[i]) for i in answer[side] if i in found]
         return answer
 
     def _audit_estimate(self, ids: list[str], reviews, queues) -> dict[str, Any]:

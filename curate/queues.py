@@ -384,3 +384,79 @@ def wilson(accepted: int, reviewed: int) -> tuple[float, float] | None:
     half = z * math.sqrt(p * (1 - p) / reviewed + z * z / (4 * reviewed ** 2)) / (
         1 + z * z / reviewed)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# --- what-if: a limit moved, decided from the stored scores ---------------------------------
+def moved(stage: ScoreFilter, column: str, side: str, value: float) -> ScoreFilter:
+    """A copy of `stage` whose `side` limit on `column` is `value`: the threshold param
+    that sets that limit, found by what the stage's own `thresholds()` says."""
+    def limit_of(candidate):
+        found = next((t for t in candidate.thresholds() if t.column == column), None)
+        return None if found is None else (found.minimum if side == "min" else found.maximum)
+
+    for param in stage.threshold_params:
+        if not param.startswith(f"{side}_"):
+            continue
+        copies = [type(stage)(stage.params.model_copy(update={param: v}))
+                  for v in (value, value + 1.0)]
+        if [limit_of(c) for c in copies] == [value, value + 1.0]:
+            return copies[0]
+    raise QueueError(f"no param of stage {stage.name} sets its {side} on {column}")
+
+
+def what_if(pager: Pager, stage: ScoreFilter, queue: Queue, value: float,
+            other_verdicts: list[str], strip: int = 24) -> dict[str, Any]:
+    """What moving a threshold queue's limit to `value` changes, from the stored scores,
+    counted by Lance over the rows between the two limits (the score is indexed):
+
+    - `leave`: selected rows the moved limit fails (the other limits of the stage they
+      pass already), but those a person accepted;
+    - `enter`: rows this stage dropped first for this limit alone (its verdict names one
+      failed check, this one's; no other stage's verdict) that the moved limit passes,
+      but those a person rejected. A run then computes the stages after it on them, and
+      dedup and sampling decide on them again: they enter the row filters.
+
+    The strips are the rows of each nearest the new limit."""
+    if not math.isfinite(value):
+        raise QueueError(f"value {value} is not a finite number")
+    moved(stage, queue.column, queue.side, value)  # the stage has a param for this limit
+    column, old = queue.column, float(queue.limit)
+    label = next(t.label for t in stage.thresholds() if t.column == column)
+    names = set(pager.dataset.schema.names)
+    tighter = value > old if queue.side == "min" else value < old
+    if queue.side == "min":  # the scores the moved limit fails, or newly passes
+        between = f"{column} < {_literal(value)} AND {column} >= {_literal(old)}" if tighter \
+            else f"{column} >= {_literal(value)} AND {column} < {_literal(old)}"
+    else:
+        between = f"{column} > {_literal(value)} AND {column} <= {_literal(old)}" if tighter \
+            else f"{column} <= {_literal(value)} AND {column} > {_literal(old)}"
+    person = "review" in names
+    if tighter:
+        where = f"selected = true AND {between}" + (
+            " AND (review IS NULL OR review <> 'accept')" if person else "")
+    else:
+        verdict = stage.verdict_column
+        others = " AND ".join(f"{c} IS NULL" for c in other_verdicts if c in names)
+        where = (f"selected = false AND {between} AND reject_reason LIKE "
+                 f"'{stage.name}: %' AND {verdict} LIKE '{label} %' AND {verdict} NOT LIKE "
+                 f"'%; %'" + (f" AND {others}" if others else "")
+                 + (f" AND (review IS NULL OR review <> '{REJECT}')" if person else ""))
+    count = pager.dataset.count_rows(filter=where)
+    selected = pager.dataset.count_rows(filter="selected = true")
+    ids: list[str] = []
+    if count and strip:
+        widths = band_widths(pager.histograms.get(column), value, strip)
+        bands = [f"{where} AND {column} >= {_literal(value - w)} AND {column} <= "
+                 f"{_literal(value + w)}" for w in widths] + [where]
+
+        def key(rows):
+            values = pc.fill_null(pc.cast(rows[column], pa.float64()), math.nan).to_numpy()
+            return np.abs(values - value)
+
+        rows, _, _ = pager._banded(bands, [column], key, min(strip, count))
+        ids = rows["sample_id"].to_pylist()[:strip]
+    leaving, entering = (count, 0) if tighter else (0, count)
+    return {"queue": queue.to_dict(), "limit": old, "value": value, "selected": selected,
+            "leaving": leaving, "entering": entering,
+            "selected_after": selected - leaving + entering,
+            "leave": ids if tighter else [], "enter": [] if tighter else ids}

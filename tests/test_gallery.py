@@ -402,3 +402,37 @@ def test_queues_and_picks_review_many_samples_by_mouse_and_keys(page, served, tm
     last = store.reviews().to_pylist()[-3:]
     assert sorted(r["sample_id"] for r in last) == sorted(view)
     assert {(r["review"], r["review_reason"]) for r in last} == {("reject", "not an image")}
+
+
+def test_what_if_moves_a_limit_by_field_and_by_drag(page, tmp_path):
+    """On the stats page a typed limit and a dragged one (the slider moved by keys) show
+    what GET /whatif answers for that value: the counts and the strip of samples."""
+    name = "threshold:nsfw_score:nsfw_score:max"
+    page.goto(page.base + "/#/stats")
+    box = f"[data-testid=whatif][data-queue='{name}']"
+    page.wait_for_selector(box)
+
+    def shows(value):
+        expected = api(page, f"/whatif/{name}", value=value, strip=12)
+        text = (f"{expected['selected']} → {expected['selected_after']} selected "
+                f"({expected['leaving']} leave, {expected['entering']} enter the row filters)")
+        page.wait_for_function(
+            "([sel, t]) => document.querySelector(sel + ' [data-testid=whatif-counts]')"
+            ".textContent.endsWith(t)", arg=[box, text])
+        assert card_ids(page, f"{box} [data-testid=whatif-strip]") == [
+            r["sample_id"] for r in expected["leave"] + expected["enter"]]
+        return expected
+
+    page.fill(f"{box} [data-testid=whatif-value]", "0.02")
+    page.press(f"{box} [data-testid=whatif-value]", "Tab")  # a change: the field is left
+    typed = shows(0.02)
+    page.focus(f"{box} [data-testid=whatif-range]")
+    page.keyboard.press("Home")  # dragged all the way down
+    low = page.input_value(f"{box} [data-testid=whatif-range]")
+    assert page.input_value(f"{box} [data-testid=whatif-value]") == low
+    dragged = shows(float(low))
+    assert dragged["leaving"] >= typed["leaving"] and dragged["leaving"] > 0  # tighter
+    page.locator(box).scroll_into_view_if_needed()
+    page.wait_for_function("() => [...document.querySelectorAll("
+                           "'[data-testid=whatif-strip] img')].every(i => i.complete)")
+    screenshot(page, tmp_path, "gallery-whatif")

@@ -295,3 +295,41 @@ def test_undo_gives_the_verdict_before_the_last_one_again():
             before["review_tags"] if before["review"] else None)
         assert entry["reviewed_by"] == "bo"
     assert sorted(e["sample_id"] for e in undone) == sorted(set("abcdef"))
+
+
+def test_what_if_is_what_a_run_of_the_moved_config_decides(demo_store, tmp_path):
+    """Moving nsfw_score's max and image_quality's min_blur on the demo table: the rows
+    the what-if says would leave and enter are those a real rerun of the edited config
+    drops and passes at that stage (verdicts decided again from the stored scores)."""
+    from curate.catalog import Catalog
+    from curate.config import StoreConfig, load_config
+    from curate.pipeline import Pipeline
+    from curate.table.store import Store
+
+    from .conftest import copy_store, demo_config
+
+    store = copy_store(demo_store, tmp_path / "store")
+    catalog = Catalog(StoreConfig(uri=str(store)))
+    before = {r["sample_id"]: r for r in Store(StoreConfig(uri=str(store))).read(
+        ["sample_id", "selected", "reject_reason", "nsfw_score", "blur"]).to_pylist()}
+    nsfw = catalog.whatif("threshold:nsfw_score:nsfw_score:max", 0.02, strip=100)
+    blur = catalog.whatif("threshold:image_quality:blur:min", 1.0, strip=100)
+    assert nsfw["leaving"] + blur["entering"] > 0  # the moves change something here
+
+    raw = demo_config(media=demo_store.parent / "media", store=store, executor="local")
+    for stage in raw["stages"]:
+        if stage["type"] == "nsfw_score":
+            stage["max_score"] = 0.02
+        if stage["type"] == "image_quality":
+            stage["min_blur"] = 1.0
+    Pipeline.from_config(load_config(raw)).run(progress=False)
+    after = {r["sample_id"]: r for r in Store(StoreConfig(uri=str(store))).read(
+        ["sample_id", "nsfw_reason", "quality_reason"]).to_pylist()}
+    left = {i for i, r in before.items() if r["selected"] and after[i]["nsfw_reason"]}
+    entered = {i for i, r in before.items()
+               if (r["reject_reason"] or "").startswith("image_quality: ")
+               and after[i]["quality_reason"] is None}
+    assert {r["sample_id"] for r in nsfw["leave"]} == left and nsfw["leaving"] == len(left)
+    assert {r["sample_id"] for r in blur["enter"]} == entered
+    assert blur["entering"] == len(entered) and blur["leaving"] == 0
+    assert nsfw["selected_after"] == nsfw["selected"] - len(left)

@@ -56,7 +56,7 @@ def test_health_and_openapi_list_every_route(base):
             "/samples/{sample_id}/thumbnail", "/samples/{sample_id}/similar", "/search",
             "/search/image", "/duplicates/{sample_id}", "/stats", "/features",
             "/features/{request_id}", "/reviews", "/samples/{sample_id}/reviews",
-            "/reviews/undo", "/queues", "/queues/{name}"} <= paths
+            "/reviews/undo", "/queues", "/queues/{name}", "/whatif/{name}"} <= paths
 
 
 def test_samples_pages_filters_and_orders(base, table):
@@ -457,6 +457,18 @@ def test_review_queues_page_as_one_long_page_in_brute_force_order(base, table, s
     assert "queues: threshold:" in error_of(get(base, "/queues/nope"), 404)
     assert "paged to 2000 rows deep" in error_of(
         get(base, "/queues/audit", offset=1990, limit=20), 400)
+
+
+def test_what_if_answers_over_http_and_refuses_what_it_cannot_move(base):
+    name = "threshold:nsfw_score:nsfw_score:max"
+    answer = get(base, f"/whatif/{name}", value=0.02, strip=3, columns="uri").json()
+    assert answer["limit"] == 0.8 and answer["value"] == 0.02
+    assert answer["selected_after"] == answer["selected"] - answer["leaving"] + \
+        answer["entering"]
+    assert len(answer["leave"]) == min(3, answer["leaving"])
+    assert all(set(r) == {"sample_id", "uri"} for r in answer["leave"])
+    assert "no threshold queue 'audit'" in error_of(get(base, "/whatif/audit", value=1), 404)
+    assert "not a finite number" in error_of(get(base, f"/whatif/{name}", value="nan"), 400)
 
 
 def latest_of(base, ids):

@@ -324,6 +324,13 @@ class Api:
     def queues(self) -> dict:
         return _json(self.catalog.queues())
 
+    @api.get("/whatif/{name}")
+    def whatif(self, name: str, value: float,
+               strip: Annotated[int, Query(ge=0, le=200)] = 24,
+               columns: Annotated[str | None, Query(description="comma-separated")] = None,
+               ) -> dict:
+        return _json(self.catalog.whatif(name, value, strip, _columns(columns)))
+
     @api.get("/queues/{name}")
     def queue(self, name: str, offset: Annotated[int, Query(ge=0)] = 0,
               limit: Annotated[int, Query(ge=1)] = 50, seed: int = 0,

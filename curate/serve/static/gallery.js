@@ -687,12 +687,63 @@ async function showStats() {
       <h2>Funnel</h2><div class="chart" data-testid="funnel">${funnelChart(stats.funnel)}</div>
       <h2>Score distributions <small>(green selected, red rejected)</small></h2>
       <div class="charts">${Object.entries(stats.histograms).map(([n, h]) => histogramChart(n, h)).join("")}</div>
+      <h2>What if <small>(move a limit: the counts come from the stored scores)</small></h2>
+      <div id="whatifs"></div>
       <h2>Rejected by reason</h2><table class="columns">${reasons}</table>`;
     $("#count").textContent = "";
     showError("");
+    await showWhatIfs(stats);
   } catch (error) {
     showError(error.message);
   }
+}
+
+// A slider and a field per limit of the last run's score filters; each move asks
+// GET /whatif for what it would change (the answer of the last move asked wins).
+async function showWhatIfs(stats) {
+  const { queues } = await api("queues");
+  const limits = queues.filter((q) => q.kind === "threshold");
+  const box = $("#whatifs");
+  if (!box) return;
+  box.innerHTML = limits.map((q) => {
+    const edges = (stats.histograms[q.column] || {}).edges || [];
+    const low = Math.min(q.limit, edges.length ? edges[0] : q.limit);
+    const high = Math.max(q.limit, edges.length ? edges[edges.length - 1] : q.limit + 1);
+    const step = (high - low) / 200 || 0.01;
+    return `<div class="whatif" data-testid="whatif" data-queue="${esc(q.name)}">
+      <label>${esc(q.stage)}: ${esc(q.column)} ${q.side}
+        <input type="range" data-testid="whatif-range" min="${low}" max="${high}"
+          step="${step}" value="${q.limit}">
+        <input type="number" data-testid="whatif-value" step="any" value="${q.limit}"></label>
+      <span data-testid="whatif-counts">at the run's limit ${fmt(q.limit)}</span>
+      <div class="strip" data-testid="whatif-strip"></div></div>`;
+  }).join("") || "<p>The last run's filters set no limit on a score.</p>";
+  box.querySelectorAll(".whatif").forEach((el) => {
+    const range = el.querySelector("[data-testid=whatif-range]");
+    const field = el.querySelector("[data-testid=whatif-value]");
+    let asked = 0;
+    const move = async (value) => {
+      const mine = ++asked;
+      try {
+        const answer = await api(`whatif/${encodeURIComponent(el.dataset.queue)}?` + query({
+          value, strip: 12, columns: await cardColumns() }));
+        if (mine !== asked) return;  // a later move was asked meanwhile
+        el.querySelector("[data-testid=whatif-counts]").textContent =
+          `at ${fmt(answer.value)}: ${answer.selected} → ${answer.selected_after} selected `
+          + `(${answer.leaving} leave, ${answer.entering} enter the row filters)`;
+        const rows = [...answer.leave.map((r) => ({ ...r, _note: "would leave" })),
+          ...answer.enter.map((r) => ({ ...r, _note: "would enter" }))];
+        const strip = el.querySelector("[data-testid=whatif-strip]");
+        strip.innerHTML = rows.map(card).join("");
+        bindCards(strip);
+        showError("");
+      } catch (error) {
+        showError(error.message);
+      }
+    };
+    range.addEventListener("input", () => { field.value = range.value; move(range.value); });
+    field.addEventListener("change", () => { range.value = field.value; move(field.value); });
+  });
 }
 
 // --- routing --------------------------------------------------------------------------------
