@@ -53,6 +53,15 @@ class PeakRss:
         return self.peak / 1e6
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (for a server a benchmark starts)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def vm_hwm_kb(pid: int | str = "self") -> int:
     """Peak resident memory (VmHWM) of one process, KiB: that process alone, no children."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

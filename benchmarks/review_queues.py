@@ -49,7 +49,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import run_curate  # noqa: E402
+from benchmarks.common import free_port, run_curate  # noqa: E402
 
 CHUNK = 100_000
 COPY_EVERY = 20
@@ -292,14 +292,6 @@ def whatif(conn, dataset, requests: int, rng: random.Random) -> dict:
     record["ratio_p50"] = round(record["plain_whole_columns"]["p50_ms"]
                                 / record["served"]["p50_ms"], 1)
     return record
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:

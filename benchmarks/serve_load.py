@@ -39,18 +39,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import photo_inputs, run_curate, stand_in_model  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    free_port,
+    photo_inputs,
+    run_curate,
+    stand_in_model,
+)
 
 TEXTS = ["a rocket on the launch pad", "a cup of coffee", "an orange flower", "a cat",
          "a pagoda by the lake", "stars in deep space", "a person with a camera"]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def load(base: str, paths: list[str], concurrency: int) -> dict:

@@ -21,7 +21,7 @@ import pyarrow as pa
 from curate import stats as table_stats
 from curate.config import StoreConfig
 from curate.errors import CurateError
-from curate.filters import FilterError, combine, lance_message
+from curate.filters import FilterError, combine, ids_in, lance_message
 from curate.media.decode import MediaError, content_hash, decode_image
 from curate.media.reader import MediaReader
 from curate.table.store import Store
@@ -74,8 +74,7 @@ class Catalog:
         self.reader = MediaReader(storage_options=store.media_storage_options)
         self._lock = threading.Lock()
         self._clips = None  # a ClipCache, made on the first clip asked for
-        self._queues = None  # (version, queues by name, pager, histograms)
-        self._stages: list = []  # of the last run's config, with _queues
+        self._queues = None  # (version, queues by name, pager, the last run's stages)
         if self.store.table() is None:
             raise CatalogError(404, f"no table {store.table!r} at {self.store.uri}; run "
                                "`curate run` first or pass the right --store/--table")
@@ -180,9 +179,8 @@ class Catalog:
     def _by_ids(self, ids: list[str], cols: list[str]) -> list[dict]:
         if not ids:
             return []
-        quoted = ", ".join(f"'{i}'" for i in ids if SAMPLE_ID.match(i))
-        found = {r["sample_id"]: r for r in
-                 self._scan(columns=cols, filter=f"sample_id IN ({quoted})").to_pylist()}
+        found = {r["sample_id"]: r for r in self._scan(
+            columns=cols, filter=ids_in(i for i in ids if SAMPLE_ID.match(i))).to_pylist()}
         return [found[i] for i in ids if i in found]
 
     def row(self, sample_id: str, columns: list[str] | None = None,
@@ -199,9 +197,11 @@ class Catalog:
         return clean_row(self.row(sample_id, columns, vectors))
 
     def review(self, sample_ids: list[str], review: str, reason: str | None,
-               tags: list[str] | None, reviewer: str | None) -> dict[str, Any]:
+               tags: list[str] | None, reviewer: str | None, *,
+               from_table: bool = False) -> dict[str, Any]:
         """Record a person's verdict on samples (curate.reviews): 422 for a bad verdict,
-        404 naming the ids the table does not hold. Written to the reviews table only,
+        404 naming the ids the table does not hold (`from_table`: ids just read from it,
+        a view's, are not looked up again). Written to the reviews table only,
         never to the samples: a run in progress is not disturbed, and the next run (or
         this one, if its verdict phase is still to come) applies it."""
         from curate import reviews
@@ -212,7 +212,8 @@ class Catalog:
             given = reviews.entries(ids, review, reason, tags, reviewer, now())
         except reviews.ReviewError as exc:
             raise CatalogError(422, str(exc)) from None
-        self._known(ids)
+        if not from_table:
+            self._known(ids)
         version = self.store.add_reviews(given)
         return {"recorded": len(ids), "review": review, "reviews_version": version}
 
@@ -254,8 +255,7 @@ class Catalog:
         return {"undone": given.num_rows, "reviews_version": version}
 
     def _history(self, ids: list[str]) -> pa.Table:
-        quoted = ", ".join(f"'{self._checked_id(i)}'" for i in ids)
-        return self.store.reviews(filter=f"sample_id IN ({quoted})")
+        return self.store.reviews(filter=ids_in(self._checked_id(i) for i in ids))
 
     def latest_reviews(self, sample_ids: list[str]) -> dict[str, Any]:
         """Each of the samples' last verdict (none: absent), for badges on a page."""
@@ -401,9 +401,8 @@ class Catalog:
         for _ in range(MAX_CHAIN):  # one scan per hand
             if not present or not frontier:
                 break
-            ids = ", ".join(f"'{i}'" for i in frontier)
             found = self._scan(columns=cols, filter=" OR ".join(
-                f"{c} IN ({ids})" for c in present)).to_pylist()
+                ids_in(frontier, c) for c in present)).to_pylist()
             found = [m for m in found if m["sample_id"] not in seen]
             frontier = [m["sample_id"] for m in found]
             seen.update(frontier)
@@ -454,9 +453,9 @@ class Catalog:
         return self.store.ensure_vector_index(self.search_column, min_rows)
 
     # --- review queues (curate.queues) --------------------------------------------------------
-    def _queue_plan(self) -> tuple[int, dict[str, Any], Any, dict[str, Any]]:
-        """(version, {name: (Queue, stage)}, the queues' pager, the last run's histograms),
-        kept while the table stays at one version."""
+    def _queue_plan(self) -> tuple[int, dict[str, Any], Any, list]:
+        """(version, {name: (Queue, stage)}, the queues' pager, the stages of the last
+        run's config), kept while the table stays at one version."""
         from curate import queues
 
         version = self.version()
@@ -469,13 +468,11 @@ class Catalog:
         # none recorded: one scan, kept with this version)
         histograms = ((last.get("stats") or self.stats()).get("histograms") or {})
         stages = self._run_stages(last.get("config_yaml"))
-        with self._lock:
-            self._stages = stages
         by_name = {}
         for queue in queues.plan(stages, self.schema(), histograms):
             by_name[queue.name] = (queue, next((s for s in stages if s.name == queue.stage),
                                                None))
-        cached = (version, by_name, queues.Pager(self.dataset(), histograms), histograms)
+        cached = (version, by_name, queues.Pager(self.dataset(), histograms), stages)
         with self._lock:
             self._queues = cached
         return cached
@@ -551,14 +548,12 @@ class Catalog:
         curate.queues.what_if); the strips' rows with `columns`."""
         from curate import queues
 
-        _, by_name, pager, _ = self._queue_plan()
+        _, by_name, pager, stages = self._queue_plan()
         if name not in by_name or by_name[name][0].kind != queues.THRESHOLD:
             known = ", ".join(n for n, (q, _) in by_name.items() if q.kind == queues.THRESHOLD)
             raise CatalogError(404, f"no threshold queue {name!r}; these: {known or 'none'}")
         queue, stage = by_name[name]
-        with self._lock:
-            others = [s.verdict_column for s in self._stages
-                      if s.verdict_column and s.name != stage.name]
+        others = [s.verdict_column for s in stages if s.verdict_column and s.name != stage.name]
         try:
             answer = queues.what_if(pager, stage, queue, value, others, strip)
         except queues.QueueError as exc:

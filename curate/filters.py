@@ -23,6 +23,12 @@ _TOKENS = re.compile(
 MAX_CHARS = 1000
 
 
+def ids_in(ids: Iterable[str], column: str = "sample_id") -> str:
+    """The Lance filter of the rows whose `column` is one of `ids` (quotes escaped)."""
+    quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
+    return f"{column} IN ({quoted})"
+
+
 class FilterError(CurateError):
     """A `where` filter that is refused before it reaches Lance."""
 

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curate.filters import ids_in
 from curate.reviews import REJECT
 from curate.stage import ScoreFilter, Stage
 
@@ -173,18 +174,18 @@ class Pager:
                     self.kept[key] = found
         return found
 
-    def _banded(self, filters: list[str], columns: list[str], key, need: int):
-        """Rows of the first band (filter) holding `need` rows whose key is finite, in
-        key order, their keys, and whether that band was the widest (then they are the
-        whole queue). `key(rows)` -> float keys (NaN: not in the queue at this band)."""
+    def _banded(self, bands: list[tuple[str, Any]], columns: list[str], need: int):
+        """Rows of the first band holding `need` rows whose key is finite, in key order,
+        their keys, and whether that band was the widest (then they are the whole queue).
+        A band is (filter, key): `key(rows)` -> float keys (NaN: not in the queue)."""
         rows = keys = None
         widest = False
-        for i, band in enumerate(filters):
-            if i < len(filters) - 1 and self.dataset.count_rows(filter=band) < need:
+        for i, (band, key) in enumerate(bands):
+            if i < len(bands) - 1 and self.dataset.count_rows(filter=band) < need:
                 continue  # too few rows even before the key's own cut
             rows = self.dataset.to_table(columns=["sample_id", *columns], filter=band)
             keys = key(rows)
-            widest = i == len(filters) - 1
+            widest = i == len(bands) - 1
             if np.count_nonzero(np.isfinite(keys)) >= need or widest:
                 break
         ok = np.isfinite(keys)
@@ -203,7 +204,7 @@ class Pager:
             values = pc.fill_null(pc.cast(rows[column], pa.float64()), math.nan).to_numpy()
             return np.abs(values - at)
 
-        rows, _, widest = self._banded(bands, [column], key, need)
+        rows, _, widest = self._banded([(band, key) for band in bands], [column], need)
         values = rows[column].to_pylist()
         failing = (lambda v: v < at) if queue.side == "min" else (lambda v: v > at)
         out = [{"sample_id": i, "_queue": {"value": v, "limit": at, "side": queue.side,
@@ -213,6 +214,13 @@ class Pager:
 
     def _disagree(self, queue: Queue, need: int):
         high, low = Rank(self.histograms[queue.column]), Rank(self.histograms[queue.other])
+
+        def key_at(d):  # a band's key: rows whose gap is at least d, largest gap first
+            def key(rows):
+                gap = high(rows[queue.column]) - low(rows[queue.other])
+                return np.where(gap >= d, -gap, np.nan)
+            return key
+
         bands = []
         for d in DISAGREE_BANDS:  # rows with rank(high) - rank(low) >= d lie in this box
             bottom = high.at_least(d)
@@ -221,29 +229,15 @@ class Pager:
             top = low.at_most(1 - d)
             parts.append(f"{queue.other} <= {_literal(top)}" if top is not None
                          else f"{queue.other} IS NOT NULL")
-            bands.append((" AND ".join(parts), d))
+            bands.append((" AND ".join(parts), key_at(d)))
 
-        def key_at(d):
-            def key(rows):
-                gap = high(rows[queue.column]) - low(rows[queue.other])
-                return np.where(gap >= d, -gap, np.nan)
-            return key
-
-        rows = keys = None
-        for i, (band, d) in enumerate(bands):  # the band's key cut differs per band
-            last = i == len(bands) - 1
-            if not last and self.dataset.count_rows(filter=band) < need:
-                continue
-            rows, keys, _ = self._banded([band], [queue.column, queue.other], key_at(d),
-                                         need)
-            if len(keys) >= need or last:
-                break
+        rows, keys, widest = self._banded(bands, [queue.column, queue.other], need)
         out = [{"sample_id": i, "_queue": {queue.column: a, queue.other: b,
                                             "disagreement": round(-k, 4)}}
                for i, a, b, k in zip(rows["sample_id"].to_pylist(),
                                      rows[queue.column].to_pylist(),
                                      rows[queue.other].to_pylist(), keys.tolist())]
-        return out, len(out) if last else None
+        return out, len(out) if widest else None
 
     def _pairs(self, queue: Queue, stage: Stage):
         """Every row the stage marked, read in batches with its kept copy; the MAX_DEPTH
@@ -260,7 +254,8 @@ class Pager:
             if not rows.num_rows:
                 continue
             kept_ids = rows[column].to_pylist()
-            kept = _by_ids(self.dataset, sorted(set(kept_ids)), cols)
+            kept = self.dataset.to_table(columns=["sample_id", *cols],
+                                         filter=ids_in(sorted(set(kept_ids))))
             where = pc.index_in(rows[column], value_set=kept["sample_id"])
             kept = kept.take(where)  # null rows where a kept copy is gone: NaN distances
             distance = stage.pair_distances(rows, kept)
@@ -292,7 +287,7 @@ class Pager:
                               rows["sample_id"].to_pylist()], np.float64)
             return (first - start) % ID_SPACE
 
-        rows, _, _ = self._banded(bands, [], key, size)
+        rows, _, _ = self._banded([(band, key) for band in bands], [], size)
         ids = rows["sample_id"].to_pylist()[:size]
         return [{"sample_id": i, "_queue": {"audit_rank": n}} for n, i in enumerate(ids)], \
             len(ids)
@@ -340,12 +335,6 @@ def _id_range(start: int, share: float) -> str:
         upper = f" AND sample_id < '{hexed(end)}'" if end < ID_SPACE else ""
         return f"sample_id >= '{hexed(start)}'{upper}"
     return f"sample_id >= '{hexed(start)}' OR sample_id < '{hexed(end)}'"
-
-
-def _by_ids(dataset, ids: list[str], columns: list[str]) -> pa.Table:
-    quoted = ", ".join(f"'{i}'" for i in ids)
-    return dataset.to_table(columns=["sample_id", *columns],
-                            filter=f"sample_id IN ({quoted})")
 
 
 class Rank:
@@ -453,7 +442,8 @@ def what_if(pager: Pager, stage: ScoreFilter, queue: Queue, value: float,
             values = pc.fill_null(pc.cast(rows[column], pa.float64()), math.nan).to_numpy()
             return np.abs(values - value)
 
-        rows, _, _ = pager._banded(bands, [column], key, min(strip, count))
+        rows, _, _ = pager._banded([(band, key) for band in bands], [column],
+                                   min(strip, count))
         ids = rows["sample_id"].to_pylist()[:strip]
     leaving, entering = (count, 0) if tighter else (0, count)
     return {"queue": queue.to_dict(), "limit": old, "value": value, "selected": selected,

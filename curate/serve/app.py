@@ -301,7 +301,8 @@ class Api:
             if not ids:
                 raise CatalogError(404, "the view holds no rows")
         return self.catalog.review(ids, body.review, body.reason, body.tags,
-                                   _reviewer(request, body.reviewer))
+                                   _reviewer(request, body.reviewer),
+                                   from_table=body.sample_ids is None)
 
     @api.post("/reviews/undo")
     def undo(self, body: UndoRequest, request: Request) -> dict:

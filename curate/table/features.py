@@ -9,6 +9,7 @@ import secrets
 
 import pyarrow as pa
 
+from curate.filters import ids_in
 from curate.table.lease import CACHE_RUN, RunLease
 from curate.table.store import NULL_VECTORS
 
@@ -20,11 +21,6 @@ FOR_TABLE = "for_table"
 #: Kept values merged into the table per step, all steps under one hold of the lease: the
 #: feature service holds one step's rows at a time, never the whole side table.
 MERGE_BATCH = 1000
-
-
-def _in(ids: list[str]) -> str:
-    quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
-    return f"sample_id IN ({quoted})"
 
 
 class FeatureCache:
@@ -56,7 +52,7 @@ class FeatureCache:
         if side is None:
             return {}
         present = [c for c in wanted if c in side.schema.names]
-        rows = side.to_lance().to_table(columns=present, filter=_in([sample_id]))
+        rows = side.to_lance().to_table(columns=present, filter=ids_in([sample_id]))
         return {k: v for k, v in rows.to_pylist()[0].items() if v is not None} \
             if rows.num_rows else {}
 
@@ -117,7 +113,7 @@ class FeatureCache:
                 if pending is None:
                     break
                 self.side().delete(f"{FOR_TABLE} = true AND "
-                                   + _in(pending["sample_id"].to_pylist()))
+                                   + ids_in(pending["sample_id"].to_pylist()))
                 log.info("features of %d rows, kept while a run held the lease, are in "
                          "table %s now", pending.num_rows, self.store.name)
                 if pending.num_rows < MERGE_BATCH:
@@ -141,7 +137,7 @@ class FeatureCache:
         have = [c for c in columns if c in dataset.schema.names]
         merged = {}
         for current in dataset.to_table(columns=["sample_id", *have],
-                                        filter=_in(list(values))).to_pylist():
+                                        filter=ids_in(list(values))).to_pylist():
             new = values[current["sample_id"]]
             merged[current["sample_id"]] = {
                 "sample_id": current["sample_id"],
