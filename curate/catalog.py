@@ -214,6 +214,11 @@ class Catalog:
             raise CatalogError(422, str(exc)) from None
         if not from_table:
             self._known(ids)
+        if review == reviews.TAG:
+            try:
+                given = reviews.tagged(reviews.latest(self._history(ids)), given)
+            except reviews.ReviewError as exc:
+                raise CatalogError(422, str(exc)) from None
         version = self.store.add_reviews(given)
         return {"recorded": len(ids), "review": review, "reviews_version": version}
 
@@ -548,11 +553,7 @@ class Catalog:
         curate.queues.what_if); the strips' rows with `columns`."""
         from curate import queues
 
-        _, by_name, pager, stages = self._queue_plan()
-        if name not in by_name or by_name[name][0].kind != queues.THRESHOLD:
-            known = ", ".join(n for n, (q, _) in by_name.items() if q.kind == queues.THRESHOLD)
-            raise CatalogError(404, f"no threshold queue {name!r}; these: {known or 'none'}")
-        queue, stage = by_name[name]
+        queue, stage, pager, stages = self._threshold(name)
         others = [s.verdict_column for s in stages if s.verdict_column and s.name != stage.name]
         try:
             answer = queues.what_if(pager, stage, queue, value, others, strip)
@@ -563,6 +564,55 @@ class Catalog:
             found = {r["sample_id"]: r for r in self._by_ids(answer[side], cols)}
             answer[side] = [clean_row(found[i]) for i in answer[side] if i in found]
         return answer
+
+    def _threshold(self, name: str) -> tuple[Any, Any, Any, list]:
+        """(Queue, stage, pager, the last run's stages) of threshold queue `name`."""
+        from curate import queues
+
+        _, by_name, pager, stages = self._queue_plan()
+        if name not in by_name or by_name[name][0].kind != queues.THRESHOLD:
+            known = ", ".join(n for n, (q, _) in by_name.items() if q.kind == queues.THRESHOLD)
+            raise CatalogError(404, f"no threshold queue {name!r}; these: {known or 'none'}")
+        queue, stage = by_name[name]
+        return queue, stage, pager, stages
+
+    def moved_config(self, name: str, value: float) -> tuple[Any, dict[str, Any]]:
+        """The last run's config with the limit of threshold queue `name` moved to
+        `value`, pointed at this table (a Config, validated), and what changed: stage,
+        param, before, after. Redacted secrets become this store's own."""
+        import yaml
+
+        from curate import queues
+        from curate.config import ConfigError, load_config, unredacted
+
+        queue, stage, _, _ = self._threshold(name)
+        if not math.isfinite(value):
+            raise CatalogError(400, f"value {value} is not a finite number")
+        try:
+            param = queues.limit_param(stage, queue.column, queue.side)
+        except queues.QueueError as exc:
+            raise CatalogError(400, str(exc)) from None
+        last = self.last_run() or {}
+        raw = unredacted(yaml.safe_load(last.get("config_yaml") or "{}") or {},
+                         self.store.config.media_storage_options)
+        entry = next((s for s in raw.get("stages", [])
+                      if (s.get("name") or s.get("type")) == stage.name), None)
+        if entry is None:  # the queue plan came from this very config
+            raise CatalogError(409, f"the last run's config has no stage {stage.name}")
+        before = entry.get(param)
+        if before is not None and float(before) == value:
+            raise CatalogError(400, f"{stage.name}.{param} is {before} already: move the "
+                               "limit first")
+        entry[param] = value
+        raw["store"] = self.store.config.model_dump(mode="json")  # this table, its keys
+        try:
+            config = load_config(raw)
+        except ConfigError as exc:
+            problems = "; ".join(f"{key}: {why}" for key, why in exc.problems)
+            raise CatalogError(400, f"{stage.name}.{param} = {value} makes the config "
+                               f"invalid: {problems}") from None
+        return config, {"queue": name, "stage": stage.name, "param": param,
+                        "before": before, "after": value}
 
     def _audit_estimate(self, ids: list[str], reviews, queues) -> dict[str, Any]:
         decided = reviews.latest(self._history(ids)) if ids else None

@@ -376,9 +376,9 @@ def wilson(accepted: int, reviewed: int) -> tuple[float, float] | None:
 
 
 # --- what-if: a limit moved, decided from the stored scores ---------------------------------
-def moved(stage: ScoreFilter, column: str, side: str, value: float) -> ScoreFilter:
-    """A copy of `stage` whose `side` limit on `column` is `value`: the threshold param
-    that sets that limit, found by what the stage's own `thresholds()` says."""
+def limit_param(stage: ScoreFilter, column: str, side: str) -> str:
+    """The param of `stage` that sets its `side` limit on `column`, found by what the
+    stage's own `thresholds()` says of copies with that param moved."""
     def limit_of(candidate):
         found = next((t for t in candidate.thresholds() if t.column == column), None)
         return None if found is None else (found.minimum if side == "min" else found.maximum)
@@ -386,10 +386,10 @@ def moved(stage: ScoreFilter, column: str, side: str, value: float) -> ScoreFilt
     for param in stage.threshold_params:
         if not param.startswith(f"{side}_"):
             continue
-        copies = [type(stage)(stage.params.model_copy(update={param: v}))
-                  for v in (value, value + 1.0)]
-        if [limit_of(c) for c in copies] == [value, value + 1.0]:
-            return copies[0]
+        probes = (12.5, 13.5)
+        copies = [type(stage)(stage.params.model_copy(update={param: v})) for v in probes]
+        if tuple(limit_of(c) for c in copies) == probes:
+            return param
     raise QueueError(f"no param of stage {stage.name} sets its {side} on {column}")
 
 
@@ -408,7 +408,7 @@ def what_if(pager: Pager, stage: ScoreFilter, queue: Queue, value: float,
     The strips are the rows of each nearest the new limit."""
     if not math.isfinite(value):
         raise QueueError(f"value {value} is not a finite number")
-    moved(stage, queue.column, queue.side, value)  # the stage has a param for this limit
+    limit_param(stage, queue.column, queue.side)  # the stage has a param for this limit
     column, old = queue.column, float(queue.limit)
     label = next(t.label for t in stage.thresholds() if t.column == column)
     names = set(pager.dataset.schema.names)

@@ -15,7 +15,9 @@ the last verdict of each sample into the samples table's review columns and into
   it even where a filter dropped it: a duplicate stays one while its kept copy stands
   (`reject_reason` names the dedup stage), unless a person accepted that copy too (they
   want both);
-- `clear` takes a sample's verdict back (the gallery's undo).
+- `clear` takes a sample's verdict back (the gallery's undo);
+- `tag` adds free tags and leaves the verdict as it was (`tagged`): a sample with tags and
+  no verdict is one nobody accepted or rejected.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-ACCEPT, REJECT, CLEAR = "accept", "reject", "clear"
+ACCEPT, REJECT, CLEAR, TAG = "accept", "reject", "clear", "tag"
 #: The samples table's columns of the reviews (null where no person decided).
 REVIEW_COLUMNS: dict[str, pa.DataType] = {
     "review": pa.string(),  # accept | reject
@@ -49,7 +51,7 @@ class ReviewError(ValueError):
     """A verdict that cannot be recorded; the message says which field and why."""
 
 
-def _line(value: str | None, what: str, limit: int) -> str | None:
+def one_line(value: str | None, what: str, limit: int) -> str | None:
     if value is None:
         return None
     value = value.strip()
@@ -60,34 +62,43 @@ def _line(value: str | None, what: str, limit: int) -> str | None:
     return value or None
 
 
+def checked_reviewer(reviewer: str | None) -> str:
+    """The reviewer's name, one short line; a missing one is an error."""
+    reviewer = one_line(reviewer, "reviewer", MAX_NAME)
+    if not reviewer:
+        raise ReviewError("the reviewer's name is missing: send it as X-Curate-Reviewer "
+                          "(or `reviewer` in the body)")
+    return reviewer
+
+
 def entries(sample_ids: list[str], review: str, reason: str | None, tags: list[str] | None,
             reviewer: str | None, at: datetime) -> pa.Table:
     """The rows of `<table>_reviews` for one verdict on `sample_ids`, checked: a reject
     needs a reason, tags are short words, the reviewer's name one short line."""
-    if review not in (ACCEPT, REJECT, CLEAR):
-        raise ReviewError(f"review is {review!r}; it must be accept, reject or clear")
-    reason = _line(reason, "reason", MAX_REASON)
+    if review not in (ACCEPT, REJECT, CLEAR, TAG):
+        raise ReviewError(f"review is {review!r}; it must be accept, reject, tag or clear")
+    reason = one_line(reason, "reason", MAX_REASON)
     if review == REJECT and not reason:
         raise ReviewError("a reject needs a reason (what is wrong with the sample)")
     clean_tags = []
     for tag in tags or []:
-        tag = _line(tag, f"tag {tag!r}", MAX_TAG)
+        tag = one_line(tag, f"tag {tag!r}", MAX_TAG)
         if tag and tag not in clean_tags:
             clean_tags.append(tag)
     if len(clean_tags) > MAX_TAGS:
         raise ReviewError(f"{len(clean_tags)} tags; at most {MAX_TAGS}")
-    reviewer = _line(reviewer, "reviewer", MAX_NAME)
-    if not reviewer:
-        raise ReviewError("the reviewer's name is missing: send it as X-Curate-Reviewer "
-                          "(or `reviewer` in the body)")
+    if review == TAG and not clean_tags:
+        raise ReviewError("a tag needs tags (words, separated by commas in the gallery)")
+    reviewer = checked_reviewer(reviewer)
     if not sample_ids:
         raise ReviewError("no sample_ids given")
     n = len(sample_ids)
     cleared = review == CLEAR
+    verdict = review in (ACCEPT, REJECT)
     return pa.table({
         "sample_id": pa.array(sample_ids, pa.string()),
-        "review": pa.nulls(n, pa.string()) if cleared else pa.array([review] * n),
-        "review_reason": pa.array([None if cleared else reason] * n, pa.string()),
+        "review": pa.array([review if verdict else None] * n, pa.string()),
+        "review_reason": pa.array([reason if verdict else None] * n, pa.string()),
         "review_tags": pa.array([None if cleared else clean_tags] * n,
                                 pa.list_(pa.string())),
         "reviewed_by": pa.array([reviewer] * n, pa.string()),
@@ -98,7 +109,7 @@ def entries(sample_ids: list[str], review: str, reason: str | None, tags: list[s
 def latest(given: pa.Table) -> pa.Table:
     """Each sample's last verdict (by `reviewed_at`, the time the server took it; of two
     at the same time the one read later, as the reviews table is read in commit order),
-    without the samples whose last word was `clear`."""
+    without the samples whose last word was `clear` (no verdict, no tags)."""
     if not given.num_rows:
         return REVIEWS_SCHEMA.empty_table()
     given = given.take(pc.sort_indices(  # stable: ties keep commit order
@@ -107,7 +118,25 @@ def latest(given: pa.Table) -> pa.Table:
     last = (given.select(["sample_id"]).append_column("_order", order)
             .group_by("sample_id").aggregate([("_order", "max")]))
     picked = given.take(last["_order_max"])
-    return picked.filter(pc.is_valid(picked["review"]))
+    return picked.filter(pc.or_(pc.is_valid(picked["review"]), _tagged(picked)))
+
+
+def _tagged(given: pa.Table) -> pa.ChunkedArray:
+    return pc.fill_null(pc.greater(pc.list_value_length(given["review_tags"]), 0), False)
+
+
+def tagged(current: pa.Table, given: pa.Table) -> pa.Table:
+    """`tag` entries (`given`) that keep each sample's verdict in `current` (`latest`'s
+    rows): its review and reason stay, its tags gain the new ones."""
+    now = aligned(given["sample_id"], current)
+    tags = [list(dict.fromkeys((old or []) + new)) for old, new in zip(
+        now["review_tags"].to_pylist(), given["review_tags"].to_pylist())]
+    most = max(map(len, tags), default=0)
+    if most > MAX_TAGS:
+        raise ReviewError(f"a sample would have {most} tags; at most {MAX_TAGS}")
+    return (given.set_column(1, "review", now["review"])
+            .set_column(2, "review_reason", now["review_reason"])
+            .set_column(3, "review_tags", pa.array(tags, pa.list_(pa.string()))))
 
 
 def undone(history: pa.Table, reviewer: str, at: datetime) -> pa.Table:
@@ -131,8 +160,9 @@ def undone(history: pa.Table, reviewer: str, at: datetime) -> pa.Table:
             out.append(entries([sample_id], CLEAR, None, None, reviewer, at))
             continue
         row = history.slice(index, 1).to_pylist()[0]
-        out.append(entries([sample_id], row["review"] or CLEAR, row["review_reason"],
-                           row["review_tags"], reviewer, at))
+        kind = row["review"] or (TAG if row["review_tags"] else CLEAR)
+        out.append(entries([sample_id], kind, row["review_reason"], row["review_tags"],
+                           reviewer, at))
     return pa.concat_tables(out)
 
 

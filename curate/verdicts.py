@@ -132,4 +132,6 @@ def _review_count(table: pa.Table, stages: list[Stage], decided: pa.Table) -> St
                       rows_in - dropped + rescued_n, dropped,
                       {reviews.REVIEW_STAGE: dropped} if dropped else {},
                       report={"accepted": count(pc.equal(review, reviews.ACCEPT)),
-                              "rejected": count(rejected), "rescued": rescued_n})
+                              "rejected": count(rejected), "rescued": rescued_n,
+                              "tagged": count(pc.greater(pc.list_value_length(
+                                  columns["review_tags"]), 0))})

@@ -272,7 +272,7 @@ def test_review_by_mouse_and_keys_then_a_run_honours_it(page, served, demo_store
     assert summary.stages[-1].name == "review"
     assert summary.stages[-1].report["rejected"] >= 1
     ran = {r["sample_id"]: r for r in Store(StoreConfig(uri=str(store))).read(
-        ["sample_id", "selected", "reject_reason"]).to_pylist()}
+        ["sample_id", "selected", "reject_reason", "review"]).to_pylist()}
     got = ran[left_out]
     if not alone(left_out) and not got["selected"]:
         # the rules: a person's accept yields to a copy kept; it must be a real copy
@@ -289,6 +289,14 @@ def test_review_by_mouse_and_keys_then_a_run_honours_it(page, served, demo_store
         assert got["selected"] is True, got
     assert (ran[chosen]["selected"], ran[chosen]["reject_reason"]) == (
         False, "review: a watermark")
+    # an export of what people accepted: the selected rows whose verdict is accept
+    from curate.export import export
+
+    exported = export(StoreConfig(uri=str(store)), {
+        "out": str(tmp_path / "accepted"), "format": "parquet", "where": "review = 'accept'"})
+    accepted = {i for i, r in ran.items() if r["selected"] and r["review"] == "accept"}
+    assert exported.written == exported.reviewed == len(accepted)
+    assert (left_out in accepted) == got["selected"]
 
 
 def badges_are(page, ids: list[str], review: str) -> None:
@@ -335,6 +343,24 @@ def test_queues_and_picks_review_many_samples_by_mouse_and_keys(page, served, tm
     assert set(picked) == {p["sample_id"] for p in pairs[:3]}
     page.keyboard.press("Escape")
     assert page.text_content("[data-testid=picked]") == "0 picked"
+    # free tags on two copies nobody reviewed: no verdict given, the tags shown
+    known = api(page, "/reviews", sample_ids=",".join(p["sample_id"] for p in pairs))["reviews"]
+    untouched = [n for n, p in enumerate(pairs) if p["sample_id"] not in known][:2]
+    assert untouched
+    page.fill("[data-testid=reviewer]", "bo")
+    page.fill("[data-testid=tags]", "sky, sky , dog")
+    for n in untouched:
+        picks[n].click()
+    page.click("[data-testid=tag]")
+    tagged = [pairs[n]["sample_id"] for n in untouched]
+    badges_are(page, tagged, "tagged")
+    assert {page.text_content(f"#grid .card[data-id='{i}'] .verdict") for i in tagged} == {
+        "tags: sky, dog"}
+    latest = api(page, "/reviews", sample_ids=",".join(tagged))["reviews"]
+    assert {(v["review"], tuple(v["review_tags"]), v["reviewed_by"])
+            for v in latest.values()} == {(None, ("sky", "dog"), "bo")}
+    page.keyboard.press("Escape")
+    page.fill("[data-testid=tags]", "")
     page.set_viewport_size({"width": 1280, "height": 1400})  # every pair in view
     page.wait_for_function("() => [...document.images].every(i => i.complete)")
     screenshot(page, tmp_path, "gallery-queue")
@@ -414,8 +440,9 @@ def test_what_if_moves_a_limit_by_field_and_by_drag(page, tmp_path):
 
     def shows(value):
         expected = api(page, f"/whatif/{name}", value=value, strip=12)
-        text = (f"{expected['selected']} → {expected['selected_after']} selected "
-                f"({expected['leaving']} leave, {expected['entering']} enter the row filters)")
+        text = (f"{expected['selected']} → {expected['selected_after']} selected before "
+                f"dedup and sampling decide again ({expected['leaving']} leave, "
+                f"{expected['entering']} enter the row filters)")
         page.wait_for_function(
             "([sel, t]) => document.querySelector(sel + ' [data-testid=whatif-counts]')"
             ".textContent.endsWith(t)", arg=[box, text])
@@ -436,3 +463,65 @@ def test_what_if_moves_a_limit_by_field_and_by_drag(page, tmp_path):
     page.wait_for_function("() => [...document.querySelectorAll("
                            "'[data-testid=whatif-strip] img')].every(i => i.complete)")
     screenshot(page, tmp_path, "gallery-whatif")
+
+
+def test_apply_runs_the_moved_limit_as_editing_the_config_by_hand_does(page, served,
+                                                                        demo_store, tmp_path):
+    """Typing a limit and pressing Apply on the stats page runs the moved config on the
+    served table; the table it leaves equals the one a hand-edited config's `curate run`
+    makes from a copy taken before (people's verdicts included). Last in this module: it
+    moves the served table's limit."""
+    import pyarrow.compute as pc
+
+    from curate.config import StoreConfig, load_config
+    from curate.pipeline import Pipeline
+    from curate.table.store import Store
+
+    from .conftest import copy_store, demo_config
+
+    name = "threshold:nsfw_score:nsfw_score:max"
+    by_hand = copy_store(served[1], tmp_path / "by-hand")
+    page.goto(page.base + "/#/stats")
+    box = f"[data-testid=whatif][data-queue='{name}']"
+    page.wait_for_selector(box)
+    assert page.is_disabled(f"{box} [data-testid=whatif-apply]")  # nothing moved yet
+    page.fill("[data-testid=apply-reviewer]", "ana")
+    page.fill(f"{box} [data-testid=whatif-value]", "0.02")
+    page.press(f"{box} [data-testid=whatif-value]", "Tab")
+    expected = api(page, f"/whatif/{name}", value=0.02, strip=100)
+    page.click(f"{box} [data-testid=whatif-apply]")
+    status = "[data-testid=applies] [data-testid=apply-status]"
+    page.wait_for_function(
+        "s => ['finished', 'failed'].includes(document.querySelector(s)?.textContent)",
+        arg=status, timeout=180_000)
+    applies = api(page, "/applies")["applies"]
+    assert len(applies) == 1 and applies[0]["status"] == "finished", applies[0]["error"]
+    assert applies[0]["change"] == {"queue": name, "stage": "nsfw_score",
+                                    "param": "max_score", "before": 0.8, "after": 0.02}
+    assert applies[0]["by"] == "ana"
+    # the page shows the new table: the limit now the applied one
+    page.wait_for_function(
+        "s => document.querySelector(s)?.textContent === \"at the run's limit 0.02\"",
+        arg=f"{box} [data-testid=whatif-counts]")
+    screenshot(page, tmp_path, "gallery-apply")
+    config = requests.get(f"{page.base}/applies/{applies[0]['apply_id']}/config.yaml",
+                          timeout=30)
+    assert config.status_code == 200 and "max_score: 0.02" in config.text
+
+    raw = demo_config(demo_store.parent / "media", by_hand, executor="local")
+    next(s for s in raw["stages"] if s["type"] == "nsfw_score")["max_score"] = 0.02
+    Pipeline.from_config(load_config(raw)).run(progress=False)
+
+    def table(store):
+        rows = Store(StoreConfig(uri=str(store))).read()
+        return rows.take(pc.sort_indices(rows, [("sample_id", "ascending")]))
+
+    applied, edited = table(served[1]), table(by_hand)
+    assert applied.schema == edited.schema
+    for column in applied.column_names:
+        assert applied[column].equals(edited[column]), column
+    assert pc.sum(applied["selected"]).as_py() == applies[0]["selected"]
+    # the what-if named the rows the limit drops
+    dropped = applied.filter(pc.is_valid(applied["nsfw_reason"]))["sample_id"].to_pylist()
+    assert {r["sample_id"] for r in expected["leave"]} <= set(dropped)
+    assert expected["leaving"] == len(expected["leave"]) > 0

@@ -11,6 +11,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+import lance
 import lancedb
 import pyarrow as pa
 import pytest
@@ -30,7 +31,8 @@ AT = datetime(2026, 12, 5, tzinfo=timezone.utc)
 
 
 @pytest.mark.parametrize("args, says", [
-    (("maybe", None), "accept, reject or clear"),
+    (("maybe", None), "accept, reject, tag or clear"),
+    (("tag", None), "a tag needs tags"),
     (("reject", None), "a reject needs a reason"),
     (("reject", "  "), "a reject needs a reason"),
     (("reject", "two\nlines"), "reason must be one line"),
@@ -62,6 +64,27 @@ def test_the_last_verdict_of_each_sample_counts_and_clear_takes_it_back():
     decided = reviews.latest(pa.concat_tables(log))
     got = {r["sample_id"]: (r["review"], r["reviewed_by"]) for r in decided.to_pylist()}
     assert got == {k: v for k, v in last.items() if v is not None}
+
+
+def test_a_tag_keeps_the_verdict_and_undo_takes_it_back():
+    def state(log):
+        return {r["sample_id"]: (r["review"], r["review_reason"], r["review_tags"])
+                for r in reviews.latest(log).to_pylist()}
+
+    log = reviews.entries(["a"], "reject", "blurry", ["x"], "ana", AT)
+    tag = reviews.tagged(reviews.latest(log), reviews.entries(
+        ["a", "b"], "tag", None, ["sky", "x"], "bo", AT))
+    assert tag["reviewed_by"].to_pylist() == ["bo", "bo"]
+    log = pa.concat_tables([log, tag])
+    assert state(log) == {"a": ("reject", "blurry", ["x", "sky"]), "b": (None, None,
+                                                                        ["sky", "x"])}
+    undo = reviews.undone(log, "bo", AT)
+    assert state(pa.concat_tables([log, undo])) == {"a": ("reject", "blurry", ["x"])}
+    redo = reviews.undone(pa.concat_tables([log, undo]), "bo", AT)
+    assert state(pa.concat_tables([log, undo, redo])) == state(log)  # the tags back
+    with pytest.raises(reviews.ReviewError, match="at most 32"):
+        reviews.tagged(reviews.latest(log), reviews.entries(
+            ["a"], "tag", None, [f"t{i}" for i in range(31)], "bo", AT))
 
 
 def expected_rules(rows: list[dict], decided: dict[str, str]) -> list[tuple]:
@@ -161,6 +184,10 @@ def test_runs_honour_people_through_reruns_thresholds_and_undo(reviewed, tmp_pat
     summary = run(raw)
     assert summary.status == "finished"
     after = rows_of(store)
+    # the run tidied the reviews table: one fragment, sample_id indexed for the lookups
+    given = lance.dataset(str(store / "samples_reviews.lance"))
+    assert [ix.field_names for ix in given.describe_indices()] == [["sample_id"]]
+    assert len(given.get_fragments()) == 1 and given.count_rows() == 3
     # the oracle of the table-wide stages: a fresh run on the same files but the rejected
     # one (the same paths, so the same sample ids)
     media = Path(raw["stages"][0]["paths"][0])
@@ -183,7 +210,7 @@ def test_runs_honour_people_through_reruns_thresholds_and_undo(reviewed, tmp_pat
     line = summary.stages[-1]
     assert (line.name, line.dropped, line.report) == (
         "review", 1, {"accepted": 2, "rejected": 1,  # the sampler may take it now
-                      "rescued": 0 if fresh[filtered]["selected"] else 1})
+                      "rescued": 0 if fresh[filtered]["selected"] else 1, "tagged": 3})
     assert summary.selected == len(selected(after))
 
     assert run(raw).status == "up_to_date"  # nothing changed: nothing to do, nothing lost
@@ -192,12 +219,14 @@ def test_runs_honour_people_through_reruns_thresholds_and_undo(reviewed, tmp_pat
     # a person accepts the kept copy too, and takes the reject back; a threshold moves
     review(store, [kept_copy], "accept")
     review(store, [rejected], "clear")
+    review(store, [photos[1]], "tag")  # tags, no verdict: the models decide
     moved = copy.deepcopy(raw)
     moved["stages"][1]["min_blur"] = raw["stages"][1]["min_blur"] + 1
     summary = run(moved)
     final = rows_of(store)
     assert final[copy_id]["selected"] is True and final[copy_id]["duplicate_of"] is None
     assert final[rejected]["review"] is None
+    assert (final[photos[1]]["review"], final[photos[1]]["review_tags"]) == (None, ["test"])
     fresh_moved = copy.deepcopy(moved)
     fresh_moved["store"]["uri"] = str(tmp_path / "fresh-moved")
     run(fresh_moved)
@@ -206,7 +235,8 @@ def test_runs_honour_people_through_reruns_thresholds_and_undo(reviewed, tmp_pat
                                                                       kept_copy}
     assert summary.stages[-1].report == {"accepted": 3, "rejected": 0,
                                          "rescued": len({filtered, copy_id, kept_copy}
-                                                        - {k for k, s in models.items() if s})}
+                                                        - {k for k, s in models.items() if s}),
+                                         "tagged": 4}
     # what people accepted, exported by their verdict
     exported = export(StoreConfig(uri=str(store)), {"out": str(tmp_path / "out"),
                                                     "format": "parquet",

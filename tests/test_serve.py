@@ -56,7 +56,8 @@ def test_health_and_openapi_list_every_route(base):
             "/samples/{sample_id}/thumbnail", "/samples/{sample_id}/similar", "/search",
             "/search/image", "/duplicates/{sample_id}", "/stats", "/features",
             "/features/{request_id}", "/reviews", "/samples/{sample_id}/reviews",
-            "/reviews/undo", "/queues", "/queues/{name}", "/whatif/{name}"} <= paths
+            "/reviews/undo", "/queues", "/queues/{name}", "/whatif/{name}", "/applies",
+            "/applies/{apply_id}", "/applies/{apply_id}/config.yaml"} <= paths
 
 
 def test_samples_pages_filters_and_orders(base, table):
@@ -471,6 +472,48 @@ def test_what_if_answers_over_http_and_refuses_what_it_cannot_move(base):
     assert "not a finite number" in error_of(get(base, f"/whatif/{name}", value="nan"), 400)
 
 
+@pytest.mark.parametrize("body, reviewer, status, says", [
+    ({"queue": "threshold:nsfw_score:nsfw_score:max", "value": 0.02}, None, 400,
+     "reviewer's name is missing"),
+    ({"queue": "threshold:nope:x:max", "value": 1}, "ana", 404, "no threshold queue"),
+    ({"queue": "audit", "value": 1}, "ana", 404, "no threshold queue 'audit'"),
+    ({"queue": "threshold:nsfw_score:nsfw_score:max", "value": 0.8}, "ana", 400,
+     "nsfw_score.max_score is 0.8 already"),
+    ({"queue": "threshold:image_quality:aspect_ratio:min", "value": -3}, "ana", 400,
+     "image_quality.min_aspect_ratio = -3.0 makes the config invalid: "
+     "stages.1.min_aspect_ratio: Input should be greater than 0"),
+    ({"queue": "threshold:nsfw_score:nsfw_score:max"}, "ana", 400, "value: Field required"),
+    ({"queue": "threshold:nsfw_score:nsfw_score:max", "value": 0.1, "why": 1}, "ana", 400,
+     "why"),
+])
+def test_apply_refuses_what_it_cannot_run_and_records_nothing(base, body, reviewer, status,
+                                                              says):
+    headers = {"X-Curate-Reviewer": reviewer} if reviewer else {}
+    answer = requests.post(base + "/applies", json=body, headers=headers, timeout=60)
+    assert says in error_of(answer, status)
+    assert get(base, "/applies").json() == {"applies": []}
+
+
+def test_apply_waits_for_no_run_it_would_race(base, served):
+    """While a run holds the table's lease, an apply is refused with the holder named, and
+    nothing is recorded or started."""
+    from curate.config import StoreConfig
+    from curate.table.lease import RunLease
+    from curate.table.store import Store
+
+    store = Store(StoreConfig(uri=str(served[1])))
+    version = store.version()
+    with RunLease(store, "run-in-progress"):
+        answer = requests.post(base + "/applies", headers={"X-Curate-Reviewer": "ana"},
+                               json={"queue": "threshold:nsfw_score:nsfw_score:max",
+                                     "value": 0.5}, timeout=60)
+        says = error_of(answer, 409)
+        assert says.startswith("the table is busy: run run-in-progress started at")
+    assert get(base, "/applies").json() == {"applies": []}
+    assert store.version() == version
+    assert "no apply 'apply-0'" in error_of(get(base, "/applies/apply-0"), 404)
+
+
 def latest_of(base, ids):
     return get(base, "/reviews", sample_ids=",".join(ids)).json()["reviews"]
 
@@ -628,6 +671,8 @@ def test_curate_serve_cli_with_token_and_rate_limit(served, spawn, tmp_path):
     verdict = {"sample_ids": ["0" * 32], "review": "accept", "reviewer": "ana"}
     assert some and requests.post(base + "/reviews", json=verdict,
                                   timeout=30).status_code == 401
+    apply = {"queue": "threshold:nsfw_score:nsfw_score:max", "value": 0.5, "reviewer": "ana"}
+    assert requests.post(base + "/applies", json=apply, timeout=30).status_code == 401
     output = _stop_and_check(spawn, process, signal.SIGINT)
     assert f"http://127.0.0.1:{port}/" in output and "with a token" in output
     assert "stopping" in output

@@ -191,7 +191,10 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*fork.*", category=RuntimeWarning)
     warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")  # set for us inside a Ray job
+        # RAY_ADDRESS is set for us inside a Ray job; CURATE_RAY_ADDRESS by `curate serve`
+        # for the runs it starts (the cluster to join if the run goes to Ray at all)
+        address = address or os.environ.get("RAY_ADDRESS") or os.environ.get(
+            "CURATE_RAY_ADDRESS")
         from curate import logs
 
         # under `curate run` without -v, workers' own prints stay in Ray's logs

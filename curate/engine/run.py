@@ -256,6 +256,7 @@ class _Execution:
             # lookups by id, and the scores review queues scan by range (curate.queues)
             self.store.ensure_indexes(("sample_id", "input_id", *queues.index_columns(
                 queues.plan(self.chain, self.store.schema(), stats.get("histograms", {})))))
+            self.reviews_version = self.store.tidy_reviews(self.reviews_version)
             version_after = self.store.version()
             tag = f"run-{run_id}"
             self.store.tag(tag, version_after)

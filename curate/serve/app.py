@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from curate.catalog import Catalog, CatalogError
+from curate.serve.applies import Applies
 from curate.serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,8 @@ class ReviewRequest(BaseModel):
                                          description="these samples (else the view below)")
     where: str | None = Field(None, description="all rows of this filtered view ...")
     selected: bool | None = Field(None, description="... and/or of the selection or not")
-    review: str = Field(description="accept | reject | clear (takes the verdict back)")
+    review: str = Field(description="accept | reject | tag (adds tags, keeps the verdict) "
+                        "| clear (takes the verdict back)")
     reason: str | None = Field(None, description="why; a reject needs one")
     tags: list[Annotated[str, Field(max_length=256)]] | None = Field(None, max_length=256)
     reviewer: str | None = Field(None, description="who (else the X-Curate-Reviewer header)")
@@ -174,6 +176,16 @@ class UndoRequest(BaseModel):
 
     sample_ids: SampleIds = Field(min_length=1, max_length=10_000)
     reviewer: str | None = None
+
+
+class ApplyRequest(BaseModel):
+    """Move a limit and run the config: POST /applies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queue: str = Field(description="the limit's threshold queue (GET /queues)")
+    value: float = Field(description="the new limit")
+    reviewer: str | None = Field(None, description="who (else the X-Curate-Reviewer header)")
 
 
 def _reviewer(request: Request, given: str | None) -> str | None:
@@ -190,6 +202,7 @@ class Api:
     def __init__(self, cfg: ServeConfig, features=None, text_model=None):
         self.cfg = cfg
         self.catalog = Catalog(cfg.store, cfg.limits.max_filter_chars, cfg.search.column)
+        self.applies = Applies(self.catalog, cfg.workdir)
         self.features = features
         self.text_model = text_model  # the model deployment that embeds search text
         api.state.gate = Gate(cfg)
@@ -331,6 +344,24 @@ class Api:
                columns: Annotated[str | None, Query(description="comma-separated")] = None,
                ) -> dict:
         return _json(self.catalog.whatif(name, value, strip, _columns(columns)))
+
+    @api.post("/applies", status_code=202)
+    def apply(self, body: ApplyRequest, request: Request) -> dict:
+        return self.applies.start(body.queue, body.value, _reviewer(request, body.reviewer))
+
+    @api.get("/applies")
+    def applies_list(self) -> dict:
+        return {"applies": self.applies.list()}
+
+    @api.get("/applies/{apply_id}")
+    def apply_of(self, apply_id: str) -> dict:
+        return self.applies.get(apply_id)
+
+    @api.get("/applies/{apply_id}/config.yaml")
+    def apply_config(self, apply_id: str) -> Response:
+        body = self.applies.get(apply_id)["config_yaml"] or ""
+        return Response(body, media_type="application/yaml", headers={
+            "Content-Disposition": f'attachment; filename="{apply_id}.yaml"'})
 
     @api.get("/queues/{name}")
     def queue(self, name: str, offset: Annotated[int, Query(ge=0)] = 0,

@@ -105,6 +105,9 @@ class ServeConfig(BaseModel):
         None, description="pipeline config whose model stages compute on-demand features "
         "(default: the config of the table's latest run)"
     )
+    workdir: str | None = Field(
+        None, description="where the runs of applied configs start (their relative paths "
+        "resolve from here); default: the directory `curate serve` started in")
     features: list[str] | None = Field(
         None, description="feature columns offered by POST /features (default: every "
         "column the pipeline's row stages compute)"

@@ -96,6 +96,8 @@ def start(cfg: ServeConfig, address: str | None = None, route_prefix: str = "/")
         # local Ray started here (a running cluster needs them set where it was started)
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    if cfg.workdir is None:  # the replicas run elsewhere: tell them where we are
+        cfg = cfg.model_copy(update={"workdir": os.getcwd()})
     connect(address)
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=LOGGING)
     serve.run(build_app(cfg), name=APP_NAME, route_prefix=route_prefix, blocking=False)

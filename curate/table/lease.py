@@ -218,6 +218,15 @@ class RunLease:
             return False
         return self._take(slot, holder, self._me())
 
+    def busy(self) -> str | None:
+        """Why a run could not take the lease now (the holder: the message a second run
+        gets), or None when it could. A short hold of the feature cache is not a run."""
+        slot = self._latest()
+        holder = self._read(slot) if slot >= 0 else None
+        if holder is None or holder.is_cache or self._stale(holder):
+            return None
+        return _busy_message(self.store, holder)
+
     def held(self) -> bool:
         """Whether this lease is still the table's (no run took it over since)."""
         return self.slot is not None and not self.lost.is_set() \

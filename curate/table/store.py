@@ -338,6 +338,29 @@ class Store:
             return REVIEWS_SCHEMA.empty_table()
         return dataset.to_table(columns=REVIEWS_SCHEMA.names, filter=filter)
 
+    def tidy_reviews(self, applied: int) -> int:
+        """The reviews table's many small appends (one per request) compacted, and a
+        BTREE index on sample_id brought up to date: the serve app's lookups of verdicts
+        by id (badges, undo, the audit's estimate) stay index lookups. Appends made
+        meanwhile commit beside it. Returns the version that holds the verdicts of version
+        `applied` (0: none) after this: the tidied one, unless someone appended since
+        (the table only grows, so the same row count means the same verdicts)."""
+        dataset = self._lance(self.reviews_name)
+        if not applied or dataset is None:
+            return applied
+        rows = self._lance(self.reviews_name, applied).count_rows()
+        try:
+            if len(dataset.get_fragments()) > 1:
+                dataset.optimize.compact_files()
+            if any("sample_id" in ix.field_names for ix in dataset.describe_indices()):
+                dataset.optimize.optimize_indices()
+            else:
+                dataset.create_scalar_index("sample_id", "BTREE")
+        except (OSError, RuntimeError, ValueError):  # a conflict: the next run does it
+            return applied
+        dataset = self._lance(self.reviews_name)
+        return dataset.version if dataset.count_rows() == rows else applied
+
     def reviews_version(self) -> int:
         """The reviews table's version (0 before the first)."""
         dataset = self._lance(self.reviews_name)

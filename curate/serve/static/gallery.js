@@ -236,9 +236,11 @@ async function showBadges(ids) {
     for (const id of chunk) {
       const r = reviews[id];
       document.querySelectorAll(`.card[data-id="${id}"] .verdict`).forEach((el) => {
-        el.textContent = r ? `review: ${r.review}` : "";
-        el.className = r ? `verdict ${r.review}` : "verdict";
-        el.title = r ? `${r.review} by ${r.reviewed_by}${r.review_reason ? `: ${r.review_reason}` : ""}` : "";
+        const tags = r && r.review_tags && r.review_tags.length ? r.review_tags.join(", ") : "";
+        el.textContent = !r ? "" : r.review ? `review: ${r.review}` : `tags: ${tags}`;
+        el.className = r && r.review ? `verdict ${r.review}` : r ? "verdict tagged" : "verdict";
+        el.title = r ? `${r.review || "tagged"} by ${r.reviewed_by}${
+          r.review_reason ? `: ${r.review_reason}` : ""}${tags ? `; tags ${tags}` : ""}` : "";
       });
     }
   }
@@ -400,6 +402,7 @@ function reviewFields() {
     <label>Tags <input id="r-tags" data-testid="tags" size="16" placeholder="a, b"></label>
     <div><button id="r-accept" data-testid="accept" type="button">Accept <kbd>a</kbd></button>
       <button id="r-reject" data-testid="reject" type="button">Reject <kbd>r</kbd></button>
+      <button id="r-tag" data-testid="tag" type="button">Tag <kbd>t</kbd></button>
       <button id="r-undo" data-testid="undo" type="button">Undo <kbd>u</kbd></button></div>`;
 }
 
@@ -421,6 +424,7 @@ function reviewBar(wholeView) {
 function bindReview() {
   $("#r-accept").addEventListener("click", () => review("accept"));
   $("#r-reject").addEventListener("click", () => review("reject"));
+  $("#r-tag").addEventListener("click", () => review("tag"));
   $("#r-undo").addEventListener("click", () => undo());
   if ($("#pick-view")) $("#pick-view").addEventListener("click", pickView);
   if ($("#pick-none")) $("#pick-none").addEventListener("click", clearPicks);
@@ -430,10 +434,11 @@ function bindReview() {
 async function showVerdict(id) {
   const { reviews } = await api(`samples/${id}/reviews`);
   const last = reviews[reviews.length - 1];
-  const text = !last || !last.review ? "none"
-    : `${last.review}${last.review_reason ? `: ${last.review_reason}` : ""} (by ${
-      last.reviewed_by}${last.review_tags && last.review_tags.length
-        ? `; tags ${last.review_tags.join(", ")}` : ""})`;
+  const tags = last && last.review_tags && last.review_tags.length
+    ? `; tags ${last.review_tags.join(", ")}` : "";
+  const text = !last || (!last.review && !tags) ? "none"
+    : `${last.review || "none"}${last.review_reason ? `: ${last.review_reason}` : ""} (by ${
+      last.reviewed_by}${tags})`;
   const box = $("#verdict");
   if (box) {
     box.textContent = text;
@@ -523,7 +528,7 @@ async function reviewed(target) {
 }
 
 // Keys on a sample's view and on grids (not while typing in a field): a accept, r reject
-// (with the reason typed), u undo; on a sample j/k the next/previous sample of the grid it
+// (with the reason typed), t tag (with the tags typed), u undo; on a sample j/k the next/previous sample of the grid it
 // was opened from; on a grid j/k move the focus, x picks the focused card, o opens it,
 // Escape clears the picks.
 function onKey(event) {
@@ -532,7 +537,8 @@ function onKey(event) {
   const onSample = onSampleView() && state.reviewing;
   if (!onSample && !($("#grid") && $("#r-accept"))) return;
   const actions = {
-    a: () => review("accept"), r: () => review("reject"), u: () => undo(),
+    a: () => review("accept"), r: () => review("reject"), t: () => review("tag"),
+    u: () => undo(),
     j: () => (onSample ? step(1) : moveFocus(1)), k: () => (onSample ? step(-1) : moveFocus(-1)),
   };
   if (!onSample) {
@@ -687,12 +693,16 @@ async function showStats() {
       <h2>Funnel</h2><div class="chart" data-testid="funnel">${funnelChart(stats.funnel)}</div>
       <h2>Score distributions <small>(green selected, red rejected)</small></h2>
       <div class="charts">${Object.entries(stats.histograms).map(([n, h]) => histogramChart(n, h)).join("")}</div>
-      <h2>What if <small>(move a limit: the counts come from the stored scores)</small></h2>
+      <h2>What if <small>(move a limit: the counts come from the stored scores; Apply
+        runs the config with it)</small></h2>
+      <label>Reviewer <input id="apply-who" data-testid="apply-reviewer" size="12"
+        value="${esc(localStorage.getItem("curate-reviewer") || "")}"></label>
       <div id="whatifs"></div>
+      <h2>Applied limits</h2><div id="applies"></div>
       <h2>Rejected by reason</h2><table class="columns">${reasons}</table>`;
     $("#count").textContent = "";
     showError("");
-    await showWhatIfs(stats);
+    await Promise.all([showWhatIfs(stats), showApplies()]);
   } catch (error) {
     showError(error.message);
   }
@@ -716,6 +726,7 @@ async function showWhatIfs(stats) {
           step="${step}" value="${q.limit}">
         <input type="number" data-testid="whatif-value" step="any" value="${q.limit}"></label>
       <span data-testid="whatif-counts">at the run's limit ${fmt(q.limit)}</span>
+      <button data-testid="whatif-apply" disabled>Apply</button>
       <div class="strip" data-testid="whatif-strip"></div></div>`;
   }).join("") || "<p>The last run's filters set no limit on a score.</p>";
   box.querySelectorAll(".whatif").forEach((el) => {
@@ -730,7 +741,8 @@ async function showWhatIfs(stats) {
         if (mine !== asked) return;  // a later move was asked meanwhile
         el.querySelector("[data-testid=whatif-counts]").textContent =
           `at ${fmt(answer.value)}: ${answer.selected} → ${answer.selected_after} selected `
-          + `(${answer.leaving} leave, ${answer.entering} enter the row filters)`;
+          + `before dedup and sampling decide again (${answer.leaving} leave, `
+          + `${answer.entering} enter the row filters)`;
         const rows = [...answer.leave.map((r) => ({ ...r, _note: "would leave" })),
           ...answer.enter.map((r) => ({ ...r, _note: "would enter" }))];
         const strip = el.querySelector("[data-testid=whatif-strip]");
@@ -741,9 +753,52 @@ async function showWhatIfs(stats) {
         showError(error.message);
       }
     };
-    range.addEventListener("input", () => { field.value = range.value; move(range.value); });
-    field.addEventListener("change", () => { range.value = field.value; move(field.value); });
+    const button = el.querySelector("[data-testid=whatif-apply]");
+    const limit = Number(limits.find((q) => q.name === el.dataset.queue).limit);
+    const moved = () => { button.disabled = Number(field.value) === limit; };
+    range.addEventListener("input", () => {
+      field.value = range.value; moved(); move(range.value);
+    });
+    field.addEventListener("change", () => {
+      range.value = field.value; moved(); move(field.value);
+    });
+    button.addEventListener("click", () => applyLimit(el.dataset.queue, Number(field.value)));
   });
+}
+
+// Apply: the moved limit becomes a new config version that the server runs (POST
+// /applies); the stats page follows the run and shows the new table when it ends.
+async function applyLimit(name, value) {
+  const reviewer = $("#apply-who").value.trim();
+  localStorage.setItem("curate-reviewer", reviewer);
+  try {
+    const started = await post("applies", { queue: name, value, reviewer });
+    await showApplies();
+    let status = started.status;
+    while (status === "running") {
+      await new Promise((done) => setTimeout(done, 1000));
+      if (location.hash !== "#/stats") return;  // left the page: it shows it on return
+      status = (await api(`applies/${encodeURIComponent(started.apply_id)}`)).status;
+    }
+    await showStats();
+  } catch (error) {
+    showError(error.message);
+  }
+}
+
+async function showApplies() {
+  const box = $("#applies");
+  const { applies } = await api("applies");
+  if (!box) return;
+  box.innerHTML = applies.length ? `<table class="columns" data-testid="applies">
+    <tr><td>when</td><td>who</td><td>change</td><td>status</td><td>selected</td><td>config</td></tr>
+    ${applies.map((a) => `<tr data-apply="${esc(a.apply_id)}">
+      <td>${esc(a.started_at.slice(0, 19).replace("T", " "))}</td><td>${esc(a.by)}</td>
+      <td>${esc(a.change.stage)}.${esc(a.change.param)} ${fmt(a.change.before)} → ${fmt(a.change.after)}</td>
+      <td data-testid="apply-status" title="${esc(a.error || "")}">${esc(a.status)}</td>
+      <td>${a.selected ?? ""}</td>
+      <td><a href="applies/${encodeURIComponent(a.apply_id)}/config.yaml">${esc(a.config_hash)}</a></td>
+    </tr>`).join("")}</table>` : "<p>No limit applied from here yet.</p>";
 }
 
 // --- routing --------------------------------------------------------------------------------
