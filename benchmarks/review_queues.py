@@ -14,6 +14,8 @@ pages of each kind of queue are requested over HTTP, one at a time, at random de
 - disagree: `disagree:aesthetic_score:nsfw_score` (a box of two indexed scores);
 - duplicates: `duplicates:phash_dedup` (every copy read once per table version, at the
   first request; later pages come from what it kept);
+- near: `near:semantic_dedup` (rows whose nearest lies just past eps: a band of the
+  indexed `semantic_nearest_distance`);
 - audit: `audit` at random seeds (a range of sample ids, indexed);
 - what-if: `GET /whatif/threshold:nsfw_score:nsfw_score:max?value=` with the value drawn
   anywhere in the scores' range (its band, between the two limits, up to the whole
@@ -54,6 +56,7 @@ from benchmarks.common import free_port, run_curate  # noqa: E402
 CHUNK = 100_000
 COPY_EVERY = 20
 PAGE = 48
+EPS = 0.01  # configs/demo.yaml's semantic_dedup eps
 CARD_COLUMNS = "uri,selected,reject_reason,content_hash,error"
 
 
@@ -104,6 +107,9 @@ def synthetic_chunk(demo, start: int, n: int, rng: np.random.Generator, ids: np.
     for name in ("phash_duplicate_of", "semantic_duplicate_of"):
         if name in demo.column_names:
             columns[name] = pa.array(duplicate_of.tolist(), pa.string())
+    if "semantic_nearest" in demo.column_names:  # each row's nearest: a row before it
+        columns["semantic_nearest"] = pa.array(ids[np.maximum(kept_index, 0)].tolist(),
+                                               pa.string())
     if "clip_embedding" in demo.column_names:
         dim = demo.schema.field("clip_embedding").type.list_size
         vectors = rng.normal(size=(n, dim)).astype(np.float32)
@@ -200,6 +206,10 @@ def plain_page(dataset, kind: str, limit_at: float, offset: int, seed: int) -> l
         b = t["nsfw_score"].to_numpy().astype(np.float64)
         ra, rb = np.argsort(np.argsort(a)) / len(a), np.argsort(np.argsort(b)) / len(b)
         key = -(ra - rb)
+    elif kind == "near":
+        t = dataset.to_table(columns=["sample_id", "semantic_nearest_distance"],
+                             filter=f"semantic_nearest_distance > {limit_at}")
+        key = t["semantic_nearest_distance"].to_numpy().astype(np.float64)
     else:
         t = dataset.to_table(columns=["sample_id"], filter="selected = true")
         start = int(hashlib.sha256(f"curate-audit:{seed}".encode()).hexdigest()[:8], 16)
@@ -231,7 +241,8 @@ def measure(store_path: Path, requests: int, seed: int = 1) -> dict:
         out["health"] = percentiles([get(conn, "/health") for _ in range(requests)])
         names = {"threshold": "threshold:nsfw_score:nsfw_score:max",
                  "disagree": "disagree:aesthetic_score:nsfw_score",
-                 "duplicates": "duplicates:phash_dedup", "audit": "audit"}
+                 "duplicates": "duplicates:phash_dedup", "near": "near:semantic_dedup",
+                 "audit": "audit"}
         dataset = Catalog(StoreConfig(uri=str(store_path))).dataset()
         for kind, name in names.items():
             def path(offset, s, name=name):
@@ -247,7 +258,7 @@ def measure(store_path: Path, requests: int, seed: int = 1) -> dict:
                 times.append(get(conn, path(offset, s)))
                 if kind != "duplicates" and len(plain) < max(5, requests // 10):
                     started = time.perf_counter()
-                    plain_page(dataset, kind, 0.8, offset, s)
+                    plain_page(dataset, kind, EPS if kind == "near" else 0.8, offset, s)
                     plain.append(time.perf_counter() - started)
             record["served"] = percentiles(times)
             if plain:

@@ -532,7 +532,7 @@ class Catalog:
         for ranked in page["rows"]:
             if ranked["sample_id"] in found:
                 rows.append({**found[ranked["sample_id"]], "_queue": ranked["_queue"]})
-        if queue.kind == queues.DUPLICATES:
+        if queue.kind in (queues.DUPLICATES, queues.NEAR):  # pairs: the other row too
             kept = {r["sample_id"]: r for r in self._by_ids(
                 sorted({r["_queue"]["kept"] for r in rows}), cols)}
             for row in rows:

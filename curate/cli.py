@@ -257,7 +257,8 @@ def serve(
             url = start(cfg, address=address)
             console.print(f"Serving [bold]{cfg.store.table}[/] of {cfg.store.uri} at "
                           f"[bold]{url}/[/] (API docs {url}/docs)"
-                          f"{' with a token' if cfg.token else ''}. Ctrl-C stops.")
+                          f"{' with a token' if cfg.token else ''}. Ctrl-C stops.",
+                          soft_wrap=True)  # one line: a URL is never cut
             sys.stdout.flush()  # out now, even where the stop must end the process hard
             while True:
                 time.sleep(3600)

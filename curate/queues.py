@@ -5,8 +5,11 @@
 - `disagree`: rows where two scores disagree most: high in one, low in the other, as
   ranks (from the histograms the last run recorded);
 - `duplicates`: rows a dedup stage called copies, farthest from their kept copy first
-  (the pairs at the edge of `max_distance` / `eps`), each with its kept copy and the
-  distance;
+  (the pairs at the edge of `max_distance` / `eps`, inside it), each with its kept copy
+  and the distance;
+- `near`: rows a dedup stage did not call copies whose nearest row lies just past its
+  limit, nearest first, each with that row and the distance (the edge, outside it; for
+  stages that record each row's nearest: `Stage.nearest_columns`);
 - `audit`: a seeded random sample of the selection (with the rows people rejected since:
   they were judged in it); people's verdicts on it estimate the selection's precision.
 
@@ -36,7 +39,8 @@ from curate.filters import ids_in
 from curate.reviews import REJECT
 from curate.stage import ScoreFilter, Stage
 
-THRESHOLD, DISAGREE, DUPLICATES, AUDIT = "threshold", "disagree", "duplicates", "audit"
+THRESHOLD, DISAGREE, DUPLICATES, NEAR, AUDIT = ("threshold", "disagree", "duplicates",
+                                                "near", "audit")
 #: The deepest row a queue is paged to: nobody reviews further in one sitting, and it
 #: bounds what one page may read.
 MAX_DEPTH = 2000
@@ -65,7 +69,7 @@ class Queue:
     stage: str | None = None
     column: str | None = None
     other: str | None = None  # disagree: the score that is low
-    limit: float | None = None  # threshold: the limit; duplicates: the stage's distance
+    limit: float | None = None  # threshold: the limit; duplicates, near: the stage's
     side: str | None = None  # threshold: min | max
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,6 +102,12 @@ def plan(stages: list[Stage], schema: pa.Schema, histograms: dict[str, Any]) -> 
                              f"{stage.name}: copies farthest from their kept copy (limit "
                              f"{_fmt(stage.pair_limit())})", stage.name,
                              stage.verdict_column, limit=stage.pair_limit()))
+        near = stage.nearest_columns() if stage.marks_duplicates else None
+        if near and all(c in names for c in near) and stage.pair_limit() is not None:
+            out.append(Queue(f"{NEAR}:{stage.name}", NEAR,
+                             f"{stage.name}: rows nearest past its limit "
+                             f"{_fmt(stage.pair_limit())}, not called copies", stage.name,
+                             near[1], other=near[0], limit=stage.pair_limit()))
     scores = [c for c, h in histograms.items() if c.endswith("_score") and c in names
               and len(h.get("edges") or []) > 1]
     for high, low in permutations(scores, 2):
@@ -114,6 +124,8 @@ def index_columns(queues: list[Queue]) -> list[str]:
     for queue in queues:
         if queue.kind in (THRESHOLD, DISAGREE):
             columns += [queue.column, *([queue.other] if queue.other else [])]
+        elif queue.kind == NEAR:
+            columns.append(queue.column)
     return list(dict.fromkeys(columns))
 
 
@@ -149,6 +161,8 @@ class Pager:
         elif queue.kind == DUPLICATES:
             assert stage is not None
             ranked, total = self._whole((queue.name,), self._pairs, queue, stage)
+        elif queue.kind == NEAR:
+            ranked, total = self._near(queue, need)
         else:
             ranked, total = self._whole((AUDIT, seed, size), self._audit, seed,
                                         min(size, MAX_DEPTH))
@@ -239,6 +253,26 @@ class Pager:
                                      rows[queue.other].to_pylist(), keys.tolist())]
         return out, len(out) if widest else None
 
+    def _near(self, queue: Queue, need: int):
+        """Rows whose nearest lies past the limit, nearest first: bands of the indexed
+        distance just past it, sized from its recorded histogram (a row past the limit
+        is no copy: it matched no row within it)."""
+        column, at = queue.column, float(queue.limit)
+        past = f"{column} > {_literal(at)}"
+        bands = [f"{past} AND {column} <= {_literal(at + w)}" for w in band_widths(
+            self.histograms.get(column), at, need, above=True)]
+        bands.append(past)
+
+        def key(rows):
+            return pc.fill_null(pc.cast(rows[column], pa.float64()), math.nan).to_numpy()
+
+        rows, keys, widest = self._banded([(band, key) for band in bands],
+                                          [column, queue.other], need)
+        out = [{"sample_id": i, "_queue": {"distance": d, "kept": k, "limit": at}}
+               for i, k, d in zip(rows["sample_id"].to_pylist(),
+                                  rows[queue.other].to_pylist(), keys.tolist())]
+        return out, len(out) if widest else None
+
     def _pairs(self, queue: Queue, stage: Stage):
         """Every row the stage marked, read in batches with its kept copy; the MAX_DEPTH
         farthest kept (bounded memory, whatever the number of copies)."""
@@ -293,11 +327,12 @@ class Pager:
             len(ids)
 
 
-def band_widths(histogram: dict[str, Any] | None, at: float, need: int) -> list[float]:
-    """Half-widths of bands around `at`, narrowest first: the first is the narrowest the
-    recorded histogram says holds twice `need` rows (linear within a bin), each next
-    twice as wide, the last covering the whole recorded range. Without a histogram,
-    fractions of the limit's magnitude."""
+def band_widths(histogram: dict[str, Any] | None, at: float, need: int,
+                above: bool = False) -> list[float]:
+    """Half-widths of bands around `at` (`above`: widths of bands from `at` up),
+    narrowest first: the first is the narrowest the recorded histogram says holds twice
+    `need` rows (linear within a bin), each next twice as wide, the last covering the
+    whole recorded range. Without a histogram, fractions of the limit's magnitude."""
     edges = np.asarray((histogram or {}).get("edges") or [], np.float64)
     if len(edges) < 2:
         spread = max(abs(at), 1.0)
@@ -309,7 +344,7 @@ def band_widths(histogram: dict[str, Any] | None, at: float, need: int) -> list[
     want = min(2 * need, cum[-1])
 
     def held(w):
-        return np.interp(at + w, edges, cum) - np.interp(at - w, edges, cum)
+        return np.interp(at + w, edges, cum) - np.interp(at if above else at - w, edges, cum)
 
     low, high = 0.0, far
     for _ in range(40):  # the least width holding `want` rows, by bisection

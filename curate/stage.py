@@ -216,6 +216,12 @@ class Stage:
         is missing)."""
         raise NotImplementedError
 
+    def nearest_columns(self) -> tuple[str, str] | None:
+        """For a dedup stage that records each row's nearest other row it compared: the
+        columns of that row's id and of the distance to it (the pairs just past the
+        limit are a review queue)."""
+        return None
+
     def fingerprint(self) -> dict[str, Any]:
         """What determines this stage's output (used to decide what must be recomputed)."""
         # how the stage reaches object storage never changes what it computes

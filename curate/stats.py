@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from curate.media.decode import error_code
 
-#: Float columns shown as histograms (besides any *_score column).
+#: Float columns shown as histograms (besides any *_score and *_distance column).
 QUALITY_METRICS = ("blur", "brightness", "contrast", "saturation", "aspect_ratio")
 CLUSTER_COLUMNS = ("cluster_id", "diversity_cluster")
 #: Histogram bins a run records.
@@ -25,7 +25,7 @@ BINS = 20
 def stat_columns(schema: pa.Schema) -> tuple[list[str], list[str]]:
     """(float columns with histograms, cluster columns) of a table."""
     floats = [f.name for f in schema if pa.types.is_floating(f.type)
-              and (f.name.endswith("_score") or f.name in QUALITY_METRICS)]
+              and (f.name.endswith(("_score", "_distance")) or f.name in QUALITY_METRICS)]
     return floats, [c for c in CLUSTER_COLUMNS if c in schema.names]
 
 

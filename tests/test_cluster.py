@@ -196,6 +196,31 @@ def test_semantic_duplicates_match_the_reference(wanted):
     assert (expected >= 0).any()
 
 
+@pytest.mark.parametrize("block", [1, 3, 16, 1024])
+def test_each_rows_nearest_in_its_cluster_is_the_brute_force_one(block):
+    """The nearest other member of each row's cluster and the cosine distance to it, as
+    a float64 brute force over every pair finds them; the duplicates stay the same."""
+    x, _ = planted(seed=4)
+    rng = np.random.default_rng(1)
+    assignment = rng.integers(-1, 4, len(x)).astype(np.int32)  # -1: takes no part
+    assignment[:1] = 7  # a cluster of one: no nearest
+    priority = rng.integers(0, 5, len(x)).astype(np.float64)
+    eps = safe_eps(x, 0.04)
+    dup, nearest, distance = semantic_duplicates(x, assignment, eps, priority, block=block,
+                                                 nearest=True)
+    np.testing.assert_array_equal(dup, semantic_duplicates(x, assignment, eps, priority))
+    x64 = x.astype(np.float64)
+    for i in range(len(x)):
+        others = np.flatnonzero((assignment == assignment[i]) & (np.arange(len(x)) != i))
+        if assignment[i] < 0 or not len(others):
+            assert nearest[i] == -1 and np.isnan(distance[i])
+            continue
+        sims = x64[others] @ x64[i]
+        assert nearest[i] in others[sims >= sims.max() - 1e-6]
+        assert abs(distance[i] - (1 - sims.max())) < 1e-5
+        assert dup[i] < 0 or distance[i] < eps  # a copy has a row within eps
+
+
 def test_semantic_duplicates_invariants_and_planted_groups():
     x, groups = planted(seed=6)
     eps = safe_eps(x, 0.05)
@@ -385,7 +410,7 @@ def test_semantic_dedup_ignores_row_order(stage_data):
     out = stage.run_global(table, pa.array(alive))
     perm = np.random.default_rng(0).permutation(len(x))
     shuffled = stage.run_global(table.take(perm), pa.array(alive[perm]))
-    for name in ("cluster_id", "semantic_duplicate_of"):
+    for name in ("cluster_id", "semantic_duplicate_of", "semantic_nearest_distance"):
         assert shuffled[name].to_pylist() == out[name].take(perm).to_pylist()
     assert sum(v is not None for v in out["semantic_duplicate_of"].to_pylist()) > 0
 
@@ -452,8 +477,9 @@ def test_params_are_validated():
         DiversitySample()
     assert DiversitySample(target=10, clusters=[8, 4]).levels(1000) == [8, 4]
     assert DiversitySample(target=10).levels(10_000) == [10]
-    assert SemanticDedup().writes() == {"cluster_id": pa.int32(),
-                                        "semantic_duplicate_of": pa.string()}
+    assert SemanticDedup().writes() == {
+        "cluster_id": pa.int32(), "semantic_duplicate_of": pa.string(),
+        "semantic_nearest": pa.string(), "semantic_nearest_distance": pa.float32()}
 
 
 # --- the in-memory reference of diversity sampling (the stage runs it over parts) ------------

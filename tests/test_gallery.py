@@ -324,7 +324,8 @@ def test_queues_and_picks_review_many_samples_by_mouse_and_keys(page, served, tm
     page.goto(page.base + "/#/review")
     page.wait_for_selector("[data-testid=queue]")
     titles = page.eval_on_selector_all("[data-testid=queue]", "as => as.map(a => a.textContent)")
-    assert titles == [q["title"] for kind in ("threshold", "disagree", "duplicates", "audit")
+    assert titles == [q["title"] for kind in ("threshold", "disagree", "duplicates", "near",
+                                                  "audit")
                       for q in listed if q["kind"] == kind]
 
     pairs = api(page, "/queues/duplicates:phash_dedup", limit=48)["rows"]

@@ -36,6 +36,7 @@ def table(tmp_path_factory):
     flips = [None if i % 7 == 0 else [rng.getrandbits(64) for _ in range(3)] for i in range(N)]
     vectors = np.random.default_rng(5).normal(size=(N, 8)).astype(np.float32)
     copy = [ids[rng.randrange(N)] if i % 20 == 3 else None for i in range(N)]
+    nearest = [None if i % 11 == 0 else rng.random() ** 3 for i in range(N)]
     data = pa.table({
         "sample_id": ids,
         "selected": [i % 3 != 0 for i in range(N)],
@@ -46,10 +47,12 @@ def table(tmp_path_factory):
         "clip_embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 8),
         "phash_duplicate_of": pa.array(copy, pa.string()),
         "semantic_duplicate_of": pa.array(copy, pa.string()),
+        "semantic_nearest": [None if d is None else ids[rng.randrange(N)] for d in nearest],
+        "semantic_nearest_distance": pa.array(nearest, pa.float32()),
     })
     path = tmp_path_factory.mktemp("queues") / "t.lance"
     dataset = lance.write_dataset(data, path, max_rows_per_file=1500)
-    for column in ("sample_id", "aesthetic_score", "clip_score"):
+    for column in ("sample_id", "aesthetic_score", "clip_score", "semantic_nearest_distance"):
         dataset.create_scalar_index(column, "BTREE")
     dataset = lance.dataset(path)
     histograms = of_parts(list, lambda parts, fn, args: [fn(p, *args) for p in parts],
@@ -187,6 +190,24 @@ def test_copies_come_farthest_first_with_their_kept_copy(table, stage, reference
     assert pager.page(queue, stage, 0, 1)["total"] == len(expected)
 
 
+def test_rows_just_past_a_dedup_limit_come_nearest_first(table):
+    """The near queue: rows whose nearest lies past eps, nearest first (ties by id), each
+    with that nearest row, as a sort of the whole table gives them; read in bands."""
+    dataset, rows, histograms = table
+    counting = Counting(dataset)
+    pager = queues.Pager(counting, histograms)
+    queue = next(q for q in queues.plan([SemanticDedup(eps=0.05)], dataset.schema,
+                                        histograms) if q.kind == queues.NEAR)
+    got = _pages(pager, queue, depth=400)
+    expected = sorted((float(np.float32(r["semantic_nearest_distance"])), r["sample_id"],
+                       r["semantic_nearest"]) for r in rows
+                      if r["semantic_nearest_distance"] is not None
+                      and np.float32(r["semantic_nearest_distance"]) > 0.05)[:400]
+    assert [(r["_queue"]["distance"], r["sample_id"], r["_queue"]["kept"]) for r in got] == \
+        expected
+    assert counting.rows < N * 11 // 4  # 11 pages, each under a quarter of the table
+
+
 def test_the_audit_is_a_seeded_sample_of_the_selection_that_new_rows_do_not_reshuffle(
         table, tmp_path):
     dataset, rows, histograms = table
@@ -251,11 +272,13 @@ def test_the_queues_a_table_offers_follow_its_stages_and_scores(table):
     aesthetic = AestheticScore(name="aesthetic", weights="w.pth", sha256="0" * 64,
                                min_score=4.5)
     phash = PhashDedup(invariance="dihedral")
-    offered = queues.plan([aesthetic, phash], dataset.schema, histograms)
+    offered = queues.plan([aesthetic, phash, SemanticDedup()], dataset.schema, histograms)
     assert [q.name for q in offered] == [
         "threshold:aesthetic:aesthetic_score:min", "duplicates:phash_dedup",
+        "duplicates:semantic_dedup", "near:semantic_dedup",
         "disagree:aesthetic_score:clip_score", "disagree:clip_score:aesthetic_score", "audit"]
-    assert queues.index_columns(offered) == ["aesthetic_score", "clip_score"]
+    assert queues.index_columns(offered) == ["aesthetic_score", "semantic_nearest_distance",
+                                             "clip_score"]
 
 
 def test_the_audit_estimate_is_the_wilson_interval():

@@ -406,7 +406,7 @@ def test_reviews_are_recorded_beside_the_table_even_while_a_run_holds_it(base, t
     ({"sample_ids": ["{id}"], "review": "reject"}, "ana", 422, "a reject needs a reason"),
     ({"sample_ids": ["{id}"], "review": "reject", "reason": "a\nb"}, "ana", 422,
      "one line"),
-    ({"sample_ids": ["{id}"], "review": "keep"}, "ana", 422, "accept, reject or clear"),
+    ({"sample_ids": ["{id}"], "review": "keep"}, "ana", 422, "accept, reject, tag or clear"),
     ({"sample_ids": ["{id}"], "review": "accept"}, None, 422, "reviewer's name is missing"),
     ({"sample_ids": [], "review": "accept"}, "ana", 400, "sample_ids"),
     ({"sample_ids": ["{id}"], "review": "accept", "score": 3}, "ana", 400, "score"),
@@ -674,7 +674,7 @@ def test_curate_serve_cli_with_token_and_rate_limit(served, spawn, tmp_path):
     apply = {"queue": "threshold:nsfw_score:nsfw_score:max", "value": 0.5, "reviewer": "ana"}
     assert requests.post(base + "/applies", json=apply, timeout=30).status_code == 401
     output = _stop_and_check(spawn, process, signal.SIGINT)
-    assert f"http://127.0.0.1:{port}/" in output and "with a token" in output
+    assert f"http://127.0.0.1:{port}/" in output and "with a token" in output, output[-3000:]
     assert "stopping" in output
     # 0: stopped in time; 130: past the deadline, the rest was killed (and it said so)
     assert process.returncode == 0 or (process.returncode == 130 and "killed" in output), \

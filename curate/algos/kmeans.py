@@ -114,29 +114,41 @@ def kmeans(
     return centroids, assign(x, centroids)
 
 
-def _first_matches(members: np.ndarray, threshold: float, block: int) -> np.ndarray:
+def _first_matches(members: np.ndarray, threshold: float, block: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For rows in priority order: position of the first earlier row with similarity >
-    threshold, or -1. Tiles of block x block at most."""
+    threshold, or -1; and every row's most similar other row (position, -1 alone) and that
+    similarity (-inf alone). One pass over the tiles (block x block at most) on and below
+    the diagonal: each tile gives its rows' best and, seen from the other side, its
+    columns' best, so the whole cluster's nearest cost what its first matches cost."""
     m = len(members)
     match = np.full(m, -1, dtype=np.int64)
+    nearest = np.full(m, -1, dtype=np.int64)
+    best = np.full(m, -np.inf, dtype=np.float64)
     for start in range(0, m, block):
         end = min(start + block, m)
-        pending = np.arange(start, end)
+        rows = members[start:end]
         for col in range(0, end, block):
             col_end = min(col + block, end)
-            rows = members[start:end] if len(pending) == end - start else members[pending]
-            sims = rows @ members[col:col_end].T
+            sims = (rows @ members[col:col_end].T).astype(np.float64)
             if col_end > start:  # the tile crosses the diagonal: only earlier rows count
-                later = np.arange(col, col_end)[None, :] >= pending[:, None]
+                later = np.arange(col, col_end)[None, :] >= np.arange(start, end)[:, None]
                 sims[later] = -np.inf
             hit = sims > threshold
-            found = hit.any(axis=1)
+            found = hit.any(axis=1) & (match[start:end] < 0)
             if found.any():
-                match[pending[found]] = col + hit[found].argmax(axis=1)
-                pending = pending[~found]
-                if pending.size == 0:
-                    break
-    return match
+                match[start:end][found] = col + hit[found].argmax(axis=1)
+            j = sims.argmax(axis=1)
+            value = sims[np.arange(len(j)), j]
+            better = value > best[start:end]
+            best[start:end][better] = value[better]
+            nearest[start:end][better] = col + j[better]
+            i = sims.argmax(axis=0)
+            value = sims[i, np.arange(len(i))]
+            better = value > best[col:col_end]
+            best[col:col_end][better] = value[better]
+            nearest[col:col_end][better] = start + i[better]
+    return match, nearest, best
 
 
 def semantic_duplicates(
@@ -147,8 +159,12 @@ def semantic_duplicates(
     *,
     block: int = 1024,
     tiebreak: np.ndarray | None = None,
-) -> np.ndarray:
+    nearest: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """duplicate_of (n,) int64: -1 for kept rows, else the row index of the kept copy.
+    With `nearest`, also each row's most similar other member of its cluster (row index,
+    -1 where it is alone) and the cosine distance to it (NaN alone): the pairs just past
+    `eps` that a person may want to call copies.
 
     Inside each cluster members are ordered by `priority` (smaller first, ties by
     `tiebreak`, default the row index); a member is a duplicate when its cosine similarity
@@ -165,8 +181,10 @@ def semantic_duplicates(
     if block < 1:
         raise ValueError("block must be >= 1")
     duplicate_of = np.full(n, -1, dtype=np.int64)
+    nearest_of = np.full(n, -1, dtype=np.int64)
+    distance = np.full(n, np.nan, dtype=np.float64)
     if n == 0:
-        return duplicate_of
+        return (duplicate_of, nearest_of, distance) if nearest else duplicate_of
     threshold = 1.0 - float(eps)
     order = np.lexsort((np.arange(n) if tiebreak is None else tiebreak, priority, assignment))
     order = order[assignment[order] >= 0]
@@ -176,7 +194,9 @@ def semantic_duplicates(
         if hi - lo < 2:
             continue
         rows = order[lo:hi]
-        match = _first_matches(x[rows], threshold, block)
+        match, near, best = _first_matches(x[rows], threshold, block)
+        nearest_of[rows] = rows[near]
+        distance[rows] = 1.0 - best
         # follow matches to the kept row: matches point strictly backwards, so repeated
         # pointer jumping reaches a member with no match (a kept one)
         root = np.where(match >= 0, match, np.arange(len(rows)))
@@ -187,7 +207,7 @@ def semantic_duplicates(
             root = nxt
         dup = match >= 0
         duplicate_of[rows[dup]] = rows[root[dup]]
-    return duplicate_of
+    return (duplicate_of, nearest_of, distance) if nearest else duplicate_of
 
 
 def balanced_quota(sizes: Sequence[int] | np.ndarray, target: int) -> np.ndarray:

@@ -565,7 +565,8 @@ function step(by) {
 // --- review queues (GET /queues): where a person's look is worth most ----------------------
 const QUEUE_KINDS = {
   threshold: "Near a filter's limit", disagree: "Scores that disagree",
-  duplicates: "Copies at the edge of a dedup's limit", audit: "Audit the selection",
+  duplicates: "Copies at the edge of a dedup's limit",
+  near: "Just past a dedup's limit: rows it did not call copies", audit: "Audit the selection",
 };
 
 async function showQueues() {
@@ -588,12 +589,13 @@ function fmt(value) {
   return typeof value === "number" ? Number(value.toPrecision(4)).toString() : String(value);
 }
 
-// A queue's row: its card with what placed it there; a copy beside its kept copy.
+// A queue's row: its card with what placed it there; a copy beside its kept copy, a row
+// just past a dedup's limit beside its nearest.
 function queueCard(row) {
   const q = row._queue || {};
   if (row._kept !== undefined) {
     const kept = row._kept ? card(row._kept).replace('class="card', 'class="card kept-copy')
-      : '<div class="gone"><div class="none">its kept copy is gone</div></div>';
+      : '<div class="gone"><div class="none">the other row is gone</div></div>';
     return `<div class="pair" data-testid="pair">${card(row)}${kept}
       <div class="note" data-testid="distance">distance ${q.distance == null ? "?" : fmt(q.distance)}
       (limit ${fmt(q.limit)})</div></div>`;

@@ -67,6 +67,13 @@ class SemanticDedupParams(StageParams):
         return self
 
 
+#: The columns semantic_dedup writes: each row's cluster, the kept copy it duplicates,
+#: and its most similar other row of the cluster with the cosine distance to it.
+OUTPUT = pa.schema([("cluster_id", pa.int32()), ("semantic_duplicate_of", pa.string()),
+                    ("semantic_nearest", pa.string()),
+                    ("semantic_nearest_distance", pa.float32())])
+
+
 class SemanticDedup(_EmbeddingStage):
     """Mark semantic near-duplicates: rows of one k-means cluster within eps cosine distance."""
 
@@ -78,7 +85,10 @@ class SemanticDedup(_EmbeddingStage):
     marks_duplicates = True
 
     def writes(self) -> dict[str, pa.DataType]:
-        return {"cluster_id": pa.int32(), "semantic_duplicate_of": pa.string()}
+        return dict(zip(OUTPUT.names, OUTPUT.types))
+
+    def nearest_columns(self) -> tuple[str, str]:
+        return "semantic_nearest", "semantic_nearest_distance"
 
     def pair_columns(self) -> tuple[str, ...]:
         return (self.params.embedding_column,)
@@ -117,8 +127,7 @@ class SemanticDedup(_EmbeddingStage):
             "largest_cluster": int(sizes.max()) if m else 0,
             "duplicates": int(duplicates),
         }
-        schema = pa.schema([("cluster_id", pa.int32()), ("semantic_duplicate_of", pa.string())])
-        return GlobalResult(found, schema)
+        return GlobalResult(found, OUTPUT)
 
 
 def _valid_count(part: pa.Table, column: str) -> int:
@@ -150,17 +159,22 @@ def _assign_semantic(part: pa.Table, centroids: np.ndarray,
 def _semantic_duplicates(part: pa.Table, eps: float) -> pa.Table:
     """Duplicates inside each cluster of the partition (all of a cluster's rows are here)."""
     if part.num_rows == 0:
-        return pa.table({ROWADDR: pa.array([], pa.uint64()), "cluster_id": pa.array([], pa.int32()),
-                         "semantic_duplicate_of": pa.array([], pa.string())})
+        return pa.schema([(ROWADDR, pa.uint64()), *zip(OUTPUT.names, OUTPUT.types)]
+                         ).empty_table()
     # ties go by sample_id order (a rank, not a sorted copy of the vectors)
     rank = np.empty(part.num_rows, dtype=np.int64)
     rank[pc.sort_indices(part, [("sample_id", "ascending")]).to_numpy()] = np.arange(part.num_rows)
     vectors = to_matrix(part["_vector"])[0]
     labels = part["cluster_id"].to_numpy()
-    duplicate_of = semantic_duplicates(vectors, labels, eps, part["_priority"].to_numpy(),
-                                       tiebreak=rank)
-    is_dup = duplicate_of >= 0
-    keeper = pa.array(np.maximum(duplicate_of, 0), pa.int64(), mask=~is_dup)
-    verdict = pc.take(part["sample_id"], keeper)
+    duplicate_of, nearest, distance = semantic_duplicates(
+        vectors, labels, eps, part["_priority"].to_numpy(), tiebreak=rank, nearest=True)
+
+    def ids(index: np.ndarray) -> pa.Array:
+        return pc.take(part["sample_id"], pa.array(np.maximum(index, 0), pa.int64(),
+                                                   mask=index < 0)).cast(pa.string())
+
     return pa.table({ROWADDR: part[ROWADDR], "cluster_id": part["cluster_id"],
-                     "semantic_duplicate_of": verdict.cast(pa.string())})
+                     "semantic_duplicate_of": ids(duplicate_of),
+                     "semantic_nearest": ids(nearest),
+                     "semantic_nearest_distance": pa.array(distance, pa.float32(),
+                                                           mask=np.isnan(distance))})
