@@ -162,7 +162,8 @@ class Pager:
             assert stage is not None
             ranked, total = self._whole((queue.name,), self._pairs, queue, stage)
         elif queue.kind == NEAR:
-            ranked, total = self._near(queue, need)
+            assert stage is not None
+            ranked, total = self._near(queue, stage.verdict_column, need)
         else:
             ranked, total = self._whole((AUDIT, seed, size), self._audit, seed,
                                         min(size, MAX_DEPTH))
@@ -253,12 +254,13 @@ class Pager:
                                      rows[queue.other].to_pylist(), keys.tolist())]
         return out, len(out) if widest else None
 
-    def _near(self, queue: Queue, need: int):
+    def _near(self, queue: Queue, verdict: str, need: int):
         """Rows whose nearest lies past the limit, nearest first: bands of the indexed
         distance just past it, sized from its recorded histogram (a row past the limit
         is no copy: it matched no row within it)."""
         column, at = queue.column, float(queue.limit)
-        past = f"{column} > {_literal(at)}"
+        past = f"{column} > {_literal(at)} AND {verdict} IS NULL"  # (a stored float32
+        # just past the limit may stand for a similarity just within it)
         bands = [f"{past} AND {column} <= {_literal(at + w)}" for w in band_widths(
             self.histograms.get(column), at, need, above=True)]
         bands.append(past)

@@ -221,6 +221,20 @@ def test_each_rows_nearest_in_its_cluster_is_the_brute_force_one(block):
         assert dup[i] < 0 or distance[i] < eps  # a copy has a row within eps
 
 
+def test_a_similarity_at_the_limit_is_compared_in_the_vectors_precision():
+    """float32 vectors whose similarity is float32(1 - eps) exactly: the limit is taken
+    in float32 too (NumPy's rule for a Python float beside a float32 array), so the pair is
+    not a duplicate however the nearest is computed."""
+    c = np.float32(0.85)
+    x = np.array([[1, 0], [c, np.sqrt(np.float32(1) - c * c)]], np.float32)
+    assert (x[0] @ x[1]) == c and float(c) > 0.85
+    for nearest in (False, True):
+        got = semantic_duplicates(x, np.zeros(2, np.int32), 0.15, np.array([0.0, 1.0]),
+                                  nearest=nearest)
+        dup = got[0] if nearest else got
+        np.testing.assert_array_equal(dup, [-1, -1])
+
+
 def test_semantic_duplicates_invariants_and_planted_groups():
     x, groups = planted(seed=6)
     eps = safe_eps(x, 0.05)
@@ -410,7 +424,8 @@ def test_semantic_dedup_ignores_row_order(stage_data):
     out = stage.run_global(table, pa.array(alive))
     perm = np.random.default_rng(0).permutation(len(x))
     shuffled = stage.run_global(table.take(perm), pa.array(alive[perm]))
-    for name in ("cluster_id", "semantic_duplicate_of", "semantic_nearest_distance"):
+    for name in ("cluster_id", "semantic_duplicate_of", "semantic_nearest",
+                 "semantic_nearest_distance"):
         assert shuffled[name].to_pylist() == out[name].take(perm).to_pylist()
     assert sum(v is not None for v in out["semantic_duplicate_of"].to_pylist()) > 0
 

@@ -196,13 +196,15 @@ def test_rows_just_past_a_dedup_limit_come_nearest_first(table):
     dataset, rows, histograms = table
     counting = Counting(dataset)
     pager = queues.Pager(counting, histograms)
-    queue = next(q for q in queues.plan([SemanticDedup(eps=0.05)], dataset.schema,
-                                        histograms) if q.kind == queues.NEAR)
-    got = _pages(pager, queue, depth=400)
+    stage = SemanticDedup(eps=0.05)
+    queue = next(q for q in queues.plan([stage], dataset.schema, histograms)
+                 if q.kind == queues.NEAR)
+    got = _pages(pager, queue, stage, depth=400)
     expected = sorted((float(np.float32(r["semantic_nearest_distance"])), r["sample_id"],
                        r["semantic_nearest"]) for r in rows
                       if r["semantic_nearest_distance"] is not None
-                      and np.float32(r["semantic_nearest_distance"]) > 0.05)[:400]
+                      and np.float32(r["semantic_nearest_distance"]) > 0.05
+                      and r["semantic_duplicate_of"] is None)[:400]
     assert [(r["_queue"]["distance"], r["sample_id"], r["_queue"]["kept"]) for r in got] == \
         expected
     assert counting.rows < N * 11 // 4  # 11 pages, each under a quarter of the table

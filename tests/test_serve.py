@@ -473,7 +473,7 @@ def test_what_if_answers_over_http_and_refuses_what_it_cannot_move(base):
 
 
 @pytest.mark.parametrize("body, reviewer, status, says", [
-    ({"queue": "threshold:nsfw_score:nsfw_score:max", "value": 0.02}, None, 400,
+    ({"queue": "threshold:nsfw_score:nsfw_score:max", "value": 0.02}, None, 422,
      "reviewer's name is missing"),
     ({"queue": "threshold:nope:x:max", "value": 1}, "ana", 404, "no threshold queue"),
     ({"queue": "audit", "value": 1}, "ana", 404, "no threshold queue 'audit'"),
@@ -508,10 +508,47 @@ def test_apply_waits_for_no_run_it_would_race(base, served):
                                json={"queue": "threshold:nsfw_score:nsfw_score:max",
                                      "value": 0.5}, timeout=60)
         says = error_of(answer, 409)
-        assert says.startswith("the table is busy: run run-in-progress started at")
+        assert says.startswith("the table is busy: run run-in-progress on host ")
+        assert says.endswith("holds it; apply again when it has ended")
     assert get(base, "/applies").json() == {"applies": []}
     assert store.version() == version
     assert "no apply 'apply-0'" in error_of(get(base, "/applies/apply-0"), 404)
+
+
+def test_an_apply_running_elsewhere_is_waited_for_and_a_lost_one_is_said(base, served):
+    """An apply another front replica runs (its record says `running`, its process lives)
+    refuses a second one with 409 naming it; once its process is gone without an end
+    recorded (the server stopped), it reads `lost`."""
+    import subprocess
+
+    from curate.config import StoreConfig
+    from curate.table.layout import now
+    from curate.table.lease import process_identity
+    from curate.table.store import Store
+
+    store = Store(StoreConfig(uri=str(served[1])))
+    sleeper = subprocess.Popen(["sleep", "600"])
+    record = {"run_id": "apply-elsewhere", "kind": "apply", "pipeline": "demo",
+              "status": "running", "started_at": now(),
+              "stages_json": {"change": {"stage": "nsfw_score"}, "by": "bo",
+                              "process": process_identity(sleeper.pid)}}
+    store.save_run(record)
+    body = {"queue": "threshold:nsfw_score:nsfw_score:max", "value": 0.5}
+    try:
+        answer = requests.post(base + "/applies", json=body,
+                               headers={"X-Curate-Reviewer": "ana"}, timeout=60)
+        assert error_of(answer, 409) == ("apply apply-elsewhere is still running; wait for "
+                                         "its end (GET /applies/apply-elsewhere)")
+        assert get(base, "/applies/apply-elsewhere").json()["status"] == "running"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lost = get(base, "/applies/apply-elsewhere").json()
+    assert lost["status"] == "lost" and "the server stopped while it ran" in lost["error"]
+    assert [a["apply_id"] for a in get(base, "/applies").json()["applies"]] == [
+        "apply-elsewhere"]
+    record.update(status="failed", error="a test's record")  # out of the later tests' way
+    store.save_run(record)
 
 
 def latest_of(base, ids):

@@ -130,7 +130,7 @@ def _first_matches(members: np.ndarray, threshold: float, block: int
         rows = members[start:end]
         for col in range(0, end, block):
             col_end = min(col + block, end)
-            sims = (rows @ members[col:col_end].T).astype(np.float64)
+            sims = rows @ members[col:col_end].T  # compared in the vectors' own precision
             if col_end > start:  # the tile crosses the diagonal: only earlier rows count
                 later = np.arange(col, col_end)[None, :] >= np.arange(start, end)[:, None]
                 sims[later] = -np.inf
@@ -195,7 +195,7 @@ def semantic_duplicates(
             continue
         rows = order[lo:hi]
         match, near, best = _first_matches(x[rows], threshold, block)
-        nearest_of[rows] = rows[near]
+        nearest_of[rows] = np.where(near >= 0, rows[np.maximum(near, 0)], -1)
         distance[rows] = 1.0 - best
         # follow matches to the kept row: matches point strictly backwards, so repeated
         # pointer jumping reaches a member with no match (a kept one)

@@ -32,12 +32,12 @@ from curate.catalog import Catalog, CatalogError
 from curate.config import Config
 from curate.reviews import ReviewError, checked_reviewer
 from curate.table.layout import now
-from curate.table.lease import RunLease
+from curate.table.lease import RunLease, process_alive, process_identity
 
 log = logging.getLogger(__name__)
 
 APPLY = "apply"
-#: The end of a failed run's output kept in its apply record.
+#: The end of a failed run's output kept in its apply record (`output`).
 LOG_TAIL = 4000
 
 
@@ -68,15 +68,10 @@ class Applies:
         try:
             by = checked_reviewer(by)
         except ReviewError as exc:
-            raise CatalogError(400, str(exc)) from None
+            raise CatalogError(422, str(exc)) from None
         config, change = self.catalog.moved_config(name, value)
         with self._lock:
-            if self._running is not None:
-                raise CatalogError(409, f"apply {self._running} is still running; wait for "
-                                   "its end (GET /applies/{id})")
-            busy = RunLease(self.store, APPLY).busy()
-            if busy:
-                raise CatalogError(409, f"the table is busy: {busy}")
+            self._refuse_if_busy(None)
             apply_id = f"apply-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-" \
                        f"{secrets.token_hex(2)}"
             last = self.catalog.last_run() or {}
@@ -86,20 +81,52 @@ class Applies:
                 "config_yaml": config.to_yaml(), "started_at": now(),
                 "version_before": self.catalog.version(),
                 "stages_json": {"change": change, "by": by,
-                                "parent": last.get("run_id"), "run": None},
+                                "parent": last.get("run_id"), "run": None,
+                                "process": process_identity(os.getpid())},
             }
             self.store.save_run(record)
+            try:  # another front replica may have recorded one meanwhile: the first wins
+                self._refuse_if_busy(apply_id)
+            except CatalogError:
+                record.update(status="refused", finished_at=now(),
+                              error="another apply started at the same time")
+                self.store.save_run(record)
+                raise
             self._running = apply_id
         threading.Thread(target=self._run, args=(record, config), daemon=True,
                          name=f"curate-{apply_id}").start()
         return _public(record)
+
+    def _refuse_if_busy(self, mine: str | None) -> None:
+        """409 while an apply (but `mine`, and those started after it) or a run holds the
+        table."""
+        if self._running is not None and self._running != mine:
+            raise CatalogError(409, f"apply {self._running} is still running; wait for its "
+                               f"end (GET /applies/{self._running})")
+        running = [r for r in (_public(r) for r in self.store.runs(APPLY))
+                   if r["status"] == "running" and r["apply_id"] != mine]
+        if mine is not None:  # of two recorded at once, the one recorded first goes on
+            order = [r["run_id"] for r in self.store.runs(APPLY)]
+            running = [r for r in running if order.index(r["apply_id"]) < order.index(mine)]
+        if running:
+            first = running[0]["apply_id"]
+            raise CatalogError(409, f"apply {first} is still running; wait for its end (GET "
+                               f"/applies/{first})")
+        holder = RunLease(self.store, APPLY).holder()
+        if holder is not None:
+            raise CatalogError(409, f"the table is busy: run {holder.run_id} on host "
+                               f"{holder.host} (pid {holder.pid}) holds it; apply again when "
+                               "it has ended")
 
     def _command(self, config: Config, folder: Path) -> tuple[list[str], dict[str, str]]:
         path = folder / "config.yaml"
         # the secrets the run needs, in a file only this user reads, removed after the run
         path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         path.chmod(0o600)
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        # as `curate run` would start from a shell: not inside this Ray worker (Ray sets
+        # RAY_ADDRESS, and OMP_NUM_THREADS to the worker's CPUs, for its workers)
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",
+                                                                "OMP_NUM_THREADS")}
         address = _address()
         if address and not config.run.ray_address:
             env["CURATE_RAY_ADDRESS"] = address  # joined only if the run goes to Ray
@@ -109,30 +136,38 @@ class Applies:
     def _run(self, record: dict[str, Any], config: Config) -> None:
         folder = Path(tempfile.mkdtemp(prefix="curate-apply-"))
         started = time.monotonic()
+        code, summary, output, problem = None, {}, "", None
         try:
             command, env = self._command(config, folder)
             with open(folder / "output.log", "wb") as out:
-                code = subprocess.run(command, cwd=self.workdir, env=env, stdout=out,
-                                      stderr=subprocess.STDOUT, check=False).returncode
+                child = subprocess.Popen(command, cwd=self.workdir, env=env, stdout=out,
+                                         stderr=subprocess.STDOUT)
+                record["stages_json"]["process"] = process_identity(child.pid)
+                self.store.save_run(record)
+                code = child.wait()
+            output = (folder / "output.log").read_bytes()[-LOG_TAIL:].decode("utf-8", "replace")
             summary_path = folder / "summary.json"
             summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-            output = (folder / "output.log").read_bytes()[-LOG_TAIL:].decode("utf-8", "replace")
-        except Exception as exc:  # the run could not be started at all
-            code, summary, output = -1, {}, f"could not start `curate run`: {exc}"
+        except Exception as exc:
+            problem = f"`curate run` could not be started or followed: {exc}"
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        ok = code == 0 and summary.get("status") in ("finished", "up_to_date")
+        ok = problem is None and code == 0 and summary.get("status") in ("finished",
+                                                                         "up_to_date")
+        if not ok and problem is None:
+            last = next((line for line in reversed(output.splitlines()) if line.strip()), "")
+            problem = f"`curate run` ended with exit code {code}: {last.strip()}"
         record.update({
             "status": "finished" if ok else "failed", "finished_at": now(),
             "seconds": time.monotonic() - started,
             "version_after": summary.get("version_after"),
             "rows_total": summary.get("rows_total"),
             "rows_processed": summary.get("rows_processed"),
-            "error": None if ok else (f"`curate run` ended with exit code {code}:\n"
-                                      f"{output}"),
+            "error": problem,
         })
         record["stages_json"] = {**record["stages_json"], "run": summary.get("run_id"),
-                                 "selected": summary.get("selected")}
+                                 "selected": summary.get("selected"),
+                                 "output": None if ok else output}
         try:
             self.store.save_run(record)
         except Exception as exc:  # the run's own record still says how it ended
@@ -155,22 +190,30 @@ class Applies:
 
 
 def _public(record: dict[str, Any], with_yaml: bool = False) -> dict[str, Any]:
-    """An apply record as the API returns it."""
+    """An apply record as the API returns it. One still `running` whose process (that of
+    the front that started it, then of its `curate run`) is gone is `lost`: the server
+    stopped meanwhile (its run, if it started, is in the runs table)."""
     detail = record.get("stages_json") or {}
     if isinstance(detail, str):
         detail = json.loads(detail)
+    status, error = record["status"], record.get("error")
+    process = detail.get("process") or {}
+    if status == "running" and process and process_alive(**process) is False:
+        status, error = "lost", ("the process that ran this apply is gone (the server "
+                                 "stopped while it ran); see the runs table for its run")
     out = {
-        "apply_id": record["run_id"], "status": record["status"],
+        "apply_id": record["run_id"], "status": status,
         "change": detail.get("change"), "by": detail.get("by"),
         "parent_run": detail.get("parent"), "run": detail.get("run"),
         "selected": detail.get("selected"), "config_hash": record.get("config_hash"),
         "started_at": _iso(record.get("started_at")),
         "finished_at": _iso(record.get("finished_at")), "seconds": record.get("seconds"),
         "version_before": record.get("version_before"),
-        "version_after": record.get("version_after"), "error": record.get("error"),
+        "version_after": record.get("version_after"), "error": error,
     }
     if with_yaml:
         out["config_yaml"] = record.get("config_yaml")
+        out["output"] = detail.get("output")
     return out
 
 

@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from curate.errors import RunError
 
@@ -67,19 +68,30 @@ def _pid_started(pid: int) -> str:
     return "" if fields[0] in ("Z", "X") else fields[19]
 
 
-def _alive(holder: Holder) -> bool | None:
-    """Whether the holder's process still runs; None when it runs on another host."""
-    if holder.host != socket.gethostname():
+def process_alive(host: str, pid: int, pid_started: str) -> bool | None:
+    """Whether a process (its host, pid and `pid_started`) still runs; None when it runs
+    on another host."""
+    if host != socket.gethostname():
         return None
     try:
-        os.kill(holder.pid, 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass
-    if not holder.pid_started:  # no /proc where it ran: the pid exists, take it as alive
+    if not pid_started:  # no /proc where it ran: the pid exists, take it as alive
         return True
-    return _pid_started(holder.pid) == holder.pid_started
+    return _pid_started(pid) == pid_started
+
+
+def process_identity(pid: int) -> dict[str, Any]:
+    """What `process_alive` needs to tell a process of this host later."""
+    return {"host": socket.gethostname(), "pid": pid, "pid_started": _pid_started(pid)}
+
+
+def _alive(holder: Holder) -> bool | None:
+    """Whether the holder's process still runs; None when it runs on another host."""
+    return process_alive(holder.host, holder.pid, holder.pid_started)
 
 
 class RunLease:
@@ -218,14 +230,14 @@ class RunLease:
             return False
         return self._take(slot, holder, self._me())
 
-    def busy(self) -> str | None:
-        """Why a run could not take the lease now (the holder: the message a second run
-        gets), or None when it could. A short hold of the feature cache is not a run."""
+    def holder(self) -> Holder | None:
+        """The run that holds the lease now (None: a run could take it). A short hold of
+        the feature cache is not a run."""
         slot = self._latest()
         holder = self._read(slot) if slot >= 0 else None
         if holder is None or holder.is_cache or self._stale(holder):
             return None
-        return _busy_message(self.store, holder)
+        return holder
 
     def held(self) -> bool:
         """Whether this lease is still the table's (no run took it over since)."""

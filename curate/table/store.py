@@ -346,9 +346,10 @@ class Store:
         `applied` (0: none) after this: the tidied one, unless someone appended since
         (the table only grows, so the same row count means the same verdicts)."""
         dataset = self._lance(self.reviews_name)
-        if not applied or dataset is None:
+        seen = self._lance(self.reviews_name, applied) if applied and dataset else None
+        if seen is None:
             return applied
-        rows = self._lance(self.reviews_name, applied).count_rows()
+        rows = seen.count_rows()
         try:
             if len(dataset.get_fragments()) > 1:
                 dataset.optimize.compact_files()
@@ -357,7 +358,7 @@ class Store:
             else:
                 dataset.create_scalar_index("sample_id", "BTREE")
         except (OSError, RuntimeError, ValueError):  # a conflict: the next run does it
-            return applied
+            pass
         dataset = self._lance(self.reviews_name)
         return dataset.version if dataset.count_rows() == rows else applied
 
