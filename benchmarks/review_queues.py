@@ -19,7 +19,8 @@ pages of each kind of queue are requested over HTTP, one at a time, at random de
 - audit: `audit` at random seeds (a range of sample ids, indexed);
 - what-if: `GET /whatif/threshold:nsfw_score:nsfw_score:max?value=` with the value drawn
   anywhere in the scores' range (its band, between the two limits, up to the whole
-  column), against the plain way: the columns read whole, the moved limit applied.
+  column), against the plain way: the columns read whole, the moved limit applied; and
+  the same with `&funnel=true` (the band's `reject_reason` read as well).
 
 The first page of each queue after start-up is printed apart (`first_ms`: indexes
 opened, the copies scanned). The baseline, in the same process, is the same page computed
@@ -283,10 +284,12 @@ def whatif(conn, dataset, requests: int, rng: random.Random) -> dict:
     column = dataset.to_table(columns=["nsfw_score"], filter="nsfw_score IS NOT NULL",
                               limit=20_000)["nsfw_score"].to_numpy()  # the scores' range
     low, high = float(column.min()), float(column.max())
-    served, plain = [], []
+    served, plain, with_funnel = [], [], []
     for _ in range(requests):
         value = rng.uniform(low, high)
-        served.append(get(conn, f"/whatif/{name}?value={value}&strip=24&columns=uri"))
+        path = f"/whatif/{name}?value={value}&strip=24&columns=uri"
+        served.append(get(conn, path))
+        with_funnel.append(get(conn, path + "&funnel=true"))
         if len(plain) < max(5, requests // 10):
             started = time.perf_counter()
             t = dataset.to_table(columns=["sample_id", "selected", "nsfw_score"])
@@ -299,7 +302,8 @@ def whatif(conn, dataset, requests: int, rng: random.Random) -> dict:
                 quoted = ", ".join(f"'{i}'" for i in ids)
                 dataset.to_table(columns=["sample_id", "uri"], filter=f"sample_id IN ({quoted})")
             plain.append(time.perf_counter() - started)
-    record = {"served": percentiles(served), "plain_whole_columns": percentiles(plain)}
+    record = {"served": percentiles(served), "with_funnel": percentiles(with_funnel),
+              "plain_whole_columns": percentiles(plain)}
     record["ratio_p50"] = round(record["plain_whole_columns"]["p50_ms"]
                                 / record["served"]["p50_ms"], 1)
     return record

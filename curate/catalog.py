@@ -548,17 +548,26 @@ class Catalog:
         return answer
 
     def whatif(self, name: str, value: float, strip: int = 24,
-               columns: list[str] | None = None) -> dict[str, Any]:
+               columns: list[str] | None = None, funnel: bool = False) -> dict[str, Any]:
         """What moving the limit of threshold queue `name` to `value` changes (see
-        curate.queues.what_if); the strips' rows with `columns`."""
+        curate.queues.what_if); the strips' rows with `columns`; with `funnel`, the last
+        run's funnel as it would read (curate.queues.projected_funnel)."""
         from curate import queues
+        from curate.stage import GlobalStage
 
         queue, stage, pager, stages = self._threshold(name)
         others = [s.verdict_column for s in stages if s.verdict_column and s.name != stage.name]
+        chain = [(s.name, s.verdict_column) for s in stages]
         try:
-            answer = queues.what_if(pager, stage, queue, value, others, strip)
+            answer = queues.what_if(pager, stage, queue, value, others, strip,
+                                    chain if funnel else None)
         except queues.QueueError as exc:
             raise CatalogError(400, str(exc)) from None
+        if funnel:
+            answer["funnel"] = queues.projected_funnel(
+                (self.last_run() or {}).get("stages") or [], stage.name,
+                answer.pop("dropped_by"), answer["entering"],
+                {s.name for s in stages if isinstance(s, GlobalStage)})
         cols = self._columns(columns, False)
         for side in ("leave", "enter"):
             found = {r["sample_id"]: r for r in self._by_ids(answer[side], cols)}

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.filters import ids_in
-from curate.reviews import REJECT
+from curate.reviews import ACCEPT, REJECT, REVIEW_STAGE
 from curate.stage import ScoreFilter, Stage
 
 THRESHOLD, DISAGREE, DUPLICATES, NEAR, AUDIT = ("threshold", "disagree", "duplicates",
@@ -430,8 +430,56 @@ def limit_param(stage: ScoreFilter, column: str, side: str) -> str:
     raise QueueError(f"no param of stage {stage.name} sets its {side} on {column}")
 
 
+def projected_funnel(funnel: list[dict[str, Any]], stage: str,
+                     dropped_by: dict[tuple[str | None, str | None], int], entering: int,
+                     table_wide: set[str]) -> list[dict[str, Any]]:
+    """The last run's funnel (`name`, `rows_in`, `kept`, `dropped` per line: the models'
+    verdicts, then people's `review` line) as it would read with `stage`'s limit moved.
+
+    `dropped_by`: of the rows the moved limit drops that passed it before, how many the
+    models dropped at each later stage (None: kept to the end), by people's verdict on
+    them (`accept`, `reject` or None). Each model line after `stage` loses them up to the
+    stage that dropped them; the `review` line loses those that reached it (a person's
+    reject then drops one row less; a person's accept keeps the row, now as one people
+    kept that the models dropped). Exact for row stages. `entering`: rows it passes that
+    it dropped; the stages after it have not computed them, so each later line gets them
+    as `pending` (their fate unknown until a run). Table-wide stages (`table_wide`)
+    decide again over what reaches them: their lines are marked `decided_again` (shown
+    as if they decided the same for the rows they kept)."""
+    out = [{k: line[k] for k in ("name", "rows_in", "kept", "dropped")} for line in funnel]
+    names = [line["name"] for line in out]
+    if stage not in names:
+        return out
+    at = names.index(stage)
+    people = names.index(REVIEW_STAGE) if REVIEW_STAGE in names[at + 1:] else None
+    leaving = sum(dropped_by.values())
+    out[at]["kept"] += entering - leaving
+    out[at]["dropped"] += leaving - entering
+    for (later, review), rows in dropped_by.items():
+        for i in range(at + 1, len(out)):
+            if i == people:
+                continue
+            out[i]["rows_in"] -= rows
+            if names[i] == later:
+                out[i]["dropped"] -= rows
+                break
+            out[i]["kept"] -= rows
+        if later is None and people is not None:
+            line = out[people]
+            line["rows_in"] -= rows
+            if review == REJECT:
+                line["dropped"] -= rows
+            elif review != ACCEPT:
+                line["kept"] -= rows
+    for line in out[at + 1:]:
+        line["pending"] = entering
+        line["decided_again"] = bool(leaving or entering) and line["name"] in table_wide
+    return out
+
+
 def what_if(pager: Pager, stage: ScoreFilter, queue: Queue, value: float,
-            other_verdicts: list[str], strip: int = 24) -> dict[str, Any]:
+            other_verdicts: list[str], strip: int = 24,
+            chain: list[tuple[str, str | None]] | None = None) -> dict[str, Any]:
     """What moving a threshold queue's limit to `value` changes, from the stored scores,
     counted by Lance over the rows between the two limits (the score is indexed):
 
@@ -442,7 +490,11 @@ def what_if(pager: Pager, stage: ScoreFilter, queue: Queue, value: float,
       but those a person rejected. A run then computes the stages after it on them, and
       dedup and sampling decide on them again: they enter the row filters.
 
-    The strips are the rows of each nearest the new limit."""
+    The strips are the rows of each nearest the new limit. With `chain` (every stage's
+    name and verdict column, in order), `dropped_by` also counts the rows the moved limit
+    would drop that passed it (selected or not) by the later stage whose verdict dropped
+    them (None: none did) and people's verdict on them, from the verdict columns of the
+    rows between the two limits: what `projected_funnel` needs."""
     if not math.isfinite(value):
         raise QueueError(f"value {value} is not a finite number")
     limit_param(stage, queue.column, queue.side)  # the stage has a param for this limit
@@ -483,7 +535,38 @@ def what_if(pager: Pager, stage: ScoreFilter, queue: Queue, value: float,
                                    min(strip, count))
         ids = rows["sample_id"].to_pylist()[:strip]
     leaving, entering = (count, 0) if tighter else (0, count)
-    return {"queue": queue.to_dict(), "limit": old, "value": value, "selected": selected,
-            "leaving": leaving, "entering": entering,
-            "selected_after": selected - leaving + entering,
-            "leave": ids if tighter else [], "enter": [] if tighter else ids}
+    answer = {"queue": queue.to_dict(), "limit": old, "value": value, "selected": selected,
+              "leaving": leaving, "entering": entering,
+              "selected_after": selected - leaving + entering,
+              "leave": ids if tighter else [], "enter": [] if tighter else ids}
+    if chain is not None:
+        answer["dropped_by"] = _dropped_later(pager, stage, chain, between, names) \
+            if tighter else {}
+    return answer
+
+
+def _dropped_later(pager: Pager, stage: Stage, chain: list[tuple[str, str | None]],
+                   between: str, names: set[str]) -> dict[tuple[str | None, str | None], int]:
+    """Of the rows `between` that passed `stage` (no verdict of it or before it), how
+    many the models dropped at each later stage (None: none did), by people's verdict."""
+    at = [name for name, _ in chain].index(stage.name)
+    alive = [f"{c} IS NULL" for _, c in chain[:at + 1] if c and c in names]
+    later = [(name, c) for name, c in chain[at + 1:] if c and c in names]
+    columns = [c for _, c in later] + (["review"] if "review" in names else [])
+    where = " AND ".join([between, *alive])
+    if not columns:
+        count = pager.dataset.count_rows(filter=where)
+        return {(None, None): count} if count else {}
+    rows = pager.dataset.to_table(columns=columns, filter=where)
+    first = np.full(rows.num_rows, len(later))
+    for k in range(len(later) - 1, -1, -1):  # the first later verdict set
+        first[pc.is_valid(rows[later[k][1]]).to_numpy(zero_copy_only=False)] = k
+    verdicts = (None, ACCEPT, REJECT)
+    person = np.zeros(rows.num_rows, np.int64)
+    if "review" in columns:
+        for code in (1, 2):
+            person[pc.fill_null(pc.equal(rows["review"], verdicts[code]), False)
+                   .to_numpy(zero_copy_only=False)] = code
+    keys, counts = np.unique(first * 3 + person, return_counts=True)
+    return {(later[k // 3][0] if k // 3 < len(later) else None, verdicts[k % 3]): int(n)
+            for k, n in zip(keys.tolist(), counts.tolist())}

@@ -440,7 +440,7 @@ def test_what_if_moves_a_limit_by_field_and_by_drag(page, tmp_path):
     page.wait_for_selector(box)
 
     def shows(value):
-        expected = api(page, f"/whatif/{name}", value=value, strip=12)
+        expected = api(page, f"/whatif/{name}", value=value, strip=12, funnel="true")
         text = (f"{expected['selected']} → {expected['selected_after']} selected before "
                 f"dedup and sampling decide again ({expected['leaving']} leave, "
                 f"{expected['entering']} enter the row filters)")
@@ -449,8 +449,15 @@ def test_what_if_moves_a_limit_by_field_and_by_drag(page, tmp_path):
             ".textContent.endsWith(t)", arg=[box, text])
         assert card_ids(page, f"{box} [data-testid=whatif-strip]") == [
             r["sample_id"] for r in expected["leave"] + expected["enter"]]
+        texts = page.eval_on_selector_all(f"{box} [data-testid=whatif-funnel] text",
+                                          "ts => ts.map(t => t.textContent)")
+        assert texts == [t for line in expected["funnel"] for t in (
+            line["name"], f"{line['kept']} kept, {line['dropped']} out"
+            + (f" (+{line['pending']} not computed yet)" if line.get("pending") else "")
+            + (" (decided again)" if line.get("decided_again") else ""))]
         return expected
 
+    page.click(f"{box} [data-testid=whatif-funnel-open]")  # the funnel shown too
     page.fill(f"{box} [data-testid=whatif-value]", "0.02")
     page.press(f"{box} [data-testid=whatif-value]", "Tab")  # a change: the field is left
     typed = shows(0.02)
@@ -481,6 +488,10 @@ def test_apply_runs_the_moved_limit_as_editing_the_config_by_hand_does(page, ser
     from .conftest import copy_store, demo_config
 
     name = "threshold:nsfw_score:nsfw_score:max"
+    # the verdicts earlier tests gave, applied first: the what-if projects the funnel of
+    # the last run, and a rerun would apply them as well as the moved limit
+    Pipeline.from_config(load_config(demo_config(demo_store.parent / "media", served[1],
+                                                 executor="local"))).run(progress=False)
     by_hand = copy_store(served[1], tmp_path / "by-hand")
     page.goto(page.base + "/#/stats")
     box = f"[data-testid=whatif][data-queue='{name}']"
@@ -489,7 +500,7 @@ def test_apply_runs_the_moved_limit_as_editing_the_config_by_hand_does(page, ser
     page.fill("[data-testid=apply-reviewer]", "ana")
     page.fill(f"{box} [data-testid=whatif-value]", "0.02")
     page.press(f"{box} [data-testid=whatif-value]", "Tab")
-    expected = api(page, f"/whatif/{name}", value=0.02, strip=100)
+    expected = api(page, f"/whatif/{name}", value=0.02, strip=100, funnel="true")
     page.click(f"{box} [data-testid=whatif-apply]")
     status = "[data-testid=applies] [data-testid=apply-status]"
     page.wait_for_function(
@@ -511,7 +522,14 @@ def test_apply_runs_the_moved_limit_as_editing_the_config_by_hand_does(page, ser
 
     raw = demo_config(demo_store.parent / "media", by_hand, executor="local")
     next(s for s in raw["stages"] if s["type"] == "nsfw_score")["max_score"] = 0.02
-    Pipeline.from_config(load_config(raw)).run(progress=False)
+    summary = Pipeline.from_config(load_config(raw)).run(progress=False)
+    # the what-if's funnel is the run's, line for line, up to the first stage that
+    # decides again over the table (after it, that stage's new decisions differ)
+    projected = expected["funnel"]
+    exact = next(i for i, line in enumerate(projected) if line.get("decided_again"))
+    assert exact > [line["name"] for line in projected].index("nsfw_score")
+    assert [(p["name"], p["rows_in"], p["kept"], p["dropped"]) for p in projected[:exact]] \
+        == [(s.name, s.rows_in, s.kept, s.dropped) for s in summary.stages[:exact]]
 
     def table(store):
         rows = Store(StoreConfig(uri=str(store))).read()

@@ -283,6 +283,36 @@ def test_the_queues_a_table_offers_follow_its_stages_and_scores(table):
                                              "clip_score"]
 
 
+def test_a_moved_limit_projects_the_funnel_line_by_line():
+    """The funnel with a limit moved, against the same counts kept by hand: rows the
+    tighter limit drops leave every line after it up to the stage that dropped them (to
+    the end when they were selected); rows a looser one passes are pending after it."""
+    def line(name, rows_in, dropped):
+        return {"name": name, "rows_in": rows_in, "kept": rows_in - dropped,
+                "dropped": dropped, "seconds": 1.0}
+
+    funnel = [line("a", 100, 10), line("s", 90, 20), line("b", 70, 5), line("dedup", 65, 15),
+              line("review", 50, 2)]
+    # two rows the models kept to the end (one a person rejected, one a person accepted),
+    # one each that b and dedup dropped later, and one of those a person accepted
+    moved = {(None, "reject"): 1, (None, "accept"): 1, (None, None): 2, ("b", None): 1,
+             ("dedup", None): 1, ("dedup", "accept"): 1}
+    got = queues.projected_funnel(funnel, "s", moved, 0, {"dedup"})
+    rows = [(g["name"], g["rows_in"], g["kept"], g["dropped"]) for g in got]
+    # s drops 7 more; b sees 7 fewer and drops 1 fewer; dedup sees 6 fewer, drops 2
+    # fewer; the review line sees the 4 the models kept fewer: one reject fewer, the
+    # accepted one still kept (by the person now), the two nobody reviewed gone
+    assert rows == [("a", 100, 90, 10), ("s", 90, 63, 27), ("b", 63, 59, 4),
+                    ("dedup", 59, 46, 13), ("review", 46, 46, 1)]
+    assert [g.get("decided_again") for g in got] == [None, None, False, True, False]
+    assert got[-1]["kept"] == funnel[-1]["kept"] - 2  # the two nobody reviewed
+    looser = queues.projected_funnel(funnel, "s", {}, 7, {"dedup"})
+    assert [(g["kept"], g["dropped"], g.get("pending")) for g in looser] == [
+        (90, 10, None), (77, 13, None), (65, 5, 7), (50, 15, 7), (48, 2, 7)]
+    assert queues.projected_funnel(funnel, "gone", {(None, None): 1}, 0, set()) == [
+        {k: f[k] for k in ("name", "rows_in", "kept", "dropped")} for f in funnel]
+
+
 def test_the_audit_estimate_is_the_wilson_interval():
     from scipy.stats import binomtest
 

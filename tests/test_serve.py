@@ -468,6 +468,16 @@ def test_what_if_answers_over_http_and_refuses_what_it_cannot_move(base):
         answer["entering"]
     assert len(answer["leave"]) == min(3, answer["leaving"])
     assert all(set(r) == {"sample_id", "uri"} for r in answer["leave"])
+    assert "funnel" not in answer  # asked for apart: it reads the band's reasons too
+    funnel = get(base, f"/whatif/{name}", value=0.02, strip=0, funnel="true").json()["funnel"]
+    stats = get(base, "/stats").json()["funnel"]
+    assert [line["name"] for line in funnel] == [line["name"] for line in stats]
+    nsfw = next(i for i, line in enumerate(stats) if line["name"] == "nsfw_score")
+    assert funnel[:nsfw] == [{k: line[k] for k in ("name", "rows_in", "kept", "dropped")}
+                             for line in stats[:nsfw]]  # the stages before it: as they were
+    line = funnel[nsfw]  # every row it drops now that passed it: the selected ones too
+    assert line["dropped"] >= stats[nsfw]["dropped"] + answer["leaving"]
+    assert line["kept"] + line["dropped"] == line["rows_in"] == stats[nsfw]["rows_in"]
     assert "no threshold queue 'audit'" in error_of(get(base, "/whatif/audit", value=1), 404)
     assert "not a finite number" in error_of(get(base, f"/whatif/{name}", value="nan"), 400)
 

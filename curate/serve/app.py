@@ -342,8 +342,9 @@ class Api:
     def whatif(self, name: str, value: float,
                strip: Annotated[int, Query(ge=0, le=200)] = 24,
                columns: Annotated[str | None, Query(description="comma-separated")] = None,
+               funnel: Annotated[bool, Query(description="also the projected funnel")] = False,
                ) -> dict:
-        return _json(self.catalog.whatif(name, value, strip, _columns(columns)))
+        return _json(self.catalog.whatif(name, value, strip, _columns(columns), funnel))
 
     @api.post("/applies", status_code=202)
     def apply(self, body: ApplyRequest, request: Request) -> dict:

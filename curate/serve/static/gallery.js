@@ -664,7 +664,8 @@ function funnelChart(stages) {
     return `<text x="0" y="${y + 16}" font-size="12">${esc(s.name)}</text>
       <rect x="${label}" y="${y + 4}" width="${kept}" height="16" fill="var(--kept)"/>
       <rect x="${label + kept}" y="${y + 4}" width="${out}" height="16" fill="var(--out)"/>
-      <text x="${label + kept + out + 4}" y="${y + 16}" font-size="11">${s.kept} kept, ${s.dropped} out</text>`;
+      <text x="${label + kept + out + 4}" y="${y + 16}" font-size="11">${s.kept} kept, ${s.dropped} out${
+        s.pending ? ` (+${s.pending} not computed yet)` : ""}${s.decided_again ? " (decided again)" : ""}</text>`;
   }).join("");
   return svg(width, stages.length * line + 4, body);
 }
@@ -729,7 +730,9 @@ async function showWhatIfs(stats) {
         <input type="number" data-testid="whatif-value" step="any" value="${q.limit}"></label>
       <span data-testid="whatif-counts">at the run's limit ${fmt(q.limit)}</span>
       <button data-testid="whatif-apply" disabled>Apply</button>
-      <div class="strip" data-testid="whatif-strip"></div></div>`;
+      <div class="strip" data-testid="whatif-strip"></div>
+      <details><summary data-testid="whatif-funnel-open">Funnel</summary>
+        <div data-testid="whatif-funnel"></div></details></div>`;
   }).join("") || "<p>The last run's filters set no limit on a score.</p>";
   box.querySelectorAll(".whatif").forEach((el) => {
     const range = el.querySelector("[data-testid=whatif-range]");
@@ -738,8 +741,9 @@ async function showWhatIfs(stats) {
     const move = async (value) => {
       const mine = ++asked;
       try {
+        const funnel = el.querySelector("details").open;
         const answer = await api(`whatif/${encodeURIComponent(el.dataset.queue)}?` + query({
-          value, strip: 12, columns: await cardColumns() }));
+          value, strip: 12, columns: await cardColumns(), funnel: funnel || null }));
         if (mine !== asked) return;  // a later move was asked meanwhile
         el.querySelector("[data-testid=whatif-counts]").textContent =
           `at ${fmt(answer.value)}: ${answer.selected} → ${answer.selected_after} selected `
@@ -750,6 +754,8 @@ async function showWhatIfs(stats) {
         const strip = el.querySelector("[data-testid=whatif-strip]");
         strip.innerHTML = rows.map(card).join("");
         bindCards(strip);
+        el.querySelector("[data-testid=whatif-funnel]").innerHTML =
+          answer.funnel ? funnelChart(answer.funnel) : "";
         showError("");
       } catch (error) {
         showError(error.message);
@@ -765,6 +771,10 @@ async function showWhatIfs(stats) {
       range.value = field.value; moved(); move(field.value);
     });
     button.addEventListener("click", () => applyLimit(el.dataset.queue, Number(field.value)));
+    // the projected funnel reads more (the rows' reasons): asked for while it is open
+    el.querySelector("details").addEventListener("toggle", (event) => {
+      if (event.target.open && Number(field.value) !== limit) move(field.value);
+    });
   });
 }
 
