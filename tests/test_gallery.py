@@ -542,5 +542,6 @@ def test_apply_runs_the_moved_limit_as_editing_the_config_by_hand_does(page, ser
     assert pc.sum(applied["selected"]).as_py() == applies[0]["selected"]
     # the what-if named the rows the limit drops
     dropped = applied.filter(pc.is_valid(applied["nsfw_reason"]))["sample_id"].to_pylist()
+    assert dropped  # the move dropped rows (which were selected varies with the sample ids)
     assert {r["sample_id"] for r in expected["leave"]} <= set(dropped)
-    assert expected["leaving"] == len(expected["leave"]) > 0
+    assert expected["leaving"] == len(expected["leave"])

@@ -631,10 +631,35 @@ def _curate_serve(spawn, store, port: int, *options: str):
         assert process.poll() is None, process.communicate()[0]
         try:
             if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                # the app answers a moment before `curate serve` hears it is ready and
+                # says where: a signal before that line would stop it mid-start
+                process.head = _output_until(process, "Ctrl-C stops.")
                 return process
         except requests.RequestException:  # not listening or not ready yet
             time.sleep(1)
     pytest.fail("curate serve did not answer within 180 s")
+
+
+def _output_until(process, text: str, seconds: float = 120) -> str:
+    """What `process` printed up to the line holding `text` (read here; the rest is left
+    to `communicate`)."""
+    import threading
+
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read():
+        for line in process.stdout:
+            lines.append(line)
+            if text in line:
+                seen.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    if not seen.wait(seconds):
+        pytest.fail(f"curate serve did not print {text!r} within {seconds:.0f} s: "
+                    + "".join(lines)[-3000:])
+    return "".join(lines)
 
 
 def _ray_session(family) -> tuple[str, list[int]]:
@@ -674,7 +699,7 @@ def _stop_and_check(spawn, process, sig) -> str:
         os.killpg(process.pid, signal.SIGINT)
     else:
         process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=120)[0]
+    output = getattr(process, "head", "") + process.communicate(timeout=120)[0]
 
     session_processes = []
     for candidate in psutil.process_iter():
