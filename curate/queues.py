@@ -190,24 +190,43 @@ class Pager:
         return found
 
     def _banded(self, bands: list[tuple[str, Any]], columns: list[str], need: int):
-        """Rows of the first band holding `need` rows whose key is finite, in key order,
-        their keys, and whether that band was the widest (then they are the whole queue).
-        A band is (filter, key): `key(rows)` -> float keys (NaN: not in the queue)."""
-        rows = keys = None
-        widest = False
+        """The `need` first rows, in key order, of the first band holding that many rows
+        whose key is finite; their keys; whether that band was the widest; and how many
+        rows with a finite key it holds (with the widest: the whole queue). A band is
+        (filter, key): `key(rows)` -> float keys (NaN: not in the queue). The band is read
+        in batches, keeping the best `need` (a wide band is never held whole)."""
         for i, (band, key) in enumerate(bands):
-            if i < len(bands) - 1 and self.dataset.count_rows(filter=band) < need:
-                continue  # too few rows even before the key's own cut
-            rows = self.dataset.to_table(columns=["sample_id", *columns], filter=band)
-            keys = key(rows)
             widest = i == len(bands) - 1
-            if np.count_nonzero(np.isfinite(keys)) >= need or widest:
-                break
-        ok = np.isfinite(keys)
-        rows, keys = rows.filter(pa.array(ok)), keys[ok]
-        ids = rows["sample_id"].to_numpy(zero_copy_only=False)
-        order = np.lexsort((ids, keys))  # ties by sample_id: pages are stable
-        return rows.take(pa.array(order)), keys[order], widest
+            if not widest and self.dataset.count_rows(filter=band) < need:
+                continue  # too few rows even before the key's own cut
+            rows, keys, found = self._best(band, key, columns, need)
+            if found >= need or widest:
+                return rows, keys, widest, found
+        raise AssertionError("no band")  # the widest band always returns
+
+    def _best(self, band: str, key, columns: list[str], need: int):
+        """The `need` rows of `band` with the least finite keys (ties by sample_id: pages
+        are stable), their keys, and how many rows have a finite key."""
+        scanner = self.dataset.scanner(columns=["sample_id", *columns], filter=band,
+                                       batch_size=PAIR_BATCH)
+        best, best_keys, found = None, np.empty(0, np.float64), 0
+        for batch in scanner.to_batches():
+            if not batch.num_rows:
+                continue
+            rows = pa.Table.from_batches([batch])
+            keys = np.asarray(key(rows), np.float64)
+            ok = np.isfinite(keys)
+            found += int(np.count_nonzero(ok))
+            rows = rows.filter(pa.array(ok))
+            best = rows if best is None else pa.concat_tables([best, rows])
+            best_keys = np.concatenate([best_keys, keys[ok]])
+            ids = best["sample_id"].to_numpy(zero_copy_only=False)
+            order = np.lexsort((ids, best_keys))[:need]
+            best, best_keys = best.take(pa.array(order)), best_keys[order]
+        if best is None:
+            best = pa.schema([self.dataset.schema.field(c) for c in ["sample_id", *columns]]
+                             ).empty_table()
+        return best, best_keys, found
 
     def _threshold(self, queue: Queue, need: int):
         column, at = queue.column, float(queue.limit)
@@ -219,13 +238,13 @@ class Pager:
             values = pc.fill_null(pc.cast(rows[column], pa.float64()), math.nan).to_numpy()
             return np.abs(values - at)
 
-        rows, _, widest = self._banded([(band, key) for band in bands], [column], need)
+        rows, _, widest, found = self._banded([(band, key) for band in bands], [column], need)
         values = rows[column].to_pylist()
         failing = (lambda v: v < at) if queue.side == "min" else (lambda v: v > at)
         out = [{"sample_id": i, "_queue": {"value": v, "limit": at, "side": queue.side,
                                             "passes": not failing(v)}}
                for i, v in zip(rows["sample_id"].to_pylist(), values)]
-        return out, len(out) if widest else None
+        return out, found if widest else None
 
     def _disagree(self, queue: Queue, need: int):
         high, low = Rank(self.histograms[queue.column]), Rank(self.histograms[queue.other])
@@ -246,13 +265,13 @@ class Pager:
                          else f"{queue.other} IS NOT NULL")
             bands.append((" AND ".join(parts), key_at(d)))
 
-        rows, keys, widest = self._banded(bands, [queue.column, queue.other], need)
+        rows, keys, widest, found = self._banded(bands, [queue.column, queue.other], need)
         out = [{"sample_id": i, "_queue": {queue.column: a, queue.other: b,
                                             "disagreement": round(-k, 4)}}
                for i, a, b, k in zip(rows["sample_id"].to_pylist(),
                                      rows[queue.column].to_pylist(),
                                      rows[queue.other].to_pylist(), keys.tolist())]
-        return out, len(out) if widest else None
+        return out, found if widest else None
 
     def _near(self, queue: Queue, verdict: str, need: int):
         """Rows whose nearest lies past the limit, nearest first: bands of the indexed
@@ -268,45 +287,31 @@ class Pager:
         def key(rows):
             return pc.fill_null(pc.cast(rows[column], pa.float64()), math.nan).to_numpy()
 
-        rows, keys, widest = self._banded([(band, key) for band in bands],
-                                          [column, queue.other], need)
+        rows, keys, widest, found = self._banded([(band, key) for band in bands],
+                                                 [column, queue.other], need)
         out = [{"sample_id": i, "_queue": {"distance": d, "kept": k, "limit": at}}
                for i, k, d in zip(rows["sample_id"].to_pylist(),
                                   rows[queue.other].to_pylist(), keys.tolist())]
-        return out, len(out) if widest else None
+        return out, found if widest else None
 
     def _pairs(self, queue: Queue, stage: Stage):
         """Every row the stage marked, read in batches with its kept copy; the MAX_DEPTH
         farthest kept (bounded memory, whatever the number of copies)."""
         column, cols = queue.column, list(stage.pair_columns())
-        best_ids = np.empty(0, object)
-        best_kept = np.empty(0, object)
-        best = np.empty(0, np.float64)
-        total = 0
-        scanner = self.dataset.scanner(columns=["sample_id", column, *cols],
-                                       filter=f"{column} IS NOT NULL", batch_size=PAIR_BATCH)
-        for batch in scanner.to_batches():
-            rows = pa.Table.from_batches([batch])
-            if not rows.num_rows:
-                continue
-            kept_ids = rows[column].to_pylist()
+
+        def key(rows):  # farthest first; a copy whose kept copy is gone last
             kept = self.dataset.to_table(columns=["sample_id", *cols],
-                                         filter=ids_in(sorted(set(kept_ids))))
+                                         filter=ids_in(sorted(set(rows[column].to_pylist()))))
             where = pc.index_in(rows[column], value_set=kept["sample_id"])
             kept = kept.take(where)  # null rows where a kept copy is gone: NaN distances
-            distance = stage.pair_distances(rows, kept)
-            total += rows.num_rows
-            best = np.concatenate([best, np.nan_to_num(distance, nan=-1.0)])
-            best_ids = np.concatenate([best_ids, rows["sample_id"].to_numpy(
-                zero_copy_only=False)])
-            best_kept = np.concatenate([best_kept, np.array(kept_ids, object)])
-            if len(best) > 2 * MAX_DEPTH:
-                keep = np.lexsort((best_ids, -best))[:MAX_DEPTH]
-                best, best_ids, best_kept = best[keep], best_ids[keep], best_kept[keep]
-        order = np.lexsort((best_ids, -best))[:MAX_DEPTH]
-        out = [{"sample_id": i, "_queue": {"distance": None if d < 0 else d, "kept": k,
+            return -np.nan_to_num(stage.pair_distances(rows, kept), nan=-1.0)
+
+        rows, keys, total = self._best(f"{column} IS NOT NULL", key, [column, *cols],
+                                       MAX_DEPTH)
+        out = [{"sample_id": i, "_queue": {"distance": None if k > 0 else -k, "kept": c,
                                             "limit": queue.limit}}
-               for i, k, d in zip(best_ids[order], best_kept[order], best[order].tolist())]
+               for i, c, k in zip(rows["sample_id"].to_pylist(), rows[column].to_pylist(),
+                                  keys.tolist())]
         return out, total
 
     def _audit(self, seed: int, size: int):
@@ -323,7 +328,7 @@ class Pager:
                               rows["sample_id"].to_pylist()], np.float64)
             return (first - start) % ID_SPACE
 
-        rows, _, _ = self._banded([(band, key) for band in bands], [], size)
+        rows, _, _, _ = self._banded([(band, key) for band in bands], [], size)
         ids = rows["sample_id"].to_pylist()[:size]
         return [{"sample_id": i, "_queue": {"audit_rank": n}} for n, i in enumerate(ids)], \
             len(ids)
@@ -531,7 +536,7 @@ def what_if(pager: Pager, stage: ScoreFilter, queue: Queue, value: float,
             values = pc.fill_null(pc.cast(rows[column], pa.float64()), math.nan).to_numpy()
             return np.abs(values - value)
 
-        rows, _, _ = pager._banded([(band, key) for band in bands], [column],
+        rows, _, _, _ = pager._banded([(band, key) for band in bands], [column],
                                    min(strip, count))
         ids = rows["sample_id"].to_pylist()[:strip]
     leaving, entering = (count, 0) if tighter else (0, count)
@@ -557,16 +562,18 @@ def _dropped_later(pager: Pager, stage: Stage, chain: list[tuple[str, str | None
     if not columns:
         count = pager.dataset.count_rows(filter=where)
         return {(None, None): count} if count else {}
-    rows = pager.dataset.to_table(columns=columns, filter=where)
-    first = np.full(rows.num_rows, len(later))
-    for k in range(len(later) - 1, -1, -1):  # the first later verdict set
-        first[pc.is_valid(rows[later[k][1]]).to_numpy(zero_copy_only=False)] = k
     verdicts = (None, ACCEPT, REJECT)
-    person = np.zeros(rows.num_rows, np.int64)
-    if "review" in columns:
-        for code in (1, 2):
-            person[pc.fill_null(pc.equal(rows["review"], verdicts[code]), False)
-                   .to_numpy(zero_copy_only=False)] = code
-    keys, counts = np.unique(first * 3 + person, return_counts=True)
+    counts = np.zeros(3 * (len(later) + 1), np.int64)  # by first later stage and verdict
+    scanner = pager.dataset.scanner(columns=columns, filter=where, batch_size=PAIR_BATCH)
+    for rows in scanner.to_batches():  # a far move's band is most of the table
+        first = np.full(rows.num_rows, len(later))
+        for k in range(len(later) - 1, -1, -1):  # the first later verdict set
+            first[pc.is_valid(rows.column(later[k][1])).to_numpy(zero_copy_only=False)] = k
+        person = np.zeros(rows.num_rows, np.int64)
+        if "review" in columns:
+            for code in (1, 2):
+                person[pc.fill_null(pc.equal(rows.column("review"), verdicts[code]), False)
+                       .to_numpy(zero_copy_only=False)] = code
+        counts += np.bincount(first * 3 + person, minlength=len(counts))
     return {(later[k // 3][0] if k // 3 < len(later) else None, verdicts[k % 3]): int(n)
-            for k, n in zip(keys.tolist(), counts.tolist())}
+            for k, n in enumerate(counts.tolist()) if n}

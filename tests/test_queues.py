@@ -76,7 +76,15 @@ class Counting:
         return self.dataset.count_rows(**kwargs)
 
     def scanner(self, **kwargs):
-        return self.dataset.scanner(**kwargs)
+        outer, scanner = self, self.dataset.scanner(**kwargs)
+
+        class Counted:
+            def to_batches(self):
+                for batch in scanner.to_batches():
+                    outer.rows += batch.num_rows
+                    yield batch
+
+        return Counted()
 
 
 def _queue(kind, **fields):

@@ -103,11 +103,10 @@ class Applies:
         if self._running is not None and self._running != mine:
             raise CatalogError(409, f"apply {self._running} is still running; wait for its "
                                f"end (GET /applies/{self._running})")
-        running = [r for r in (_public(r) for r in self.store.runs(APPLY))
-                   if r["status"] == "running" and r["apply_id"] != mine]
+        applies = [_public(r) for r in self.store.runs(APPLY)]  # oldest first
         if mine is not None:  # of two recorded at once, the one recorded first goes on
-            order = [r["run_id"] for r in self.store.runs(APPLY)]
-            running = [r for r in running if order.index(r["apply_id"]) < order.index(mine)]
+            applies = applies[:[a["apply_id"] for a in applies].index(mine)]
+        running = [a for a in applies if a["status"] == "running"]
         if running:
             first = running[0]["apply_id"]
             raise CatalogError(409, f"apply {first} is still running; wait for its end (GET "
