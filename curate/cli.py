@@ -271,6 +271,45 @@ def serve(
             stop()
 
 
+@app.command(name="plan")
+def plan_command(
+    config: ConfigArg,
+    sample: Annotated[int, typer.Option(min=2, help="inputs of the seeded sample to run")] = 200,
+    target: Annotated[Opt[int], typer.Option(
+        min=1, help="inputs of the whole corpus (default: all the config lists)")] = None,
+    cluster: Annotated[Opt[str], typer.Option(
+        help="project onto cpus=N,gpus=N,nodes=N (default: this machine)")] = None,
+    seed: Annotated[int, typer.Option(help="which sample")] = 0,
+    set_: SetOption = None,
+    json_out: Annotated[Opt[Path], typer.Option("--json", help="write the plan as JSON")] = None,
+    html_out: Annotated[Opt[Path], typer.Option(
+        "--html", help="write a small HTML report with a bar per stage")] = None,
+    scratch: Annotated[Opt[Path], typer.Option(
+        help="keep the sample's stores here (default: a temporary directory, removed)")] = None,
+) -> None:
+    """Run the config on a seeded sample into a scratch store and project the whole corpus:
+    wall time, GPU- and CPU-hours per stage, the bottleneck, table and export size."""
+    from curate.forecast import Cluster, plan, print_plan, render_html
+
+    cfg = _load(config, set_)
+    try:
+        where = Cluster.parse(cluster) if cluster else None
+    except ConfigError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    with _quiet(cfg.store.uri, cfg.store.table):
+        try:
+            result = plan(cfg, sample, target, where, seed, scratch)
+        except ConfigError as exc:
+            err.print(f"[red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+    print_plan(result, console)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+    if html_out:
+        html_out.write_text(render_html(result))
+
+
 @app.command()
 def report(
     store: Annotated[str, typer.Option(help="LanceDB store URI")] = "./curate_data",

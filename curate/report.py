@@ -31,8 +31,11 @@ def _e(value: Any) -> str:
     return html.escape(str(value))
 
 
-def bar_chart(rows: list[tuple[str, float, float]], width: int = 700) -> str:
-    """Horizontal bars, one per (label, kept, dropped), kept and dropped stacked."""
+def bar_chart(rows: list[tuple[str, float, float]], width: int = 700,
+              words: tuple[str, str] = ("kept", "out"),
+              colors: tuple[str, str] = (KEPT, DROPPED)) -> str:
+    """Horizontal bars, one per (label, kept, dropped), kept and dropped stacked (or any
+    two amounts, named by `words`)."""
     top = max((k + d for _, k, d in rows), default=0) or 1
     line, label_w = 22, 150
     parts = [f'<svg width="{width}" height="{line * len(rows) + 4}" role="img">']
@@ -42,10 +45,10 @@ def bar_chart(rows: list[tuple[str, float, float]], width: int = 700) -> str:
         dw = (width - label_w - 80) * dropped / top
         parts.append(
             f'<text x="0" y="{y + 15}" font-size="12">{_e(label)}</text>'
-            f'<rect x="{label_w}" y="{y + 3}" width="{kw:.1f}" height="16" fill="{KEPT}"/>'
+            f'<rect x="{label_w}" y="{y + 3}" width="{kw:.1f}" height="16" fill="{colors[0]}"/>'
             f'<rect x="{label_w + kw:.1f}" y="{y + 3}" width="{dw:.1f}" height="16" '
-            f'fill="{DROPPED}"/><text x="{label_w + kw + dw + 4:.1f}" y="{y + 15}" '
-            f'font-size="11">{kept:g} kept, {dropped:g} out</text>')
+            f'fill="{colors[1]}"/><text x="{label_w + kw + dw + 4:.1f}" y="{y + 15}" '
+            f'font-size="11">{kept:g} {words[0]}, {dropped:g} {words[1]}</text>')
     return "".join(parts) + "</svg>"
 
 

@@ -55,6 +55,30 @@ def tiny_models() -> Path:
     return out
 
 
+def gpu_cluster_config(store: Path) -> dict:
+    """configs/gpu-cluster.yaml as written (its stages, resources and thresholds), with
+    the stand-in models for the hub's, this machine's engine for vLLM, the demo's photos
+    for the manifest, and a local store."""
+    import yaml
+
+    models = tiny_models()
+    raw = yaml.safe_load((ROOT / "configs" / "gpu-cluster.yaml").read_text())
+    raw["store"] = {"uri": str(store)}
+    stages = {s["type"]: s for s in raw["stages"]}
+    stages["ingest_images"]["paths"] = [str(ROOT / "examples" / "media" / "photos")]
+    stages["clip_embed"]["model"] = str(models / "tiny-clip")
+    for kind in ("caption", "vlm_score"):
+        stages[kind].update(model=str(models / "tiny-llava"), engine="transformers",
+                            max_new_tokens=4)
+        stages[kind].pop("vllm")
+    # this machine's onnxruntime has no CUDA provider: open_nsfw holding GPUs is refused
+    # (test_models.py), so it runs on CPU here
+    stages["nsfw_score"]["resources"] = {"batch_size": 128}
+    stages["image_quality"]["min_side"] = 64  # the photos are small
+    stages["clip_score"]["min_score"] = -1.0  # random embeddings: keep every row
+    return raw
+
+
 def demo_config(media: Path, store: Path, **run) -> dict:
     """The demo pipeline as a dict, pointed at `media` and `store`."""
     import yaml

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from .conftest import ROOT, free_port, tiny_models
+from .conftest import ROOT, free_port, gpu_cluster_config, tiny_models
 
 RAY = Path(sys.executable).parent / "ray"
 #: GPUs the worker node declares (it has no CUDA: Ray schedules them as resources).
@@ -189,28 +189,6 @@ def run_on(cluster: dict, raw: dict, path: Path, timeout: float = 300
         timeout=timeout)
 
 
-def gpu_cluster_config(store: Path) -> dict:
-    """configs/gpu-cluster.yaml as written (its stages, resources and thresholds), with
-    the stand-in models for the hub's, this machine's engine for vLLM, the demo's photos
-    for the manifest, and a local store."""
-    models = tiny_models()
-    raw = yaml.safe_load((ROOT / "configs" / "gpu-cluster.yaml").read_text())
-    raw["store"] = {"uri": str(store)}
-    stages = {s["type"]: s for s in raw["stages"]}
-    stages["ingest_images"]["paths"] = [str(ROOT / "examples" / "media" / "photos")]
-    stages["clip_embed"]["model"] = str(models / "tiny-clip")
-    for kind in ("caption", "vlm_score"):
-        stages[kind].update(model=str(models / "tiny-llava"), engine="transformers",
-                            max_new_tokens=4)
-        stages[kind].pop("vllm")
-    # this machine's onnxruntime has no CUDA provider: open_nsfw holding GPUs is refused
-    # (test_models.py), so it runs on CPU here
-    stages["nsfw_score"]["resources"] = {"batch_size": 128}
-    stages["image_quality"]["min_side"] = 64  # the photos are small
-    stages["clip_score"]["min_score"] = -1.0  # random embeddings: keep every row
-    return raw
-
-
 @pytest.mark.cluster
 def test_gpu_cluster_config_runs_with_pools_planned_within_the_gpus(two_nodes, tmp_path):
     """configs/gpu-cluster.yaml (no concurrency set) on 16 declared GPUs: every GPU pool
@@ -228,6 +206,7 @@ def test_gpu_cluster_config_runs_with_pools_planned_within_the_gpus(two_nodes, t
     # the workers that made rows, counted from the rows: each pool's within its bounds
     assert all(1 <= p["workers_used"] <= p["max_workers"] for p in pools)
     assert all(1 <= p["peak_workers"] <= p["workers_used"] for p in pools)
+    assert all(p["worker_peak_mb"] > 50 for p in pools)  # each pool's workers' own memory
     assert sum(p["workers"] * p["gpus"] for p in gpu_pools) <= GPUS
     for grown in gpu_pools:
         others = sum(p["min_workers"] * p["gpus"] for p in gpu_pools if p is not grown)

@@ -137,3 +137,9 @@ def test_peak_workers_is_the_most_spans_over_one_instant():
         instants = {t for _, a, b in batches for t in (a, b)}
         expected = max(sum(a <= t <= b for a, b in whole.values()) for t in instants)
         assert spans.peak() == expected
+    # a worker's peak memory rides on its tags; the most it reported is kept
+    spans = WorkerSpans()
+    spans.add(["n:1@0.000-1.000/2048", "n:2@0.000-1.000/4096"])
+    spans.add(["n:1@2.000-3.000/1024"])
+    assert spans.peak_kb == {"n:1": 2048, "n:2": 4096}
+    assert spans.spans["n:1"] == (0.0, 3.0)

@@ -95,19 +95,16 @@ def _list_unit(source: Source, unit: dict) -> pa.Table:
 
 
 def pending_inputs(backend, source: Source, store, row_stages_hash: str,
-                   retry: tuple[str, ...] = (), redo: str | None = None) -> Pending:
+                   retry: tuple[str, ...] = (), redo: str | None = None,
+                   listing: list[pa.Table] | None = None) -> Pending:
     """List the inputs in tasks and find those with no finished rows in the table (rows
-    with an error whose code is in `retry`, or matching `redo`, are not finished)."""
-    units = source.list_entries()  # unusable entries fail here, before any work
-    listed = [run_task(backend, _list_unit, source, unit) for unit in units]
-    entries = source.entry_count(units)
-    counted = map_parts(backend, listed, _listed_count, (entries,))
-    counts = sum(unwrap(lambda: backend.gather(counted)), np.zeros(entries, dtype=np.int64))
-    listed_entries = {unit["index"] for unit in units}
-    for index in sorted(listed_entries):
-        if counts[index] == 0:
-            raise RunError(source.empty_entry(index))
-    parts = list(listed)
+    with an error whose code is in `retry`, or matching `redo`, are not finished).
+    `listing`: the inputs as the source lists them, listed already (a sample of them:
+    curate.forecast), instead of the source's listing."""
+    if listing is not None:
+        parts = [backend.put(table) for table in listing]
+    else:
+        parts = list(_listed(backend, source))
     if store.dataset() is not None and store.dataset().count_rows():
         finished = done_filter(row_stages_hash, retry, redo)
         parts += scan(backend, store, ["input_id", "input_rows"], finished, _tag, ("done",))
@@ -117,6 +114,19 @@ def pending_inputs(backend, source: Source, store, row_stages_hash: str,
     todo = [pair[0] for pair in met]
     stale = [pair[1] for pair in met]
     return Pending(todo, backend.gather(map_parts(backend, todo, num_rows)), stale)
+
+
+def _listed(backend, source: Source) -> list[Part]:
+    """The source's listing, in tasks; an entry that lists nothing fails here."""
+    units = source.list_entries()  # unusable entries fail here, before any work
+    listed = [run_task(backend, _list_unit, source, unit) for unit in units]
+    entries = source.entry_count(units)
+    counted = map_parts(backend, listed, _listed_count, (entries,))
+    counts = sum(unwrap(lambda: backend.gather(counted)), np.zeros(entries, dtype=np.int64))
+    for index in sorted({unit["index"] for unit in units}):
+        if counts[index] == 0:
+            raise RunError(source.empty_entry(index))
+    return listed
 
 
 def unwrap(call):

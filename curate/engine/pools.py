@@ -145,16 +145,20 @@ def plan_pools(pools: list[list[Stage]], cluster_cpus: float, cluster_gpus: floa
 
 class WorkerSpans:
     """When each worker of a pool was at work: from the start of its first batch to the end
-    of its last, folded from the tags its rows carry (`host:pid@start-end`, wall-clock
-    seconds of one batch: curate.engine.workers); two numbers a worker, however long the
-    run."""
+    of its last, folded from the tags its rows carry (`host:pid@start-end/peak`, wall-clock
+    seconds of one batch and the worker's peak memory in KiB: curate.engine.workers);
+    three numbers a worker, however long the run."""
 
     def __init__(self) -> None:
         self.spans: dict[str, tuple[float, float]] = {}
+        self.peak_kb: dict[str, int] = {}
 
     def add(self, tags: list[str]) -> None:
         for tag in tags:
             worker, _, span = tag.rpartition("@")
+            span, _, peak = span.partition("/")
+            if peak:
+                self.peak_kb[worker] = max(self.peak_kb.get(worker, 0), int(peak))
             start, end = (float(t) for t in span.split("-"))
             old = self.spans.get(worker)
             self.spans[worker] = (min(old[0], start), max(old[1], end)) if old else (start,
@@ -177,11 +181,13 @@ def pool_record(size: PoolSize, wall_s: float, seconds_before: dict, seconds: di
     """What the run records of a pool: its plan, how many workers made rows (those the
     autoscaler added too) and the most of them at work at once, the seconds its workers
     were busy (the stages' own timings), how many workers were busy on average over the
-    stream (an idle GPU shows as far fewer than its workers) and the rows it took per
-    second."""
+    stream (an idle GPU shows as far fewer than its workers), the rows it took per second
+    and the most memory one of its workers held (MB)."""
     busy = sum(seconds[n] - seconds_before.get(n, 0.0) for n in size.stages)
     rows = computed[size.stages[0]] - computed_before.get(size.stages[0], 0)
     wall = max(wall_s, 1e-9)
     return size.record() | {"workers_used": len(spans.spans), "peak_workers": spans.peak(),
+                            "worker_peak_mb": round(max(spans.peak_kb.values()) / 1024, 1)
+                            if spans.peak_kb else None,
                             "busy_s": round(busy, 3), "busy_workers": round(busy / wall, 3),
                             "rows": rows, "rows_per_s": round(rows / wall, 2)}

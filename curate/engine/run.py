@@ -72,6 +72,10 @@ class RunSummary:
     executor: str = "ray"
     #: The row stream's actor pools on Ray (curate.engine.pools.pool_record).
     pools: list[dict] = field(default_factory=list)
+    #: Wall seconds of the run's phases: "start" (the lease, the table, the listing),
+    #: "stream" (the row stages) and "finish" (table-wide stages, verdicts, statistics,
+    #: compaction, indexes).
+    phases: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         body = self.__dict__.copy()
@@ -143,6 +147,13 @@ class _Execution:
         self.reviews_version = 0
         #: people's last verdicts as of the verdict phase (None: none given)
         self.decided: pa.Table | None = None
+        #: the inputs to read, listed already (a sample: curate.forecast); None: the
+        #: source lists them
+        self.listing: list[pa.Table] | None = None
+        #: with `keep_batches`: (rows, {stage: seconds}) of each batch the stream wrote
+        self.keep_batches = False
+        self.batches: list[tuple[int, dict[str, float]]] = []
+        self.phases: dict[str, float] = {}
 
     def preflight(self) -> None:
         """Problems only the running machine can see (model files, weights), before any
@@ -242,8 +253,11 @@ class _Execution:
             self._note(redecided)
             if redecided and redo is not None:  # clips brought back come with their videos
                 pending = self._pending(redo, set_aside)
+            streaming = time.perf_counter()
+            self.phases["start"] = streaming - started
             if pending.rows:
                 self._stream(pending)
+            self.phases["stream"] = time.perf_counter() - streaming
             # the stages changed or added since, on the rows they must compute
             self._note(incremental.recompute(self.backend, self.store, self.chain,
                                              self.stamps, self._grow))
@@ -306,7 +320,7 @@ class _Execution:
         backend_before = self.backend
         pending = unwrap(lambda: pending_inputs(self.backend, self.source, self.store,
                                                  self.hash, tuple(run_cfg.retry_errors),
-                                                 redo))
+                                                 redo, self.listing))
         if self._grow(pending.rows) is not backend_before:  # the listing goes with it
             pending.parts = [self.backend.put(part) for part in pending.parts]
             pending.stale = [self.backend.put(part) for part in pending.stale]
@@ -447,9 +461,12 @@ class _Execution:
                         computed = json.loads(written["computed"])
                         for pool, tags in json.loads(written.get("workers") or "{}").items():
                             workers.setdefault(pool, WorkerSpans()).add(tags)
-                        for name, seconds in json.loads(written["seconds"]).items():
+                        timings = json.loads(written["seconds"])
+                        for name, seconds in timings.items():
                             self.seconds[name] += seconds
                             self.computed[name] += computed.get(name, written["rows"])
+                        if self.keep_batches:
+                            self.batches.append((written["rows"], timings))
                     if interrupted.is_set():
                         raise KeyboardInterrupt
                     done = self.rows_processed + buffered
@@ -590,6 +607,8 @@ class _Execution:
                                                         args)))
 
     def _summary(self, run_id, status, started, version_before, version_after, tag, counts):
+        if status != "up_to_date":
+            self.phases["finish"] = time.perf_counter() - started - sum(self.phases.values())
         for count, stage in zip(counts, self.stages):
             count.seconds = self.seconds[count.name]
             count.rows_computed = self.computed[count.name]
@@ -615,6 +634,7 @@ class _Execution:
             models=self.models,
             executor=self.backend.name,
             pools=self.pools,
+            phases={k: round(v, 3) for k, v in self.phases.items()},
         )
 
 

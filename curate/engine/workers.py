@@ -24,6 +24,13 @@ from curate.verdicts import alive_mask
 _WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _peak_rss_kb() -> int:
+    """The most memory this process has held so far (its peak resident set), in KiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def unstamped(stage: Stage, rows: pa.Table, stamps: pa.Array) -> pa.Array:
     """`stamps` with the rows the stage did not finish (`Stage.unfinished`) left null."""
     unfinished = stage.unfinished(rows)
@@ -138,7 +145,7 @@ class SegmentWorker:
         # records count its workers and how many were at work at once: pools.WorkerSpans)
         worker = WORKER_PREFIX + self.stages[0].name
         for table in self._after(out, media, rest):
-            tag = f"{_WORKER}@{begun:.3f}-{time.time():.3f}"
+            tag = f"{_WORKER}@{begun:.3f}-{time.time():.3f}/{_peak_rss_kb()}"
             yield table.append_column(worker, pa.array([tag] * table.num_rows, pa.string())
                                       .dictionary_encode())
 
