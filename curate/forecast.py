@@ -3,7 +3,7 @@
 The pipeline runs as `curate run` runs it, in processes of its own, on a seeded sample of
 the inputs, into a scratch store: first on up to 2 inputs (the cold start: the interpreter
 and its imports, workers, model loads, commits), then on half the sample and on all of
-it. Each phase of a run (start, stream, finish) is fitted from the last two as seconds per
+it. Each phase of a run (start, stream, finish) is fitted through the three as seconds per
 input; the fixed costs are the cold run less its inputs' share of those, measured apart
 and never multiplied: a projection is the fixed costs plus the seconds per input times the
 corpus. From the full sample's run it reads, per stage, the busy seconds per row its
@@ -13,8 +13,8 @@ On a declared cluster (`--cluster`), each pool is sized as `curate run` plans it
 (curate.engine.pools.plan_pools): the bottleneck is the slowest pool at those sizes, and
 the stream lasts as long as the slowest pool once the GPU pools share the GPUs by their
 work (`balanced`). Uncertainty is two standard errors of the sample's means: the
-batches' seconds per input, each filter's drop fraction, the rows' bytes and the inputs'
-sizes.
+batches' seconds per row and the rows per input, each filter's drop fraction, the rows'
+bytes and the inputs' sizes.
 
 Only the sample is listed where the source's listing comes in units (directories, runs of
 files, manifest parts): units are listed in a seeded order until ten times the sample's
@@ -441,13 +441,14 @@ def project(config: Config, measured: Measured, target: int, cluster: Cluster,
     by_name = {s.name: s for s in stages}
     n, half_n = measured.sample.listing.num_rows, measured.half_inputs
     full, half, cold = measured.full, measured.half, measured.cold
-    # the cold run pays the fixed costs once more (imports, model loads): its stream and
-    # finish are left out of the fit, its start too (Ray's start lands there)
-    if half_n < n:
-        slopes = {phase: _slope([(half_n, half["phases"].get(phase, 0.0)),
-                                 (n, full["phases"].get(phase, 0.0))])
+    # every run is a whole command in a fresh process, so each pays the same fixed costs:
+    # the seconds per input are the slope through all three
+    runs = [(measured.cold_inputs, cold), (half_n, half), (n, full)]
+    if len({inputs for inputs, _ in runs}) > 1:
+        slopes = {phase: _slope([(inputs, run["phases"].get(phase, 0.0))
+                                 for inputs, run in runs])
                   for phase in ("start", "stream", "finish")}
-    else:  # too few inputs for two sizes: every second counted per input (an upper bound)
+    else:  # one input: every second counted per input (an upper bound)
         slopes = {phase: full["phases"].get(phase, 0.0) / n
                   for phase in ("start", "stream", "finish")}
     rse = _rse(measured.batches)
@@ -537,6 +538,9 @@ def project(config: Config, measured: Measured, target: int, cluster: Cluster,
     wall = sum(fixed.values()) + variable
     fan = np.array(measured.per_input_rows, dtype=float)
     fan_se = float(fan.std(ddof=1) / math.sqrt(len(fan))) if len(fan) > 1 else 0.0
+    # a batch's seconds are per row: how many rows an input makes (clips per video) varies
+    # apart from them
+    wall_rse = math.hypot(rse, fan_se / fan.mean() if len(fan) and fan.mean() else 0.0)
     rows_target = fan.mean() * target if len(fan) else 0.0
     per_row_disk = measured.scaled_bytes / measured.scaled_rows if measured.scaled_rows else 0.0
     mean_row = sum(measured.row_bytes.values())
@@ -584,8 +588,8 @@ def project(config: Config, measured: Measured, target: int, cluster: Cluster,
                        "seconds": top["seconds"]},
         "gpus_to_keep_up_with_decoding": round(gpu_work * cpu_rate, 1)
         if gpu_work and math.isfinite(cpu_rate) else None,
-        "wall_seconds": {"estimate": wall, "low": wall - variable * min(Z * rse, 1.0),
-                         "high": wall + variable * Z * rse, "fixed": sum(fixed.values())},
+        "wall_seconds": {"estimate": wall, "low": wall - variable * min(Z * wall_rse, 1.0),
+                         "high": wall + variable * Z * wall_rse, "fixed": sum(fixed.values())},
         "gpu_hours": round(sum(r["gpu_hours"] for r in stage_rows), 3),
         "cpu_hours": round(sum(r["cpu_hours"] for r in stage_rows), 3),
         "rows": round(rows_target),
