@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 
 from curate.config import Config
 from curate.errors import ConfigError, CurateError
-from curate.stage import GlobalStage, RowStage, first_of_each_input
+from curate.stage import first_of_each_input
 
 #: Units of the listing are listed until this many times the sample's inputs are.
 LIST_FACTOR = 10
@@ -85,11 +85,10 @@ class Cluster:
         """Refuse, as `curate run` would on such a cluster, GPU pools its nodes (each with
         an equal share of the GPUs) cannot hold."""
         from curate.engine.pools import check_gpus
-        from curate.plan import build_stages, segments
+        from curate.plan import build_stages, row_chain, segments
 
         stages = build_stages(config)
-        chain = [s for s in stages if not isinstance(s, GlobalStage) or isinstance(s, RowStage)]
-        check_gpus(segments(chain), [self.gpus / self.nodes] * self.nodes,
+        check_gpus(segments(row_chain(stages)), [self.gpus / self.nodes] * self.nodes,
                    {s.name: i for i, s in enumerate(stages)}, "--cluster")
 
     @classmethod
@@ -181,19 +180,25 @@ class Measured:
     gpus_stripped: list[str] = field(default_factory=list)
 
 
-def scratch_config(config: Config, store: Path) -> tuple[Config, list[str]]:
-    """`config` writing into `store`, with the GPUs its stages ask for dropped when this
-    machine has none (the sample then measures the models on CPU: said in the plan)."""
+def runnable_here(config: Config) -> tuple[Config, list[str]]:
+    """`config` with the GPUs its stages ask for dropped when this machine has none (the
+    sample then measures the models on CPU: said in the plan), and those stages' names."""
+    if local_gpus() or config.run.ray_address:
+        return config, []
     stripped: list[str] = []
     stages = []
     for params in config.stages:
-        if params.resources.gpus and not local_gpus() and not config.run.ray_address:
+        if params.resources.gpus:
             stripped.append(params.name or params.type)
             params = params.model_copy(update={"resources": params.resources.model_copy(
                 update={"gpus": 0.0})})
         stages.append(params)
-    update = {"store": config.store.model_copy(update={"uri": str(store)}), "stages": stages}
-    return config.model_copy(update=update), stripped
+    return config.model_copy(update={"stages": stages}), stripped
+
+
+def _stored_in(config: Config, store: Path) -> Config:
+    return config.model_copy(update={"store": config.store.model_copy(
+        update={"uri": str(store)})})
 
 
 def _run_here(config_path: str, listing_path: str, out: str) -> None:
@@ -273,17 +278,16 @@ def _dataset_bytes(dataset) -> int:
 SCALED_ROWS = 20_000
 
 
-def scaled_bytes(store, rows: int, where: Path) -> tuple[int, int]:
+def scaled_bytes(table: pa.Table, indexes, rows: int, where: Path) -> tuple[int, int]:
     """(bytes, rows written): the sample's table written at the size of `rows` (at most
-    SCALED_ROWS), with the same indexes. Lance encodes a column in pages and compresses
-    a full page better than a sample's few rows (bit-packing, FSST on strings), so bytes
-    per row fall as a table grows: the sample's rows are repeated up to that size, each
-    copy of a column whose values are mostly distinct (ids, hashes, paths) made distinct
-    again (`_copy`), so no repetition is found that the whole corpus lacks."""
+    SCALED_ROWS), with the same indexes (`describe_indices` of its dataset). Lance encodes
+    a column in pages and compresses a full page better than a sample's few rows
+    (bit-packing, FSST on strings), so bytes per row fall as a table grows: the sample's
+    rows are repeated up to that size, each copy of a column whose values are mostly
+    distinct (ids, hashes, paths) made distinct again (`_copy`), so no repetition is found
+    that the whole corpus lacks."""
     import lance
 
-    dataset = store.dataset()
-    table = dataset.to_table()
     if not table.num_rows:
         return 0, 0
     size = max(min(rows, SCALED_ROWS), table.num_rows)
@@ -298,7 +302,7 @@ def scaled_bytes(store, rows: int, where: Path) -> tuple[int, int]:
         copied = [_copy(values, j) if distinct else values for j in range(copies)]
         columns[name] = pa.concat_arrays(copied).slice(0, size)
     scaled = lance.write_dataset(pa.table(columns), str(where))
-    for index in dataset.describe_indices():
+    for index in indexes:
         if index.index_type.upper().startswith("BTREE"):
             scaled.create_scalar_index(index.field_names[0], "BTREE")
     written = _dataset_bytes(lance.dataset(str(where)))
@@ -340,11 +344,10 @@ def _shifted(value, j: int):
     return turned[:swap] + turned[swap + 1:swap + 2] + turned[swap:swap + 1] + turned[swap + 2:]
 
 
-def _row_bytes(store) -> tuple[dict[str, float], float, list[int]]:
+def _row_bytes(table: pa.Table) -> tuple[dict[str, float], float, list[int]]:
     """Mean Arrow bytes a row of each column, the standard error of a row's mean bytes (its
-    strings and binaries vary; the rest is fixed), and the rows of each input. The table is
-    the sample's, a few hundred rows."""
-    table = store.dataset().to_table()
+    strings and binaries vary; the rest is fixed), and the rows of each input, in the
+    sample's table."""
     means = {name: table[name].nbytes / max(table.num_rows, 1) for name in table.column_names}
     varying = np.zeros(table.num_rows)
     for name in table.column_names:
@@ -377,7 +380,7 @@ def measure(config: Config, count: int, seed: int, scratch: Path, target: int | 
 
     for old in ("cold", "half", "full", "export", "scaled.lance"):  # a --scratch used before
         shutil.rmtree(scratch / old, ignore_errors=True)
-    here, stripped = scratch_config(config, scratch / "cold")
+    here, stripped = runnable_here(config)
     sample = sample_inputs(build_stages(here)[0], count, seed)
     if target is None and sample.units_listed < sample.units:
         raise ConfigError([("--target", "give the corpus's inputs: the sample listed "
@@ -385,15 +388,20 @@ def measure(config: Config, count: int, seed: int, scratch: Path, target: int | 
     count = sample.listing.num_rows
     cold_n = min(COLD_INPUTS, max(count // 4, 1))
     half_n = max(count // 2, cold_n + 1) if count > cold_n + 1 else count
-    cold = _run(here, sample.listing.slice(count - cold_n), scratch, "cold")
-    half_cfg, _ = scratch_config(config, scratch / "half")
-    half = _run(half_cfg, sample.listing.slice(0, half_n), scratch, "half")
-    full_cfg, _ = scratch_config(config, scratch / "full")
+    cold = _run(_stored_in(here, scratch / "cold"), sample.listing.slice(count - cold_n),
+                scratch, "cold")
+    half = _run(_stored_in(here, scratch / "half"), sample.listing.slice(0, half_n), scratch,
+                "half")
+    full_cfg = _stored_in(here, scratch / "full")
     full = _run(full_cfg, sample.listing, scratch, "full")
-    store = Store(full_cfg.store)
-    means, se, per_input = _row_bytes(store)
+    # the scratch table holds the sample's rows only (--sample inputs and what they made):
+    # read once here, for the bytes of a row and for the table written at scale
+    dataset = Store(full_cfg.store).dataset()
+    table = dataset.to_table()
+    means, se, per_input = _row_bytes(table)
     rows = round(np.mean(per_input) * (target or sample.listed)) if per_input else 0
-    written, scaled_rows = scaled_bytes(store, rows, scratch / "scaled.lance")
+    written, scaled_rows = scaled_bytes(table, dataset.describe_indices(), rows,
+                                        scratch / "scaled.lance")
     return Measured(
         sample=sample, cold_inputs=cold_n, cold=cold, half=half, full=full,
         half_inputs=half_n, batches=full["batches"], scaled_bytes=written,
@@ -435,7 +443,7 @@ def project(config: Config, measured: Measured, target: int, cluster: Cluster,
             seed: int = 0) -> dict:
     """The plan: the sample's measures projected to `target` inputs on `cluster`."""
     from curate.engine.pools import plan_pools
-    from curate.plan import build_stages, segments
+    from curate.plan import build_stages, row_chain, segments
 
     stages = build_stages(config)
     by_name = {s.name: s for s in stages}
@@ -462,16 +470,16 @@ def project(config: Config, measured: Measured, target: int, cluster: Cluster,
         rows_in = capped if capped is not None else count["rows_in"] * scale
         kept = rows_in * (count["kept"] / count["rows_in"]) if count["rows_in"] else 0.0
         limit = getattr(getattr(stage, "params", None), "target", None)
-        if isinstance(limit, int) and not isinstance(limit, bool):  # diversity_sample
+        keeps_a_number = isinstance(limit, int) and not isinstance(limit, bool)
+        if keeps_a_number:  # diversity_sample
             kept = min(float(limit), rows_in)
         capped = kept
         p = count["dropped"] / count["rows_in"] if count["rows_in"] else 0.0
-        if isinstance(limit, int) and not isinstance(limit, bool) and rows_in:
+        if keeps_a_number and rows_in:
             p = 1 - kept / rows_in  # a set number kept: its own fraction at the target
         funnel.append((count, rows_in, kept, p,
                        math.sqrt(p * (1 - p) / count["rows_in"]) if count["rows_in"] else 0.0))
-    chain = [s for s in stages if not isinstance(s, GlobalStage) or isinstance(s, RowStage)]
-    pools = segments(chain)
+    pools = segments(row_chain(stages))
     sizes = plan_pools(pools, cluster.cpus, cluster.gpus, target)
     pool_of = {s.name: i for i, pool in enumerate(pools) for s in pool}
     stage_rows = []

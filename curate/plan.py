@@ -36,6 +36,12 @@ def build_stages(config) -> list[Stage]:
     return stages
 
 
+def row_chain(stages: list[Stage]) -> list[Stage]:
+    """The source and the row stages after it: what the row stream runs, in its pools
+    (`segments`)."""
+    return [stages[0], *(s for s in stages[1:] if isinstance(s, RowStage))]
+
+
 def local_path(value: str, base: str | None = None) -> str:
     """`value` made absolute against `base` (default: the working directory) when it names
     a file or directory that exists here, or is a glob; else as written: a URL, a hub id

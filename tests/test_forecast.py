@@ -92,11 +92,8 @@ def test_the_table_written_at_scale_predicts_a_real_tables_bytes(tmp_path):
     actual = _dataset_bytes(written(table, "real.lance"))
     sample = written(table.take(rng.choice(n, 200, replace=False)), "sample.lance")
 
-    class Sampled:
-        def dataset(self):
-            return sample
-
-    predicted, rows = scaled_bytes(Sampled(), n, tmp_path / "scaled.lance")
+    predicted, rows = scaled_bytes(sample.to_table(), sample.describe_indices(), n,
+                                   tmp_path / "scaled.lance")
     assert rows == n and abs(predicted / actual - 1) <= 0.15, (predicted, actual)
     assert _dataset_bytes(sample) * 10 / actual - 1 > 0.15  # the naive way is off
     assert not (tmp_path / "scaled.lance").exists()

@@ -36,6 +36,7 @@ from curate.models.vlm import GENERATION_FAILED
 from curate.plan import (
     FINAL_COLUMNS,
     build_stages,
+    row_chain,
     row_stages_hash,
     segments,
     stamps,
@@ -419,7 +420,7 @@ class _Execution:
         # an input whose rows are redone loses its old rows first: a kill after this
         # leaves it unread, so a rerun reads it again
         delete_rows(self.backend, self.store, pending.stale, "rows of inputs read again")
-        chain = [self.source, *self.row_stages]
+        chain = self.chain
         label = " + ".join(s.name for s in chain)
         writer = FragmentWriter(self.store.uri_of_table, self.store.dataset().schema,
                                 self.store.storage_options)
@@ -732,7 +733,7 @@ def plan_run(config: Config) -> RunPlan:
     from curate.engine.inputs import pending_inputs, unwrap
 
     stages = build_stages(config)
-    chain = [stages[0], *(s for s in stages[1:] if isinstance(s, RowStage))]
+    chain = row_chain(stages)
     store = Store(config.store)
     run_cfg = config.run
     backend = (RayBackend(run_cfg.ray_address, run_cfg.num_cpus)
